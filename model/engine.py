@@ -1,0 +1,198 @@
+"""The zero-shot FER engine: frozen CLIP encoders + the Exp-CLIP projection W.
+
+Data flow (METHOD.md section 1):
+  image -> `prepare` (CPU: RGB, resize, uint8) -> `encode_pixels` (device: [0,1], optional mean/std,
+  CLIP image embedding, W, L2) -> `classify` (100 * feats @ text_feats.T, averaged over a class's
+  prompts, softmax over classes).
+  video -> sampled frames -> per-frame features -> `pool` (mean, L2) -> `classify` / `rank`.
+Every encoder call takes a batch, so callers (the CLI, the service's batcher, eval) batch across inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from model.clip import LoadedClip, MissingWeightsError, Normaliser, load_clip, pil_transform
+from model.config import ModelSettings, ModelSpec, device_for
+from model.projection import check_compatible, load_projection
+from model.prompts import prompt_texts
+
+log = logging.getLogger(__name__)
+
+LOGIT_SCALE = 100.0
+RANDOM_PROJECTION_DIM = 4096
+TEXT_CACHE_SIZE = 256
+TEXT_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-input probabilities over `classes` (rows sum to 1)."""
+
+    classes: tuple[str, ...]
+    probabilities: torch.Tensor  # [N, C], float32, CPU
+
+    def label(self, row: int) -> str:
+        return self.classes[int(self.probabilities[row].argmax())]
+
+    def as_dict(self, row: int) -> dict[str, float]:
+        return {c: float(p) for c, p in zip(self.classes, self.probabilities[row].tolist(), strict=True)}
+
+
+class FerEngine:
+    def __init__(
+        self,
+        clip: LoadedClip,
+        projection: torch.Tensor | None,
+        preprocess: str,
+        device: str = "cpu",
+        name: str = "custom",
+    ):
+        self.name = name
+        self.device = torch.device(device)
+        self.clip = clip.model.to(self.device)
+        self.tokenizer = clip.tokenizer
+        self.preprocess_kind = preprocess
+        self.image_size = clip.preprocess.image_size
+        self.prepare_transform = pil_transform(preprocess, clip.preprocess)
+        self.normaliser = Normaliser(preprocess, clip.preprocess).to(self.device)
+        self.embed_dim = clip.embed_dim
+        self.projection = None if projection is None else projection.float().to(self.device)
+        self.feature_dim = self.embed_dim if projection is None else projection.shape[0]
+        # fp16 autocast on CUDA (the encoders are frozen; features are cast back to fp32 before W).
+        self.autocast_dtype = torch.float16 if self.device.type == "cuda" else None
+        self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._text_lock = threading.Lock()
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, device: str = "auto") -> FerEngine:
+        clip = load_clip(spec.clip_model, spec.clip_weights, spec.weights_dir)
+        projection = None
+        if spec.projection == "random":
+            generator = torch.Generator().manual_seed(0)
+            projection = torch.randn(RANDOM_PROJECTION_DIM, clip.embed_dim, generator=generator)
+            projection /= clip.embed_dim**0.5
+        elif spec.projection is not None:
+            try:
+                loaded = load_projection(spec.projection)
+            except FileNotFoundError:
+                raise MissingWeightsError(
+                    f"projection file {spec.projection} is missing: run `fer weights download {spec.name}` "
+                    "(needs internet once), or set FER_PROJECTION to a file or `none`"
+                ) from None
+            check_compatible(loaded, clip.embed_dim, spec.projection)
+            if loaded.metadata.get("preprocess", spec.preprocess) != spec.preprocess:
+                log.warning(
+                    "projection %s was trained with %s preprocessing but %s is configured",
+                    spec.projection,
+                    loaded.metadata["preprocess"],
+                    spec.preprocess,
+                )
+            projection = loaded.weight
+        return cls(clip, projection, spec.preprocess, device_for(device), spec.name)
+
+    @classmethod
+    def from_settings(cls, settings: ModelSettings | None = None) -> FerEngine:
+        settings = settings or ModelSettings()
+        return cls.from_spec(settings.resolve(), settings.device)
+
+    # ---- image path ---------------------------------------------------------------------------
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """CPU stage, thread-safe: PIL image -> uint8 [3, S, S]."""
+        return self.prepare_transform(image)
+
+    def prepare_many(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.stack([self.prepare(im) for im in images])
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, S, S] -> projected, L2-normalised features [N, feature_dim], float32 on the device."""
+        x = self.normaliser(pixels.to(self.device, non_blocking=True))
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        ):
+            features = self.clip.encode_image(x)
+        return self.project(features.float())
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """CLIP embedding -> W -> L2 (plain CLIP: L2 only). The same map serves images and text."""
+        if self.projection is not None:
+            features = features @ self.projection.T
+        return F.normalize(features, dim=-1)
+
+    # ---- text path ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Strings -> projected, L2-normalised text features [T, feature_dim]."""
+        out = []
+        for start in range(0, len(texts), TEXT_BATCH):
+            tokens = self.tokenizer(list(texts[start : start + TEXT_BATCH])).to(self.device)
+            with torch.autocast(
+                self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+            ):
+                features = self.clip.encode_text(tokens)
+            out.append(self.project(features.float()))
+        return torch.cat(out)
+
+    def class_features(self, classes: tuple[str, ...], prompt_set: str) -> torch.Tensor:
+        """[C, P, feature_dim] text features, computed once per (class set, prompt set) and cached."""
+        key = (classes, prompt_set)
+        with self._text_lock:
+            cached = self._text_cache.get(key)
+            if cached is not None:
+                self._text_cache.move_to_end(key)
+                return cached
+            features = self.encode_texts(prompt_texts(classes, prompt_set))
+            features = features.view(len(classes), -1, self.feature_dim)
+            self._text_cache[key] = features
+            if len(self._text_cache) > TEXT_CACHE_SIZE:
+                self._text_cache.popitem(last=False)
+            return features
+
+    # ---- scoring ------------------------------------------------------------------------------
+    def classify(self, features: torch.Tensor, classes: tuple[str, ...], prompt_set: str) -> Scores:
+        """features [N, D] (already L2-normalised) -> softmax over classes of prompt-averaged logits."""
+        text = self.class_features(classes, prompt_set)  # [C, P, D]
+        n_classes, n_prompts, dim = text.shape
+        logits = LOGIT_SCALE * features.to(text.device) @ text.reshape(-1, dim).T  # [N, C*P]
+        logits = logits.view(-1, n_classes, n_prompts).mean(dim=-1)
+        return Scores(classes, logits.softmax(dim=-1).float().cpu())
+
+    @staticmethod
+    def pool(frame_features: torch.Tensor) -> torch.Tensor:
+        """A clip's feature: the mean of its projected frame features, L2-normalised."""
+        return F.normalize(frame_features.mean(dim=0), dim=-1)
+
+    def rank(self, feature: torch.Tensor, descriptions: Sequence[str]) -> list[tuple[int, float]]:
+        """Cosine scores of one (pooled) feature against each description, best first."""
+        text = self.encode_texts(descriptions)
+        scores = (text @ feature.to(text.device)).float().cpu()
+        order = torch.argsort(scores, descending=True, stable=True)
+        return [(int(i), float(scores[i])) for i in order]
+
+    # ---- conveniences for whole inputs (the CLI and eval use these) ---------------------------
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor:
+        chunks = [
+            self.encode_pixels(self.prepare_many(images[i : i + batch_size]))
+            for i in range(0, len(images), batch_size)
+        ]
+        return torch.cat(chunks) if chunks else torch.empty(0, self.feature_dim, device=self.device)
+
+    def encode_clips(self, clips: Sequence[Sequence[Image.Image]], batch_size: int = 64) -> torch.Tensor:
+        """Frames of all clips go through the encoder together; returns one pooled feature per clip."""
+        frames = [frame for clip in clips for frame in clip]
+        features = self.encode_images(frames, batch_size)
+        pooled, start = [], 0
+        for clip in clips:
+            pooled.append(self.pool(features[start : start + len(clip)]))
+            start += len(clip)
+        return torch.stack(pooled) if pooled else features

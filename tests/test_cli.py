@@ -1,0 +1,135 @@
+"""`fer predict`, `fer predict-video`, `fer retrieve` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+
+from model.cli import main
+from model.prompts import BASIC7
+from tests.conftest import SHARED_DATA, face_image, make_video
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, [json.loads(line) for line in out.splitlines()], err
+
+
+def test_predict_matches_engine_and_keeps_going_past_bad_files(model_env, engine, tmp_path, capsys):
+    good = [tmp_path / "a.png", tmp_path / "b.jpg"]
+    face_image(1).save(good[0])
+    face_image(2).save(good[1], quality=95)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(good[0].read_bytes()[:200])
+    files = [
+        good[0],
+        tmp_path / "empty.png",
+        tmp_path / "text.jpg",
+        good[1],
+        truncated,
+        tmp_path / "missing.png",
+    ]
+
+    code, rows, err = run_cli(capsys, "predict", "--prompts", "P-2", *map(str, files))
+
+    assert code == 1
+    assert [r["file"] for r in rows] == [str(p) for p in good]
+    for name in ("empty.png", "text.jpg", "cut.png", "missing.png"):
+        assert sum(name in line for line in err.splitlines()) == 1
+    from model.media import decode_image
+
+    expected = engine.classify(
+        engine.encode_images([decode_image(p.read_bytes()) for p in good]), BASIC7, "P-2"
+    )
+    for row, result in enumerate(rows):
+        assert list(result["probabilities"]) == list(BASIC7)
+        assert result["label"] == expected.label(row)
+        assert result["probabilities"] == pytest.approx(expected.as_dict(row), abs=1e-6)
+
+
+def test_predict_with_own_classes(model_env, tmp_path, capsys):
+    face_image(3).save(tmp_path / "a.png")
+    code, rows, _ = run_cli(capsys, "predict", "--classes", "calm,furious, amused", str(tmp_path / "a.png"))
+    assert code == 0 and list(rows[0]["probabilities"]) == ["calm", "furious", "amused"]
+    assert sum(rows[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_bad_options_are_one_line_errors(model_env, tmp_path, capsys):
+    face_image(3).save(tmp_path / "a.png")
+    assert main(["predict", "--prompts", "P-7", str(tmp_path / "a.png")]) == 2
+    assert main(["predict", "--classes", ",", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown prompt set" in err and "class list is empty" in err and "Traceback" not in err
+
+
+def test_predict_video_and_zero_frame_files(model_env, engine, tmp_path, capsys):
+    clip = make_video(tmp_path / "c.mp4", 30)
+    (tmp_path / "zero.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    code, rows, err = run_cli(capsys, "predict-video", "--frames", "8", str(clip), str(tmp_path / "zero.mp4"))
+    assert code == 1 and len(rows) == 1 and "zero.mp4" in err
+    from model.media import read_video
+
+    expected = engine.classify(engine.encode_clips([read_video(str(clip), 8).frames]), BASIC7, "P-3")
+    assert rows[0]["probabilities"] == pytest.approx(expected.as_dict(0), abs=1e-6)
+
+
+def test_retrieve_ranks_every_description(model_env, tmp_path, capsys):
+    clip = make_video(tmp_path / "c.webm", 20, codec="libvpx-vp9")
+    descriptions = tmp_path / "d.txt"
+    descriptions.write_text("smiles\n\nfrowns deeply\nraises eyebrows\n")
+    code, rows, _ = run_cli(
+        capsys, "retrieve", str(clip), "--descriptions", str(descriptions), "--top-k", "2"
+    )
+    ranking = rows[0]["ranking"]
+    assert code == 0 and len(ranking) == 2
+    assert ranking[0]["score"] >= ranking[1]["score"]
+    assert {r["text"] for r in ranking} <= {"smiles", "frowns deeply", "raises eyebrows"}
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not here")
+def test_cli_on_shared_data(model_env, capsys):
+    images = sorted((SHARED_DATA / "ferplus_valid" / "images").glob("*.png"))[:4]
+    code, rows, _ = run_cli(capsys, "predict", "--classes", "ferplus", *map(str, images))
+    assert code == 0 and len(rows) == 4 and all(len(r["probabilities"]) == 8 for r in rows)
+    clips = sorted((SHARED_DATA / "mafw_samples" / "clips").glob("*.gif"))[:2]
+    code, rows, _ = run_cli(capsys, "predict-video", "--classes", "mafw", *map(str, clips))
+    assert code == 0 and len(rows) == 2 and all(len(r["probabilities"]) == 11 for r in rows)
+
+
+@pytest.mark.slow
+def test_full_size_vit_b32_by_path_in_a_subprocess(tmp_path):
+    """The issue's acceptance case: a random-weight ViT-B-32 checkpoint and a random official-format
+    projection, both given by path, through the installed console script."""
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    torch.save(model.state_dict(), tmp_path / "vit-b-32.pt")
+    torch.save({"module.mlp.weight": torch.randn(4096, 512) * 0.05}, tmp_path / "ExpCLIP_B32_model.pth")
+    face_image(0, size=(224, 224)).save(tmp_path / "face.png")
+    make_video(tmp_path / "clip.mp4", 48)
+    (tmp_path / "d.txt").write_text("smiles\nfrowns\n")
+    env = {
+        **os.environ,
+        "FER_CLIP_MODEL": "ViT-B-32",
+        "FER_CLIP_WEIGHTS": str(tmp_path / "vit-b-32.pt"),
+        "FER_PROJECTION": str(tmp_path / "ExpCLIP_B32_model.pth"),
+        "FER_DEVICE": "cpu",
+    }
+    fer = [sys.executable, "-m", "model.cli"]
+    for args in (
+        ["predict", str(tmp_path / "face.png")],
+        ["predict-video", str(tmp_path / "clip.mp4")],
+        ["retrieve", str(tmp_path / "clip.mp4"), "--descriptions", str(tmp_path / "d.txt")],
+    ):
+        done = subprocess.run(fer + args, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert "probabilities" in result or len(result["ranking"]) == 2

@@ -1,0 +1,203 @@
+"""The engine against an independent computation written here, straight from METHOD.md."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision import transforms as T
+
+from model.config import ModelSettings
+from model.engine import FerEngine
+from model.projection import ProjectionError, load_projection, save_projection
+from model.prompts import BASIC7, CLASS_PRESETS, PROMPT_SETS, LabelError, resolve_classes, resolve_prompt_set
+from tests.conftest import TINY_MODEL, face_image
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_clip_path, official_projection_path):
+    """The pipeline as the official evaluation computes it, built without any project code."""
+    model, _, _ = open_clip.create_model_and_transforms(TINY_MODEL, pretrained=str(tiny_clip_path))
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(TINY_MODEL)
+    weight = torch.load(official_projection_path, weights_only=True)["module.projection_head.mlp.weight"]
+    size = model.visual.image_size[0]
+    transform = T.Compose([T.Resize((size, size)), T.ToTensor()])  # official eval: squash, [0,1], no mean/std
+
+    def image_features(images):
+        with torch.no_grad():
+            x = torch.stack([transform(im.convert("RGB")) for im in images])
+            return F.normalize(model.encode_image(x) @ weight.T, dim=-1)
+
+    def text_features(texts):
+        with torch.no_grad():
+            return F.normalize(model.encode_text(tokenizer(texts)) @ weight.T, dim=-1)
+
+    def probabilities(features, classes, templates):
+        texts = [t.format(c) for c in classes for t in templates]
+        logits = 100 * features @ text_features(texts).T
+        return logits.view(len(features), len(classes), len(templates)).mean(-1).softmax(-1)
+
+    return image_features, text_features, probabilities
+
+
+def test_image_probabilities_match_reference(engine, reference):
+    image_features, _, probabilities = reference
+    images = [face_image(i) for i in range(3)]
+    for prompt_set in ("P-3", "P-5"):  # a single prompt and a 10-prompt ensemble (logits averaged)
+        expected = probabilities(image_features(images), BASIC7, PROMPT_SETS[prompt_set])
+        scores = engine.classify(engine.encode_images(images), BASIC7, prompt_set)
+        torch.testing.assert_close(scores.probabilities, expected, atol=1e-5, rtol=1e-4)
+        assert torch.allclose(scores.probabilities.sum(-1), torch.ones(3))
+
+
+def test_ensemble_averages_logits_not_embeddings(engine, reference):
+    image_features, text_features, _ = reference
+    feats = image_features([face_image(7)])
+    templates = PROMPT_SETS["P-4"]
+    texts = [t.format(c) for c in BASIC7 for t in templates]
+    mean_embedding = F.normalize(text_features(texts).view(7, len(templates), -1).mean(1), dim=-1)
+    averaged_embeddings = (100 * feats @ mean_embedding.T).softmax(-1)
+    ours = engine.classify(engine.encode_images([face_image(7)]), BASIC7, "P-4").probabilities
+    assert not torch.allclose(ours, averaged_embeddings, atol=1e-4)
+
+
+def test_video_pools_projected_frame_features(engine, reference):
+    image_features, _, probabilities = reference
+    frames = [face_image(10 + i) for i in range(5)]
+    pooled = F.normalize(image_features(frames).mean(0, keepdim=True), dim=-1)
+    expected = probabilities(pooled, BASIC7, PROMPT_SETS["P-3"])
+    ours = engine.classify(engine.encode_clips([frames]), BASIC7, "P-3").probabilities
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_clips_batched_together_equal_clips_alone(engine):
+    a, b = [face_image(1), face_image(2)], [face_image(3)]
+    together = engine.encode_clips([a, b])
+    torch.testing.assert_close(together[0], engine.encode_clips([a])[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(together[1], engine.encode_clips([b])[0], atol=1e-5, rtol=1e-4)
+
+
+def test_retrieval_ranking_matches_reference(engine, reference):
+    image_features, text_features, _ = reference
+    frames = [face_image(20 + i) for i in range(4)]
+    descriptions = ["raises the eyebrows", "smiles broadly", "frowns", "opens the mouth wide", "blinks"]
+    pooled = F.normalize(image_features(frames).mean(0), dim=-1)
+    expected = text_features(descriptions) @ pooled
+    ranking = engine.rank(engine.encode_clips([frames])[0], descriptions)
+    assert [i for i, _ in ranking] == torch.argsort(expected, descending=True).tolist()
+    torch.testing.assert_close(torch.tensor([s for _, s in ranking]), expected.sort(descending=True).values)
+
+
+def test_text_features_are_cached_per_class_and_prompt_set(engine, monkeypatch):
+    classes = ("joy", "gloom")
+    engine.class_features(classes, "P-4")
+    calls = []
+    monkeypatch.setattr(engine, "encode_texts", lambda texts: calls.append(texts))
+    engine.class_features(classes, "P-4")
+    engine.classify(engine.encode_images([face_image(0)]), classes, "P-4")
+    assert calls == []
+
+
+def test_plain_clip_uses_the_clip_embedding(tiny_clip_path):
+    settings = ModelSettings(
+        clip_model=TINY_MODEL, clip_weights=str(tiny_clip_path), projection="none", device="cpu"
+    )
+    plain = FerEngine.from_settings(settings)
+    assert plain.projection is None and plain.feature_dim == plain.embed_dim
+    features = plain.encode_images([face_image(0)])
+    assert features.shape == (1, plain.embed_dim)
+    assert torch.allclose(features.norm(dim=-1), torch.ones(1))
+
+
+def test_clip_preprocessing_equals_open_clip_transform(tiny_clip_path):
+    plain = FerEngine.from_settings(
+        ModelSettings(
+            clip_model=TINY_MODEL, clip_weights=str(tiny_clip_path), projection="none", preprocess="clip"
+        )
+    )
+    _, _, val_transform = open_clip.create_model_and_transforms(TINY_MODEL, pretrained=str(tiny_clip_path))
+    image = face_image(3, size=(120, 90))
+    ours = plain.normaliser(plain.prepare(image).unsqueeze(0))[0]
+    torch.testing.assert_close(ours, val_transform(image), atol=2e-6, rtol=1e-5)
+
+
+def test_official_checkpoint_loads_with_any_prefix(tmp_path):
+    weight = torch.randn(16, 8)
+    for key in ("mlp.weight", "module.mlp.weight", "projection_head.mlp.weight"):
+        torch.save({key: weight}, tmp_path / "w.pth")
+        torch.testing.assert_close(load_projection(tmp_path / "w.pth").weight, weight)
+
+
+def test_projection_errors_are_clear(tmp_path, tiny_clip_path):
+    torch.save({"a.weight": torch.zeros(2, 2)}, tmp_path / "none.pth")
+    with pytest.raises(ProjectionError, match=r"mlp\.weight"):
+        load_projection(tmp_path / "none.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ProjectionError, match="weights-only"):
+        load_projection(tmp_path / "junk.pth")
+    torch.save({"mlp.weight": torch.zeros(4096, 512)}, tmp_path / "b32.pth")
+    settings = ModelSettings(
+        clip_model=TINY_MODEL, clip_weights=str(tiny_clip_path), projection=str(tmp_path / "b32.pth")
+    )
+    with pytest.raises(ProjectionError, match="512-d features but the CLIP model embeds to 64-d"):
+        FerEngine.from_settings(settings)
+
+
+def test_own_format_round_trips_with_metadata(tmp_path, engine):
+    path = save_projection(
+        tmp_path / "p.safetensors",
+        engine.projection.cpu(),
+        clip_model=TINY_MODEL,
+        preprocess="exp-clip",
+        training={"epochs": 5},
+    )
+    loaded = load_projection(path)
+    torch.testing.assert_close(loaded.weight, engine.projection.cpu())
+    assert loaded.metadata["clip_model"] == TINY_MODEL
+    assert loaded.metadata["input_dim"] == "64" and '"epochs": 5' in loaded.metadata["training"]
+
+
+def test_missing_weights_name_the_download_command(tmp_path):
+    from model.clip import MissingWeightsError
+
+    with pytest.raises(MissingWeightsError, match="fer weights download exp-clip-b32"):
+        FerEngine.from_settings(ModelSettings(weights_dir=tmp_path))
+
+
+def test_presets_resolve_to_their_parts(tmp_path):
+    spec = ModelSettings(preset="exp-clip-l14", weights_dir=tmp_path).resolve()
+    assert (spec.clip_model, spec.clip_weights, spec.preprocess) == ("ViT-L-14", "openai", "exp-clip")
+    assert spec.projection == str(tmp_path / "ExpCLIP_L14_model.pth")
+    spec = ModelSettings(preset="clip-b16").resolve()
+    assert (spec.clip_model, spec.projection, spec.preprocess, spec.name) == (
+        "ViT-B-16",
+        None,
+        "clip",
+        "clip-b16",
+    )
+    assert ModelSettings(preset="clip-b16", projection="exp-clip-b16").resolve().name == "custom"
+    with pytest.raises(ValueError, match="unknown preset"):
+        ModelSettings(preset="nope")
+
+
+def test_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("FER_PRESET", "clip-l14")
+    monkeypatch.setenv("FER_DEVICE", "cpu")
+    settings = ModelSettings()
+    assert settings.preset == "clip-l14" and settings.device == "cpu"
+
+
+def test_class_and_prompt_resolution():
+    assert resolve_classes("ferplus") == CLASS_PRESETS["basic8"]
+    assert resolve_classes("MAFW") == CLASS_PRESETS["all11"]
+    assert resolve_classes(" calm , very  angry,") == ("calm", "very angry")
+    assert resolve_classes(None) == BASIC7
+    for bad in ("", " , ", "a,a", ",".join(f"c{i}" for i in range(100)), "x" * 300):
+        with pytest.raises(LabelError):
+            resolve_classes(bad)
+    assert resolve_prompt_set("p3") == "P-3" and resolve_prompt_set("P-5") == "P-5"
+    with pytest.raises(LabelError, match="P-1"):
+        resolve_prompt_set("P-9")
+    assert len(PROMPT_SETS["P-4"]) == 5 and len(PROMPT_SETS["P-5"]) == 10
