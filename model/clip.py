@@ -67,40 +67,54 @@ def _hint(clip_model: str, tag: str) -> str:
     )
 
 
-def load_clip(clip_model: str, clip_weights: str, weights_dir: Path) -> LoadedClip:
-    """`clip_weights` is an open_clip tag, a checkpoint path, or `random` (seeded, for demos/tests)."""
+@dataclass(frozen=True)
+class ClipSource:
+    checkpoint: Path | None  # None: seeded random init
+    quick_gelu: bool = False
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    interpolation: str = "bicubic"
+
+
+def resolve_clip_source(clip_model: str, clip_weights: str, weights_dir: Path) -> ClipSource:
+    """Where the weights come from, without loading them: `clip_weights` is an open_clip tag (found in
+    the weights folder), a checkpoint path, or `random`. Missing files raise MissingWeightsError."""
     if open_clip.get_model_config(clip_model) is None:
         raise ValueError(f"unknown open_clip architecture {clip_model!r}")
-    quick_gelu = False
-    mean, std, interpolation = OPENAI_MEAN, OPENAI_STD, "bicubic"
     if clip_weights == "random":
-        checkpoint = None
-    elif _looks_like_path(clip_weights):
-        checkpoint = Path(clip_weights)
-        if not checkpoint.is_file():
-            raise MissingWeightsError(f"CLIP checkpoint {checkpoint} does not exist")
-    else:
-        tag_cfg = open_clip.get_pretrained_cfg(clip_model, clip_weights)
-        if not tag_cfg:
-            known = open_clip.list_pretrained_tags_by_model(clip_model)
-            raise ValueError(f"{clip_model} has no pretrained tag {clip_weights!r}; known tags: {known}")
-        checkpoint = find_clip_checkpoint(weights_dir, clip_model, clip_weights)
-        if checkpoint is None:
-            raise MissingWeightsError(
-                f"CLIP weights {clip_model}/{clip_weights} are not in {weights_dir}/: {_hint(clip_model, clip_weights)}"
-            )
-        quick_gelu = bool(tag_cfg.get("quick_gelu", False))
-        mean = tuple(tag_cfg.get("mean", mean))
-        std = tuple(tag_cfg.get("std", std))
-        interpolation = tag_cfg.get("interpolation", interpolation)
+        return ClipSource(None)
+    if _looks_like_path(clip_weights):
+        if not Path(clip_weights).is_file():
+            raise MissingWeightsError(f"CLIP checkpoint {clip_weights} does not exist")
+        return ClipSource(Path(clip_weights))
+    tag_cfg = open_clip.get_pretrained_cfg(clip_model, clip_weights)
+    if not tag_cfg:
+        known = open_clip.list_pretrained_tags_by_model(clip_model)
+        raise ValueError(f"{clip_model} has no pretrained tag {clip_weights!r}; known tags: {known}")
+    checkpoint = find_clip_checkpoint(weights_dir, clip_model, clip_weights)
+    if checkpoint is None:
+        raise MissingWeightsError(
+            f"CLIP weights {clip_model}/{clip_weights} are not in {weights_dir}/: {_hint(clip_model, clip_weights)}"
+        )
+    return ClipSource(
+        checkpoint,
+        bool(tag_cfg.get("quick_gelu", False)),
+        tuple(tag_cfg.get("mean", OPENAI_MEAN)),
+        tuple(tag_cfg.get("std", OPENAI_STD)),
+        tag_cfg.get("interpolation", "bicubic"),
+    )
 
+
+def load_clip(clip_model: str, clip_weights: str, weights_dir: Path) -> LoadedClip:
+    source = resolve_clip_source(clip_model, clip_weights, weights_dir)
+    checkpoint = source.checkpoint
     if checkpoint is None:
         torch.manual_seed(RANDOM_SEED)
     log.info("loading CLIP %s from %s", clip_model, checkpoint or "seeded random init")
     model = open_clip.create_model(
         clip_model,
         pretrained=str(checkpoint) if checkpoint else None,
-        force_quick_gelu=quick_gelu,
+        force_quick_gelu=source.quick_gelu,
         load_weights=True,
     )
     model.eval().requires_grad_(False)
@@ -110,7 +124,7 @@ def load_clip(clip_model: str, clip_weights: str, weights_dir: Path) -> LoadedCl
         model=model,
         tokenizer=open_clip.get_tokenizer(clip_model),
         embed_dim=int(model.visual.output_dim),
-        preprocess=PreprocessConfig(int(image_size), mean, std, interpolation),
+        preprocess=PreprocessConfig(int(image_size), source.mean, source.std, source.interpolation),
     )
 
 

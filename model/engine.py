@@ -15,12 +15,20 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.clip import LoadedClip, MissingWeightsError, Normaliser, load_clip, pil_transform
+from model.clip import (
+    LoadedClip,
+    MissingWeightsError,
+    Normaliser,
+    load_clip,
+    pil_transform,
+    resolve_clip_source,
+)
 from model.config import ModelSettings, ModelSpec, device_for
 from model.projection import check_compatible, load_projection
 from model.prompts import prompt_texts
@@ -45,6 +53,17 @@ class Scores:
 
     def as_dict(self, row: int) -> dict[str, float]:
         return {c: float(p) for c, p in zip(self.classes, self.probabilities[row].tolist(), strict=True)}
+
+
+def check_weights_present(spec: ModelSpec) -> None:
+    """A cheap start-up check (nothing is loaded): every file the spec needs is on disk, else one
+    MissingWeightsError naming the command that gets it."""
+    resolve_clip_source(spec.clip_model, spec.clip_weights, spec.weights_dir)
+    if spec.projection not in (None, "random") and not Path(spec.projection).is_file():
+        raise MissingWeightsError(
+            f"projection file {spec.projection} is missing: run `fer weights download {spec.name}` "
+            "(needs internet once), or set FER_PROJECTION to a file or `none`"
+        )
 
 
 class FerEngine:
@@ -82,13 +101,8 @@ class FerEngine:
             projection = torch.randn(RANDOM_PROJECTION_DIM, clip.embed_dim, generator=generator)
             projection /= clip.embed_dim**0.5
         elif spec.projection is not None:
-            try:
-                loaded = load_projection(spec.projection)
-            except FileNotFoundError:
-                raise MissingWeightsError(
-                    f"projection file {spec.projection} is missing: run `fer weights download {spec.name}` "
-                    "(needs internet once), or set FER_PROJECTION to a file or `none`"
-                ) from None
+            check_weights_present(spec)
+            loaded = load_projection(spec.projection)
             check_compatible(loaded, clip.embed_dim, spec.projection)
             if loaded.metadata.get("preprocess", spec.preprocess) != spec.preprocess:
                 log.warning(

@@ -32,7 +32,11 @@ SEEK_MIN_GAP_S = 2.0
 
 
 class MediaError(ValueError):
-    """A file that is not decodable media or is over a limit; the message is one sentence for a user."""
+    """A file that is not decodable media; the message is one sentence for a user."""
+
+
+class MediaTooLarge(MediaError):
+    """Decodable in principle, but over a limit (pixels, frames, duration): refused before decoding."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ def decode_image(source: Source, limits: MediaLimits = DEFAULT_LIMITS) -> Image.
         raise MediaError(f"cannot read the image: {exc}") from None
     width, height = image.size
     if width * height > limits.max_image_pixels:
-        raise MediaError(
+        raise MediaTooLarge(
             f"image is {width}x{height} = {width * height:,} pixels, over the limit of {limits.max_image_pixels:,}"
         )
     if width == 0 or height == 0:
@@ -133,17 +137,19 @@ def _read_frames(container, count: int, limits: MediaLimits) -> VideoFrames:
     stream.thread_type = "AUTO"
     width, height = stream.codec_context.width, stream.codec_context.height
     if width * height > limits.max_video_pixels:
-        raise MediaError(
+        raise MediaTooLarge(
             f"video frames are {width}x{height}, over the limit of {limits.max_video_pixels:,} pixels"
         )
     rate = stream.average_rate or stream.guessed_rate or Fraction(25)
     fps = float(rate)
     duration = _duration_s(container, stream)
     if duration > limits.max_video_seconds:
-        raise MediaError(f"video lasts {duration:.0f} s, over the limit of {limits.max_video_seconds:.0f} s")
+        raise MediaTooLarge(
+            f"video lasts {duration:.0f} s, over the limit of {limits.max_video_seconds:.0f} s"
+        )
     n_frames = stream.frames or _count_packets(container, stream, limits.max_video_frames)
     if n_frames > limits.max_video_frames:
-        raise MediaError(f"video has {n_frames:,} frames, over the limit of {limits.max_video_frames:,}")
+        raise MediaTooLarge(f"video has {n_frames:,} frames, over the limit of {limits.max_video_frames:,}")
     if n_frames <= 0:
         raise MediaError("the video has no frames")
     indices = sample_frame_indices(n_frames, count)

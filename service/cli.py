@@ -1,0 +1,30 @@
+"""`fer serve`: validate the configuration, check the weights are on disk, then run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the REST service (configured by FER_* variables)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in containers)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(handler=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from model.engine import check_weights_present
+    from service.app import create_app
+    from service.config import ServiceSettings
+
+    try:
+        settings = ServiceSettings()
+    except ValidationError as exc:
+        raise ValueError(f"invalid FER_* configuration: {exc}") from None
+    check_weights_present(settings.resolve())  # fail in one line now, not in the background later
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,47 @@
+"""The CPU stage of a request, run in the decode thread pool: decode -> faces -> crops -> uint8 tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import torch
+
+from model.engine import FerEngine
+from model.media import MediaLimits, VideoFrames, decode_image, read_video
+from service.faces import Box, crop_face, detect_faces
+
+
+@dataclass
+class PreparedImage:
+    pixels: torch.Tensor  # [faces or 1, 3, S, S] uint8
+    boxes: list[Box]  # empty: no face found (or detection off), pixels hold the whole image
+
+
+@dataclass
+class PreparedVideo:
+    pixels: torch.Tensor  # [frames, 3, S, S] uint8
+    clip: VideoFrames
+    face_found: list[bool]  # per sampled frame
+
+
+def prepare_image(
+    engine: FerEngine, source: BinaryIO, limits: MediaLimits, detect: bool, max_faces: int, margin: float
+) -> PreparedImage:
+    image = decode_image(source, limits)
+    boxes = detect_faces(image, max_faces) if detect else []
+    crops = [crop_face(image, box, margin) for box in boxes] or [image]
+    return PreparedImage(engine.prepare_many(crops), boxes)
+
+
+def prepare_video(
+    engine: FerEngine, source: BinaryIO, limits: MediaLimits, frames: int, detect: bool, margin: float
+) -> PreparedVideo:
+    """Each sampled frame becomes its largest face's crop, or the whole frame when none is found."""
+    clip = read_video(source, frames, limits)
+    crops, found = [], []
+    for frame in clip.frames:
+        boxes = detect_faces(frame, 1) if detect else []
+        crops.append(crop_face(frame, boxes[0], margin) if boxes else frame)
+        found.append(bool(boxes))
+    return PreparedVideo(engine.prepare_many(crops), clip, found)

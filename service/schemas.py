@@ -1,0 +1,85 @@
+"""Request/response models: what /docs shows and what the handlers return."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Timing(BaseModel):
+    decode_ms: float = Field(description="decoding, face detection and preprocessing (thread pool)")
+    inference_ms: float = Field(description="queue wait + the shared encoder call + scoring")
+    total_ms: float
+
+
+class FaceResult(BaseModel):
+    box: list[int] = Field(description="[x, y, w, h] in the original image's pixels")
+    label: str
+    probabilities: dict[str, float]
+
+
+class PredictResponse(BaseModel):
+    label: str = Field(description="the top class of the largest face (or of the whole image)")
+    probabilities: dict[str, float] = Field(description="per-class probabilities, summing to 1")
+    faces: list[FaceResult] = Field(description="one entry per detected face, largest first")
+    face_detected: bool
+    note: str | None = Field(None, description="e.g. that no face was found and the whole image was used")
+    model: str
+    classes: list[str]
+    prompts: str
+    timing: Timing
+
+
+class FrameResult(BaseModel):
+    index: int = Field(description="frame index in the clip")
+    timestamp: float = Field(description="seconds from the start of the clip")
+    face_detected: bool
+    label: str
+    probabilities: dict[str, float]
+
+
+class VideoResponse(BaseModel):
+    label: str
+    probabilities: dict[str, float] = Field(description="from the mean of the projected frame features")
+    frames_sampled: int
+    n_frames: int
+    fps: float
+    duration_s: float
+    frames_with_face: int
+    timeline: list[FrameResult] | None = Field(None, description="per sampled frame, when per_frame=true")
+    model: str
+    classes: list[str]
+    prompts: str
+    timing: Timing
+
+
+class RankedDescription(BaseModel):
+    index: int = Field(description="position in the submitted `descriptions` array")
+    text: str
+    score: float = Field(description="cosine similarity of the projected features")
+
+
+class RetrieveResponse(BaseModel):
+    media: Literal["image", "video"]
+    ranking: list[RankedDescription]
+    model: str
+    timing: Timing
+
+
+class LabelsResponse(BaseModel):
+    class_presets: dict[str, list[str]]
+    prompt_sets: dict[str, list[str]]
+    default_classes: str
+    default_prompts: str
+
+
+class Health(BaseModel):
+    status: str
+    model: str | None = None
+    detail: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: str
