@@ -1,0 +1,6 @@
+"""The service measured against the hardware's limit: `python -m bench.run [--quick]`.
+
+One run, one machine, one device: the raw encoder's throughput, the served throughput and latency under
+load (batching on and off), video latency for short and long clips, and the service's memory over a long
+run, with the issue's targets evaluated as ratios of figures from that same run.
+"""

@@ -1,0 +1,113 @@
+"""Synthetic benchmark inputs: a photo-sized JPEG with a drawn face, and H.264 clips of any length.
+
+A random-weight model does not care what a face looks like, but the service's cost does depend on
+sizes: a textured 640x480 JPEG costs what a phone photo costs to upload and decode, and clips with a
+2 s GOP seek like camera footage. Clips are cached on disk because a 10-minute 1080p encode takes
+tens of seconds even with x264's ultrafast preset and low-detail frames.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+CLIP_FPS = 25
+GOP_SECONDS = 2.0
+CLIP_FORMAT_VERSION = 1  # bump when the drawing or the encoding changes, so cached clips are remade
+
+
+def face_drawing(
+    width: int, height: int, offset: int = 0, texture: bool = True, seed: int = 0
+) -> Image.Image:
+    """A frontal cartoon face (skin oval, brows, eyes, nose, mouth) on a shaded background.
+
+    `offset` moves the face sideways (a clip's motion); `texture` adds sensor-like noise so a JPEG
+    has a photo's size rather than a flat drawing's."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(60, 170, width, dtype=np.float32)
+    background = np.stack([ramp, ramp * 0.9 + 10, 200 - ramp * 0.5], axis=-1)
+    pixels = np.broadcast_to(background, (height, width, 3)).copy()
+    if texture:
+        pixels += rng.normal(0, 12, pixels.shape).astype(np.float32)
+    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    cx, cy, h = width // 2 + offset, height // 2, height * 0.7
+    w = h * 0.75
+
+    def box(x0: float, y0: float, x1: float, y1: float) -> tuple[float, float, float, float]:
+        return (cx + x0 * w, cy + y0 * h, cx + x1 * w, cy + y1 * h)  # coordinates relative to the face
+
+    draw.ellipse(box(-0.5, -0.5, 0.5, 0.5), fill=(224, 180, 150))
+    for side in (-1, 1):
+        draw.line(
+            [box(side * 0.32, -0.17, side * 0.1, -0.2)[:2], box(side * 0.1, -0.2, 0, 0)[:2]],
+            fill=(70, 45, 30),
+            width=max(2, int(h * 0.02)),
+        )
+        draw.ellipse(box(side * 0.22 - 0.08, -0.12, side * 0.22 + 0.08, -0.04), fill=(250, 250, 250))
+        draw.ellipse(box(side * 0.22 - 0.035, -0.11, side * 0.22 + 0.035, -0.05), fill=(60, 40, 30))
+    draw.polygon(
+        [box(0, -0.05, 0, 0)[:2], box(-0.06, 0.1, 0, 0)[:2], box(0.06, 0.1, 0, 0)[:2]], fill=(200, 150, 125)
+    )
+    draw.arc(box(-0.2, 0.05, 0.2, 0.3), start=20, end=160, fill=(150, 50, 50), width=max(2, int(h * 0.02)))
+    return image
+
+
+def face_jpeg(width: int = 640, height: int = 480, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    face_drawing(width, height).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def clip_size(height: int) -> tuple[int, int]:
+    """16:9 frame size for a height (720 -> 1280x720), width rounded to even for yuv420p."""
+    return (height * 16 // 9) // 2 * 2, height
+
+
+def make_clip(
+    path: Path, seconds: float, height: int, fps: int = CLIP_FPS, preset: str = "ultrafast"
+) -> Path:
+    """An H.264 mp4 of a face moving side to side, one key frame every GOP_SECONDS (no scene cuts)."""
+    width, height = clip_size(height)
+    n_frames = round(seconds * fps)
+    gop = round(GOP_SECONDS * fps)
+    # One second of distinct frames, converted to yuv420p once and reused: encoding, not drawing, is the cost.
+    cycle = [
+        av.VideoFrame.from_image(
+            face_drawing(width, height, offset=int(width * 0.1 * np.sin(2 * np.pi * i / fps)), texture=False)
+        ).reformat(format="yuv420p")
+        for i in range(fps)
+    ]
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps, 1))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.gop_size = gop
+        stream.options = {"preset": preset, "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
+        for i in tqdm(range(n_frames), desc=f"encoding {path.name}", unit="frame", disable=n_frames < 2000):
+            frame = cycle[i % fps]
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def cached_clip(cache_dir: Path, seconds: float, height: int, preset: str = "ultrafast") -> Path:
+    """`make_clip` once per (length, height, preset); later runs reuse the file."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"face-{seconds:g}s-{height}p-{CLIP_FPS}fps-{preset}-v{CLIP_FORMAT_VERSION}.mp4"
+    if not path.is_file():
+        log.info("encoding a %g s %dp clip into %s (cached for later runs)", seconds, height, path)
+        partial = path.with_suffix(f".{os.getpid()}.partial.mp4")
+        make_clip(partial, seconds, height, preset=preset)
+        partial.replace(path)
+    return path

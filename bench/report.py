@@ -1,0 +1,198 @@
+"""Pure parts of the benchmark: summarising a load point, evaluating the targets, printing the table.
+
+The targets are ratios of figures measured in the same run, so they hold on any machine; only the
+GPU target is an absolute rate (5x clip-as-service's published 286 images/s on one Titan RTX).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from bench.load import LoadResult
+
+CLIP_AS_SERVICE_IMAGES_PER_S = 286.0  # ViT-B/32 image embedding, one Titan RTX (published)
+TARGET_CONCURRENCY = 32
+GPU_CONCURRENCY = 256
+COMPARE = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between ranks (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError("q must be between 0 and 100")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def mean_batch(metrics_delta: dict[str, float]) -> float | None:
+    """Items per encoder call during a point, from the change in the `fer_batch_size` histogram."""
+    calls = metrics_delta.get("fer_batch_size_count", 0.0)
+    return metrics_delta.get("fer_batch_size_sum", 0.0) / calls if calls else None
+
+
+def _mean_ms(metrics_delta: dict[str, float], name: str) -> float | None:
+    count = metrics_delta.get(f"{name}_count", 0.0)
+    return 1000 * metrics_delta.get(f"{name}_sum", 0.0) / count if count else None
+
+
+def mean_timing(timings: Sequence[dict]) -> dict[str, float]:
+    """Mean of each numeric field of the responses' `timing` objects (the service's own breakdown)."""
+    keys = sorted({k for t in timings for k, v in t.items() if isinstance(v, int | float)})
+    return {k: sum(t.get(k, 0.0) for t in timings) / len(timings) for k in keys}
+
+
+def summarise_point(result: LoadResult, batching: bool, metrics_delta: dict[str, float]) -> dict:
+    latencies_ms = [1000 * s for s in result.latencies_s]
+    quantiles = {f"p{q}_ms": percentile(latencies_ms, q) if latencies_ms else None for q in (50, 95, 99)}
+    return {
+        "concurrency": result.concurrency,
+        "batching": batching,
+        "requests": result.requested,
+        "ok": result.ok,
+        "failures": dict(result.failures),
+        "unfinished": result.unfinished,
+        "wall_s": result.wall_s,
+        "throughput": result.throughput,
+        **quantiles,
+        "mean_batch": mean_batch(metrics_delta),
+        "mean_queue_wait_ms": _mean_ms(metrics_delta, "fer_queue_wait_seconds"),
+        "mean_model_ms_per_call": _mean_ms(metrics_delta, "fer_model_seconds"),
+        "server_timing_ms": mean_timing(result.timings),
+    }
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    value: float | None  # None: not measured in this run (e.g. the GPU target on a CPU)
+    op: str
+    threshold: float
+    detail: str
+
+    @property
+    def passed(self) -> bool | None:
+        return None if self.value is None else COMPARE[self.op](self.value, self.threshold)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def _find(rows: Sequence[dict], **match) -> dict | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def evaluate_targets(report: dict) -> list[Target]:
+    """The issue's targets, each a comparison of figures from this report."""
+    gpu = report["device"] == "cuda"
+    max_batch = report["settings"]["max_batch"]
+    raw = report["raw"]["encoder"]
+    raw_batch = (_find(raw, batch=max_batch) or {}).get("images_per_s")
+    raw_one = _find(raw, batch=1)
+    points = report["points"]
+    on = (_find(points, concurrency=TARGET_CONCURRENCY, batching=True) or {}).get("throughput")
+    off = (_find(points, concurrency=TARGET_CONCURRENCY, batching=False) or {}).get("throughput")
+    single = (_find(points, concurrency=1, batching=True) or {}).get("p50_ms")
+    reference_ms = raw_one["ms_per_call"] + report["raw"]["decode_prepare_ms"] if raw_one else None
+    videos = report["video"]
+    short, long = (videos[0], videos[-1]) if len(videos) >= 2 else ({}, {})
+    gpu_point = (_find(points, concurrency=GPU_CONCURRENCY, batching=True) or {}).get("throughput")
+    batching_gain = 4.0 if gpu else 2.0
+    return [
+        Target(
+            "service_vs_raw_encoder",
+            _ratio(on, raw_batch),
+            ">=",
+            0.8,
+            f"service images/s at concurrency {TARGET_CONCURRENCY} / raw encoder images/s at batch {max_batch}",
+        ),
+        Target(
+            "batching_gain",
+            _ratio(on, off),
+            ">=",
+            batching_gain,
+            f"images/s at concurrency {TARGET_CONCURRENCY}, batching on / off (FER_MAX_BATCH=1)",
+        ),
+        Target(
+            "single_request_latency",
+            _ratio(single, reference_ms),
+            "<=",
+            1.3,
+            "p50 latency at concurrency 1 / (raw batch-1 encode + in-process decode and prepare)",
+        ),
+        Target(
+            "long_video_latency",
+            _ratio(long.get("latency_ms"), short.get("latency_ms")),
+            "<=",
+            3.0,
+            f"/predict-video latency, {long.get('clip', 'long clip')} / {short.get('clip', 'short clip')}",
+        ),
+        Target(
+            "memory_growth",
+            report["memory"].get("growth"),
+            "<",
+            0.10,
+            "service RSS at the end of the long run / after its first 10% of requests, minus 1",
+        ),
+        Target(
+            "gpu_throughput",
+            gpu_point if gpu else None,
+            ">=",
+            5 * CLIP_AS_SERVICE_IMAGES_PER_S,
+            f"images/s at concurrency {GPU_CONCURRENCY} on a GPU (5 x clip-as-service's 286 on a Titan RTX)",
+        ),
+    ]
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(report: dict) -> str:
+    """The human-readable summary printed after the JSON."""
+    s = report["settings"]
+    lines = [
+        f"device {report['device']} ({report['machine']['gpu'] or str(report['machine']['cpus']) + ' CPU cores'}), "
+        f"model {report['model']['name']}, {report['dtype']}, max batch {s['max_batch']}, "
+        f"image {s['image']['width']}x{s['image']['height']} JPEG {s['image']['bytes'] // 1024} KiB",
+        "raw encoder: "
+        + ", ".join(f"batch {r['batch']} {r['images_per_s']:.1f} img/s" for r in report["raw"]["encoder"])
+        + f"; decode+prepare {report['raw']['decode_prepare_ms']:.1f} ms",
+        "",
+        f"{'conc':>5} {'batching':>8} {'ok/req':>9} {'img/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'batch':>6}",
+    ]
+    for p in report["points"]:
+        lines.append(
+            f"{p['concurrency']:>5} {'on' if p['batching'] else 'off':>8} {str(p['ok']) + '/' + str(p['requests']):>9} "
+            f"{p['throughput']:>8.1f} {_fmt(p['p50_ms']):>8} {_fmt(p['p95_ms']):>8} {_fmt(p['p99_ms']):>8} "
+            f"{_fmt(p['mean_batch']):>6}"
+        )
+    lines.append("")
+    for v in report["video"]:
+        lines.append(
+            f"video {v['clip']}: latency {_fmt(v['latency_ms'], '.0f')} ms, decode {_fmt(v['decode_ms'], '.0f')} ms"
+        )
+    m = report["memory"]
+    lines.append(
+        f"memory: peak RSS {_fmt(m.get('peak_rss_mb'), '.0f')} MiB, growth {_fmt(100 * m['growth'] if m.get('growth') is not None else None)}% "
+        f"over {m.get('requests', 0)} requests"
+    )
+    lines.append("")
+    for t in report["targets"]:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a "}[t["passed"]]
+        lines.append(
+            f"{verdict} {t['name']}: {_fmt(t['value'], '.3g')} {t['op']} {t['threshold']:g}  ({t['detail']})"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,349 @@
+"""`python -m bench.run [--quick] [--model vit-b-32|demo] [--out FILE.json]`: one run, one device.
+
+Order: the raw encoder in this process (then freed), the service with batching (load points, video,
+the long run for memory), the service again with FER_MAX_BATCH=1 (the concurrency-32 point). Prints the
+JSON report on stdout (and to --out) and a short table on stderr. Exit code 1 when any request failed
+or did not finish in time: the service, not the targets, is then what needs looking at. Targets are
+reported pass/fail and do not change the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.inputs import cached_clip, clip_size, face_jpeg
+from bench.load import Upload, metric_delta, run_load
+from bench.report import GPU_CONCURRENCY, TARGET_CONCURRENCY, evaluate_targets, format_table, summarise_point
+from bench.server import Service
+
+log = logging.getLogger("bench")
+
+IMAGE_SIZE = (640, 480)
+VIT_B_32_WEIGHTS = "ViT-B-32-random-seed0.pt"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to measure: small for the CI smoke run, larger for a timed run, larger still on a GPU."""
+
+    concurrency: tuple[int, ...]
+    min_requests: int  # per load point
+    requests_per_worker: int  # a point sends max(min_requests, requests_per_worker * concurrency)
+    long_requests: int  # the memory run
+    clips: tuple[tuple[float, int], ...]  # (seconds, height), short first
+    video_repeats: int
+    time_limit_s: float  # per load point
+    raw_seconds: float  # per raw batch size
+
+    def requests(self, concurrency: int) -> int:
+        return max(self.min_requests, self.requests_per_worker * concurrency)
+
+
+def make_plan(quick: bool, device: str) -> Plan:
+    if quick:
+        return Plan((1, 8, TARGET_CONCURRENCY), 32, 2, 300, ((10, 360), (60, 360)), 2, 60, 1.0)
+    if device == "cuda":
+        return Plan(
+            (1, 8, TARGET_CONCURRENCY, 128, GPU_CONCURRENCY),
+            256,
+            8,
+            5000,
+            ((10, 1080), (600, 1080)),
+            3,
+            300,
+            5.0,
+        )
+    return Plan((1, 8, TARGET_CONCURRENCY), 64, 8, 2000, ((10, 1080), (600, 1080)), 3, 300, 5.0)
+
+
+def model_env(model: str, cache_dir: Path) -> tuple[dict[str, str], str]:
+    """FER_* settings for the benchmark model, and its name for the report.
+
+    `vit-b-32` is ViT-B/32 with seeded random weights (saved once as a local checkpoint, as a user's
+    file would be) and a random 4096 x 512 projection: the shapes and cost of Exp-CLIP B/32, offline."""
+    if model == "demo":
+        return {"FER_PRESET": "demo"}, "demo (tiny random CLIP, 64 px)"
+    import open_clip
+    import torch
+
+    path = cache_dir / VIT_B_32_WEIGHTS
+    if not path.is_file():
+        log.info("saving a random-weight ViT-B-32 to %s (cached for later runs)", path)
+        torch.manual_seed(0)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        torch.save(open_clip.create_model("ViT-B-32").state_dict(), partial)
+        partial.replace(path)
+    env = {
+        "FER_CLIP_MODEL": "ViT-B-32",
+        "FER_CLIP_WEIGHTS": str(path),
+        "FER_PROJECTION": "random",
+        "FER_PREPROCESS": "exp-clip",
+    }
+    return env, "ViT-B-32 (random weights) + random 4096x512 projection"
+
+
+def measure_raw(env: dict[str, str], device: str, plan: Plan, max_batch: int, jpeg: bytes) -> dict:
+    """The encoder's limit at batch 1 and at the service's max batch, and the in-process decode cost."""
+    import torch
+
+    from bench.raw import encoder_speed, prepare_ms
+    from model.config import ModelSettings
+    from model.engine import FerEngine
+
+    fields = {k.removeprefix("FER_").lower(): v for k, v in env.items()}
+    engine = FerEngine.from_settings(ModelSettings(**fields, device=device))
+    try:
+        speeds = [encoder_speed(engine, b, plan.raw_seconds) for b in sorted({1, max_batch})]
+        return {
+            "encoder": [s.as_dict() for s in speeds],
+            "decode_prepare_ms": prepare_ms(engine, jpeg),
+            "dtype": "float16 (autocast)" if engine.autocast_dtype == torch.float16 else "float32",
+            "image_size": engine.image_size,
+            "feature_dim": engine.feature_dim,
+            "torch_threads": torch.get_num_threads(),
+        }
+    finally:
+        del engine
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def measure_point(
+    service: Service, upload: Upload, concurrency: int, requests: int, batching: bool, plan: Plan
+) -> dict:
+    before = service.metrics()
+    result = run_load(
+        service.base_url, upload, concurrency=concurrency, requests=requests, time_limit_s=plan.time_limit_s
+    )
+    point = summarise_point(result, batching, metric_delta(before, service.metrics()))
+    log.info(
+        "concurrency %d, batching %s: %d/%d ok, %.1f images/s, p50 %s ms, mean batch %s",
+        concurrency,
+        "on" if batching else "off",
+        result.ok,
+        requests,
+        point["throughput"],
+        f"{point['p50_ms']:.0f}" if point["p50_ms"] is not None else "-",
+        f"{point['mean_batch']:.1f}" if point["mean_batch"] is not None else "-",
+    )
+    return point
+
+
+def warm_up(service: Service, upload: Upload, concurrency: int, plan: Plan) -> None:
+    """A few uncounted requests (first-call allocations, thread pools); fails loudly if none succeeds."""
+    result = run_load(
+        service.base_url,
+        upload,
+        concurrency=concurrency,
+        requests=2 * concurrency,
+        time_limit_s=plan.time_limit_s,
+    )
+    if result.ok == 0:
+        raise RuntimeError(
+            f"no warm-up request succeeded ({dict(result.failures)}); service log:\n{service.log_tail()}"
+        )
+
+
+def measure_video(
+    service: Service, path: Path, seconds: float, height: int, fields: dict[str, str], plan: Plan
+) -> dict:
+    fields = {**fields, "frames": "16"}
+    upload = Upload.multipart("/predict-video", path.name, path.read_bytes(), "video/mp4", fields)
+    result = run_load(
+        service.base_url, upload, concurrency=1, requests=plan.video_repeats, time_limit_s=plan.time_limit_s
+    )
+    latencies = sorted(1000 * s for s in result.latencies_s)
+    decode = sorted(t["decode_ms"] for t in result.timings if isinstance(t.get("decode_ms"), int | float))
+    width, height = clip_size(height)
+    row = {
+        "clip": f"{seconds:g} s {height}p",
+        "seconds": seconds,
+        "width": width,
+        "height": height,
+        "megabytes": len(upload.body) / 2**20,
+        "ok": result.ok,
+        "requests": result.requested,
+        "failures": dict(result.failures),
+        "latency_ms": latencies[len(latencies) // 2] if latencies else None,
+        "decode_ms": decode[len(decode) // 2] if decode else None,
+    }
+    log.info("video %s: latency %s ms, decode %s ms", row["clip"], row["latency_ms"], row["decode_ms"])
+    return row
+
+
+def long_run(service: Service, upload: Upload, requests: int, plan: Plan) -> dict:
+    """RSS after the first 10% of `requests` vs at the end: growth a leak would show."""
+    first = max(1, requests // 10)
+    kwargs = {"concurrency": TARGET_CONCURRENCY, "time_limit_s": max(plan.time_limit_s, 600)}
+    head = run_load(service.base_url, upload, requests=first, **kwargs)
+    early = service.memory_mb()
+    tail = run_load(service.base_url, upload, requests=requests - first, **kwargs)
+    end = service.memory_mb()
+    growth = end["rss_mb"] / early["rss_mb"] - 1 if early and end else None
+    log.info("long run: %d requests, RSS %s -> %s MiB", requests, early.get("rss_mb"), end.get("rss_mb"))
+    return {
+        "requests": requests,
+        "ok": head.ok + tail.ok,
+        "failures": dict(head.failures + tail.failures),
+        "unfinished": head.unfinished + tail.unfinished,
+        "throughput": tail.throughput,
+        "rss_after_first_10pct_mb": early.get("rss_mb"),
+        "rss_end_mb": end.get("rss_mb"),
+        "peak_rss_mb": end.get("peak_rss_mb"),
+        "growth": growth,
+    }
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    from model.config import device_for
+
+    device = device_for(args.device)
+    plan = make_plan(args.quick, device)
+    cache = args.cache_dir
+    cache.mkdir(parents=True, exist_ok=True)
+    model = args.model or ("demo" if args.quick else "vit-b-32")
+    env, model_name = model_env(model, cache)
+    jpeg = face_jpeg(*IMAGE_SIZE)
+    clips = [(cached_clip(cache, seconds, height), seconds, height) for seconds, height in plan.clips]
+
+    log.info("raw encoder on %s", device)
+    raw = measure_raw(env, device, plan, args.max_batch, jpeg)
+
+    upload_mb = max(100, math.ceil(max(p.stat().st_size for p, _, _ in clips) / 2**20) + 1)
+    service_env = {
+        **env,
+        "FER_DEVICE": device,
+        "FER_MAX_BATCH": str(args.max_batch),
+        "FER_MAX_UPLOAD_MB": str(upload_mb),
+    }
+    fields = {"detect_faces": str(args.detect_faces).lower()}
+    image = Upload.multipart("/predict", "face.jpg", jpeg, "image/jpeg", fields)
+    points = []
+    with Service(service_env, cache / "service-batching.log") as service:
+        warm_up(service, image, 8, plan)
+        for c in plan.concurrency:
+            points.append(measure_point(service, image, c, plan.requests(c), True, plan))
+        warm_up(
+            service,
+            Upload.multipart("/predict-video", "w.mp4", clips[0][0].read_bytes(), "video/mp4", fields),
+            1,
+            plan,
+        )
+        video = [
+            measure_video(service, path, seconds, height, fields, plan) for path, seconds, height in clips
+        ]
+        memory = long_run(service, image, plan.long_requests, plan)
+    with Service({**service_env, "FER_MAX_BATCH": "1"}, cache / "service-no-batching.log") as service:
+        warm_up(service, image, 8, plan)
+        points.append(
+            measure_point(service, image, TARGET_CONCURRENCY, plan.requests(TARGET_CONCURRENCY), False, plan)
+        )
+
+    report = {
+        "benchmark": "exp-clip-fer service vs its raw encoder",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
+        "quick": args.quick,
+        "machine": machine(),
+        "device": device,
+        "model": {
+            "name": model_name,
+            "image_size": raw.pop("image_size"),
+            "feature_dim": raw.pop("feature_dim"),
+        },
+        "dtype": raw.pop("dtype"),
+        "settings": {
+            "max_batch": args.max_batch,
+            "service_env": {k: v for k, v in {**os.environ, **service_env}.items() if k.startswith("FER_")},
+            "image": {"width": IMAGE_SIZE[0], "height": IMAGE_SIZE[1], "bytes": len(jpeg)},
+            "detect_faces": args.detect_faces,
+            "plan": plan.__dict__,
+        },
+        "raw": raw,
+        "points": points,
+        "video": video,
+        "memory": memory,
+    }
+    report["targets"] = [t.as_dict() for t in evaluate_targets(report)]
+    return report
+
+
+def incomplete(report: dict) -> list[str]:
+    """Load points, videos or the long run with failed or unfinished requests."""
+    rows = [*report["points"], *report["video"], report["memory"]]
+    return [
+        json.dumps(
+            {k: r.get(k) for k in ("concurrency", "clip", "requests", "failures", "unfinished") if k in r}
+        )
+        for r in rows
+        if r.get("failures") or r.get("unfinished")
+    ]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="CI smoke run: demo model, small counts, short clips"
+    )
+    parser.add_argument(
+        "--model", choices=("vit-b-32", "demo"), help="default: demo with --quick, else vit-b-32"
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--max-batch", type=int, default=32, help="FER_MAX_BATCH, and the raw batch it is compared with"
+    )
+    parser.add_argument(
+        "--detect-faces", action="store_true", help="ask /predict to detect faces (default: whole image)"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "fer-bench",
+        help="clips, weights, service logs",
+    )
+    parser.add_argument("--out", type=Path, help="also write the JSON report here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress
+    report = run_benchmark(args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(format_table(report), file=sys.stderr)
+    problems = incomplete(report)
+    for problem in problems:
+        log.error("requests failed or did not finish: %s", problem)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

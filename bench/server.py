@@ -1,0 +1,121 @@
+"""`fer serve` as a child process on 127.0.0.1: started on a free port, ready when /readyz says so,
+its memory read from /proc, and stopped (terminate, then kill) when the benchmark is done with it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.load import LOOPBACK_HOST, parse_metrics
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK_HOST, 0))
+        return sock.getsockname()[1]
+
+
+def process_memory_mb(pid: int) -> dict[str, float]:
+    """Resident memory now (VmRSS) and its peak (VmHWM) from /proc, in MiB; empty where there is no /proc."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    wanted = {"VmRSS:": "rss_mb", "VmHWM:": "peak_rss_mb"}
+    return {
+        wanted[parts[0]]: int(parts[1]) / 1024
+        for parts in (line.split() for line in lines)
+        if parts and parts[0] in wanted
+    }
+
+
+class Service:
+    """One service process with the given FER_* settings; use as a context manager."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, ready_timeout_s: float = 600.0):
+        self.env = env
+        self.log_path = log_path
+        self.ready_timeout_s = ready_timeout_s
+        self.port = free_port()
+        self.base_url = f"http://{LOOPBACK_HOST}:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> Service:
+        command = [
+            sys.executable,
+            "-m",
+            "model.cli",
+            "serve",
+            "--host",
+            LOOPBACK_HOST,
+            "--port",
+            str(self.port),
+        ]
+        log.info(
+            "starting %s with %s", " ".join(command[1:]), " ".join(f"{k}={v}" for k, v in self.env.items())
+        )
+        with self.log_path.open("wb") as log_file:
+            self.process = subprocess.Popen(
+                command,
+                env={**os.environ, **self.env},
+                cwd=REPO_ROOT,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"the service exited with code {self.process.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(
+            f"the service was not ready within {self.ready_timeout_s:.0f} s:\n{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def memory_mb(self) -> dict[str, float]:
+        return process_memory_mb(self.process.pid)
+
+    def metrics(self) -> dict[str, float]:
+        return parse_metrics(httpx.get(f"{self.base_url}/metrics", timeout=30.0).text)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            log.warning("the service did not stop within 20 s of SIGTERM; killing it")
+            self.process.kill()
+            self.process.wait()

@@ -1,0 +1,260 @@
+"""The benchmark's pure parts: statistics, target evaluation, the load generator (against a mock
+transport, so no server is needed), /metrics parsing, and the synthetic inputs."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import time
+from email.parser import BytesParser
+from email.policy import default as email_policy
+from pathlib import Path
+
+import av
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.inputs import cached_clip, clip_size, face_jpeg, make_clip
+from bench.load import LoadResult, Upload, metric_delta, parse_metrics, run_load
+from bench.report import evaluate_targets, format_table, mean_batch, percentile, summarise_point
+from bench.server import process_memory_mb
+from model.media import read_video
+
+BASE = "http://127.0.0.1:9"
+
+
+def test_percentile_interpolates_like_numpy():
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0) == 1.0 and percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 95) == pytest.approx(3.85)
+    values = list(np.random.default_rng(0).exponential(size=101))
+    for q in (50, 95, 99):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_metrics_are_summed_over_labels_and_differenced():
+    text = """# HELP fer_batch_size items per encoder call
+# TYPE fer_batch_size histogram
+fer_batch_size_bucket{le="1.0"} 2.0
+fer_batch_size_bucket{le="+Inf"} 5.0
+fer_batch_size_count 5.0
+fer_batch_size_sum 40.0
+# HELP fer_requests_total requests
+# TYPE fer_requests_total counter
+fer_requests_total{endpoint="/predict",status="200"} 7.0
+fer_requests_total{endpoint="/predict",status="503"} 2.0
+# HELP fer_queue_depth items waiting
+# TYPE fer_queue_depth gauge
+fer_queue_depth 3.0
+"""
+    before = parse_metrics(text)
+    assert before["fer_batch_size_count"] == 5 and before["fer_batch_size_sum"] == 40
+    assert before["fer_requests_total"] == 9 and before["fer_queue_depth"] == 3
+    after = {**before, "fer_batch_size_count": 9.0, "fer_batch_size_sum": 120.0}
+    delta = metric_delta(before, after)
+    assert mean_batch(delta) == 20.0
+    assert mean_batch(metric_delta(before, before)) is None  # no encoder call: no mean
+
+
+def test_point_summary():
+    result = LoadResult(
+        4, 5, latencies_s=[0.1, 0.2, 0.3, 0.4], wall_s=2.0, timings=[{"decode_ms": 2}, {"decode_ms": 4}]
+    )
+    result.failures["503"] += 1
+    point = summarise_point(result, True, {"fer_batch_size_sum": 12.0, "fer_batch_size_count": 4.0})
+    assert point["throughput"] == 2.0 and point["ok"] == 4 and point["failures"] == {"503": 1}
+    assert point["p50_ms"] == pytest.approx(250.0) and point["mean_batch"] == 3.0
+    assert point["server_timing_ms"] == {"decode_ms": 3.0}
+
+
+def report_for(device: str = "cpu", **overrides) -> dict:
+    """A report whose figures pass every CPU target; `overrides` change one figure."""
+    f = {
+        "raw1": 10.0,
+        "raw32": 20.0,
+        "on": 18.0,
+        "off": 6.0,
+        "c1_ms": 120.0,
+        "short": 1000.0,
+        "long": 2500.0,
+        "growth": 0.02,
+        "c256": 2000.0,
+    }
+    f.update(overrides)
+    points = [
+        {"concurrency": 1, "batching": True, "throughput": 8.0, "p50_ms": f["c1_ms"]},
+        {"concurrency": 32, "batching": True, "throughput": f["on"], "p50_ms": 900.0},
+        {"concurrency": 256, "batching": True, "throughput": f["c256"], "p50_ms": 900.0},
+        {"concurrency": 32, "batching": False, "throughput": f["off"], "p50_ms": 3000.0},
+    ]
+    return {
+        "device": device,
+        "machine": {"gpu": None, "cpus": 2},
+        "model": {"name": "test"},
+        "dtype": "float32",
+        "settings": {"max_batch": 32, "image": {"width": 640, "height": 480, "bytes": 90000}},
+        "raw": {
+            "encoder": [
+                {"batch": 1, "images_per_s": f["raw1"], "ms_per_call": 1000 / f["raw1"]},
+                {"batch": 32, "images_per_s": f["raw32"], "ms_per_call": 32000 / f["raw32"]},
+            ],
+            "decode_prepare_ms": 5.0,
+        },
+        "points": points,
+        "video": [
+            {"clip": "10 s 1080p", "latency_ms": f["short"], "decode_ms": 300.0},
+            {"clip": "600 s 1080p", "latency_ms": f["long"], "decode_ms": 900.0},
+        ],
+        "memory": {"growth": f["growth"], "peak_rss_mb": 900.0, "requests": 100},
+    }
+
+
+def verdicts(report: dict) -> dict[str, bool | None]:
+    return {t.name: t.passed for t in evaluate_targets(report)}
+
+
+def test_targets_pass_and_fail_on_their_own_figures():
+    assert verdicts(report_for()) == {
+        "service_vs_raw_encoder": True,
+        "batching_gain": True,
+        "single_request_latency": True,
+        "long_video_latency": True,
+        "memory_growth": True,
+        "gpu_throughput": None,  # not applicable on a CPU
+    }
+    failing = {
+        "service_vs_raw_encoder": {"on": 15.0},  # 0.75 of raw at batch 32
+        "batching_gain": {"off": 10.0},  # 1.8x
+        "single_request_latency": {"c1_ms": 140.0},  # 1.33 x (100 + 5)
+        "long_video_latency": {"long": 3100.0},
+        "memory_growth": {"growth": 0.10},  # the target is strictly below 10%
+    }
+    for name, change in failing.items():
+        result = verdicts(report_for(**change))
+        assert result[name] is False, name
+        assert sum(v is False for v in result.values()) == 1, (name, result)
+
+
+def test_gpu_targets():
+    targets = {t.name: t for t in evaluate_targets(report_for("cuda", off=4.0))}
+    assert targets["gpu_throughput"].passed is True and targets["gpu_throughput"].value == 2000.0
+    assert targets["batching_gain"].threshold == 4.0 and targets["batching_gain"].passed is True
+    assert verdicts(report_for("cuda", c256=1400.0))["gpu_throughput"] is False  # below 5 x 286
+
+
+def test_missing_figures_are_not_a_pass():
+    report = report_for()
+    report["points"] = [p for p in report["points"] if p["batching"]]
+    report["video"] = []
+    result = verdicts(report)
+    assert result["batching_gain"] is None and result["long_video_latency"] is None
+    assert result["service_vs_raw_encoder"] is True
+
+
+def test_table_states_settings_and_verdicts():
+    report = report_for(off=10.0)
+    report["points"] = [
+        {**p, "requests": 10, "ok": 10, "p95_ms": 1.0, "p99_ms": 1.0, "mean_batch": None}
+        for p in report["points"]
+    ]
+    report["targets"] = [t.as_dict() for t in evaluate_targets(report)]
+    table = format_table(report)
+    assert "FAIL batching_gain: 1.8 >= 2" in table
+    assert "PASS memory_growth" in table and "n/a  gpu_throughput" in table
+    assert "max batch 32" in table and "float32" in table
+
+
+def test_upload_is_a_real_multipart_form():
+    upload = Upload.multipart(
+        "/predict", "face.jpg", b"\xff\xd8jpeg-bytes", "image/jpeg", {"detect_faces": "false"}
+    )
+    message = BytesParser(policy=email_policy).parsebytes(
+        b"Content-Type: " + upload.content_type.encode() + b"\r\n\r\n" + upload.body
+    )
+    parts = {p.get_param("name", header="content-disposition"): p for p in message.iter_parts()}
+    assert parts["file"].get_filename() == "face.jpg" and parts["file"].get_content() == b"\xff\xd8jpeg-bytes"
+    assert parts["detect_faces"].get_content().strip() == "false"
+
+
+def test_load_generator_bounds_concurrency_and_counts():
+    in_flight, peak = 0, 0
+    calls = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak, calls
+        calls += 1
+        number = calls
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        if number % 5 == 0:
+            return httpx.Response(503)
+        return httpx.Response(200, json={"label": "happiness", "timing": {"decode_ms": 1.5}})
+
+    upload = Upload.multipart("/predict", "a.jpg", b"x", "image/jpeg")
+    result = run_load(
+        BASE, upload, concurrency=4, requests=20, time_limit_s=30, transport=httpx.MockTransport(handler)
+    )
+    assert calls == 20 and peak == 4
+    assert result.ok == 16 and result.failures == {"503": 4} and result.unfinished == 0 and result.complete
+    assert min(result.latencies_s) >= 0.01 and len(result.timings) == 16
+    assert result.throughput == pytest.approx(16 / result.wall_s)
+
+
+def test_load_generator_stops_at_its_time_limit():
+    async def stuck(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(30)
+        return httpx.Response(200, json={})
+
+    start = time.monotonic()
+    upload = Upload.multipart("/predict", "a.jpg", b"x", "image/jpeg")
+    result = run_load(
+        BASE, upload, concurrency=3, requests=100, time_limit_s=0.3, transport=httpx.MockTransport(stuck)
+    )
+    assert time.monotonic() - start < 5
+    assert result.ok == 0 and result.unfinished == 3 and not result.complete
+
+
+def test_load_generator_only_targets_loopback():
+    upload = Upload.multipart("/predict", "a.jpg", b"x", "image/jpeg")
+    for url in ("http://example.com:8000", "http://10.0.0.1:8000", "http://0.0.0.0:8000"):
+        with pytest.raises(ValueError, match=r"only targets 127\.0\.0\.1"):
+            run_load(url, upload, concurrency=1, requests=1, time_limit_s=1)
+
+
+def test_face_jpeg_is_photo_sized():
+    data = face_jpeg(640, 480)
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "JPEG" and image.size == (640, 480)
+    assert len(data) > 30_000  # textured like a photo, not a flat drawing of a few KB
+
+
+def test_clip_has_its_length_and_a_key_frame_every_two_seconds(tmp_path):
+    path = make_clip(tmp_path / "c.mp4", seconds=5, height=64)
+    clip = read_video(str(path), 16)
+    assert clip.n_frames == 125 and clip.duration == pytest.approx(5.0, abs=0.05)
+    assert clip.meta == {"width": clip_size(64)[0], "height": 64} and clip_size(64) == (112, 64)
+    with av.open(str(path)) as container:
+        keys = [p.pts for p in container.demux(container.streams.video[0]) if p.size and p.is_keyframe]
+    assert len(keys) == 3  # frames 0, 50, 100 at 25 fps
+
+
+def test_clips_are_cached(tmp_path):
+    first = cached_clip(tmp_path, 1, 64)
+    stamp = first.stat().st_mtime_ns
+    assert cached_clip(tmp_path, 1, 64) == first and first.stat().st_mtime_ns == stamp
+    assert cached_clip(tmp_path, 2, 64) != first
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_process_memory_reads_proc():
+    memory = process_memory_mb(os.getpid())
+    assert 10 < memory["rss_mb"] <= memory["peak_rss_mb"]
+    assert process_memory_mb(2**22 + 12345) == {}  # no such process
