@@ -1,0 +1,158 @@
+"""The batcher alone, with a fake encoder whose output rows identify their inputs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from service.batcher import Batcher, BatchFailed, ClientGone, QueueFull
+
+
+def items(*values: int) -> torch.Tensor:
+    """k items, each a [1] tensor holding its value; the fake encoder echoes it back as a float row."""
+    return torch.tensor(values, dtype=torch.float32).view(-1, 1)
+
+
+class FakeEncoder:
+    def __init__(self, poison: float | None = None):
+        self.batches: list[list[float]] = []
+        self.poison = poison
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.gate.wait(10)
+        self.batches.append(pixels.view(-1).tolist())
+        if self.poison is not None and self.poison in pixels:
+            raise RuntimeError("poisoned batch")
+        return pixels * 10
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def test_concurrent_requests_share_encoder_calls_and_get_their_own_rows():
+    async def main():
+        encoder = FakeEncoder()
+        batcher = Batcher(encoder, max_batch=64, max_wait_ms=300)
+        batcher.start()
+        withdraws = [batcher.expect() for _ in range(8)]  # eight requests decoding at once
+
+        async def request(i):
+            await asyncio.sleep(0.01 * i)
+            withdraws[i]()
+            return await batcher.submit(items(i, i + 100))
+
+        results = await asyncio.gather(*(request(i) for i in range(8)))
+        await batcher.stop()
+        return encoder, batcher, results
+
+    encoder, batcher, results = run(main())
+    assert batcher.calls < 8 and len(encoder.batches) == batcher.calls
+    for i, rows in enumerate(results):
+        assert rows.view(-1).tolist() == [10 * i, 10 * (i + 100)]
+
+
+def test_a_job_larger_than_a_batch_is_split_and_reassembled_in_order():
+    async def main():
+        encoder = FakeEncoder()
+        batcher = Batcher(encoder, max_batch=4, max_wait_ms=0)
+        batcher.start()
+        result = await batcher.submit(items(*range(10)))
+        await batcher.stop()
+        return encoder, result
+
+    encoder, result = run(main())
+    assert [len(b) for b in encoder.batches] == [4, 4, 2]
+    assert result.view(-1).tolist() == [10 * i for i in range(10)]
+
+
+def test_a_failing_batch_fails_only_its_requests_and_the_batcher_serves_on():
+    async def main():
+        encoder = FakeEncoder(poison=666)
+        batcher = Batcher(encoder, max_batch=2, max_wait_ms=0)
+        batcher.start()
+        encoder.gate.clear()  # hold the device so the next jobs queue up and batch as [1,666], [3]
+        first = asyncio.create_task(batcher.submit(items(0)))
+        await asyncio.sleep(0.05)
+        jobs = [asyncio.create_task(batcher.submit(items(v))) for v in (1, 666, 3)]
+        await asyncio.sleep(0.05)
+        encoder.gate.set()
+        outcomes = await asyncio.gather(first, *jobs, return_exceptions=True)
+        after = await batcher.submit(items(7))
+        await batcher.stop()
+        return encoder, outcomes, after
+
+    encoder, outcomes, after = run(main())
+    assert encoder.batches[:3] == [[0], [1, 666], [3]]
+    assert isinstance(outcomes[1], BatchFailed) and isinstance(outcomes[2], BatchFailed)
+    assert outcomes[0].item() == 0 and outcomes[3].item() == 30
+    assert after.item() == 70
+
+
+def test_a_full_queue_refuses_with_a_retry_hint():
+    async def main():
+        encoder = FakeEncoder()
+        encoder.gate.clear()
+        batcher = Batcher(encoder, max_batch=2, max_wait_ms=0, max_queue=4)
+        batcher.start()
+        running = asyncio.create_task(batcher.submit(items(1, 2)))  # taken by the (blocked) device
+        await asyncio.sleep(0.05)
+        queued = asyncio.create_task(batcher.submit(items(3, 4, 5)))
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull) as refused:
+            await batcher.submit(items(6, 7))
+        assert refused.value.retry_after_s >= 1
+        encoder.gate.set()
+        await asyncio.gather(running, queued)
+        await batcher.stop()
+
+    run(main())
+
+
+def test_a_disconnected_client_is_dropped_before_reaching_the_encoder():
+    async def main():
+        encoder = FakeEncoder()
+        encoder.gate.clear()
+        batcher = Batcher(encoder, max_batch=1, max_wait_ms=0)
+        batcher.start()
+        busy = asyncio.create_task(batcher.submit(items(1)))
+        await asyncio.sleep(0.05)
+        gone = asyncio.Event()
+
+        async def is_disconnected():
+            return gone.is_set()
+
+        waiting = asyncio.create_task(batcher.submit(items(2), is_disconnected, poll_s=0.01))
+        await asyncio.sleep(0.05)
+        gone.set()
+        with pytest.raises(ClientGone):
+            await waiting
+        assert batcher.depth == 0
+        encoder.gate.set()
+        await busy
+        await batcher.submit(items(3))
+        await batcher.stop()
+        return encoder
+
+    encoder = run(main())
+    assert encoder.batches == [[1], [3]]
+
+
+def test_no_waiting_when_no_other_request_is_coming():
+    async def main():
+        batcher = Batcher(FakeEncoder(), max_batch=64, max_wait_ms=10_000)
+        batcher.start()
+        await asyncio.wait_for(batcher.submit(items(1)), 2)  # would take 10 s if it waited for the deadline
+        await batcher.stop()
+
+    run(main())
+
+
+def test_constructor_checks_say_what_to_do():
+    with pytest.raises(ValueError, match="max_queue"):
+        Batcher(FakeEncoder(), max_batch=8, max_queue=4)

@@ -1,0 +1,468 @@
+"""The REST service through the real ASGI app (lifespan included) on the tiny random CLIP."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+import time
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from skimage import data as skimage_data
+
+from model.clip import MissingWeightsError
+from model.media import decode_image, read_video
+from model.prompts import BASIC7
+from service.app import create_app
+from service.config import ServiceSettings
+from service.errors import UploadLimit
+from tests.conftest import face_image, make_video
+
+
+class GatedEngine:
+    """The real engine, with an encoder that can be held (gate) or made to fail once."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_next = False
+        self.calls: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def encode_pixels(self, pixels):
+        self.gate.wait(10)
+        self.calls.append(pixels.shape[0])
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("simulated device failure")
+        return self._engine.encode_pixels(pixels)
+
+
+def settings(**overrides) -> ServiceSettings:
+    return ServiceSettings(**{"device": "cpu", "max_wait_ms": 5, **overrides})
+
+
+def jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def two_faces() -> tuple[bytes, list[list[int]]]:
+    """The astronaut photo (a real face shipped with scikit-image) pasted twice at known places."""
+    face = Image.fromarray(skimage_data.astronaut())
+    canvas = Image.new("RGB", (1000, 560), "gray")
+    canvas.paste(face.resize((420, 420)), (20, 60))
+    canvas.paste(face.resize((500, 500)), (480, 30))
+    # astronaut's face is near (177, 67, 93, 93) in the 512 px original
+    expected = [
+        [480 + 177 * 500 // 512, 30 + 67 * 500 // 512, 91],
+        [20 + 177 * 420 // 512, 60 + 67 * 420 // 512, 76],
+    ]
+    return png(canvas), expected
+
+
+def wait_ready(client: TestClient) -> None:
+    for _ in range(200):
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"never ready: {client.get('/readyz').json()}")
+
+
+@pytest.fixture
+def client(engine):
+    app = create_app(settings(), engine_factory=lambda s: engine)
+    with TestClient(app) as c:
+        wait_ready(c)
+        yield c
+
+
+@asynccontextmanager
+async def serving(app):
+    """The app's lifespan plus an async client, for tests that need requests in flight together."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+            for _ in range(200):
+                if (await client.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            yield client
+
+
+def post_image(client, data: bytes, **fields):
+    return client.post("/predict", files={"file": ("x.png", data, "image/png")}, data=fields)
+
+
+# ---- readiness ----------------------------------------------------------------------------------
+def test_readiness_flips_after_warm_up(engine):
+    release = threading.Event()
+
+    def slow_factory(_):
+        release.wait(10)
+        return engine
+
+    app = create_app(settings(), engine_factory=slow_factory)
+    with TestClient(app) as client:
+        assert client.get("/livez").status_code == 200
+        assert client.get("/readyz").status_code == 503
+        refused = post_image(client, png(face_image(0)))
+        assert refused.status_code == 503 and refused.json()["error"] == "not_ready"
+        release.set()
+        wait_ready(client)
+        assert client.get("/readyz").json() == {"status": "ready", "model": "custom", "detail": None}
+        assert post_image(client, png(face_image(0))).status_code == 200
+
+
+def test_a_failed_load_is_reported_by_readyz(engine):
+    def missing(_):
+        raise MissingWeightsError("CLIP weights are not in weights/: run `fer weights download exp-clip-b32`")
+
+    with TestClient(create_app(settings(), engine_factory=missing)) as client:
+        time.sleep(0.2)
+        answer = client.get("/readyz")
+        assert answer.status_code == 503 and "fer weights download" in answer.json()["detail"]
+        assert client.get("/livez").status_code == 200
+
+
+# ---- /predict -------------------------------------------------------------------------------------
+def test_predict_reports_every_face_largest_first(client):
+    data, expected = two_faces()
+    answer = client.post("/predict", files={"file": ("two.png", data, "image/png")})
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["face_detected"] and len(body["faces"]) == 2
+    for face, (x, y, side) in zip(body["faces"], expected, strict=True):
+        bx, by, bw, bh = face["box"]
+        assert bw == bh  # the cascade reports square boxes
+        assert abs(bx - x) < 20 and abs(by - y) < 20 and abs(bw - side) < 25
+        assert sum(face["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+    assert body["probabilities"] == body["faces"][0]["probabilities"]
+    assert body["label"] == body["faces"][0]["label"]
+    assert set(body["timing"]) == {"decode_ms", "inference_ms", "total_ms"} and body["model"] == "custom"
+
+
+def test_predict_equals_the_engine_and_the_cli(client, engine, model_env, tmp_path, capsys):
+    image = face_image(5, size=(150, 120))
+    path = tmp_path / "face.png"
+    image.save(path)
+    answer = post_image(client, path.read_bytes(), detect_faces="false", prompts="P-4", classes="basic8")
+    body = answer.json()
+    assert body["face_detected"] is False and body["faces"] == [] and body["note"] is None
+    expected = engine.classify(
+        engine.encode_images([decode_image(path.read_bytes())]), tuple(body["classes"]), "P-4"
+    )
+    assert body["probabilities"] == pytest.approx(expected.as_dict(0), abs=1e-6)
+
+    from model.cli import main
+
+    assert main(["predict", "--classes", "basic8", "--prompts", "P-4", str(path)]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    assert cli["probabilities"] == pytest.approx(body["probabilities"], abs=1e-6)
+
+
+def test_no_face_classifies_the_whole_image_and_says_so(client):
+    body = post_image(client, png(face_image(1)), classes="calm,angry").json()
+    assert body["face_detected"] is False and "no face" in body["note"]
+    assert list(body["probabilities"]) == ["calm", "angry"]
+
+
+# ---- /predict-video and /retrieve ----------------------------------------------------------------
+def test_predict_video_with_timeline_equals_the_engine(client, engine, tmp_path):
+    clip = make_video(tmp_path / "c.mp4", 40).read_bytes()
+    answer = client.post(
+        "/predict-video",
+        files={"file": ("c.mp4", clip, "video/mp4")},
+        data={"frames": "8", "per_frame": "true", "detect_faces": "false", "prompts": "P-2"},
+    )
+    body = answer.json()
+    assert answer.status_code == 200 and body["frames_sampled"] == 8 and body["n_frames"] == 40
+    assert [f["index"] for f in body["timeline"]] == [2, 7, 12, 17, 22, 27, 32, 37]
+    assert body["timeline"][1]["timestamp"] == pytest.approx(7 / 25, abs=0.01)
+    frames = read_video(clip, 8).frames
+    expected = engine.classify(engine.encode_clips([frames]), BASIC7, "P-2")
+    assert body["probabilities"] == pytest.approx(expected.as_dict(0), abs=1e-6)
+    per_frame = engine.classify(engine.encode_images(frames), BASIC7, "P-2")
+    assert body["timeline"][3]["probabilities"] == pytest.approx(per_frame.as_dict(3), abs=1e-6)
+
+
+def test_retrieve_ranks_descriptions_for_videos_and_images(client, tmp_path):
+    clip = make_video(tmp_path / "c.webm", 20, codec="libvpx-vp9").read_bytes()
+    descriptions = ["smiles", "frowns deeply", "raises the brows", "looks away"]
+    for name, data, media_type, media in (
+        ("c.webm", clip, "video/webm", "video"),
+        ("f.jpg", jpeg(face_image(2)), "image/jpeg", "image"),
+        ("f.jpg", jpeg(face_image(2)), "application/octet-stream", "image"),
+    ):
+        answer = client.post(
+            "/retrieve",
+            files={"file": (name, data, media_type)},
+            data={"descriptions": json.dumps(descriptions), "top_k": "3"},
+        )
+        body = answer.json()
+        assert answer.status_code == 200 and body["media"] == media
+        scores = [r["score"] for r in body["ranking"]]
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+        assert all(descriptions[r["index"]] == r["text"] for r in body["ranking"])
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("path", "files", "fields", "status", "code"),
+    [
+        ("/predict", ("a.txt", b"hello", "text/plain"), {}, 415, "unsupported_media_type"),
+        ("/predict", ("a.jpg", b"\xff\xd8garbage", "image/jpeg"), {}, 400, "undecodable_media"),
+        ("/predict", ("a.jpg", b"", "image/jpeg"), {}, 400, "undecodable_media"),
+        ("/predict-video", ("a.png", b"x", "image/png"), {}, 415, "unsupported_media_type"),
+        ("/predict-video", ("a.mp4", b"\x00" * 2000, "video/mp4"), {}, 400, "undecodable_media"),
+        ("/predict", ("a.png", "PNG", "image/png"), {"prompts": "P-9"}, 422, "invalid_field"),
+        ("/predict", ("a.png", "PNG", "image/png"), {"classes": " , "}, 422, "invalid_field"),
+        (
+            "/predict",
+            ("a.png", "PNG", "image/png"),
+            {"classes": ",".join(f"c{i}" for i in range(99))},
+            422,
+            "invalid_field",
+        ),
+        ("/predict-video", ("a.mp4", "MP4", "video/mp4"), {"frames": "999"}, 422, "invalid_field"),
+        ("/predict-video", ("a.mp4", "MP4", "video/mp4"), {"frames": "0"}, 422, "invalid_field"),
+        ("/retrieve", ("a.png", "PNG", "image/png"), {"descriptions": "smiles"}, 422, "invalid_field"),
+        ("/retrieve", ("a.png", "PNG", "image/png"), {"descriptions": "[]"}, 422, "invalid_field"),
+        (
+            "/retrieve",
+            ("a.png", "PNG", "image/png"),
+            {"descriptions": json.dumps(["x"] * 600)},
+            422,
+            "invalid_field",
+        ),
+        (
+            "/retrieve",
+            ("a.png", "PNG", "image/png"),
+            {"descriptions": json.dumps(["x" * 2000])},
+            422,
+            "invalid_field",
+        ),
+        ("/retrieve", ("a.png", "PNG", "image/png"), {}, 422, "invalid_field"),
+    ],
+)
+def test_bad_input_gets_a_json_error_and_the_service_stays_healthy(
+    client, tmp_path, path, files, fields, status, code
+):
+    name, data, media_type = files
+    if data == "PNG":
+        data = png(face_image(0))
+    elif data == "MP4":
+        data = make_video(tmp_path / "c.mp4", 10).read_bytes()
+    answer = client.post(path, files={"file": (name, data, media_type)}, data=fields)
+    assert answer.status_code == status, answer.text
+    assert answer.json()["error"] == code and answer.json()["detail"]
+    assert "Traceback" not in answer.text
+    assert post_image(client, png(face_image(0))).status_code == 200
+
+
+def test_media_over_the_pixel_limit_is_refused_before_decoding(engine):
+    app = create_app(settings(max_image_pixels=10_000), engine_factory=lambda s: engine)
+    with TestClient(app) as client:
+        wait_ready(client)
+        answer = post_image(client, png(Image.new("RGB", (200, 200))))
+        assert answer.status_code == 413 and answer.json()["error"] == "media_too_large"
+
+
+def test_uploads_over_the_limit_get_413(engine):
+    app = create_app(settings(max_upload_mb=0.01), engine_factory=lambda s: engine)
+    with TestClient(app) as client:
+        wait_ready(client)
+        answer = post_image(client, b"\x00" * 50_000)
+        assert answer.status_code == 413 and answer.json()["error"] == "upload_too_large"
+        assert post_image(client, png(face_image(0, size=(20, 20)))).status_code == 200
+
+
+def test_the_upload_limit_stops_reading_a_stream_without_content_length():
+    """Chunks are counted as they arrive; the app stops reading soon after the limit."""
+    consumed = 0
+
+    async def receive():
+        nonlocal consumed
+        consumed += 1
+        return {"type": "http.request", "body": b"x" * 1024, "more_body": consumed < 1000}
+
+    async def app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        raise AssertionError("the whole body was read")
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": []}
+    asyncio.run(UploadLimit(app, max_bytes=5 * 1024)(scope, receive, send))
+    assert consumed == 6 and sent[0]["status"] == 413
+    assert json.loads(sent[1]["body"])["error"] == "upload_too_large"
+
+
+# ---- batching, back-pressure, failures -------------------------------------------------------------
+def test_concurrent_requests_share_encoder_calls(engine):
+    gated = GatedEngine(engine)
+    app = create_app(settings(max_wait_ms=500, max_batch=64), engine_factory=lambda s: gated)
+
+    async def main():
+        async with serving(app) as client:
+            before = len(gated.calls)
+            images = [png(face_image(i)) for i in range(8)]
+            answers = await asyncio.gather(
+                *(client.post("/predict", files={"file": ("x.png", im, "image/png")}) for im in images)
+            )
+            return answers, gated.calls[before:]
+
+    answers, calls = asyncio.run(main())
+    assert all(a.status_code == 200 for a in answers)
+    assert sum(calls) == 8 and len(calls) < 8, calls
+
+
+def test_a_full_queue_answers_429_with_retry_after(engine):
+    gated = GatedEngine(engine)
+    app = create_app(
+        settings(max_batch=1, max_queue=1, max_frames=1, max_faces=1), engine_factory=lambda s: gated
+    )
+
+    async def main():
+        async with serving(app) as client:
+            gated.gate.clear()
+
+            def send():
+                return client.post("/predict", files={"file": ("x.png", png(face_image(1)), "image/png")})
+
+            first = asyncio.create_task(send())  # taken by the held device
+            await asyncio.sleep(0.3)
+            second = asyncio.create_task(send())  # fills the queue
+            await asyncio.sleep(0.3)
+            third = await send()
+            gated.gate.set()
+            return await first, await second, third, await send()
+
+    first, second, third, after = asyncio.run(main())
+    assert third.status_code == 429 and third.json()["error"] == "queue_full"
+    assert int(third.headers["retry-after"]) >= 1
+    assert first.status_code == second.status_code == after.status_code == 200
+
+
+def test_a_failing_batch_fails_its_request_and_the_next_one_succeeds(engine):
+    gated = GatedEngine(engine)
+    with TestClient(create_app(settings(), engine_factory=lambda s: gated)) as client:
+        wait_ready(client)
+        gated.fail_next = True
+        failed = post_image(client, png(face_image(0)))
+        assert failed.status_code == 500 and failed.json()["error"] == "inference_failed"
+        assert "Traceback" not in failed.text
+        assert post_image(client, png(face_image(0))).status_code == 200
+
+
+def test_a_client_that_disconnects_is_dropped_from_the_queue(engine):
+    gated = GatedEngine(engine)
+    app = create_app(settings(max_batch=1), engine_factory=lambda s: gated)
+    request = httpx.Request(
+        "POST", "http://test/predict", files={"file": ("x.png", png(face_image(3)), "image/png")}
+    )
+    body = request.read()
+
+    async def raw_request(disconnect_after_s: float):
+        """Sends the upload, then reports the client gone after `disconnect_after_s`."""
+        delivered, started = False, time.monotonic()
+
+        async def receive():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            while time.monotonic() - started < disconnect_after_s:
+                await asyncio.sleep(0.01)
+            return {"type": "http.disconnect"}
+
+        messages = []
+
+        async def send(message):
+            messages.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/predict",
+            "raw_path": b"/predict",
+            "query_string": b"",
+            "root_path": "",
+            "server": ("test", 80),
+            "client": ("127.0.0.1", 1),
+            "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
+        }
+        await app(scope, receive, send)
+        return messages
+
+    async def main():
+        async with serving(app) as client:
+            gated.gate.clear()
+            busy = asyncio.create_task(
+                client.post("/predict", files={"file": ("x.png", png(face_image(1)), "image/png")})
+            )
+            await asyncio.sleep(0.3)
+            calls_before = len(gated.calls)
+            await raw_request(disconnect_after_s=0.3)
+            gated.gate.set()
+            assert (await busy).status_code == 200
+            await asyncio.sleep(0.2)
+            return gated.calls[calls_before:]
+
+    later_calls = asyncio.run(main())
+    assert later_calls == [1], "only the busy request's item reached the encoder"
+
+
+# ---- labels, metrics, docs ----------------------------------------------------------------------------
+def test_labels_metrics_and_docs(client):
+    labels = client.get("/labels").json()
+    assert labels["class_presets"]["ferplus"][-1] == "contempt" and len(labels["prompt_sets"]["P-5"]) == 10
+    post_image(client, png(face_image(0)))
+    post_image(client, b"junk")
+    text = client.get("/metrics").text
+    assert 'fer_requests_total{endpoint="/predict",status="200"}' in text
+    assert 'fer_requests_total{endpoint="/predict",status="400"}' in text
+    for name in (
+        "fer_batch_size_count",
+        "fer_queue_depth",
+        "fer_queue_wait_seconds_count",
+        "fer_model_seconds_sum",
+    ):
+        assert name in text
+    schema = client.get("/openapi.json").json()
+    assert {"PredictResponse", "VideoResponse", "RetrieveResponse"} <= set(schema["components"]["schemas"])
+    assert client.get("/docs").status_code == 200
+    assert client.get("/nope").json()["error"] == "not_found"
+
+
+def test_service_settings_are_validated():
+    with pytest.raises(ValueError, match="FER_MAX_QUEUE"):
+        ServiceSettings(max_queue=8, max_batch=32)
+
+
+def test_features_never_leave_the_engine_unnormalised(engine):
+    pixels = torch.stack([engine.prepare(face_image(i)) for i in range(3)])
+    assert torch.allclose(engine.encode_pixels(pixels).norm(dim=-1), torch.ones(3), atol=1e-5)
