@@ -148,13 +148,16 @@ class Batcher:
         self._queue.append(job)
         self._set_depth(self._depth + n)
         self._wakeup.set()
-        while True:
-            done, _ = await asyncio.wait({job.future}, timeout=poll_s if is_disconnected else None)
-            if done:
-                return job.future.result()
-            if await is_disconnected():
-                self._cancel(job)
-                raise ClientGone()
+        try:
+            while True:
+                done, _ = await asyncio.wait({job.future}, timeout=poll_s if is_disconnected else None)
+                if done:
+                    return job.future.result()
+                if await is_disconnected():
+                    raise ClientGone()
+        except (ClientGone, asyncio.CancelledError):
+            self._cancel(job)  # nobody will read the rows: don't spend the device on them
+            raise
 
     def retry_after(self) -> int:
         """Seconds until the queue has drained at the recent pace: the Retry-After of a 429."""
