@@ -1,0 +1,105 @@
+"""`fer eval` and `fer eval-retrieval`. Heavy imports happen inside the handlers."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from model.prompts import CLASS_PRESETS, PROMPT_SETS
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval", help="UAR/WAR per model and prompt set, confusion matrices, feature variance on labelled data"
+    )
+    p.add_argument(
+        "--data", type=Path, required=True, help="a folder with one sub-folder per class, or a CSV file,label"
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--classes",
+        default=None,
+        help=f"a class preset ({', '.join(CLASS_PRESETS)}) or comma-separated class words "
+        "(default: the smallest of basic7/basic8/all11 holding every label)",
+    )
+    p.add_argument(
+        "--prompts", default=",".join(PROMPT_SETS), help="comma-separated prompt sets (default: all five)"
+    )
+    _add_common(p)
+    p.set_defaults(handler=cmd_eval)
+
+    p = subparsers.add_parser(
+        "eval-retrieval", help="Precision@k, Recall@k and MRR of item-to-description retrieval"
+    )
+    p.add_argument("--data", type=Path, required=True, help="a CSV file,description (an item may repeat)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--k", default="1,5,10", help="comma-separated cut-offs (default 1,5,10)")
+    _add_common(p)
+    p.set_defaults(handler=cmd_eval_retrieval)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated presets or projection files (with the FER_* CLIP), or `none` "
+        "(the FER_* CLIP without W); default: the FER_* configured model",
+    )
+    p.add_argument("--limit", type=int, default=None, help="evaluate a seeded random subset of N items")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="items per encoder batch (default 64)")
+    p.add_argument("--frames", type=int, default=16, help="frames sampled per video (default 16)")
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from model.evaluate.models import model_choices
+    from model.evaluate.run import run_eval
+
+    metrics = run_eval(
+        args.data,
+        args.out,
+        model_choices(args.models),
+        classes=args.classes,
+        prompt_sets=_split(args.prompts),
+        limit=args.limit,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        frames=args.frames,
+    )
+    print((args.out / "table.md").read_text(), end="")
+    skipped = {f for m in metrics["models"].values() for f in m["skipped"]}
+    if skipped:
+        print(f"{len(skipped)} unreadable files were skipped (listed in metrics.json)")
+    print(
+        f"wrote {args.out}/: metrics.json, predictions.csv, table.md, confusion_*.png, feature_variance.png"
+    )
+    return 0
+
+
+def cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    from model.evaluate.models import model_choices
+    from model.evaluate.retrieval import run_retrieval
+
+    try:
+        ks = [int(k) for k in _split(args.k)]
+    except ValueError:
+        raise ValueError(f"--k takes comma-separated integers, got {args.k!r}") from None
+    metrics = run_retrieval(
+        args.data,
+        args.out,
+        model_choices(args.models),
+        ks=ks,
+        limit=args.limit,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        frames=args.frames,
+    )
+    for name, result in metrics["models"].items():
+        precision = ", ".join(f"P@{k} {v:.3f}" for k, v in result["precision_at_k"].items())
+        print(f"{name}: {precision}, MRR {result['mrr']:.3f} ({result['n_items']} items)")
+    print(f"wrote {args.out}/: metrics.json, ranks.csv, precision_at_k.png")
+    return 0

@@ -1,0 +1,105 @@
+"""Encoding an evaluation set: every image or clip goes through the CLIP image encoder ONCE per model.
+
+From that one pass come both features the evaluation needs: the projected feature (what the model
+classifies with; every prompt set is scored from it) and the plain-CLIP feature before W (for the
+feature-variance comparison, METHOD.md section 6 / appendix D).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model.cli import load_clip_or_image
+from model.engine import FerEngine
+from model.media import MediaError
+
+log = logging.getLogger(__name__)
+
+DECODE_THREADS = min(8, os.cpu_count() or 1)
+
+
+@dataclass
+class EncodedItems:
+    kept: list[int]  # positions of the items that decoded, in input order
+    features: torch.Tensor  # [n, feature_dim]: projected, pooled over frames, L2-normalised (CPU)
+    clip_features: torch.Tensor  # [n, embed_dim]: the same before W (plain CLIP), pooled, L2 (CPU)
+    failures: dict[int, str] = field(default_factory=dict)  # position -> why it could not be read
+
+
+@torch.inference_mode()
+def clip_embeddings(engine: FerEngine, pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, S, S] -> CLIP image embeddings before W, float32 on the device.
+
+    This is `engine.encode_pixels` without its last step (`engine.project`), composed from the
+    engine's own normaliser, encoder and autocast setting, so that one encoder pass gives both the
+    plain-CLIP and the projected feature (tests check `project(clip_embeddings(x)) == encode_pixels(x)`)."""
+    x = engine.normaliser(pixels.to(engine.device, non_blocking=True))
+    with torch.autocast(
+        engine.device.type, dtype=engine.autocast_dtype, enabled=engine.autocast_dtype is not None
+    ):
+        return engine.clip.encode_image(x).float()
+
+
+def encode_items(
+    engine: FerEngine,
+    paths: Sequence[Path],
+    *,
+    frames: int = 16,
+    batch_size: int = 64,
+    desc: str = "encoding",
+) -> EncodedItems:
+    """Images are one-frame clips; a clip's feature is the mean of its frame features, L2-normalised
+    (`engine.pool`), for the projected and the plain-CLIP feature alike. Unreadable files are skipped
+    and reported in `failures` (the evaluation lists them), not fatal: one corrupt file should not
+    end a long run."""
+    if batch_size < 1 or frames < 1:
+        raise ValueError("--batch-size and --frames must be at least 1")
+    kept, features, clip_features, failures = [], [], [], {}
+    with ThreadPoolExecutor(DECODE_THREADS) as pool, tqdm(total=len(paths), desc=desc, unit="item") as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = range(start, min(start + batch_size, len(paths)))
+            prepared = list(pool.map(lambda i: _prepare(engine, paths[i], frames), chunk))
+            ok = []
+            for i, result in zip(chunk, prepared, strict=True):
+                if isinstance(result, str):
+                    failures[i] = result
+                    log.warning("%s: %s (skipped)", paths[i], result)
+                else:
+                    ok.append((i, result))
+            if ok:
+                pixels = torch.cat([p for _, p in ok])
+                raw = torch.cat(
+                    [
+                        clip_embeddings(engine, pixels[s : s + batch_size])
+                        for s in range(0, len(pixels), batch_size)
+                    ]
+                )
+                projected = engine.project(raw)
+                plain = F.normalize(raw, dim=-1)
+                offset = 0
+                for i, p in ok:
+                    kept.append(i)
+                    features.append(engine.pool(projected[offset : offset + len(p)]).cpu())
+                    clip_features.append(engine.pool(plain[offset : offset + len(p)]).cpu())
+                    offset += len(p)
+            bar.update(len(chunk))
+    if not kept:
+        raise MediaError(f"none of the {len(paths)} files could be read")
+    return EncodedItems(kept, torch.stack(features), torch.stack(clip_features), failures)
+
+
+def _prepare(engine: FerEngine, path: Path, frames: int) -> torch.Tensor | str:
+    """CPU stage, run in threads: a file -> uint8 pixels [F, 3, S, S], or the reason it failed."""
+    try:
+        return engine.prepare_many(load_clip_or_image(path, frames))
+    except (MediaError, OSError) as exc:
+        return str(exc)

@@ -1,0 +1,76 @@
+"""Which models an evaluation compares: `--models` entries -> named ModelSettings."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.clip import MissingWeightsError
+from model.config import ModelSettings
+from model.presets import PRESETS, find_clip_checkpoint
+
+# A preset entry is that preset as registered: the FER_* parts that would override it are cleared,
+# so `--models exp-clip-b32,clip-b32` compares the two presets even with FER_PROJECTION set.
+MODEL_PARTS = {"clip_model": None, "clip_weights": None, "projection": None, "preprocess": None}
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    name: str  # how outputs name it: the preset, the projection file's stem, or "none"
+    entry: str  # as given on the command line ("" = the configured model)
+    settings: ModelSettings
+
+
+def model_choices(models: str | None, base: ModelSettings | None = None) -> list[ModelChoice]:
+    """Each entry is a preset name, or a FER_PROJECTION value on top of the FER_* settings: a
+    projection file, or `none` (the configured CLIP without W). No entry: the configured model."""
+    base = base or ModelSettings()
+    if not models or not models.strip():
+        return [ModelChoice(base.resolve().name, "", base)]
+    choices = []
+    for entry in (e.strip() for e in models.split(",")):
+        if not entry:
+            continue
+        if entry in PRESETS:
+            choice = ModelChoice(entry, entry, base.model_copy(update={"preset": entry, **MODEL_PARTS}))
+        elif entry.lower() == "none" or Path(entry).is_file():
+            choice = ModelChoice(Path(entry).stem, entry, base.model_copy(update={"projection": entry}))
+        else:
+            raise ValueError(
+                f"--models entry {entry!r} is neither a preset ({', '.join(PRESETS)}) nor a projection file"
+            )
+        choices.append(choice)
+    names = [c.name for c in choices]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--models names a model twice (by name): {', '.join(names)}")
+    if not choices:
+        raise ValueError("--models is empty")
+    for choice in choices:
+        check_weights(choice)
+    return choices
+
+
+def check_weights(choice: ModelChoice) -> None:
+    """Fails before any encoding when a model's files are not on disk, so a long evaluation does not
+    die at its second model. (Loading still checks everything else; this only looks for the files.)"""
+    spec = choice.settings.resolve()
+    missing = []
+    if spec.projection not in (None, "random") and not Path(spec.projection).is_file():
+        missing.append(f"projection {spec.projection}")
+    weights = spec.clip_weights
+    on_disk = Path(weights).is_file() or find_clip_checkpoint(spec.weights_dir, spec.clip_model, weights)
+    if weights != "random" and not on_disk:
+        missing.append(f"CLIP weights {spec.clip_model}/{weights}")
+    if missing:
+        hint = (
+            f"run `fer weights download {choice.name}`"
+            if choice.name in PRESETS
+            else "set FER_* to local files"
+        )
+        raise MissingWeightsError(f"model {choice.name}: {' and '.join(missing)} not found: {hint}")
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a model or prompt-set name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"

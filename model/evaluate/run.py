@@ -1,0 +1,139 @@
+"""`fer eval`: UAR/WAR per model and prompt set, confusion matrices and feature variance on a
+labelled data set, written as metrics.json, predictions.csv, table.md and PNGs.
+
+Each model encodes every item once (`features.encode_items`); all prompt sets are scored from those
+cached features, so five prompt sets cost five text encodings, not five passes over the data.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.engine import FerEngine
+from model.evaluate.data import choose_classes, label_indices, read_labelled, take_subset
+from model.evaluate.features import encode_items
+from model.evaluate.metrics import classification_metrics, feature_variance
+from model.evaluate.models import ModelChoice, slug
+from model.evaluate.plots import plot_confusion, plot_feature_variance
+from model.prompts import PROMPT_SETS, resolve_prompt_set
+
+log = logging.getLogger(__name__)
+
+ALL_PROMPT_SETS = tuple(PROMPT_SETS)
+VARIANCE_DEFINITION = (
+    "per class: mean squared distance of the class's L2-normalised features to their mean "
+    "(= sum over dimensions of the per-dimension variance, in [0, 1] for any dimension); "
+    "relative: that divided by the same over all items. 'clip' = CLIP image embedding before W, "
+    "'projected' = after W (identical for a model without W). Video features are pooled over frames first."
+)
+
+
+def run_eval(
+    data: Path,
+    out: Path,
+    models: Sequence[ModelChoice],
+    *,
+    classes: str | None = None,
+    prompt_sets: Sequence[str] = ALL_PROMPT_SETS,
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    frames: int = 16,
+) -> dict:
+    """Returns the metrics.json content after writing every output under `out`."""
+    items = read_labelled(data)
+    class_words = choose_classes((item.label for item in items), classes)  # from all items, not the subset
+    items = take_subset(items, limit, seed)
+    labels = np.array(label_indices((item.label for item in items), class_words))
+    prompt_sets = [resolve_prompt_set(p) for p in prompt_sets]
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {
+        "data": str(data),
+        "n_items": len(items),
+        "limit": limit,
+        "seed": seed,
+        "frames": frames,
+        "classes": list(class_words),
+        "prompt_sets": prompt_sets,
+        "zero_sample_classes": "per-class recall is null and the class is left out of UAR",
+        "feature_variance_definition": VARIANCE_DEFINITION,
+        "models": {},
+    }
+    variance = {}
+    with (out / "predictions.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "label", "model", "prompts", "predicted", *(f"p_{c}" for c in class_words)])
+        for choice in models:
+            engine = FerEngine.from_settings(choice.settings)
+            encoded = encode_items(
+                engine, [item.path for item in items], frames=frames, batch_size=batch_size, desc=choice.name
+            )
+            y = labels[encoded.kept]
+            result = {
+                "entry": choice.entry,
+                "spec": {k: str(v) for k, v in choice.settings.resolve().__dict__.items()},
+                "skipped": {items[i].file: why for i, why in encoded.failures.items()},
+                "prompts": {},
+            }
+            for prompt_set in prompt_sets:
+                probabilities = engine.classify(
+                    encoded.features, class_words, prompt_set
+                ).probabilities.numpy()
+                predicted = probabilities.argmax(axis=1)
+                scores = classification_metrics(y, predicted, class_words)
+                result["prompts"][prompt_set] = scores
+                for row, i in enumerate(encoded.kept):
+                    writer.writerow(
+                        [
+                            items[i].file,
+                            class_words[labels[i]],
+                            choice.name,
+                            prompt_set,
+                            class_words[predicted[row]],
+                        ]
+                        + [f"{p:.6f}" for p in probabilities[row]]
+                    )
+                plot_confusion(
+                    scores["confusion"],
+                    class_words,
+                    list(scores["per_class_n"].values()),
+                    f"{choice.name}, {prompt_set}: UAR {scores['uar']:.2f} / WAR {scores['war']:.2f}",
+                    out / f"confusion_{slug(choice.name)}_{prompt_set}.png",
+                )
+            variance[choice.name] = {
+                "clip": feature_variance(encoded.clip_features.numpy(), y, class_words),
+                "projected": feature_variance(encoded.features.numpy(), y, class_words),
+            }
+            result["feature_variance"] = variance[choice.name]
+            metrics["models"][choice.name] = result
+            log.info("%s: %s", choice.name, {p: round(s["uar"], 2) for p, s in result["prompts"].items()})
+            del engine, encoded
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    plot_feature_variance(variance, class_words, out / "feature_variance.png")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "table.md").write_text(results_table(metrics))
+    return metrics
+
+
+def results_table(metrics: dict) -> str:
+    """Table A of the paper's appendix, for this data: one row per model and prompt set."""
+    lines = [
+        f"Data: `{metrics['data']}`, {metrics['n_items']} items, classes: {', '.join(metrics['classes'])}.",
+        "",
+        "| model | prompts | UAR | WAR | n |",
+        "|---|---|---|---|---|",
+    ]
+    for name, result in metrics["models"].items():
+        for prompt_set, s in result["prompts"].items():
+            lines.append(f"| {name} | {prompt_set} | {s['uar']:.2f} | {s['war']:.2f} | {s['n']} |")
+    return "\n".join(lines) + "\n"
