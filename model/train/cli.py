@@ -1,0 +1,128 @@
+"""`fer train extract|fit|run`: retrain the projection W from the BLIP-2 teacher (METHOD.md section 5).
+
+The CLIP side is configured like everything else, by FER_* (FER_PRESET / FER_CLIP_MODEL /
+FER_CLIP_WEIGHTS / FER_PREPROCESS / FER_DEVICE; FER_PROJECTION is ignored: the raw CLIP embedding is
+what W is trained on). Each command prints one JSON summary on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from model.train.config import DEFAULT_INSTRUCTION, DEFAULT_TEACHER, INSTRUCTIONS, FitConfig
+
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+
+def add_commands(subparsers) -> None:
+    train = subparsers.add_parser("train", help="retrain the projection from an LLM teacher (offline)")
+    sub = train.add_subparsers(dest="train_command", required=True, metavar="STEP")
+
+    p = sub.add_parser("extract", help="cache CLIP embeddings + teacher features of unlabelled face images")
+    _add_extract_options(p)
+    p.set_defaults(handler=cmd_extract)
+
+    p = sub.add_parser("fit", help="train W on a feature cache (symmetric InfoNCE)")
+    p.add_argument("--cache", type=Path, required=True, help="a folder written by `fer train extract`")
+    _add_fit_options(p)
+    p.set_defaults(handler=cmd_fit)
+
+    p = sub.add_parser("run", help="extract, then fit")
+    _add_extract_options(p)
+    _add_fit_options(p)
+    p.set_defaults(handler=cmd_run)
+
+
+def _add_extract_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=Path, required=True, help="a folder (recursive) or a file listing images")
+    p.add_argument(
+        "--cache", type=Path, required=True, help="output folder; rerun to resume an interrupted run"
+    )
+    p.add_argument(
+        "--teacher",
+        default=DEFAULT_TEACHER,
+        help=f"BLIP-2 Flan-T5: a local folder or a hub id already in the HF cache (default {DEFAULT_TEACHER})",
+    )
+    p.add_argument(
+        "--instruction",
+        default=DEFAULT_INSTRUCTION,
+        help=f"{', '.join(INSTRUCTIONS)} (default {DEFAULT_INSTRUCTION}) or free text",
+    )
+    p.add_argument("--extract-batch-size", type=int, default=32, help="images per teacher batch (default 32)")
+    p.add_argument("--shard-size", type=int, default=1024, help="images per cache shard (default 1024)")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="image decoding processes")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="teacher dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16",
+    )
+
+
+def _add_fit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="the projection file to write (.safetensors)")
+    for f in dataclasses.fields(FitConfig):
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=type(f.default),
+            default=f.default,
+            help=f"default {f.default}",
+        )
+
+
+def _device() -> str:
+    from model.config import ModelSettings, device_for
+
+    return device_for(ModelSettings().device)
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from model.config import ModelSettings
+    from model.train.extract import extract, list_images
+    from model.train.teacher import Teacher
+
+    spec = ModelSettings().resolve()
+    images = list_images(args.images)
+    teacher = Teacher.load(args.teacher, args.instruction, _device(), args.dtype)
+    summary = extract(
+        images,
+        args.cache,
+        spec,
+        teacher,
+        batch_size=args.extract_batch_size,
+        shard_size=args.shard_size,
+        workers=args.workers,
+    )
+    print(json.dumps(dataclasses.asdict(summary)), flush=True)
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from model.train.fit import fit
+
+    if args.out.suffix != ".safetensors":
+        raise ValueError(f"--out {args.out}: the projection file must end in .safetensors")
+    cfg = FitConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FitConfig)})
+    result = fit(args.cache, args.out, cfg, _device())
+    print(
+        json.dumps(
+            {
+                "projection": result.projection,
+                "train_pairs": result.train_pairs,
+                "val_pairs": result.val_pairs,
+                "first_loss": result.first_loss,
+                **result.final,
+            }
+        ),
+        flush=True,
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.out.suffix != ".safetensors":  # fail before the long part, not after it
+        raise ValueError(f"--out {args.out}: the projection file must end in .safetensors")
+    return cmd_extract(args) or cmd_fit(args)
