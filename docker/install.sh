@@ -1,0 +1,6 @@
+#!/bin/sh
+# Builds the service's virtual environment at $1 from the project in the current folder.
+# The Dockerfile and CI (.ci/run) both run this one script, so the image installs what CI checked.
+set -eu
+python3 -m venv "$1"
+"$1/bin/pip" install --disable-pip-version-check -c docker/constraints.txt .

