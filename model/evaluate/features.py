@@ -42,6 +42,8 @@ def clip_embeddings(engine: FerEngine, pixels: torch.Tensor) -> torch.Tensor:
     This is `engine.encode_pixels` without its last step (`engine.project`), composed from the
     engine's own normaliser, encoder and autocast setting, so that one encoder pass gives both the
     plain-CLIP and the projected feature (tests check `project(clip_embeddings(x)) == encode_pixels(x)`)."""
+    if engine.device.type == "cuda" and not pixels.is_cuda:
+        pixels = pixels.pin_memory()  # as encode_pixels: uint8 crosses the bus asynchronously
     x = engine.normaliser(pixels.to(engine.device, non_blocking=True))
     with torch.autocast(
         engine.device.type, dtype=engine.autocast_dtype, enabled=engine.autocast_dtype is not None
