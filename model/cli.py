@@ -18,7 +18,7 @@ from model.prompts import CLASS_PRESETS, DEFAULT_CLASSES, DEFAULT_PROMPTS, PROMP
 
 log = logging.getLogger("fer")
 
-COMMAND_MODULES: tuple[str, ...] = ("model.evaluate.cli", "model.weights", "model.train.cli")
+COMMAND_MODULES: tuple[str, ...] = ("service.cli", "model.evaluate.cli", "model.train.cli", "model.weights")
 FILE_CHUNK = 32  # files decoded and encoded together
 
 

@@ -130,14 +130,19 @@ class FerEngine:
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, S, S] -> projected, L2-normalised features [N, feature_dim], float32 on the device."""
+        return self.project(self.embed_pixels(pixels))
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, S, S] -> CLIP's own image embedding (before W, not normalised), float32.
+        Training fits W on it; evaluation compares it with the projected feature."""
         if self.device.type == "cuda" and not pixels.is_cuda:
             pixels = pixels.pin_memory()  # uint8 crosses the bus (4x less than float), asynchronously
         x = self.normaliser(pixels.to(self.device, non_blocking=True))
         with torch.autocast(
             self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
         ):
-            features = self.clip.encode_image(x)
-        return self.project(features.float())
+            return self.clip.encode_image(x).float()
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """CLIP embedding -> W -> L2 (plain CLIP: L2 only). The same map serves images and text."""

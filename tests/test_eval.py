@@ -14,7 +14,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, recall_score
 
 from model.cli import main
 from model.evaluate.data import DatasetError, choose_classes, take_subset
-from model.evaluate.features import clip_embeddings, encode_items
+from model.evaluate.features import encode_items
 from model.evaluate.metrics import classification_metrics, feature_variance, retrieval_metrics, spread
 from model.evaluate.models import model_choices
 from model.media import decode_image, read_video
@@ -111,7 +111,7 @@ def test_one_encoder_pass_gives_the_engines_features(engine, tmp_path):
     face_image(5).save(tmp_path / "a.png")
     make_video(tmp_path / "b.mp4", 12)
     pixels = engine.prepare_many([face_image(6)])
-    torch.testing.assert_close(engine.project(clip_embeddings(engine, pixels)), engine.encode_pixels(pixels))
+    torch.testing.assert_close(engine.project(engine.embed_pixels(pixels)), engine.encode_pixels(pixels))
 
     encoded = encode_items(
         engine, [tmp_path / "a.png", tmp_path / "b.mp4", tmp_path / "gone.png"], frames=FRAMES

@@ -19,7 +19,7 @@ from model.engine import FerEngine
 from model.projection import load_projection
 from model.train.cache import CacheError, CacheWriter, PairCache
 from model.train.config import INSTRUCTIONS, FitConfig
-from model.train.extract import clip_embeddings, extract, list_images
+from model.train.extract import extract, list_images
 from model.train.fit import fit, symmetric_infonce
 from model.train.teacher import Teacher
 from tests.conftest import TINY_MODEL, face_image
@@ -305,7 +305,7 @@ def test_fit_recovers_a_true_linear_map_and_the_engine_serves_it(
         ModelSettings(clip_model=TINY_MODEL, clip_weights=str(tiny_clip_path), projection="none").resolve()
     )
     pixels = served.prepare_many([face_image(s) for s in range(3)])
-    expected = F.normalize(clip_embeddings(plain, pixels) @ saved.weight.T, dim=-1)
+    expected = F.normalize(plain.embed_pixels(pixels) @ saved.weight.T, dim=-1)
     torch.testing.assert_close(served.encode_pixels(pixels), expected, atol=1e-5, rtol=1e-5)
 
 

@@ -35,22 +35,6 @@ class EncodedItems:
     failures: dict[int, str] = field(default_factory=dict)  # position -> why it could not be read
 
 
-@torch.inference_mode()
-def clip_embeddings(engine: FerEngine, pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 3, S, S] -> CLIP image embeddings before W, float32 on the device.
-
-    This is `engine.encode_pixels` without its last step (`engine.project`), composed from the
-    engine's own normaliser, encoder and autocast setting, so that one encoder pass gives both the
-    plain-CLIP and the projected feature (tests check `project(clip_embeddings(x)) == encode_pixels(x)`)."""
-    if engine.device.type == "cuda" and not pixels.is_cuda:
-        pixels = pixels.pin_memory()  # as encode_pixels: uint8 crosses the bus asynchronously
-    x = engine.normaliser(pixels.to(engine.device, non_blocking=True))
-    with torch.autocast(
-        engine.device.type, dtype=engine.autocast_dtype, enabled=engine.autocast_dtype is not None
-    ):
-        return engine.clip.encode_image(x).float()
-
-
 def encode_items(
     engine: FerEngine,
     paths: Sequence[Path],
@@ -81,7 +65,7 @@ def encode_items(
                 pixels = torch.cat([p for _, p in ok])
                 raw = torch.cat(
                     [
-                        clip_embeddings(engine, pixels[s : s + batch_size])
+                        engine.embed_pixels(pixels[s : s + batch_size])
                         for s in range(0, len(pixels), batch_size)
                     ]
                 )

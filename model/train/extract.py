@@ -89,15 +89,6 @@ class _Collate:
 
 
 @torch.inference_mode()
-def clip_embeddings(engine: FerEngine, pixels: torch.Tensor) -> torch.Tensor:
-    """The RAW CLIP image embedding (before W and L2) the projection is trained on, float32."""
-    x = engine.normaliser(pixels.to(engine.device))
-    with torch.autocast(
-        engine.device.type, dtype=engine.autocast_dtype, enabled=engine.autocast_dtype is not None
-    ):
-        return engine.clip.encode_image(x).float()
-
-
 def clip_settings(spec: ModelSpec, engine: FerEngine) -> dict:
     return {
         "clip_model": spec.clip_model,
@@ -144,7 +135,7 @@ def extract(
                     failed.append(images[i])
                 if len(batch_index):
                     index.append(batch_index)
-                    clip.append(clip_embeddings(engine, clip_pixels).cpu())
+                    clip.append(engine.embed_pixels(clip_pixels).cpu())
                     taught.append(teacher.features(teacher_pixels).cpu())
                 bar.update(len(batch_index) + len(batch_failed))
             writer.write_shard(
