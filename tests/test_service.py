@@ -466,3 +466,67 @@ def test_service_settings_are_validated():
 def test_features_never_leave_the_engine_unnormalised(engine):
     pixels = torch.stack([engine.prepare(face_image(i)) for i in range(3)])
     assert torch.allclose(engine.encode_pixels(pixels).norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+# ---- fer serve ---------------------------------------------------------------------------------------
+def test_fer_serve_refuses_to_start_without_weights(monkeypatch, tmp_path, capsys):
+    from model.cli import main
+
+    monkeypatch.setenv("FER_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("FER_PRESET", "exp-clip-b32")
+    assert main(["serve", "--port", "1"]) == 2
+    assert "fer weights download exp-clip-b32" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fer_serve_answers_every_endpoint_with_a_full_size_model(tmp_path):
+    """The issue's acceptance case: `fer serve` on a random-weight ViT-B-32 checkpoint and a random
+    official-format projection, both given by path, over real HTTP on loopback."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import open_clip
+
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("ViT-B-32").state_dict(), tmp_path / "vit-b-32.pt")
+    torch.save({"module.mlp.weight": torch.randn(4096, 512) * 0.05}, tmp_path / "ExpCLIP_B32_model.pth")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "FER_CLIP_MODEL": "ViT-B-32",
+        "FER_CLIP_WEIGHTS": str(tmp_path / "vit-b-32.pt"),
+        "FER_PROJECTION": str(tmp_path / "ExpCLIP_B32_model.pth"),
+        "FER_DEVICE": "cpu",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "model.cli", "serve", "--port", str(port), "--log-level", "warning"], env=env
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=60) as http:
+            for _ in range(600):
+                try:
+                    if http.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert server.poll() is None, "fer serve exited"
+                time.sleep(0.2)
+            data, _ = two_faces()
+            image = http.post("/predict", files={"file": ("f.png", data, "image/png")}).json()
+            assert len(image["faces"]) == 2 and len(image["probabilities"]) == 7
+            clip = make_video(tmp_path / "c.mp4", 30).read_bytes()
+            video = http.post("/predict-video", files={"file": ("c.mp4", clip, "video/mp4")}).json()
+            assert video["frames_sampled"] == 16
+            ranked = http.post(
+                "/retrieve", files={"file": ("c.mp4", clip, "video/mp4")}, data={"descriptions": '["a", "b"]'}
+            ).json()
+            assert len(ranked["ranking"]) == 2
+            assert http.get("/labels").status_code == 200 and "fer_batch_size" in http.get("/metrics").text
+    finally:
+        server.terminate()
+        server.wait(30)
