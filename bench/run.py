@@ -64,7 +64,8 @@ def make_plan(quick: bool, device: str) -> Plan:
             300,
             5.0,
         )
-    return Plan((1, 8, TARGET_CONCURRENCY), 64, 8, 2000, ((10, 1080), (600, 1080)), 3, 300, 5.0)
+    # A CPU encodes ViT-B/32 at a few images/s: counts that keep one run under ~10 minutes on 2 cores.
+    return Plan((1, 8, TARGET_CONCURRENCY), 32, 4, 1000, ((10, 1080), (600, 1080)), 3, 300, 5.0)
 
 
 def model_env(model: str, cache_dir: Path) -> tuple[dict[str, str], str]:
@@ -215,12 +216,14 @@ def machine() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "load_average_at_start": os.getloadavg()[0],  # other work on the machine skews every figure
     }
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     from model.config import device_for
 
+    host = machine()
     device = device_for(args.device)
     plan = make_plan(args.quick, device)
     cache = args.cache_dir
@@ -268,7 +271,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
         "quick": args.quick,
-        "machine": machine(),
+        "machine": {**host, "load_average_at_end": os.getloadavg()[0]},
         "device": device,
         "model": {
             "name": model_name,

@@ -94,7 +94,7 @@ def report_for(device: str = "cpu", **overrides) -> dict:
     ]
     return {
         "device": device,
-        "machine": {"gpu": None, "cpus": 2},
+        "machine": {"gpu": None, "cpus": 2, "load_average_at_start": 0.5, "load_average_at_end": 1.5},
         "model": {"name": "test"},
         "dtype": "float32",
         "settings": {"max_batch": 32, "image": {"width": 640, "height": 480, "bytes": 90000}},
@@ -144,6 +144,7 @@ def test_gpu_targets():
     targets = {t.name: t for t in evaluate_targets(report_for("cuda", off=4.0))}
     assert targets["gpu_throughput"].passed is True and targets["gpu_throughput"].value == 2000.0
     assert targets["batching_gain"].threshold == 4.0 and targets["batching_gain"].passed is True
+    assert targets["batching_gain"].raw_value == 2.0  # raw 20 images/s at batch 32 vs 10 at batch 1
     assert verdicts(report_for("cuda", c256=1400.0))["gpu_throughput"] is False  # below 5 x 286
 
 
@@ -164,7 +165,7 @@ def test_table_states_settings_and_verdicts():
     ]
     report["targets"] = [t.as_dict() for t in evaluate_targets(report)]
     table = format_table(report)
-    assert "FAIL batching_gain: 1.8 >= 2" in table
+    assert "FAIL batching_gain: 1.8 >= 2" in table and "raw encoder alone: 2)" in table
     assert "PASS memory_growth" in table and "n/a  gpu_throughput" in table
     assert "max batch 32" in table and "float32" in table
 
