@@ -4,12 +4,15 @@ Each point sends a fixed number of identical multipart uploads from `concurrency
 httpx.AsyncClient. The body is encoded once (by httpx, so it is the multipart a client sends) to keep the
 generator's own CPU use low: on a small machine it shares the cores with the service it measures.
 A point ends when its requests are done or its time limit passes, whichever comes first; requests still
-in flight at the limit are cancelled and counted as unfinished.
+in flight at the limit are cancelled and counted as unfinished. One Python client process tops out at a
+few hundred requests/s (httpx costs about 2 ms of CPU a request), below what a GPU serves, so a point
+can be split across client processes that start together and whose results are merged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,6 +51,8 @@ class LoadResult:
     timings: list[dict] = field(default_factory=list)  # the `timing` object of each successful response
     unfinished: int = 0  # in flight when the time limit cancelled them
     wall_s: float = 0.0
+    ended: float = 0.0  # time.monotonic() at the end: the same clock in every process on one machine
+    client_cpu_s: float = 0.0  # CPU the client process(es) used while driving: the generator's own cost
 
     @property
     def ok(self) -> int:
@@ -77,8 +82,10 @@ async def drive(
     time_limit_s: float,
     timeout_s: float = 300.0,
     transport: httpx.AsyncBaseTransport | None = None,
+    start_at: float | None = None,
 ) -> LoadResult:
-    """Send `requests` uploads with at most `concurrency` in flight; stop at `time_limit_s` regardless."""
+    """Send `requests` uploads with at most `concurrency` in flight; stop at `time_limit_s` regardless.
+    `start_at` (a time.monotonic() value) lines up client processes; the wall time counts from it."""
     check_loopback(base_url)
     if concurrency < 1 or requests < 1 or time_limit_s <= 0:
         raise ValueError("concurrency and requests must be at least 1 and the time limit positive")
@@ -108,19 +115,61 @@ async def drive(
                 if isinstance(timing, dict):
                     result.timings.append(timing)
 
-        start = time.perf_counter()
+        if start_at is not None:
+            await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        start = time.monotonic() if start_at is None else start_at
+        cpu = time.process_time()
         workers = [asyncio.create_task(worker()) for _ in range(min(concurrency, requests))]
         _, pending = await asyncio.wait(workers, timeout=time_limit_s)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        result.wall_s = time.perf_counter() - start
+        result.ended = time.monotonic()
+        result.client_cpu_s = time.process_time() - cpu
+        result.wall_s = result.ended - start
     result.unfinished = issued - result.ok - sum(result.failures.values())
     return result
 
 
-def run_load(base_url: str, upload: Upload, **kwargs) -> LoadResult:
+def split_evenly(total: int, parts: int) -> list[int]:
+    """`total` as `parts` integers that differ by at most one, larger first (zeros dropped)."""
+    shares = [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+    return [share for share in shares if share]
+
+
+def run_load(base_url: str, upload: Upload, *, processes: int = 1, **kwargs) -> LoadResult:
+    """`drive` in this process, or with its workers and requests split across `processes` clients."""
+    shares = split_evenly(kwargs["concurrency"], processes)
+    if len(shares) == 1:
+        return asyncio.run(drive(base_url, upload, **kwargs))
+    counts = split_evenly(kwargs["requests"], len(shares))
+    # spawn: forking a process that holds torch's thread pools can deadlock the child.
+    with multiprocessing.get_context("spawn").Pool(len(shares)) as pool:
+        pool.starmap(time.monotonic, [()] * len(shares))  # children started, imports done
+        start_at = time.monotonic() + 0.5
+        jobs = [
+            (base_url, upload, {**kwargs, "concurrency": c, "requests": r, "start_at": start_at})
+            for c, r in zip(shares, counts, strict=False)
+        ]
+        results = pool.starmap(_drive_in_child, jobs)
+    return merge_results(results, start_at)
+
+
+def _drive_in_child(base_url: str, upload: Upload, kwargs: dict) -> LoadResult:
     return asyncio.run(drive(base_url, upload, **kwargs))
+
+
+def merge_results(results: list[LoadResult], start_at: float) -> LoadResult:
+    merged = LoadResult(sum(r.concurrency for r in results), sum(r.requested for r in results))
+    for r in results:
+        merged.latencies_s += r.latencies_s
+        merged.failures += r.failures
+        merged.timings += r.timings
+        merged.unfinished += r.unfinished
+        merged.client_cpu_s += r.client_cpu_s
+    merged.ended = max(r.ended for r in results)
+    merged.wall_s = merged.ended - start_at
+    return merged
 
 
 def parse_metrics(text: str) -> dict[str, float]:

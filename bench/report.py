@@ -50,6 +50,7 @@ def mean_timing(timings: Sequence[dict]) -> dict[str, float]:
 
 def summarise_point(result: LoadResult, batching: bool, metrics_delta: dict[str, float]) -> dict:
     latencies_ms = [1000 * s for s in result.latencies_s]
+    per_second = 1 / result.wall_s if result.wall_s else None
     quantiles = {f"p{q}_ms": percentile(latencies_ms, q) if latencies_ms else None for q in (50, 95, 99)}
     return {
         "concurrency": result.concurrency,
@@ -64,6 +65,10 @@ def summarise_point(result: LoadResult, batching: bool, metrics_delta: dict[str,
         "mean_batch": mean_batch(metrics_delta),
         "mean_queue_wait_ms": _mean_ms(metrics_delta, "fer_queue_wait_seconds"),
         "mean_model_ms_per_call": _mean_ms(metrics_delta, "fer_model_seconds"),
+        # Share of the point's wall time the encoder was running: near 1, the encoder is the bottleneck.
+        "encoder_busy": per_second and metrics_delta.get("fer_model_seconds_sum", 0.0) * per_second,
+        # Cores the load generator kept busy: on a small machine it competes with the service.
+        "client_cpu_cores": per_second and result.client_cpu_s * per_second,
         "server_timing_ms": mean_timing(result.timings),
     }
 
@@ -177,14 +182,19 @@ def format_table(report: dict) -> str:
         + ", ".join(f"batch {r['batch']} {r['images_per_s']:.1f} img/s" for r in report["raw"]["encoder"])
         + f"; decode+prepare {report['raw']['decode_prepare_ms']:.1f} ms",
         "",
-        f"{'conc':>5} {'batching':>8} {'ok/req':>9} {'img/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'batch':>6}",
+        f"{'conc':>5} {'batching':>8} {'ok/req':>9} {'img/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'batch':>6} "
+        f"{'busy':>5} {'cores':>9}",
     ]
     for p in report["points"]:
         lines.append(
             f"{p['concurrency']:>5} {'on' if p['batching'] else 'off':>8} {str(p['ok']) + '/' + str(p['requests']):>9} "
             f"{p['throughput']:>8.1f} {_fmt(p['p50_ms']):>8} {_fmt(p['p95_ms']):>8} {_fmt(p['p99_ms']):>8} "
-            f"{_fmt(p['mean_batch']):>6}"
+            f"{_fmt(p['mean_batch']):>6} {_fmt(p.get('encoder_busy'), '.2f'):>5} "
+            f"{_fmt(p.get('service_cpu_cores'), '.2f') + '+' + _fmt(p.get('client_cpu_cores'), '.2f'):>9}"
         )
+    lines.append(
+        "(busy: share of the time the encoder ran; cores: CPU cores used by the service + the load generator)"
+    )
     lines.append("")
     for v in report["video"]:
         lines.append(

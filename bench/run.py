@@ -10,6 +10,7 @@ reported pass/fail and do not change the exit code.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -18,7 +19,6 @@ import os
 import platform
 import sys
 import tempfile
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,7 +33,7 @@ IMAGE_SIZE = (640, 480)
 VIT_B_32_WEIGHTS = "ViT-B-32-random-seed0.pt"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """How much to measure: small for the CI smoke run, larger for a timed run, larger still on a GPU."""
 
@@ -45,12 +45,22 @@ class Plan:
     video_repeats: int
     time_limit_s: float  # per load point
     raw_seconds: float  # per raw batch size
+    client_processes: int = 1  # load generator processes for the image points (see bench.load)
 
     def requests(self, concurrency: int) -> int:
         return max(self.min_requests, self.requests_per_worker * concurrency)
 
 
-def make_plan(quick: bool, device: str) -> Plan:
+def make_plan(quick: bool, device: str, client_processes: int | None = None) -> Plan:
+    plan = _default_plan(quick, device)
+    if (
+        client_processes is None
+    ):  # a GPU outruns one client process; a small CPU machine has no cores to spare
+        client_processes = max(1, min(8, (os.cpu_count() or 1) // 2)) if device == "cuda" else 1
+    return dataclasses.replace(plan, client_processes=client_processes)
+
+
+def _default_plan(quick: bool, device: str) -> Plan:
     if quick:
         return Plan((1, 8, TARGET_CONCURRENCY), 32, 2, 300, ((10, 360), (60, 360)), 2, 60, 1.0)
     if device == "cuda":
@@ -124,11 +134,18 @@ def measure_raw(env: dict[str, str], device: str, plan: Plan, max_batch: int, jp
 def measure_point(
     service: Service, upload: Upload, concurrency: int, requests: int, batching: bool, plan: Plan
 ) -> dict:
-    before = service.metrics()
+    before, service_cpu = service.metrics(), service.cpu_seconds()
     result = run_load(
-        service.base_url, upload, concurrency=concurrency, requests=requests, time_limit_s=plan.time_limit_s
+        service.base_url,
+        upload,
+        concurrency=concurrency,
+        requests=requests,
+        time_limit_s=plan.time_limit_s,
+        processes=plan.client_processes,
     )
     point = summarise_point(result, batching, metric_delta(before, service.metrics()))
+    if service_cpu is not None:
+        point["service_cpu_cores"] = (service.cpu_seconds() - service_cpu) / result.wall_s
     log.info(
         "concurrency %d, batching %s: %d/%d ok, %.1f images/s, p50 %s ms, mean batch %s",
         concurrency,
@@ -187,7 +204,11 @@ def measure_video(
 def long_run(service: Service, upload: Upload, requests: int, plan: Plan) -> dict:
     """RSS after the first 10% of `requests` vs at the end: growth a leak would show."""
     first = max(1, requests // 10)
-    kwargs = {"concurrency": TARGET_CONCURRENCY, "time_limit_s": max(plan.time_limit_s, 600)}
+    kwargs = {
+        "concurrency": TARGET_CONCURRENCY,
+        "time_limit_s": max(plan.time_limit_s, 600),
+        "processes": plan.client_processes,
+    }
     head = run_load(service.base_url, upload, requests=first, **kwargs)
     early = service.memory_mb()
     tail = run_load(service.base_url, upload, requests=requests - first, **kwargs)
@@ -225,7 +246,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     host = machine()
     device = device_for(args.device)
-    plan = make_plan(args.quick, device)
+    plan = make_plan(args.quick, device, args.client_processes)
     cache = args.cache_dir
     cache.mkdir(parents=True, exist_ok=True)
     model = args.model or ("demo" if args.quick else "vit-b-32")
@@ -284,7 +305,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "service_env": {k: v for k, v in {**os.environ, **service_env}.items() if k.startswith("FER_")},
             "image": {"width": IMAGE_SIZE[0], "height": IMAGE_SIZE[1], "bytes": len(jpeg)},
             "detect_faces": args.detect_faces,
-            "plan": plan.__dict__,
+            "plan": dataclasses.asdict(plan),
         },
         "raw": raw,
         "points": points,
@@ -327,6 +348,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=Path(tempfile.gettempdir()) / "fer-bench",
         help="clips, weights, service logs",
+    )
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        help="load generator processes (default: 1 on CPU, cores/2 up to 8 on CUDA)",
     )
     parser.add_argument("--out", type=Path, help="also write the JSON report here")
     return parser.parse_args(argv)

@@ -40,6 +40,16 @@ def process_memory_mb(pid: int) -> dict[str, float]:
     }
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time the process has used (/proc/<pid>/stat), or None where there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 class Service:
     """One service process with the given FER_* settings; use as a context manager."""
 
@@ -105,6 +115,9 @@ class Service:
 
     def memory_mb(self) -> dict[str, float]:
         return process_memory_mb(self.process.pid)
+
+    def cpu_seconds(self) -> float | None:
+        return process_cpu_seconds(self.process.pid)
 
     def metrics(self) -> dict[str, float]:
         return parse_metrics(httpx.get(f"{self.base_url}/metrics", timeout=30.0).text)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
+import threading
 import time
 from email.parser import BytesParser
 from email.policy import default as email_policy
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import av
@@ -18,9 +21,9 @@ import pytest
 from PIL import Image
 
 from bench.inputs import cached_clip, clip_size, face_jpeg, make_clip
-from bench.load import LoadResult, Upload, metric_delta, parse_metrics, run_load
+from bench.load import LoadResult, Upload, metric_delta, parse_metrics, run_load, split_evenly
 from bench.report import evaluate_targets, format_table, mean_batch, percentile, summarise_point
-from bench.server import process_memory_mb
+from bench.server import process_cpu_seconds, process_memory_mb
 from model.media import read_video
 
 BASE = "http://127.0.0.1:9"
@@ -62,11 +65,13 @@ fer_queue_depth 3.0
 
 
 def test_point_summary():
-    result = LoadResult(
-        4, 5, latencies_s=[0.1, 0.2, 0.3, 0.4], wall_s=2.0, timings=[{"decode_ms": 2}, {"decode_ms": 4}]
-    )
+    result = LoadResult(4, 5, latencies_s=[0.1, 0.2, 0.3, 0.4], wall_s=2.0, client_cpu_s=0.5)
+    result.timings += [{"decode_ms": 2}, {"decode_ms": 4}]
     result.failures["503"] += 1
-    point = summarise_point(result, True, {"fer_batch_size_sum": 12.0, "fer_batch_size_count": 4.0})
+    point = summarise_point(
+        result, True, {"fer_batch_size_sum": 12.0, "fer_batch_size_count": 4.0, "fer_model_seconds_sum": 1.5}
+    )
+    assert point["encoder_busy"] == 0.75 and point["client_cpu_cores"] == 0.25
     assert point["throughput"] == 2.0 and point["ok"] == 4 and point["failures"] == {"503": 1}
     assert point["p50_ms"] == pytest.approx(250.0) and point["mean_batch"] == 3.0
     assert point["server_timing_ms"] == {"decode_ms": 3.0}
@@ -222,6 +227,51 @@ def test_load_generator_stops_at_its_time_limit():
     assert result.ok == 0 and result.unfinished == 3 and not result.complete
 
 
+class CountingHandler(BaseHTTPRequestHandler):
+    """A stand-in service: answers every POST after 5 ms, counting requests and the most in flight."""
+
+    lock = threading.Lock()
+    seen = in_flight = peak = 0
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["content-length"]))
+        cls = type(self)
+        with cls.lock:
+            cls.seen += 1
+            cls.in_flight += 1
+            cls.peak = max(cls.peak, cls.in_flight)
+        time.sleep(0.005)
+        with cls.lock:
+            cls.in_flight -= 1
+        payload = json.dumps({"label": "neutral", "timing": {"bytes": len(body)}}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_load_split_across_client_processes_over_real_http():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CountingHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        upload = Upload.multipart("/predict", "a.jpg", b"y" * 1000, "image/jpeg")
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        result = run_load(base, upload, concurrency=5, requests=30, time_limit_s=60, processes=2)
+    finally:
+        server.shutdown()
+    assert CountingHandler.seen == 30 and CountingHandler.peak <= 5
+    assert result.concurrency == 5 and result.ok == 30 and result.complete
+    assert {t["bytes"] for t in result.timings} == {len(upload.body)}
+    assert 0 < result.wall_s < 30 and result.throughput == pytest.approx(30 / result.wall_s)
+    assert 0 < result.client_cpu_s < 2 * result.wall_s  # the drive only, not the children's start-up
+    assert split_evenly(5, 2) == [3, 2] and split_evenly(1, 4) == [1] and split_evenly(9, 3) == [3, 3, 3]
+
+
 def test_load_generator_only_targets_loopback():
     upload = Upload.multipart("/predict", "a.jpg", b"x", "image/jpeg")
     for url in ("http://example.com:8000", "http://10.0.0.1:8000", "http://0.0.0.0:8000"):
@@ -255,7 +305,13 @@ def test_clips_are_cached(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
-def test_process_memory_reads_proc():
+def test_process_memory_and_cpu_read_proc():
     memory = process_memory_mb(os.getpid())
     assert 10 < memory["rss_mb"] <= memory["peak_rss_mb"]
     assert process_memory_mb(2**22 + 12345) == {}  # no such process
+    before = process_cpu_seconds(os.getpid())
+    start = time.process_time()
+    while time.process_time() - start < 0.3:
+        pass
+    assert process_cpu_seconds(os.getpid()) - before == pytest.approx(0.3, abs=0.1)
+    assert process_cpu_seconds(2**22 + 12345) is None
