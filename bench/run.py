@@ -53,9 +53,8 @@ class Plan:
 
 def make_plan(quick: bool, device: str, client_processes: int | None = None) -> Plan:
     plan = _default_plan(quick, device)
-    if (
-        client_processes is None
-    ):  # a GPU outruns one client process; a small CPU machine has no cores to spare
+    # A GPU outruns one client process; a small CPU machine has no cores to spare for more.
+    if client_processes is None:
         client_processes = max(1, min(8, (os.cpu_count() or 1) // 2)) if device == "cuda" else 1
     return dataclasses.replace(plan, client_processes=client_processes)
 
