@@ -10,6 +10,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in containers)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="server processes (default FER_WORKERS or 1); each loads its own model copy and batches on its "
+        "own, for a GPU that one process's event loop cannot keep busy",
+    )
     p.set_defaults(handler=cmd_serve)
 
 
@@ -26,5 +33,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise ValueError(f"invalid FER_* configuration: {exc}") from None
     check_weights_present(settings.resolve())  # fail in one line now, not in the background later
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    workers = args.workers or settings.workers
+    if workers < 1:
+        raise ValueError("--workers must be at least 1")
+    # Several processes need an import string; each builds `service.app:app` from the same FER_* env.
+    app = "service.app:app" if workers > 1 else create_app(settings)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=workers)
     return 0

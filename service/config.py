@@ -16,6 +16,7 @@ class ServiceSettings(ModelSettings):
     max_queue: int = Field(2048, ge=1, description="items waiting before requests get 429")
     max_upload_mb: float = Field(50.0, gt=0, description="largest accepted upload, checked while streaming")
     decode_workers: int = Field(default_factory=lambda: os.cpu_count() or 2, ge=1)
+    workers: int = Field(1, ge=1, le=64, description="server processes, each with its own model and batcher")
     max_frames: int = Field(64, ge=1, le=512, description="largest `frames` a video request may ask for")
     max_descriptions: int = Field(512, ge=1)
     max_description_chars: int = Field(1000, ge=1)

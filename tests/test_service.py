@@ -7,7 +7,7 @@ import io
 import json
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 import httpx
 import pytest
@@ -478,36 +478,31 @@ def test_fer_serve_refuses_to_start_without_weights(monkeypatch, tmp_path, capsy
     assert "fer weights download exp-clip-b32" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_fer_serve_answers_every_endpoint_with_a_full_size_model(tmp_path):
-    """The issue's acceptance case: `fer serve` on a random-weight ViT-B-32 checkpoint and a random
-    official-format projection, both given by path, over real HTTP on loopback."""
+@contextmanager
+def fer_serve(env: dict, *args: str):
+    """`fer serve` in a subprocess on a free loopback port; yields (httpx client, process) once /readyz is 200."""
     import os
     import socket
     import subprocess
     import sys
 
-    import open_clip
-
-    torch.manual_seed(0)
-    torch.save(open_clip.create_model("ViT-B-32").state_dict(), tmp_path / "vit-b-32.pt")
-    torch.save({"module.mlp.weight": torch.randn(4096, 512) * 0.05}, tmp_path / "ExpCLIP_B32_model.pth")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {
-        **os.environ,
-        "FER_CLIP_MODEL": "ViT-B-32",
-        "FER_CLIP_WEIGHTS": str(tmp_path / "vit-b-32.pt"),
-        "FER_PROJECTION": str(tmp_path / "ExpCLIP_B32_model.pth"),
-        "FER_DEVICE": "cpu",
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "model.cli", "serve", "--port", str(port), "--log-level", "warning"], env=env
-    )
-    base = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable,
+        "-m",
+        "model.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *args,
+    ]
+    server = subprocess.Popen(command, env={**os.environ, **env})
     try:
-        with httpx.Client(base_url=base, timeout=60) as http:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
             for _ in range(600):
                 try:
                     if http.get("/readyz").status_code == 200:
@@ -516,17 +511,56 @@ def test_fer_serve_answers_every_endpoint_with_a_full_size_model(tmp_path):
                     pass
                 assert server.poll() is None, "fer serve exited"
                 time.sleep(0.2)
-            data, _ = two_faces()
-            image = http.post("/predict", files={"file": ("f.png", data, "image/png")}).json()
-            assert len(image["faces"]) == 2 and len(image["probabilities"]) == 7
-            clip = make_video(tmp_path / "c.mp4", 30).read_bytes()
-            video = http.post("/predict-video", files={"file": ("c.mp4", clip, "video/mp4")}).json()
-            assert video["frames_sampled"] == 16
-            ranked = http.post(
-                "/retrieve", files={"file": ("c.mp4", clip, "video/mp4")}, data={"descriptions": '["a", "b"]'}
-            ).json()
-            assert len(ranked["ranking"]) == 2
-            assert http.get("/labels").status_code == 200 and "fer_batch_size" in http.get("/metrics").text
+            yield http, server
     finally:
         server.terminate()
         server.wait(30)
+
+
+@pytest.mark.slow
+def test_fer_serve_answers_every_endpoint_with_a_full_size_model(tmp_path):
+    """The issue's acceptance case: `fer serve` on a random-weight ViT-B-32 checkpoint and a random
+    official-format projection, both given by path, over real HTTP on loopback."""
+    import open_clip
+
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("ViT-B-32").state_dict(), tmp_path / "vit-b-32.pt")
+    torch.save({"module.mlp.weight": torch.randn(4096, 512) * 0.05}, tmp_path / "ExpCLIP_B32_model.pth")
+    env = {
+        "FER_CLIP_MODEL": "ViT-B-32",
+        "FER_CLIP_WEIGHTS": str(tmp_path / "vit-b-32.pt"),
+        "FER_PROJECTION": str(tmp_path / "ExpCLIP_B32_model.pth"),
+        "FER_DEVICE": "cpu",
+    }
+    with fer_serve(env) as (http, _):
+        data, _ = two_faces()
+        image = http.post("/predict", files={"file": ("f.png", data, "image/png")}).json()
+        assert len(image["faces"]) == 2 and len(image["probabilities"]) == 7
+        clip = make_video(tmp_path / "c.mp4", 30).read_bytes()
+        video = http.post("/predict-video", files={"file": ("c.mp4", clip, "video/mp4")}).json()
+        assert video["frames_sampled"] == 16
+        ranked = http.post(
+            "/retrieve", files={"file": ("c.mp4", clip, "video/mp4")}, data={"descriptions": '["a", "b"]'}
+        ).json()
+        assert len(ranked["ranking"]) == 2
+        assert http.get("/labels").status_code == 200 and "fer_batch_size" in http.get("/metrics").text
+
+
+def test_fer_serve_with_several_worker_processes():
+    from pathlib import Path
+
+    with fer_serve({"FER_PRESET": "demo", "FER_DEVICE": "cpu", "FER_WORKERS": "2"}) as (http, server):
+        answers = [
+            http.post("/predict", files={"file": ("f.png", png(face_image(i)), "image/png")})
+            for i in range(4)
+        ]
+        assert [a.status_code for a in answers] == [200] * 4
+        children = [stat for stat in Path("/proc").glob("[0-9]*/stat") if _parent_pid(stat) == server.pid]
+        assert len(children) >= 2, "expected one worker process per FER_WORKERS"
+
+
+def _parent_pid(stat_file) -> int | None:
+    try:
+        return int(stat_file.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
