@@ -6,6 +6,7 @@ image processor, saved with save_pretrained and loaded back through the path a h
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -369,6 +370,24 @@ def test_cli_train_run_then_predict_with_the_new_projection(
 
     scores = engine.classify(engine.encode_images([decode_image(image)]), ("calm", "angry"), "P-3")
     assert row["probabilities"] == pytest.approx(scores.as_dict(0), abs=1e-6)
+
+    # ... and the service, configured the same way (FER_PROJECTION=<file>), serves it.
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    with TestClient(create_app()) as client:
+        for _ in range(200):
+            if client.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
+        answer = client.post(
+            "/predict",
+            files={"file": ("f0.png", image.read_bytes(), "image/png")},
+            data={"classes": "calm,angry", "detect_faces": "false"},
+        ).json()
+    assert answer["model"] == "custom"
+    assert answer["probabilities"] == pytest.approx(row["probabilities"], abs=1e-6)
 
 
 def test_cli_fit_rejects_a_non_safetensors_output(tmp_path, capsys):
