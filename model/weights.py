@@ -50,6 +50,9 @@ MANIFEST_NAME = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
 DEFAULT_CLIP_SUFFIX = ".safetensors"  # what open_clip's hub entries for the presets give
 TIMEOUT_S = 60
+# Official projections are about 8 MiB (B/32) and 12 MiB (L/14): a mirror sending more than this is
+# wrong, and is stopped before it fills the disk (the blob id is only checked once the file is whole).
+MAX_PROJECTION_BYTES = 64 << 20
 CHUNK = 1 << 20
 SHA256_NAME = re.compile(r"[0-9a-f]{64}")
 
@@ -206,7 +209,7 @@ def _fetch_projection(file: WeightsFile, weights_dir: Path, preset: str) -> Path
     partial = target.with_name(target.name + PARTIAL_SUFFIX)
     try:
         try:
-            _download_url(file.url, partial)
+            _download_url(file.url, partial, MAX_PROJECTION_BYTES)
         except (OSError, ValueError) as exc:
             raise _download_failed(
                 f"the projection {target.name}", file.url, exc, preset, weights_dir
@@ -225,23 +228,36 @@ def _fetch_projection(file: WeightsFile, weights_dir: Path, preset: str) -> Path
     return target
 
 
-def _download_url(url: str, dest: Path) -> None:
-    """Streams `url` (http, https or file) to `dest` with a progress bar; a short read is an error."""
+def _download_url(url: str, dest: Path, max_bytes: int) -> None:
+    """Streams a projection file at `url` (http, https or file) to `dest` with a progress bar; a short
+    read is an error, and so is more than `max_bytes` (stopped there, whatever Content-Length says)."""
     from tqdm import tqdm
 
     with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(dest, "wb") as out:
         length = response.headers.get("Content-Length")
         expected = int(length) if length else None
+        if expected is not None and expected > max_bytes:
+            raise _too_large(url, max_bytes)
         received = 0
         with tqdm(
             total=expected, unit="B", unit_scale=True, desc=dest.name.removesuffix(PARTIAL_SUFFIX)
         ) as bar:
             while block := response.read(CHUNK):
+                if received + len(block) > max_bytes:
+                    raise _too_large(url, max_bytes)
                 out.write(block)
                 received += len(block)
                 bar.update(len(block))
     if expected is not None and received != expected:
         raise OSError(f"the connection closed after {received} of {expected} bytes")
+
+
+def _too_large(url: str, max_bytes: int) -> WeightsDownloadError:
+    return WeightsDownloadError(
+        f"{url} is larger than any official projection (over {_size(max_bytes)}): the download was "
+        f"stopped and nothing was stored. The mirror is wrong: point {MIRROR_ENV} at a copy of the "
+        "official checkpoint/ folder."
+    )
 
 
 def _fetch_clip(file: WeightsFile, weights_dir: Path, preset: str) -> Path:

@@ -34,19 +34,23 @@ PROJECTION_FILE = "ExpCLIP_tiny_model.pth"
 class _Handler(http.server.SimpleHTTPRequestHandler):
     requests: list[str]
     truncate: bool = False
+    send_length: bool = True  # False: no Content-Length, the body ends when the connection closes
 
     def log_message(self, *args) -> None:  # keep test output clean
         pass
 
     def do_GET(self) -> None:
         self.requests.append(self.path)
-        if not self.truncate:
+        if not self.truncate and self.send_length:
             return super().do_GET()
         body = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
         self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
+        if self.send_length:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body[: len(body) // 2])  # then the connection closes: an interrupted download
+        if self.truncate:
+            body = body[: len(body) // 2]  # then the connection closes: an interrupted download
+        self.wfile.write(body)
 
 
 @pytest.fixture
@@ -197,6 +201,31 @@ def test_an_interrupted_download_never_looks_complete(tiny_presets, tmp_path, ca
     assert main(["weights", "list", "--dir", str(weights_dir)]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if PROJECTION_FILE in line)
     assert row.split()[-1] == "missing"
+
+
+@pytest.mark.parametrize("send_length", [True, False], ids=["content-length", "no-length"])
+def test_an_oversized_projection_is_stopped_and_nothing_is_stored(
+    tiny_presets, tmp_path, monkeypatch, capsys, send_length
+):
+    """A mirror sending more than any official projection is cut off at the cap, whether or not it
+    announces its size, and leaves no partial file behind."""
+    weights_dir = tmp_path / "weights"
+    assert _download(weights_dir, PLAIN_PRESET) == 0  # CLIP in place; only the projection is fetched
+    size = (tiny_presets.root / PROJECTION_FILE).stat().st_size
+    monkeypatch.setattr(weights, "MAX_PROJECTION_BYTES", size // 2)
+    monkeypatch.setattr(weights, "CHUNK", 256)  # several blocks below the cap, so streaming is cut mid-way
+    tiny_presets.handler.send_length = send_length
+
+    assert _download(weights_dir, PRESET) == 1
+    err = capsys.readouterr().err
+    assert "larger than any official projection" in err and "Traceback" not in err
+    assert not presets.projection_path(weights_dir, PRESET).exists()
+    assert _leftovers(weights_dir) == []
+    assert PROJECTION_FILE not in json.loads((weights_dir / weights.MANIFEST_NAME).read_text())
+
+    monkeypatch.setattr(weights, "MAX_PROJECTION_BYTES", size)  # exactly the cap is still accepted
+    assert _download(weights_dir, PRESET) == 0
+    assert presets.projection_path(weights_dir, PRESET).stat().st_size == size
 
 
 def test_a_present_file_that_does_not_verify_is_replaced(tiny_presets, tmp_path):
