@@ -1,10 +1,11 @@
 """The zero-shot FER engine: frozen CLIP encoders + the Exp-CLIP projection W.
 
-Data flow (METHOD.md section 1):
+Data flow (METHOD.md sections 1 and 3):
   image -> `prepare` (CPU: RGB, resize, uint8) -> `encode_pixels` (device: [0,1], optional mean/std,
-  CLIP image embedding, W, L2) -> `classify` (100 * feats @ text_feats.T, averaged over a class's
+  CLIP image embedding, W) -> `classify` (L2, 100 * feats @ text_feats.T, averaged over a class's
   prompts, softmax over classes).
-  video -> sampled frames -> per-frame features -> `pool` (mean, L2) -> `classify` / `rank`.
+  video -> sampled frames -> projected frame features -> `pool` (mean, THEN L2) -> `classify` / `rank`.
+Normalisation is explicit where features are scored or pooled, so pooling sees un-normalised frames.
 Every encoder call takes a batch, so callers (the CLI, the service's batcher, eval) batch across inputs.
 """
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 LOGIT_SCALE = 100.0
 RANDOM_PROJECTION_DIM = 4096
-TEXT_CACHE_SIZE = 256
+TEXT_CACHE_BYTES = 256 * 2**20  # user class lists are cached too; bound them by memory, not count
 TEXT_BATCH = 256
 
 
@@ -89,11 +90,13 @@ class FerEngine:
         # fp16 autocast on CUDA (the encoders are frozen; features are cast back to fp32 before W).
         self.autocast_dtype = torch.float16 if self.device.type == "cuda" else None
         self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._text_lock = threading.Lock()
+        self._text_cache_bytes = 0
+        self._text_lock = threading.Lock()  # guards the cache only, never held while encoding
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_spec(cls, spec: ModelSpec, device: str = "auto") -> FerEngine:
+        check_weights_present(spec)  # every file, before spending time on loading any
         clip = load_clip(spec.clip_model, spec.clip_weights, spec.weights_dir)
         projection = None
         if spec.projection == "random":
@@ -101,7 +104,6 @@ class FerEngine:
             projection = torch.randn(RANDOM_PROJECTION_DIM, clip.embed_dim, generator=generator)
             projection /= clip.embed_dim**0.5
         elif spec.projection is not None:
-            check_weights_present(spec)
             loaded = load_projection(spec.projection)
             check_compatible(loaded, clip.embed_dim, spec.projection)
             if loaded.metadata.get("preprocess", spec.preprocess) != spec.preprocess:
@@ -129,7 +131,8 @@ class FerEngine:
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, 3, S, S] -> projected, L2-normalised features [N, feature_dim], float32 on the device."""
+        """uint8 [N, 3, S, S] -> projected features W·x [N, feature_dim], float32 on the device, NOT
+        normalised: `classify` normalises rows, `pool` averages frames first and normalises after."""
         return self.project(self.embed_pixels(pixels))
 
     @torch.inference_mode()
@@ -145,10 +148,8 @@ class FerEngine:
             return self.clip.encode_image(x).float()
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """CLIP embedding -> W -> L2 (plain CLIP: L2 only). The same map serves images and text."""
-        if self.projection is not None:
-            features = features @ self.projection.T
-        return F.normalize(features, dim=-1)
+        """CLIP embedding -> W (plain CLIP: unchanged). The same map serves images and text."""
+        return features if self.projection is None else features @ self.projection.T
 
     # ---- text path ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -161,42 +162,51 @@ class FerEngine:
                 self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
             ):
                 features = self.clip.encode_text(tokens)
-            out.append(self.project(features.float()))
+            out.append(F.normalize(self.project(features.float()), dim=-1))
         return torch.cat(out)
 
     def class_features(self, classes: tuple[str, ...], prompt_set: str) -> torch.Tensor:
-        """[C, P, feature_dim] text features, computed once per (class set, prompt set) and cached."""
+        """[C, P, feature_dim] text features, computed once per (class set, prompt set) and cached.
+
+        The lock is not held while encoding, so a new class list never stalls requests whose features
+        are cached; two requests racing on the same new list may both encode it (same result)."""
         key = (classes, prompt_set)
         with self._text_lock:
             cached = self._text_cache.get(key)
             if cached is not None:
                 self._text_cache.move_to_end(key)
                 return cached
-            features = self.encode_texts(prompt_texts(classes, prompt_set))
-            features = features.view(len(classes), -1, self.feature_dim)
-            self._text_cache[key] = features
-            if len(self._text_cache) > TEXT_CACHE_SIZE:
-                self._text_cache.popitem(last=False)
-            return features
+        features = self.encode_texts(prompt_texts(classes, prompt_set)).view(
+            len(classes), -1, self.feature_dim
+        )
+        with self._text_lock:
+            if key not in self._text_cache:
+                self._text_cache[key] = features
+                self._text_cache_bytes += features.numel() * features.element_size()
+            while self._text_cache_bytes > TEXT_CACHE_BYTES and len(self._text_cache) > 1:
+                _, evicted = self._text_cache.popitem(last=False)
+                self._text_cache_bytes -= evicted.numel() * evicted.element_size()
+        return features
 
     # ---- scoring ------------------------------------------------------------------------------
     def classify(self, features: torch.Tensor, classes: tuple[str, ...], prompt_set: str) -> Scores:
-        """features [N, D] (already L2-normalised) -> softmax over classes of prompt-averaged logits."""
+        """features [N, D] (projected) -> L2 -> softmax over classes of prompt-averaged logits."""
         text = self.class_features(classes, prompt_set)  # [C, P, D]
         n_classes, n_prompts, dim = text.shape
-        logits = LOGIT_SCALE * features.to(text.device) @ text.reshape(-1, dim).T  # [N, C*P]
+        features = F.normalize(features.to(text.device), dim=-1)
+        logits = LOGIT_SCALE * features @ text.reshape(-1, dim).T  # [N, C*P]
         logits = logits.view(-1, n_classes, n_prompts).mean(dim=-1)
         return Scores(classes, logits.softmax(dim=-1).float().cpu())
 
     @staticmethod
     def pool(frame_features: torch.Tensor) -> torch.Tensor:
-        """A clip's feature: the mean of its projected frame features, L2-normalised."""
+        """A clip's feature: the mean of its projected (un-normalised) frame features, then L2."""
         return F.normalize(frame_features.mean(dim=0), dim=-1)
 
     def rank(self, feature: torch.Tensor, descriptions: Sequence[str]) -> list[tuple[int, float]]:
         """Cosine scores of one (pooled) feature against each description, best first."""
         text = self.encode_texts(descriptions)
-        scores = (text @ feature.to(text.device)).float().cpu()
+        scores = (text @ F.normalize(feature.to(text.device), dim=-1)).float().cpu()
         order = torch.argsort(scores, descending=True, stable=True)
         return [(int(i), float(scores[i])) for i in order]
 

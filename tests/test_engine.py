@@ -26,9 +26,10 @@ def reference(tiny_clip_path, official_projection_path):
     transform = T.Compose([T.Resize((size, size)), T.ToTensor()])  # official eval: squash, [0,1], no mean/std
 
     def image_features(images):
+        """Projected, not normalised: W·x (METHOD.md section 3 pools these before L2)."""
         with torch.no_grad():
             x = torch.stack([transform(im.convert("RGB")) for im in images])
-            return F.normalize(model.encode_image(x) @ weight.T, dim=-1)
+            return model.encode_image(x) @ weight.T
 
     def text_features(texts):
         with torch.no_grad():
@@ -36,7 +37,7 @@ def reference(tiny_clip_path, official_projection_path):
 
     def probabilities(features, classes, templates):
         texts = [t.format(c) for c in classes for t in templates]
-        logits = 100 * features @ text_features(texts).T
+        logits = 100 * F.normalize(features, dim=-1) @ text_features(texts).T
         return logits.view(len(features), len(classes), len(templates)).mean(-1).softmax(-1)
 
     return image_features, text_features, probabilities
@@ -54,7 +55,7 @@ def test_image_probabilities_match_reference(engine, reference):
 
 def test_ensemble_averages_logits_not_embeddings(engine, reference):
     image_features, text_features, _ = reference
-    feats = image_features([face_image(7)])
+    feats = F.normalize(image_features([face_image(7)]), dim=-1)
     templates = PROMPT_SETS["P-4"]
     texts = [t.format(c) for c in BASIC7 for t in templates]
     mean_embedding = F.normalize(text_features(texts).view(7, len(templates), -1).mean(1), dim=-1)
@@ -70,6 +71,21 @@ def test_video_pools_projected_frame_features(engine, reference):
     expected = probabilities(pooled, BASIC7, PROMPT_SETS["P-3"])
     ours = engine.classify(engine.encode_clips([frames]), BASIC7, "P-3").probabilities
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_pooling_averages_projected_frames_before_normalising():
+    frames = torch.tensor([[3.0, 0.0], [0.0, 1.0]])  # frames of different norms
+    torch.testing.assert_close(FerEngine.pool(frames), F.normalize(torch.tensor([1.5, 0.5]), dim=0))
+    normalised_first = F.normalize(F.normalize(frames, dim=-1).mean(0), dim=0)  # the wrong order
+    assert not torch.allclose(FerEngine.pool(frames), normalised_first, atol=1e-3)
+
+
+def test_scores_do_not_depend_on_feature_scale(engine):
+    features = engine.encode_images([face_image(4)])
+    torch.testing.assert_close(
+        engine.classify(7.5 * features, BASIC7, "P-3").probabilities,
+        engine.classify(features, BASIC7, "P-3").probabilities,
+    )
 
 
 def test_clips_batched_together_equal_clips_alone(engine):
@@ -108,7 +124,7 @@ def test_plain_clip_uses_the_clip_embedding(tiny_clip_path):
     assert plain.projection is None and plain.feature_dim == plain.embed_dim
     features = plain.encode_images([face_image(0)])
     assert features.shape == (1, plain.embed_dim)
-    assert torch.allclose(features.norm(dim=-1), torch.ones(1))
+    torch.testing.assert_close(features, plain.embed_pixels(plain.prepare_many([face_image(0)])))
 
 
 def test_clip_preprocessing_equals_open_clip_transform(tiny_clip_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, recall_score
 
 from model.cli import main
@@ -119,7 +120,7 @@ def test_one_encoder_pass_gives_the_engines_features(engine, tmp_path):
     assert encoded.kept == [0, 1] and list(encoded.failures) == [2]
     expected = torch.cat(
         [
-            engine.encode_images([decode_image(tmp_path / "a.png")]),
+            F.normalize(engine.encode_images([decode_image(tmp_path / "a.png")]), dim=-1),
             engine.encode_clips([read_video(str(tmp_path / "b.mp4"), FRAMES).frames]),
         ]
     )

@@ -463,11 +463,6 @@ def test_service_settings_are_validated():
         ServiceSettings(max_queue=8, max_batch=32)
 
 
-def test_features_never_leave_the_engine_unnormalised(engine):
-    pixels = torch.stack([engine.prepare(face_image(i)) for i in range(3)])
-    assert torch.allclose(engine.encode_pixels(pixels).norm(dim=-1), torch.ones(3), atol=1e-5)
-
-
 # ---- fer serve ---------------------------------------------------------------------------------------
 def test_fer_serve_refuses_to_start_without_weights(monkeypatch, tmp_path, capsys):
     from model.cli import main

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.cli import load_clip_or_image
@@ -70,12 +69,11 @@ def encode_items(
                     ]
                 )
                 projected = engine.project(raw)
-                plain = F.normalize(raw, dim=-1)
                 offset = 0
-                for i, p in ok:
+                for i, p in ok:  # both spaces pooled the same way: mean of the frames, then L2
                     kept.append(i)
                     features.append(engine.pool(projected[offset : offset + len(p)]).cpu())
-                    clip_features.append(engine.pool(plain[offset : offset + len(p)]).cpu())
+                    clip_features.append(engine.pool(raw[offset : offset + len(p)]).cpu())
                     offset += len(p)
             bar.update(len(chunk))
     if not kept:
