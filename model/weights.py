@@ -118,6 +118,7 @@ def git_blob_sha1(path: Path) -> str:
 
 
 def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in blocks (weights and feature shards are too big to read whole)."""
     digest = hashlib.sha256()
     _hash_into(digest, path)
     return digest.hexdigest()

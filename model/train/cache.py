@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from model.weights import sha256_file
+
 FORMAT = "exp-clip-fer/train-cache"
 FORMAT_VERSION = "1"
 INDEX = "index.json"
@@ -46,14 +48,6 @@ IMAGE_LIST = "images.txt"
 
 class CacheError(ValueError):
     """A cache directory that cannot be used as asked; the message says what to do."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_atomic(path: Path, text: str) -> None:
