@@ -8,7 +8,8 @@ from pathlib import Path
 
 from model.clip import MissingWeightsError
 from model.config import ModelSettings
-from model.presets import PRESETS, find_clip_checkpoint
+from model.engine import check_weights_present
+from model.presets import PRESETS
 
 # A preset entry is that preset as registered: the FER_* parts that would override it are cleared,
 # so `--models exp-clip-b32,clip-b32` compares the two presets even with FER_PROJECTION set.
@@ -53,22 +54,19 @@ def model_choices(models: str | None, base: ModelSettings | None = None) -> list
 
 def check_weights(choice: ModelChoice) -> None:
     """Fails before any encoding when a model's files are not on disk, so a long evaluation does not
-    die at its second model. (Loading still checks everything else; this only looks for the files.)"""
+    die at its second model. The engine's own start-up check, saying which `--models` entry it is
+    about; for a preset entry the fix is downloading that preset (the engine's CLIP hint names the
+    first preset sharing the CLIP, e.g. exp-clip-b32 for clip-b32)."""
     spec = choice.settings.resolve()
-    missing = []
-    if spec.projection not in (None, "random") and not Path(spec.projection).is_file():
-        missing.append(f"projection {spec.projection}")
-    weights = spec.clip_weights
-    on_disk = Path(weights).is_file() or find_clip_checkpoint(spec.weights_dir, spec.clip_model, weights)
-    if weights != "random" and not on_disk:
-        missing.append(f"CLIP weights {spec.clip_model}/{weights}")
-    if missing:
-        hint = (
-            f"run `fer weights download {choice.name}`"
-            if choice.name in PRESETS
-            else "set FER_* to local files"
-        )
-        raise MissingWeightsError(f"model {choice.name}: {' and '.join(missing)} not found: {hint}")
+    try:
+        check_weights_present(spec)
+    except MissingWeightsError as exc:
+        if choice.entry not in PRESETS:
+            raise MissingWeightsError(f"model {choice.name}: {exc}") from exc
+        raise MissingWeightsError(
+            f"model {choice.name}: its weights are not all in {spec.weights_dir}/: "
+            f"run `fer weights download {choice.entry}` (needs internet once)"
+        ) from exc
 
 
 def slug(name: str) -> str:
