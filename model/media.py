@@ -29,6 +29,9 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 SEQUENTIAL_MAX_FRAMES = 600
 # Two sampled frames closer than this are reached by decoding forward rather than seeking again.
 SEEK_MIN_GAP_S = 2.0
+# Sampled frames are converted no larger than this (longest side): the encoder needs 224-336 px and face
+# detection 480, and 64 full 4K frames would hold ~1.8 GB per request.
+MAX_FRAME_SIDE = 960
 
 
 class MediaError(ValueError):
@@ -68,6 +71,8 @@ def decode_image(source: Source, limits: MediaLimits = DEFAULT_LIMITS) -> Image.
     The pixel count is checked from the header, before the pixels are decoded."""
     try:
         image = Image.open(_open_bytes(source))
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, for headers past ~179M pixels
+        raise MediaTooLarge(f"image is over the pixel limit: {exc}") from None
     except UnidentifiedImageError:
         raise MediaError("not a decodable image") from None
     except (OSError, ValueError) as exc:
@@ -191,14 +196,14 @@ def _decode_sequential(container, stream, wanted: set[int]) -> tuple[dict[int, t
     for index, frame in enumerate(container.decode(stream)):
         decoded += 1
         if index in wanted:
-            picked[index] = (frame.to_image(), _time(frame, index, stream))
+            picked[index] = (_to_image(frame), _time(frame, index, stream))
         if index >= last:
             break
     return picked, decoded
 
 
 def _decode_seeking(container, stream, wanted: list[int], fps: float) -> tuple[dict[int, tuple], int]:
-    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    start = _start_s(stream)
     picked, decoded = {}, 0
     frames = None
     position = None  # time of the last decoded frame
@@ -211,17 +216,27 @@ def _decode_seeking(container, stream, wanted: list[int], fps: float) -> tuple[d
             decoded += 1
             position = frame.time if frame.time is not None else position
             if position is not None and position >= target - 0.5 / fps:
-                picked[index] = (frame.to_image(), position - start)
+                picked[index] = (_to_image(frame), position - start)
                 break
         else:
             break  # past the end: the remaining indices are filled from the last frame found
     return picked, decoded
 
 
+def _to_image(frame) -> Image.Image:
+    scale = MAX_FRAME_SIDE / max(frame.width, frame.height)
+    if scale >= 1:
+        return frame.to_image()
+    return frame.to_image(width=round(frame.width * scale), height=round(frame.height * scale))
+
+
+def _start_s(stream) -> float:
+    return float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+
+
 def _time(frame, index: int, stream) -> float:
     if frame.time is not None:
-        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-        return frame.time - start
+        return frame.time - _start_s(stream)
     rate = stream.average_rate or Fraction(25)
     return index / float(rate)
 

@@ -6,6 +6,7 @@ at once and /readyz says 503 until the encoders are loaded, warmed up and the de
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -72,6 +73,7 @@ class Runtime:
         return prepared, features, decoded
 
     async def load(self) -> None:
+        batcher = None
         try:
             engine = await self.offload(self.engine_factory, self.settings)
             s = self.settings
@@ -93,6 +95,8 @@ class Runtime:
         except Exception as exc:
             self.load_error = f"the model failed to load: {exc}"
             log.error("%s", self.load_error)
+            if batcher is not None:  # a failed warm-up: don't leave its task and thread running
+                await batcher.stop()
 
     @staticmethod
     def _default_text_features(engine: FerEngine) -> None:
@@ -143,6 +147,8 @@ def create_app(
         loading = asyncio.create_task(runtime.load(), name="fer-load")
         yield
         loading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loading
         await runtime.close()
 
     from service.routes import router

@@ -93,6 +93,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fer-device")
         self._task: asyncio.Task | None = None
+        self._in_flight: list[tuple[_Job, int, int]] = []  # the jobs whose rows the device holds now
         self._mean_call_s = 0.05
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -100,11 +101,12 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="fer-batcher")
 
     async def stop(self) -> None:
+        held = [job for job, _, _ in self._in_flight]  # read before the cancelled loop clears it
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for job in self._queue:
+        for job in [*self._queue, *held]:
             if not job.future.done():
                 job.future.set_exception(BatchFailed("the service is shutting down"))
         self._queue.clear()
@@ -182,28 +184,34 @@ class Batcher:
             taken = self._take()
             if not taken:
                 continue
-            rows = torch.cat([job.pixels[start:stop] for job, start, stop in taken])
+            parts = [job.pixels[start:stop] for job, start, stop in taken]
+            n_rows = sum(stop - start for _, start, stop in taken)
             started = time.monotonic()
             for job, start, _ in taken:
                 if start == 0:
                     self.stats.on_wait(started - job.enqueued)
+            self._in_flight = taken
             try:
-                features = await loop.run_in_executor(self._device_thread, self.encode, rows)
-                if features.shape[0] != rows.shape[0]:
-                    raise RuntimeError(
-                        f"encoder returned {features.shape[0]} rows for {rows.shape[0]} inputs"
-                    )
+                # The concatenation runs in the device thread too: no work proportional to the batch
+                # size runs on the event loop.
+                features = await loop.run_in_executor(self._device_thread, self._encode_parts, parts)
+                if features.shape[0] != n_rows:
+                    raise RuntimeError(f"encoder returned {features.shape[0]} rows for {n_rows} inputs")
             except Exception as exc:  # one bad batch fails its own jobs; the loop serves on
-                log.exception("encoder call on %d items failed", rows.shape[0])
+                log.exception("encoder call on %d items failed", n_rows)
                 for job, _, _ in taken:
                     self._fail(job, exc)
                 continue
             finally:
                 self.calls += 1
+                self._in_flight = []
             seconds = time.monotonic() - started
             self._mean_call_s = 0.8 * self._mean_call_s + 0.2 * seconds
-            self.stats.on_batch(rows.shape[0], seconds)
+            self.stats.on_batch(n_rows, seconds)
             self._route(taken, features)
+
+    def _encode_parts(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return self.encode(parts[0] if len(parts) == 1 else torch.cat(parts))
 
     async def _gather(self) -> None:
         """Waits for a first item, then until the batch is full, the deadline passes, or no other
@@ -225,10 +233,7 @@ class Batcher:
     def _take(self) -> list[tuple[_Job, int, int]]:
         taken, room = [], self.max_batch
         while self._queue and room > 0:
-            job = self._queue[0]
-            if job.cancelled:
-                self._queue.popleft()
-                continue
+            job = self._queue[0]  # cancelled and failed jobs have already left the queue
             count = min(room, job.remaining)
             taken.append((job, job.taken, job.taken + count))
             job.taken += count

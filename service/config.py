@@ -29,11 +29,12 @@ class ServiceSettings(ModelSettings):
 
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> ServiceSettings:
-        if self.max_queue < max(self.max_batch, self.max_frames * self.max_faces):
+        # A video request enqueues one item per sampled frame (its largest face), an image one per face.
+        largest = max(self.max_batch, self.max_frames, self.max_faces)
+        if self.max_queue < largest:
             raise ValueError(
-                "FER_MAX_QUEUE must hold at least one batch and one full video request "
-                f"(max(FER_MAX_BATCH, FER_MAX_FRAMES * FER_MAX_FACES) = "
-                f"{max(self.max_batch, self.max_frames * self.max_faces)})"
+                "FER_MAX_QUEUE must hold at least one batch and the largest request: "
+                f"max(FER_MAX_BATCH, FER_MAX_FRAMES, FER_MAX_FACES) = {largest}"
             )
         return self
 

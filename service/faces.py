@@ -52,9 +52,9 @@ def detect_faces(image: Image.Image, max_faces: int = 10) -> list[Box]:
     scale = min(1.0, DETECT_SIDE / max(image.size))
     small = image if scale == 1.0 else image.resize((round(image.width * scale), round(image.height * scale)))
     grey = cv2.equalizeHist(np.asarray(small.convert("L")))
-    min_side = max(20, round(0.06 * min(grey.shape)))
+    min_side = max(20, round(MIN_FACE_FRACTION * min(grey.shape)))
     found = _classifier().detectMultiScale(
-        grey, scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side)
+        grey, scaleFactor=SCALE_STEP, minNeighbors=5, minSize=(min_side, min_side)
     )
     boxes = [
         Box(round(x / scale), round(y / scale), round(w / scale), round(h / scale)) for (x, y, w, h) in found

@@ -237,8 +237,8 @@ def _is_still_image(file: UploadFile) -> bool:
     try:
         with Image.open(_rewound(file)) as image:
             return not getattr(image, "is_animated", False)
-    except (UnidentifiedImageError, OSError, ValueError):
-        return False
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return False  # not a still image we can open: the video path decides (and reports) what it is
     finally:
         file.file.seek(0)
 

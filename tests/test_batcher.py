@@ -156,3 +156,22 @@ def test_no_waiting_when_no_other_request_is_coming():
 def test_constructor_checks_say_what_to_do():
     with pytest.raises(ValueError, match="max_queue"):
         Batcher(FakeEncoder(), max_batch=8, max_queue=4)
+
+
+def test_stop_fails_jobs_the_device_holds_as_well_as_queued_ones():
+    async def main():
+        encoder = FakeEncoder()
+        encoder.gate.clear()
+        batcher = Batcher(encoder, max_batch=1, max_wait_ms=0)
+        batcher.start()
+        held = asyncio.create_task(batcher.submit(items(1)))
+        await asyncio.sleep(0.05)
+        queued = asyncio.create_task(batcher.submit(items(2)))
+        await asyncio.sleep(0.05)
+        await batcher.stop()
+        outcomes = await asyncio.wait_for(asyncio.gather(held, queued, return_exceptions=True), 2)
+        encoder.gate.set()
+        return outcomes
+
+    outcomes = run(main())
+    assert all(isinstance(o, BatchFailed) for o in outcomes)

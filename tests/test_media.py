@@ -7,7 +7,15 @@ import io
 import pytest
 from PIL import Image
 
-from model.media import MediaError, MediaLimits, decode_image, read_video, sample_frame_indices
+from model.media import (
+    MAX_FRAME_SIDE,
+    MediaError,
+    MediaLimits,
+    MediaTooLarge,
+    decode_image,
+    read_video,
+    sample_frame_indices,
+)
 from tests.conftest import make_video, read_index
 
 
@@ -81,6 +89,27 @@ def test_image_bomb_is_refused_before_decoding():
     Image.new("L", (8000, 8000)).save(buffer, "PNG")  # compresses to a few kB
     with pytest.raises(MediaError, match="64,000,000 pixels"):
         decode_image(buffer.getvalue())
+
+
+def test_a_header_past_pillows_own_bomb_guard_is_media_too_large():
+    """A 20000x20000 PNG header (400M pixels) makes Pillow raise in Image.open itself."""
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", 20_000, 20_000)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # IHDR CRC
+    with pytest.raises(MediaTooLarge):
+        decode_image(bytes(data))
+
+
+def test_large_frames_are_scaled_down_when_sampled(tmp_path):
+    path = make_video(tmp_path / "big.mp4", 8, size=1280)
+    clip = read_video(str(path), 4)
+    assert max(clip.frames[0].size) == MAX_FRAME_SIDE
+    assert [read_index(f) for f in clip.frames] == sample_frame_indices(8, 4)
 
 
 def test_grey_and_exif_rotated_images_become_upright_rgb():
