@@ -118,54 +118,35 @@ def _classify_files(
     return 1 if failed else 0
 
 
-def _existing(path: Path) -> Path:
-    if not path.is_file():
-        raise OSError("no such file")
-    return path
-
-
-def _read_file(path: Path) -> bytes:
-    return _existing(path).read_bytes()
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
-    from model.media import decode_image
+    from model.media import decode_image, existing_file
 
     return _classify_files(
-        args, lambda p: decode_image(_read_file(p)), lambda e, images: e.encode_images(images)
+        args, lambda p: decode_image(existing_file(p)), lambda e, images: e.encode_images(images)
     )
 
 
 def cmd_predict_video(args: argparse.Namespace) -> int:
-    from model.media import read_video
+    from model.media import existing_file, read_video
 
     if args.frames < 1:
         raise ValueError("--frames must be at least 1")
     return _classify_files(
         args,
-        lambda p: read_video(str(_existing(p)), args.frames).frames,
+        lambda p: read_video(existing_file(p), args.frames).frames,
         lambda e, clips: e.encode_clips(clips),
     )
 
 
-def load_clip_or_image(path: Path, frames: int) -> list:
-    """A video's sampled frames, or an image as a one-frame clip (retrieval accepts both)."""
-    from model.media import decode_image, is_video_path, read_video
-
-    if is_video_path(path):
-        return read_video(str(_existing(path)), frames).frames
-    return [decode_image(_read_file(path))]
-
-
 def cmd_retrieve(args: argparse.Namespace) -> int:
-    from model.media import MediaError
+    from model.media import MediaError, read_frames
 
     descriptions = [line.strip() for line in args.descriptions.read_text().splitlines() if line.strip()]
     if not descriptions:
         raise ValueError(f"{args.descriptions} holds no descriptions")
     engine = _engine()
     try:
-        frames = load_clip_or_image(args.file, args.frames)
+        frames = read_frames(args.file, args.frames)
     except (MediaError, OSError) as exc:
         print(f"fer: {args.file}: {exc}", file=sys.stderr)
         return 1

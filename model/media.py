@@ -92,6 +92,23 @@ def decode_image(source: Source, limits: MediaLimits = DEFAULT_LIMITS) -> Image.
         raise MediaError(f"image data is truncated or corrupt: {exc}") from None
 
 
+def existing_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError("no such file")
+    return path
+
+
+def read_frames(
+    path: str | Path, frames: int = 16, limits: MediaLimits = DEFAULT_LIMITS
+) -> list[Image.Image]:
+    """A video's sampled frames, or an image as a one-frame clip, chosen by the file's extension."""
+    path = existing_file(path)
+    if is_video_path(path):
+        return read_video(path, frames, limits).frames
+    return [decode_image(path, limits)]
+
+
 def sample_frame_indices(n_frames: int, count: int = 16) -> list[int]:
     """The official rule: `count` equal segments, the middle frame of each: int(tick/2 + tick*i).
 

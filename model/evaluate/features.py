@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.cli import load_clip_or_image
 from model.engine import FerEngine
-from model.media import MediaError
+from model.media import MediaError, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +83,6 @@ def encode_items(
 def _prepare(engine: FerEngine, path: Path, frames: int) -> torch.Tensor | str:
     """CPU stage, run in threads: a file -> uint8 pixels [F, 3, S, S], or the reason it failed."""
     try:
-        return engine.prepare_many(load_clip_or_image(path, frames))
+        return engine.prepare_many(read_frames(path, frames))
     except (MediaError, OSError) as exc:
         return str(exc)
