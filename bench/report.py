@@ -6,10 +6,11 @@ GPU target is an absolute rate (5x clip-as-service's published 286 images/s on o
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 from bench.load import LoadResult
 
@@ -17,18 +18,6 @@ CLIP_AS_SERVICE_IMAGES_PER_S = 286.0  # ViT-B/32 image embedding, one Titan RTX 
 TARGET_CONCURRENCY = 32
 GPU_CONCURRENCY = 256
 COMPARE = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) with linear interpolation between ranks (numpy's default)."""
-    if not values:
-        raise ValueError("percentile of no values")
-    if not 0 <= q <= 100:
-        raise ValueError("q must be between 0 and 100")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def mean_batch(metrics_delta: dict[str, float]) -> float | None:
@@ -51,7 +40,10 @@ def mean_timing(timings: Sequence[dict]) -> dict[str, float]:
 def summarise_point(result: LoadResult, batching: bool, metrics_delta: dict[str, float]) -> dict:
     latencies_ms = [1000 * s for s in result.latencies_s]
     per_second = 1 / result.wall_s if result.wall_s else None
-    quantiles = {f"p{q}_ms": percentile(latencies_ms, q) if latencies_ms else None for q in (50, 95, 99)}
+    # numpy's default linear interpolation between ranks; no latency at all (every request failed): None.
+    quantiles = {
+        f"p{q}_ms": float(np.percentile(latencies_ms, q)) if latencies_ms else None for q in (50, 95, 99)
+    }
     return {
         "concurrency": result.concurrency,
         "batching": batching,

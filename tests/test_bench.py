@@ -16,28 +16,16 @@ from pathlib import Path
 
 import av
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 
 from bench.inputs import cached_clip, clip_size, face_jpeg, make_clip
 from bench.load import LoadResult, Upload, metric_delta, parse_metrics, run_load, split_evenly
-from bench.report import evaluate_targets, format_table, mean_batch, percentile, summarise_point
+from bench.report import evaluate_targets, format_table, mean_batch, summarise_point
 from bench.server import process_cpu_seconds, process_memory_mb
 from model.media import read_video
 
 BASE = "http://127.0.0.1:9"
-
-
-def test_percentile_interpolates_like_numpy():
-    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
-    assert percentile([1.0, 2.0, 3.0, 4.0], 0) == 1.0 and percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
-    assert percentile([1.0, 2.0, 3.0, 4.0], 95) == pytest.approx(3.85)
-    values = list(np.random.default_rng(0).exponential(size=101))
-    for q in (50, 95, 99):
-        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
-    with pytest.raises(ValueError):
-        percentile([], 50)
 
 
 def test_metrics_are_summed_over_labels_and_differenced():
@@ -65,7 +53,7 @@ fer_queue_depth 3.0
 
 
 def test_point_summary():
-    result = LoadResult(4, 5, latencies_s=[0.1, 0.2, 0.3, 0.4], wall_s=2.0, client_cpu_s=0.5)
+    result = LoadResult(4, 5, latencies_s=[0.4, 0.1, 0.3, 0.2], wall_s=2.0, client_cpu_s=0.5)
     result.timings += [{"decode_ms": 2}, {"decode_ms": 4}]
     result.failures["503"] += 1
     point = summarise_point(
@@ -74,6 +62,10 @@ def test_point_summary():
     assert point["encoder_busy"] == 0.75 and point["client_cpu_cores"] == 0.25
     assert point["throughput"] == 2.0 and point["ok"] == 4 and point["failures"] == {"503": 1}
     assert point["p50_ms"] == pytest.approx(250.0) and point["mean_batch"] == 3.0
+    # Linear interpolation between ranks, on the sorted latencies: 300 + 0.85 * (400 - 300).
+    assert point["p95_ms"] == pytest.approx(385.0) and point["p99_ms"] == pytest.approx(397.0)
+    empty = summarise_point(LoadResult(4, 5, latencies_s=[], wall_s=2.0), True, {})
+    assert empty["p50_ms"] is None and empty["p99_ms"] is None  # every request failed: no latency figure
     assert point["server_timing_ms"] == {"decode_ms": 3.0}
 
 
