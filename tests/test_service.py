@@ -506,6 +506,8 @@ def fer_serve(env: dict, *args: str):
                     pass
                 assert server.poll() is None, "fer serve exited"
                 time.sleep(0.2)
+            else:
+                raise AssertionError("fer serve was not ready within 120 s")
             yield http, server
     finally:
         server.terminate()
