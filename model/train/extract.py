@@ -88,7 +88,6 @@ class _Collate:
         return index, clip_pixels, blip_pixel_values(self.teacher_processor, images), failed
 
 
-@torch.inference_mode()
 def clip_settings(spec: ModelSpec, engine: FerEngine) -> dict:
     return {
         "clip_model": spec.clip_model,
