@@ -130,6 +130,14 @@ def _hash_into(digest, path: Path) -> None:
             digest.update(block)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes under a `.partial` name, then renames: a reader sees the old file or the new one, never
+    half of one (a manifest or a cache index cut short by a crash would hide the files it lists)."""
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def read_manifest(weights_dir: Path) -> dict[str, dict]:
     path = Path(weights_dir) / MANIFEST_NAME
     if not path.is_file():
@@ -149,10 +157,9 @@ def _record(weights_dir: Path, relpath: str, stored: Path, source: str) -> None:
         "source": source,
         "downloaded_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    target = Path(weights_dir) / MANIFEST_NAME
-    partial = target.with_name(target.name + PARTIAL_SUFFIX)
-    partial.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    partial.replace(target)
+    write_text_atomic(
+        Path(weights_dir) / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    )
 
 
 # ---- checking what is there ---------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from model.weights import sha256_file
+from model.weights import sha256_file, write_text_atomic
 
 FORMAT = "exp-clip-fer/train-cache"
 FORMAT_VERSION = "1"
@@ -48,12 +48,6 @@ IMAGE_LIST = "images.txt"
 
 class CacheError(ValueError):
     """A cache directory that cannot be used as asked; the message says what to do."""
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def shard_name(number: int) -> str:
@@ -81,7 +75,7 @@ class CacheWriter:
                         "resume with the same images and options, or choose a new output folder"
                     )
         else:
-            _write_atomic(self.root / IMAGE_LIST, image_text)
+            write_text_atomic(self.root / IMAGE_LIST, image_text)
             self.index = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -139,7 +133,7 @@ class CacheWriter:
         self._save_index()
 
     def _save_index(self) -> None:
-        _write_atomic(self.root / INDEX, json.dumps(self.index, indent=1, sort_keys=True))
+        write_text_atomic(self.root / INDEX, json.dumps(self.index, indent=1, sort_keys=True))
 
 
 def _memmap(path: Path, name: str) -> np.ndarray:
