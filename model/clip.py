@@ -59,9 +59,9 @@ def _looks_like_path(value: str) -> bool:
     return "/" in value or "\\" in value or Path(value).suffix in {".pt", ".pth", ".bin", ".safetensors"}
 
 
-def _hint(clip_model: str, tag: str) -> str:
+def _hint(clip_model: str, tag: str, preset: str | None) -> str:
     presets = [p.name for p in PRESETS.values() if p.clip_model == clip_model and p.clip_weights == tag]
-    target = presets[0] if presets else "PRESET"
+    target = preset if preset in presets else (presets[0] if presets else "PRESET")
     return (
         f"run `fer weights download {target}` (needs internet once), or set FER_CLIP_WEIGHTS to a local file"
     )
@@ -76,7 +76,9 @@ class ClipSource:
     interpolation: str = "bicubic"
 
 
-def resolve_clip_source(clip_model: str, clip_weights: str, weights_dir: Path) -> ClipSource:
+def resolve_clip_source(
+    clip_model: str, clip_weights: str, weights_dir: Path, preset: str | None = None
+) -> ClipSource:
     """Where the weights come from, without loading them: `clip_weights` is an open_clip tag (found in
     the weights folder), a checkpoint path, or `random`. Missing files raise MissingWeightsError."""
     if open_clip.get_model_config(clip_model) is None:
@@ -94,7 +96,7 @@ def resolve_clip_source(clip_model: str, clip_weights: str, weights_dir: Path) -
     checkpoint = find_clip_checkpoint(weights_dir, clip_model, clip_weights)
     if checkpoint is None:
         raise MissingWeightsError(
-            f"CLIP weights {clip_model}/{clip_weights} are not in {weights_dir}/: {_hint(clip_model, clip_weights)}"
+            f"CLIP weights {clip_model}/{clip_weights} are not in {weights_dir}/: {_hint(clip_model, clip_weights, preset)}"
         )
     return ClipSource(
         checkpoint,

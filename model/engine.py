@@ -59,7 +59,7 @@ class Scores:
 def check_weights_present(spec: ModelSpec) -> None:
     """A cheap start-up check (nothing is loaded): every file the spec needs is on disk, else one
     MissingWeightsError naming the command that gets it."""
-    resolve_clip_source(spec.clip_model, spec.clip_weights, spec.weights_dir)
+    resolve_clip_source(spec.clip_model, spec.clip_weights, spec.weights_dir, spec.name)
     if spec.projection not in (None, "random") and not Path(spec.projection).is_file():
         raise MissingWeightsError(
             f"projection file {spec.projection} is missing: run `fer weights download {spec.name}` "

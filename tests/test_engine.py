@@ -180,6 +180,8 @@ def test_missing_weights_name_the_download_command(tmp_path):
 
     with pytest.raises(MissingWeightsError, match="fer weights download exp-clip-b32"):
         FerEngine.from_settings(ModelSettings(weights_dir=tmp_path))
+    with pytest.raises(MissingWeightsError, match="fer weights download clip-b32`"):
+        FerEngine.from_settings(ModelSettings(preset="clip-b32", weights_dir=tmp_path))
 
 
 def test_presets_resolve_to_their_parts(tmp_path):
