@@ -221,9 +221,12 @@ class FerEngine:
     def encode_clips(self, clips: Sequence[Sequence[Image.Image]], batch_size: int = 64) -> torch.Tensor:
         """Frames of all clips go through the encoder together; returns one pooled feature per clip."""
         frames = [frame for clip in clips for frame in clip]
-        features = self.encode_images(frames, batch_size)
-        pooled, start = [], 0
-        for clip in clips:
-            pooled.append(self.pool(features[start : start + len(clip)]))
-            start += len(clip)
-        return torch.stack(pooled) if pooled else features
+        return self.pool_groups(self.encode_images(frames, batch_size), [len(clip) for clip in clips])
+
+    @classmethod
+    def pool_groups(cls, frame_features: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        """Consecutive runs of `sizes` rows (each clip's frames; an image is a run of 1) -> one pooled
+        feature per run, [len(sizes), D]."""
+        if not sizes:
+            return frame_features[:0]
+        return torch.stack([cls.pool(group) for group in torch.split(frame_features, list(sizes))])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
@@ -132,7 +132,6 @@ class VideoFrames:
     fps: float
     duration: float
     decoded: int = 0  # frames the decoder produced: what the sampling cost
-    meta: dict = field(default_factory=dict)
 
 
 def read_video(source: Source, count: int = 16, limits: MediaLimits = DEFAULT_LIMITS) -> VideoFrames:
@@ -182,9 +181,7 @@ def _read_frames(container, count: int, limits: MediaLimits) -> VideoFrames:
     if not picked:
         raise MediaError("no frame of the video could be decoded")
     frames, times = _fill(indices, picked)
-    return VideoFrames(
-        frames, indices, times, n_frames, fps, duration, decoded, {"width": width, "height": height}
-    )
+    return VideoFrames(frames, indices, times, n_frames, fps, duration, decoded)
 
 
 def _duration_s(container, stream) -> float:

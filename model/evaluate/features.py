@@ -67,13 +67,12 @@ def encode_items(
                         for s in range(0, len(pixels), batch_size)
                     ]
                 )
-                projected = engine.project(raw)
-                offset = 0
-                for i, p in ok:  # both spaces pooled the same way: mean of the frames, then L2
-                    kept.append(i)
-                    features.append(engine.pool(projected[offset : offset + len(p)]).cpu())
-                    clip_features.append(engine.pool(raw[offset : offset + len(p)]).cpu())
-                    offset += len(p)
+                sizes = [
+                    len(p) for _, p in ok
+                ]  # both spaces pooled the same way: mean of the frames, then L2
+                kept.extend(i for i, _ in ok)
+                features.extend(engine.pool_groups(engine.project(raw), sizes).cpu())
+                clip_features.extend(engine.pool_groups(raw, sizes).cpu())
             bar.update(len(chunk))
     if not kept:
         raise MediaError(f"none of the {len(paths)} files could be read")
