@@ -135,8 +135,11 @@ def test_a_failed_load_is_reported_by_readyz(engine):
         raise MissingWeightsError("CLIP weights are not in weights/: run `fer weights download exp-clip-b32`")
 
     with TestClient(create_app(settings(), engine_factory=missing)) as client:
-        time.sleep(0.2)
-        answer = client.get("/readyz")
+        for _ in range(200):  # the load runs in the background: wait for its outcome, not a fixed time
+            answer = client.get("/readyz")
+            if answer.json()["detail"] != "loading":
+                break
+            time.sleep(0.05)
         assert answer.status_code == 503 and "fer weights download" in answer.json()["detail"]
         assert client.get("/livez").status_code == 200
 
