@@ -282,7 +282,7 @@ def test_clip_has_its_length_and_a_key_frame_every_two_seconds(tmp_path):
     path = make_clip(tmp_path / "c.mp4", seconds=5, height=64)
     clip = read_video(str(path), 16)
     assert clip.n_frames == 125 and clip.duration == pytest.approx(5.0, abs=0.05)
-    assert clip.meta == {"width": clip_size(64)[0], "height": 64} and clip_size(64) == (112, 64)
+    assert clip.frames[0].size == (clip_size(64)[0], 64) and clip_size(64) == (112, 64)
     with av.open(str(path)) as container:
         keys = [p.pts for p in container.demux(container.streams.video[0]) if p.size and p.is_keyframe]
     assert len(keys) == 3  # frames 0, 50, 100 at 25 fps
