@@ -118,7 +118,7 @@ def measure_raw(env: dict[str, str], device: str, plan: Plan, max_batch: int, jp
         return {
             "encoder": [s.as_dict() for s in speeds],
             "decode_prepare_ms": prepare_ms(engine, jpeg),
-            "dtype": "float16 (autocast)" if engine.autocast_dtype == torch.float16 else "float32",
+            "dtype": engine.dtype_name,
             "image_size": engine.image_size,
             "feature_dim": engine.feature_dim,
             "torch_threads": torch.get_num_threads(),
@@ -250,6 +250,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     model = args.model or ("demo" if args.quick else "vit-b-32")
     env, model_name = model_env(model, cache)
+    env["FER_DTYPE"] = args.dtype  # the raw encoder and both services run in the same precision
     jpeg = face_jpeg(*IMAGE_SIZE)
     clips = [(cached_clip(cache, seconds, height), seconds, height) for seconds, height in plan.clips]
 
@@ -336,6 +337,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model", choices=("vit-b-32", "demo"), help="default: demo with --quick, else vit-b-32"
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        default="auto",
+        help="FER_DTYPE for the raw encoder and the services (auto: float16 on CUDA, bfloat16 on CPUs "
+        "with native bfloat16, else float32)",
+    )
     parser.add_argument(
         "--max-batch", type=int, default=32, help="FER_MAX_BATCH, and the raw batch it is compared with"
     )

@@ -30,7 +30,7 @@ from model.clip import (
     pil_transform,
     resolve_clip_source,
 )
-from model.config import ModelSettings, ModelSpec, device_for
+from model.config import ModelSettings, ModelSpec, device_for, dtype_for
 from model.projection import check_compatible, load_projection
 from model.prompts import prompt_texts
 
@@ -75,10 +75,14 @@ class FerEngine:
         preprocess: str,
         device: str = "cpu",
         name: str = "custom",
+        dtype: torch.dtype = torch.float32,
     ):
         self.name = name
         self.device = torch.device(device)
-        self.clip = clip.model.to(self.device)
+        # The frozen encoders run in `dtype` (weights and activations); their outputs are cast to
+        # float32 before W, so the projection, pooling and scores are float32 whatever the dtype.
+        self.dtype = dtype
+        self.clip = clip.model.to(self.device, dtype)
         self.tokenizer = clip.tokenizer
         self.preprocess_kind = preprocess
         self.image_size = clip.preprocess.image_size
@@ -87,15 +91,13 @@ class FerEngine:
         self.embed_dim = clip.embed_dim
         self.projection = None if projection is None else projection.float().to(self.device)
         self.feature_dim = self.embed_dim if projection is None else projection.shape[0]
-        # fp16 autocast on CUDA (the encoders are frozen; features are cast back to fp32 before W).
-        self.autocast_dtype = torch.float16 if self.device.type == "cuda" else None
         self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._text_cache_bytes = 0
         self._text_lock = threading.Lock()  # guards the cache only, never held while encoding
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_spec(cls, spec: ModelSpec, device: str = "auto") -> FerEngine:
+    def from_spec(cls, spec: ModelSpec, device: str = "auto", dtype: str = "auto") -> FerEngine:
         check_weights_present(spec)  # every file, before spending time on loading any
         clip = load_clip(spec.clip_model, spec.clip_weights, spec.weights_dir)
         projection = None
@@ -114,12 +116,18 @@ class FerEngine:
                     spec.preprocess,
                 )
             projection = loaded.weight
-        return cls(clip, projection, spec.preprocess, device_for(device), spec.name)
+        device = device_for(device)
+        return cls(clip, projection, spec.preprocess, device, spec.name, dtype_for(dtype, device))
 
     @classmethod
     def from_settings(cls, settings: ModelSettings | None = None) -> FerEngine:
         settings = settings or ModelSettings()
-        return cls.from_spec(settings.resolve(), settings.device)
+        return cls.from_spec(settings.resolve(), settings.device, settings.dtype)
+
+    @property
+    def dtype_name(self) -> str:
+        """The encoders' precision as FER_DTYPE spells it, e.g. `bfloat16`."""
+        return str(self.dtype).removeprefix("torch.")
 
     # ---- image path ---------------------------------------------------------------------------
     def prepare(self, image: Image.Image) -> torch.Tensor:
@@ -142,10 +150,7 @@ class FerEngine:
         if self.device.type == "cuda" and not pixels.is_cuda:
             pixels = pixels.pin_memory()  # uint8 crosses the bus (4x less than float), asynchronously
         x = self.normaliser(pixels.to(self.device, non_blocking=True))
-        with torch.autocast(
-            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-        ):
-            return self.clip.encode_image(x).float()
+        return self.clip.encode_image(x.to(self.dtype)).float()
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """CLIP embedding -> W (plain CLIP: unchanged). The same map serves images and text."""
@@ -158,10 +163,7 @@ class FerEngine:
         out = []
         for start in range(0, len(texts), TEXT_BATCH):
             tokens = self.tokenizer(list(texts[start : start + TEXT_BATCH])).to(self.device)
-            with torch.autocast(
-                self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-            ):
-                features = self.clip.encode_text(tokens)
+            features = self.clip.encode_text(tokens)
             out.append(F.normalize(self.project(features.float()), dim=-1))
         return torch.cat(out)
 

@@ -91,7 +91,7 @@ class Runtime:
             await batcher.submit(warmup)
             await self.offload(self._default_text_features, engine)
             self.engine, self.batcher = engine, batcher
-            log.info("model %s ready on %s", engine.name, engine.device)
+            log.info("model %s ready on %s in %s", engine.name, engine.device, engine.dtype)
         except Exception as exc:
             self.load_error = f"the model failed to load: {exc}"
             log.error("%s", self.load_error)

@@ -62,7 +62,13 @@ async def livez() -> Health:
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
 async def readyz(runtime: RuntimeDep):
     if runtime.ready:
-        return Health(status="ready", model=runtime.engine.name)
+        engine = runtime.engine
+        return Health(
+            status="ready",
+            model=engine.name,
+            device=str(engine.device),
+            dtype=engine.dtype_name,
+        )
     detail = runtime.load_error or "loading"
     return JSONResponse(Health(status="not_ready", detail=detail).model_dump(), status_code=503)
 

@@ -77,6 +77,8 @@ class LabelsResponse(BaseModel):
 class Health(BaseModel):
     status: str
     model: str | None = None
+    device: str | None = None  # where the encoders run, e.g. "cuda:0" or "cpu"
+    dtype: str | None = None  # their precision (FER_DTYPE), e.g. "float16"
     detail: str | None = None
 
 

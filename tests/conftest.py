@@ -21,6 +21,15 @@ PROJECTION_DIM = 4096
 INDEX_BITS = 12  # frame index written as 12 black/white cells, robust to lossy codecs
 
 
+@pytest.fixture(scope="session", autouse=True)
+def float32_encoders():
+    """Tests compare the engine with float32 computations of their own, so the encoders run in float32
+    unless a test asks otherwise (test_engine's dtype tests do). Subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FER_DTYPE", "float32")
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_path(tmp_path_factory) -> Path:
     """A random-weight tiny CLIP state dict, as a user's local checkpoint file would be."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from model.config import ModelSettings
+from model.config import ModelSettings, dtype_for
 from model.engine import FerEngine
 from model.projection import ProjectionError, load_projection, save_projection
 from model.prompts import BASIC7, CLASS_PRESETS, PROMPT_SETS, LabelError, resolve_classes, resolve_prompt_set
@@ -219,3 +219,47 @@ def test_class_and_prompt_resolution():
     with pytest.raises(LabelError, match="P-1"):
         resolve_prompt_set("P-9")
     assert len(PROMPT_SETS["P-4"]) == 5 and len(PROMPT_SETS["P-5"]) == 10
+
+
+def test_dtype_choice(monkeypatch):
+    import model.config as config
+
+    assert dtype_for("auto", "cuda") == torch.float16
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(config, "_cpu_has_native_bf16", lambda native=native: native)
+        assert dtype_for("auto", "cpu") == expected
+    assert dtype_for("float32", "cuda") == torch.float32 and dtype_for("bfloat16", "cpu") == torch.bfloat16
+    with pytest.raises(RuntimeError, match="CUDA only"):
+        dtype_for("float16", "cpu")
+    monkeypatch.setenv("FER_DTYPE", "bfloat16")
+    assert ModelSettings().dtype == "bfloat16"
+    monkeypatch.setenv("FER_DTYPE", "fp8")
+    with pytest.raises(ValueError, match="dtype"):
+        ModelSettings()
+
+
+def test_bfloat16_encoders_agree_with_float32(engine, tiny_clip_path, official_projection_path, reference):
+    """FER_DTYPE=bfloat16 casts the encoders' weights, not W or the scores, and stays close to float32."""
+    settings = ModelSettings(
+        clip_model=TINY_MODEL,
+        clip_weights=str(tiny_clip_path),
+        projection=str(official_projection_path),
+        device="cpu",
+        dtype="bfloat16",
+    )
+    low = FerEngine.from_settings(settings)
+    assert {p.dtype for p in low.clip.parameters()} == {torch.bfloat16}
+    assert low.projection.dtype == torch.float32
+
+    image_features, _, probabilities = reference
+    images = [face_image(i) for i in range(8)]
+    features = low.encode_images(images)
+    assert features.dtype == torch.float32
+    expected = image_features(images)
+    cosine = F.cosine_similarity(features, expected, dim=-1)
+    assert cosine.min() > 0.999, cosine
+    assert not torch.equal(features, expected)  # the bfloat16 path really ran
+    scores = low.classify(features, BASIC7, "P-5")
+    torch.testing.assert_close(
+        scores.probabilities, probabilities(expected, BASIC7, PROMPT_SETS["P-5"]), atol=0.02, rtol=0
+    )

@@ -126,7 +126,13 @@ def test_readiness_flips_after_warm_up(engine):
         assert refused.status_code == 503 and refused.json()["error"] == "not_ready"
         release.set()
         wait_ready(client)
-        assert client.get("/readyz").json() == {"status": "ready", "model": "custom", "detail": None}
+        assert client.get("/readyz").json() == {
+            "status": "ready",
+            "model": "custom",
+            "device": "cpu",
+            "dtype": "float32",
+            "detail": None,
+        }
         assert post_image(client, png(face_image(0))).status_code == 200
 
 

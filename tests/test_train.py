@@ -204,19 +204,21 @@ def test_extract_resumes_without_recomputing_finished_shards(
     # Shards of 3 images, batches of 2: shard 0 takes 2 teacher calls; the 3rd call (shard 1) fails.
     monkeypatch.setattr(Teacher, "features", lambda self, pixels: counting(self, pixels, fail_after=2))
     with pytest.raises(RuntimeError, match="interrupted"):
-        extract(images, out, spec, teacher, batch_size=2, shard_size=3)
+        extract(images, out, spec, teacher, batch_size=2, shard_size=3, clip_dtype="float32")
     index = json.loads((out / "index.json").read_text())
     assert [s["file"] for s in index["shards"]] == ["shard-00000.safetensors"]
     assert not list(out.glob("*.partial"))
 
     calls.clear()
     monkeypatch.setattr(Teacher, "features", lambda self, pixels: counting(self, pixels))
-    summary = extract(images, out, spec, teacher, batch_size=2, shard_size=3)
+    summary = extract(images, out, spec, teacher, batch_size=2, shard_size=3, clip_dtype="float32")
     assert summary.shards_skipped == 1 and summary.shards == 3
     assert sum(calls) == 5 - 1  # images of shards 1 and 2, minus the broken one; shard 0 not redone
     assert summary.pairs == 7 and summary.failed == 1
 
-    fresh = extract(images, tmp_path / "fresh", spec, teacher, batch_size=4, shard_size=8)
+    fresh = extract(
+        images, tmp_path / "fresh", spec, teacher, batch_size=4, shard_size=8, clip_dtype="float32"
+    )
     assert fresh.shards == 1
     for resumed, whole in zip(_cache_arrays(out), _cache_arrays(tmp_path / "fresh"), strict=True):
         torch.testing.assert_close(resumed, whole, atol=1e-5, rtol=1e-5)
@@ -224,7 +226,7 @@ def test_extract_resumes_without_recomputing_finished_shards(
     # The cached CLIP side is the raw embedding of the engine's own preprocessing, before W.
     from model.media import decode_image
 
-    plain = FerEngine.from_spec(ModelSettings(projection="none").resolve(), "cpu")
+    plain = FerEngine.from_spec(ModelSettings(projection="none").resolve(), "cpu", "float32")
     cache = PairCache(out)
     good = [p for p in images if not p.endswith("broken.jpg")]
     clip, teacher_rows = cache.gather(np.arange(len(cache)))
@@ -243,7 +245,7 @@ def test_extract_resumes_without_recomputing_finished_shards(
     # Resuming into a cache made differently is refused, not mixed.
     other = Teacher.load(str(teacher_dir), "actions")
     with pytest.raises(CacheError, match="different settings"):
-        extract(images, out, spec, other, batch_size=2, shard_size=3)
+        extract(images, out, spec, other, batch_size=2, shard_size=3, clip_dtype="float32")
 
 
 def _synthetic_cache(root, n=1200, teacher_dim=32, seed=0):
@@ -302,8 +304,8 @@ def test_fit_recovers_a_true_linear_map_and_the_engine_serves_it(
             clip_model=TINY_MODEL, clip_weights=str(tiny_clip_path), projection=str(out), device="cpu"
         )
     )
-    plain = FerEngine.from_spec(
-        ModelSettings(clip_model=TINY_MODEL, clip_weights=str(tiny_clip_path), projection="none").resolve()
+    plain = FerEngine.from_settings(
+        ModelSettings(clip_model=TINY_MODEL, clip_weights=str(tiny_clip_path), projection="none")
     )
     pixels = served.prepare_many([face_image(s) for s in range(3)])
     expected = plain.embed_pixels(pixels) @ saved.weight.T  # W·x; classify and pool normalise later

@@ -84,17 +84,18 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from model.train.extract import extract, list_images
     from model.train.teacher import Teacher
 
-    spec = ModelSettings().resolve()
+    settings = ModelSettings()
     images = list_images(args.images)
     teacher = Teacher.load(args.teacher, args.instruction, _device(), args.dtype)
     summary = extract(
         images,
         args.cache,
-        spec,
+        settings.resolve(),
         teacher,
         batch_size=args.extract_batch_size,
         shard_size=args.shard_size,
         workers=args.workers,
+        clip_dtype=settings.dtype,
     )
     print(json.dumps(dataclasses.asdict(summary)), flush=True)
     return 0

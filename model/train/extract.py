@@ -95,6 +95,7 @@ def clip_settings(spec: ModelSpec, engine: FerEngine) -> dict:
         "preprocess": spec.preprocess,
         "embed_dim": engine.embed_dim,
         "image_size": engine.image_size,
+        "dtype": engine.dtype_name,
     }
 
 
@@ -107,9 +108,11 @@ def extract(
     batch_size: int = 32,
     shard_size: int = 1024,
     workers: int = 0,
+    clip_dtype: str = "auto",
 ) -> ExtractSummary:
-    """Fills (or resumes) the cache in `out_dir`; the CLIP side runs on the teacher's device."""
-    engine = FerEngine.from_spec(dataclasses.replace(spec, projection=None), str(teacher.device))
+    """Fills (or resumes) the cache in `out_dir`; the CLIP side runs on the teacher's device, in
+    `clip_dtype` (FER_DTYPE)."""
+    engine = FerEngine.from_spec(dataclasses.replace(spec, projection=None), str(teacher.device), clip_dtype)
     settings = {"clip": clip_settings(spec, engine), "teacher": teacher.metadata()}
     writer = CacheWriter(out_dir, settings, images, shard_size)
     collate = _Collate(engine, teacher)
