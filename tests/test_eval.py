@@ -208,6 +208,7 @@ def test_eval_end_to_end(model_env, official_projection_path, tmp_path, capsys):
     assert len(rows) == 8 * 2 * 2  # the broken file is skipped, and listed
     for name in names:
         result = metrics["models"][name]
+        assert (result["device"], result["dtype"]) == ("cpu", "float32")  # FER_DTYPE, as tests pin it
         assert list(result["skipped"]) == ["sadness/broken.png"]
         for prompts, scores in result["prompts"].items():
             mine = [r for r in rows if r["model"] == name and r["prompts"] == prompts]
@@ -277,6 +278,7 @@ def test_eval_retrieval_end_to_end(model_env, engine, official_projection_path, 
     scores = (features @ engine.encode_texts(descriptions).T).cpu().numpy()
     expected = retrieval_metrics(scores, [frozenset({0, 1}), frozenset({2}), frozenset({3, 0})], [1, 2])
     result = metrics["models"][official_projection_path.stem]
+    assert (result["device"], result["dtype"]) == ("cpu", "float32")
     assert result["precision_at_k"] == pytest.approx(expected["precision_at_k"], abs=1e-6)
     assert result["mrr"] == pytest.approx(expected["mrr"], abs=1e-6)
     with (out / "ranks.csv").open(newline="") as f:

@@ -82,6 +82,7 @@ def run_retrieval(
                 )
             del result["first_relevant_rank"]  # per item: in ranks.csv
             result["entry"] = choice.entry
+            result["device"], result["dtype"] = str(engine.device), engine.dtype_name
             result["skipped"] = {dataset.files[chosen[i]]: why for i, why in encoded.failures.items()}
             metrics["models"][choice.name] = result
             del engine, encoded

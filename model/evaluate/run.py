@@ -80,6 +80,8 @@ def run_eval(
             result = {
                 "entry": choice.entry,
                 "spec": {k: str(v) for k, v in choice.settings.resolve().__dict__.items()},
+                "device": str(engine.device),
+                "dtype": engine.dtype_name,  # FER_DTYPE=float32 for a float32 reference
                 "skipped": {items[i].file: why for i, why in encoded.failures.items()},
                 "prompts": {},
             }
