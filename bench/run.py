@@ -26,6 +26,7 @@ from bench.inputs import cached_clip, clip_size, face_jpeg
 from bench.load import Upload, metric_delta, run_load
 from bench.report import GPU_CONCURRENCY, TARGET_CONCURRENCY, evaluate_targets, format_table, summarise_point
 from bench.server import Service
+from service.cli import GOMP_SPIN_COUNT
 
 log = logging.getLogger("bench")
 
@@ -303,6 +304,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "settings": {
             "max_batch": args.max_batch,
             "service_env": {k: v for k, v in {**os.environ, **service_env}.items() if k.startswith("FER_")},
+            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
             "image": {"width": IMAGE_SIZE[0], "height": IMAGE_SIZE[1], "bytes": len(jpeg)},
             "detect_faces": args.detect_faces,
             "plan": dataclasses.asdict(plan),
@@ -367,6 +369,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # The raw encoder runs with the OpenMP setting `fer serve` gives the service (set before torch loads).
+    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPIN_COUNT)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress
     report = run_benchmark(args)

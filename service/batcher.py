@@ -44,6 +44,14 @@ class BatchFailed(Exception):
     """The encoder call that held this job's rows raised."""
 
 
+def pin_torch_threads(n: int) -> None:
+    """Sets the calling thread's intra-op thread count for good. torch sets a thread's count from the
+    process-wide value the first time the thread asks for it, undoing a count set before that; asking
+    first makes that happen now. (The process-wide value becomes `n` too, for threads not yet started.)"""
+    torch.get_num_threads()
+    torch.set_num_threads(n)
+
+
 @dataclass
 class BatchStats:
     """What the batcher reports per encoder call (the service turns it into Prometheus metrics)."""
@@ -76,6 +84,7 @@ class Batcher:
         max_wait_ms: float = 10.0,
         max_queue: int = 1024,
         stats: BatchStats | None = None,
+        threads: int | None = None,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -91,7 +100,13 @@ class Batcher:
         self._depth = 0
         self._expected = 0  # requests decoding now that will enqueue soon: worth waiting for
         self._wakeup = asyncio.Event()
-        self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fer-device")
+        # `threads`: torch's intra-op threads for the encoder calls (the service gives them all).
+        self._device_thread = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="fer-device",
+            initializer=None if threads is None else pin_torch_threads,
+            initargs=() if threads is None else (threads,),
+        )
         self._task: asyncio.Task | None = None
         self._in_flight: list[tuple[_Job, int, int]] = []  # the jobs whose rows the device holds now
         self._mean_call_s = 0.05

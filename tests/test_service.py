@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
@@ -134,6 +135,20 @@ def test_readiness_flips_after_warm_up(engine):
             "detail": None,
         }
         assert post_image(client, png(face_image(0))).status_code == 200
+
+
+def test_only_the_device_thread_runs_torch_on_several_threads(engine):
+    """Every thread that runs torch in parallel keeps an OpenMP team; more teams than cores make every
+    op of an encoder call slower (see Runtime), so the pool and the event loop run torch on one thread."""
+    default = torch.get_num_threads()
+    app = create_app(settings(), engine_factory=lambda s: engine)
+    with TestClient(app) as client:
+        wait_ready(client)
+        runtime = app.state.runtime
+        assert runtime.device_threads == default
+        assert runtime.batcher._device_thread.submit(torch.get_num_threads).result() == default
+        assert runtime.decode_pool.submit(torch.get_num_threads).result() == 1
+        assert client.portal.call(torch.get_num_threads) == 1  # the event loop's thread
 
 
 def test_a_failed_load_is_reported_by_readyz(engine):
@@ -482,10 +497,24 @@ def test_fer_serve_refuses_to_start_without_weights(monkeypatch, tmp_path, capsy
     assert "fer weights download exp-clip-b32" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("preset, expected", [(None, "10000"), ("300000", "300000")])
+def test_fer_serve_sets_the_openmp_spin_count_unless_the_user_did(model_env, monkeypatch, preset, expected):
+    import uvicorn
+
+    from model.cli import main
+
+    monkeypatch.setenv("GOMP_SPINCOUNT", preset or "")  # recorded, so the test's change is undone
+    if preset is None:
+        monkeypatch.delenv("GOMP_SPINCOUNT")
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(spin=os.environ.get("GOMP_SPINCOUNT")))
+    assert main(["serve", "--port", "1"]) == 0
+    assert seen == {"spin": expected}
+
+
 @contextmanager
 def fer_serve(env: dict, *args: str):
     """`fer serve` in a subprocess on a free loopback port; yields (httpx client, process) once /readyz is 200."""
-    import os
     import socket
     import subprocess
     import sys
