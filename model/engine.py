@@ -167,6 +167,11 @@ class FerEngine:
             out.append(F.normalize(self.project(features.float()), dim=-1))
         return torch.cat(out)
 
+    def has_class_features(self, classes: tuple[str, ...], prompt_set: str) -> bool:
+        """Whether `class_features` would answer from the cache (no encoding)."""
+        with self._text_lock:
+            return (classes, prompt_set) in self._text_cache
+
     def class_features(self, classes: tuple[str, ...], prompt_set: str) -> torch.Tensor:
         """[C, P, feature_dim] text features, computed once per (class set, prompt set) and cached.
 

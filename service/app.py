@@ -69,6 +69,13 @@ class Runtime:
         """Runs blocking work (decode, preprocessing, text encoding, scoring) off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, partial(fn, *args))
 
+    async def cache_class_features(self, classes: tuple[str, ...], prompt_set: str) -> None:
+        """Encodes a class list's text features on the device thread unless they are cached, so that
+        scoring in the pool finds them there."""
+        engine, batcher = self.require()
+        if not engine.has_class_features(classes, prompt_set):
+            await batcher.run(engine.class_features, classes, prompt_set)
+
     async def prepare_and_encode(self, request, prepare, *args):
         """The shared path of every inference endpoint: `prepare(engine, *args)` in the thread pool
         (announced to the batcher, so it may wait for this request's items), then one trip through
@@ -102,7 +109,7 @@ class Runtime:
                 min(WARMUP_ITEMS, s.max_batch), 3, engine.image_size, engine.image_size, dtype=torch.uint8
             )
             await batcher.submit(warmup)
-            await self.offload(self._default_text_features, engine)
+            await batcher.run(self._default_text_features, engine)
             self.engine, self.batcher = engine, batcher
             log.info("model %s ready on %s in %s", engine.name, engine.device, engine.dtype)
         except Exception as exc:

@@ -20,12 +20,15 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 import torch
 
 log = logging.getLogger(__name__)
 
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]
+T = TypeVar("T")
 
 
 class QueueFull(Exception):
@@ -175,6 +178,11 @@ class Batcher:
         except (ClientGone, asyncio.CancelledError):
             self._cancel(job)  # nobody will read the rows: don't spend the device on them
             raise
+
+    async def run(self, fn: Callable[..., T], *args) -> T:
+        """Other work for the device (text encoding) on the device thread, between encoder calls: it
+        then has every intra-op thread, and takes turns with the image batches instead of competing."""
+        return await asyncio.get_running_loop().run_in_executor(self._device_thread, partial(fn, *args))
 
     def retry_after(self) -> int:
         """Seconds until the queue has drained at the recent pace: the Retry-After of a 429."""

@@ -106,6 +106,7 @@ async def predict(
     prepared, features, decoded = await runtime.prepare_and_encode(
         request, prepare_image, _rewound(file), s.media_limits, detect_faces, s.max_faces, s.face_margin
     )
+    await runtime.cache_class_features(class_list, prompt_set)
     scores = await runtime.offload(engine.classify, features, class_list, prompt_set)
     faces = [
         FaceResult(box=box.as_list(), label=scores.label(i), probabilities=scores.as_dict(i))
@@ -144,6 +145,7 @@ async def predict_video(
     prepared, features, decoded = await runtime.prepare_and_encode(
         request, prepare_video, _rewound(file), s.media_limits, frames, detect_faces, s.face_margin
     )
+    await runtime.cache_class_features(class_list, prompt_set)
     clip_scores, frame_scores = await runtime.offload(
         _score_clip, engine, features, class_list, prompt_set, per_frame
     )
@@ -189,7 +191,7 @@ async def retrieve(
     detect_faces: DetectField = True,
 ) -> RetrieveResponse:
     started = time.perf_counter()
-    engine, _ = runtime.require()
+    engine, batcher = runtime.require()
     s = runtime.settings
     texts = _parse_descriptions(descriptions, s.max_descriptions, s.max_description_chars)
     _check_frames(frames, s.max_frames)
@@ -200,7 +202,7 @@ async def retrieve(
     else:
         args = (prepare_video, _rewound(file), s.media_limits, frames, detect_faces, s.face_margin)
     _, features, decoded = await runtime.prepare_and_encode(request, *args)
-    ranking = await runtime.offload(lambda: engine.rank(engine.pool(features), texts))
+    ranking = await batcher.run(lambda: engine.rank(engine.pool(features), texts))  # encodes the texts
     return RetrieveResponse(
         media=media,
         ranking=[RankedDescription(index=i, text=texts[i], score=score) for i, score in ranking[:top_k]],

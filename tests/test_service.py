@@ -246,6 +246,29 @@ def test_retrieve_ranks_descriptions_for_videos_and_images(client, tmp_path):
         assert all(descriptions[r["index"]] == r["text"] for r in body["ranking"])
 
 
+def test_text_is_encoded_on_the_device_thread(client, engine, monkeypatch):
+    """A new class list and /retrieve's descriptions are encoded on the device thread, with every
+    intra-op thread and in turn with image batches; scoring then finds the class features cached."""
+    threads = []
+    encode_texts = engine.encode_texts
+
+    def recording(texts):
+        threads.append(threading.current_thread().name)
+        return encode_texts(texts)
+
+    monkeypatch.setattr(engine, "encode_texts", recording)
+    image = png(face_image(3))
+    assert post_image(client, image, classes="calm,tense,bored", detect_faces="false").status_code == 200
+    assert post_image(client, image, classes="calm,tense,bored", detect_faces="false").status_code == 200
+    answer = client.post(
+        "/retrieve",
+        files={"file": ("f.png", image, "image/png")},
+        data={"descriptions": json.dumps(["smiles", "frowns"]), "detect_faces": "false"},
+    )
+    assert answer.status_code == 200
+    assert len(threads) == 2 and all(name.startswith("fer-device") for name in threads), threads
+
+
 # ---- bad input ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("path", "files", "fields", "status", "code"),
