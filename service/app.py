@@ -74,7 +74,8 @@ class Runtime:
         scoring in the pool finds them there."""
         engine, batcher = self.require()
         if not engine.has_class_features(classes, prompt_set):
-            await batcher.run(engine.class_features, classes, prompt_set)
+            texts = len(classes) * len(PROMPT_SETS[prompt_set])
+            await batcher.run(engine.class_features, classes, prompt_set, items=texts)
 
     async def prepare_and_encode(self, request, prepare, *args):
         """The shared path of every inference endpoint: `prepare(engine, *args)` in the thread pool

@@ -100,7 +100,8 @@ class Batcher:
         self.stats = stats or BatchStats()
         self.calls = 0  # encoder calls made: tests assert batching on this, not on timing
         self._queue: deque[_Job] = deque()
-        self._depth = 0
+        self._depth = 0  # image items queued, not yet handed to the encoder
+        self._other = 0  # items of other device work (text) waiting or running
         self._expected = 0  # requests decoding now that will enqueue soon: worth waiting for
         self._wakeup = asyncio.Event()
         # `threads`: torch's intra-op threads for the encoder calls (the service gives them all).
@@ -160,10 +161,7 @@ class Batcher:
         n = pixels.shape[0]
         if n == 0:
             raise ValueError("nothing to encode")
-        if n > self.max_queue:
-            raise ValueError(f"{n} items is more than the queue holds ({self.max_queue})")
-        if self._depth + n > self.max_queue:
-            raise QueueFull(self.retry_after())
+        self._admit(n)
         job = _Job(pixels, asyncio.get_running_loop().create_future(), time.monotonic())
         self._queue.append(job)
         self._set_depth(self._depth + n)
@@ -179,15 +177,32 @@ class Batcher:
             self._cancel(job)  # nobody will read the rows: don't spend the device on them
             raise
 
-    async def run(self, fn: Callable[..., T], *args) -> T:
+    async def run(self, fn: Callable[..., T], *args, items: int = 0) -> T:
         """Other work for the device (text encoding) on the device thread, between encoder calls: it
-        then has every intra-op thread, and takes turns with the image batches instead of competing."""
-        return await asyncio.get_running_loop().run_in_executor(self._device_thread, partial(fn, *args))
+        then has every intra-op thread, and takes turns with the image batches instead of competing.
+        Its `items` (texts: each costs about what an image does) count towards `max_queue` while it
+        waits and runs, so a flood of it gets 429s too instead of starving the image batches; work of
+        more items than the queue holds counts as a full queue (it runs once the queue is empty)."""
+        items = min(items, self.max_queue)
+        self._admit(items)
+        self._other += items
+        self._report_depth()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._device_thread, partial(fn, *args))
+        finally:
+            self._other -= items
+            self._report_depth()
 
     def retry_after(self) -> int:
         """Seconds until the queue has drained at the recent pace: the Retry-After of a 429."""
-        batches = self._depth / self.max_batch
+        batches = (self._depth + self._other) / self.max_batch
         return max(1, round(batches * self._mean_call_s + 0.5))
+
+    def _admit(self, n: int) -> None:
+        if n > self.max_queue:
+            raise ValueError(f"{n} items is more than the queue holds ({self.max_queue})")
+        if self._depth + self._other + n > self.max_queue:
+            raise QueueFull(self.retry_after())
 
     def _cancel(self, job: _Job) -> None:
         job.cancelled = True
@@ -197,7 +212,10 @@ class Batcher:
 
     def _set_depth(self, depth: int) -> None:
         self._depth = depth
-        self.stats.on_depth(depth)
+        self._report_depth()
+
+    def _report_depth(self) -> None:
+        self.stats.on_depth(self._depth + self._other)
 
     # ---- batcher side ---------------------------------------------------------------------------
     async def _run(self) -> None:

@@ -202,7 +202,7 @@ async def retrieve(
     else:
         args = (prepare_video, _rewound(file), s.media_limits, frames, detect_faces, s.face_margin)
     _, features, decoded = await runtime.prepare_and_encode(request, *args)
-    ranking = await batcher.run(lambda: engine.rank(engine.pool(features), texts))  # encodes the texts
+    ranking = await batcher.run(lambda: engine.rank(engine.pool(features), texts), items=len(texts))
     return RetrieveResponse(
         media=media,
         ranking=[RankedDescription(index=i, text=texts[i], score=score) for i, score in ranking[:top_k]],

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from service.batcher import Batcher, BatchFailed, ClientGone, QueueFull
+from service.batcher import Batcher, BatchFailed, BatchStats, ClientGone, QueueFull
 
 
 def items(*values: int) -> torch.Tensor:
@@ -109,6 +109,34 @@ def test_a_full_queue_refuses_with_a_retry_hint():
         assert refused.value.retry_after_s >= 1
         encoder.gate.set()
         await asyncio.gather(running, queued)
+        await batcher.stop()
+
+    run(main())
+
+
+def test_other_device_work_runs_on_the_device_thread_and_counts_towards_the_queue():
+    async def main():
+        encoder = FakeEncoder()
+        encoder.gate.clear()
+        depths = []
+        batcher = Batcher(
+            encoder, max_batch=2, max_wait_ms=0, max_queue=4, stats=BatchStats(on_depth=depths.append)
+        )
+        batcher.start()
+        running = asyncio.create_task(batcher.submit(items(1, 2)))  # taken by the (blocked) device
+        await asyncio.sleep(0.05)
+        text = asyncio.create_task(batcher.run(lambda: threading.current_thread().name, items=3))
+        await asyncio.sleep(0.01)
+        assert depths[-1] == 3  # the waiting text work shows in the queue depth
+        with pytest.raises(QueueFull):
+            await batcher.submit(items(3, 4))  # 3 texts + 2 images > 4
+        with pytest.raises(QueueFull):
+            await batcher.run(lambda: None, items=2)
+        encoder.gate.set()
+        assert (await text).startswith("fer-device")  # after the held call, on the same thread
+        await running
+        assert depths[-1] == 0
+        assert await batcher.run(lambda: "big", items=100) == "big"  # more than the queue: runs when empty
         await batcher.stop()
 
     run(main())
