@@ -67,19 +67,25 @@ def model_env(monkeypatch, tiny_clip_path, official_projection_path, tmp_path):
     return env
 
 
-@pytest.fixture(scope="session")
-def engine(tiny_clip_path, official_projection_path):
+def tiny_settings(clip_path: Path, projection_path: Path, **fields):
+    """ModelSettings for the tiny model files on the CPU (FER_DTYPE from the environment unless given)."""
     from model.config import ModelSettings
-    from model.engine import FerEngine
 
-    settings = ModelSettings(
+    return ModelSettings(
         clip_model=TINY_MODEL,
-        clip_weights=str(tiny_clip_path),
-        projection=str(official_projection_path),
+        clip_weights=str(clip_path),
+        projection=str(projection_path),
         preprocess="exp-clip",
         device="cpu",
+        **fields,
     )
-    return FerEngine.from_settings(settings)
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_clip_path, official_projection_path):
+    from model.engine import FerEngine
+
+    return FerEngine.from_settings(tiny_settings(tiny_clip_path, official_projection_path))
 
 
 def face_image(seed: int = 0, size: tuple[int, int] = (96, 80)) -> Image.Image:

@@ -12,7 +12,7 @@ from model.config import ModelSettings, dtype_for
 from model.engine import FerEngine
 from model.projection import ProjectionError, load_projection, save_projection
 from model.prompts import BASIC7, CLASS_PRESETS, PROMPT_SETS, LabelError, resolve_classes, resolve_prompt_set
-from tests.conftest import TINY_MODEL, face_image
+from tests.conftest import TINY_MODEL, face_image, tiny_settings
 
 
 @pytest.fixture(scope="module")
@@ -238,16 +238,9 @@ def test_dtype_choice(monkeypatch):
         ModelSettings()
 
 
-def test_bfloat16_encoders_agree_with_float32(engine, tiny_clip_path, official_projection_path, reference):
+def test_bfloat16_encoders_agree_with_float32(tiny_clip_path, official_projection_path, reference):
     """FER_DTYPE=bfloat16 casts the encoders' weights, not W or the scores, and stays close to float32."""
-    settings = ModelSettings(
-        clip_model=TINY_MODEL,
-        clip_weights=str(tiny_clip_path),
-        projection=str(official_projection_path),
-        device="cpu",
-        dtype="bfloat16",
-    )
-    low = FerEngine.from_settings(settings)
+    low = FerEngine.from_settings(tiny_settings(tiny_clip_path, official_projection_path, dtype="bfloat16"))
     assert {p.dtype for p in low.clip.parameters()} == {torch.bfloat16}
     assert low.projection.dtype == torch.float32
 
