@@ -47,6 +47,7 @@ class Runtime:
         # of an encoder call pays a wake-up: ViT-B/32 in bfloat16 at batch 1 on 2 cores took 28 ms a
         # call instead of 19. Read here, before any thread below has changed the count.
         self.device_threads = torch.get_num_threads()
+        self.loop_threads: int | None = None
         self.decode_pool = ThreadPoolExecutor(
             settings.decode_workers,
             thread_name_prefix="fer-decode",
@@ -93,6 +94,7 @@ class Runtime:
 
     async def load(self) -> None:
         batcher = None
+        self.loop_threads = torch.get_num_threads()  # given back at close: the thread may not be ours
         pin_torch_threads(1)  # the event loop's thread (see __init__)
         try:
             engine = await self.offload(self.engine_factory, self.settings)
@@ -130,6 +132,8 @@ class Runtime:
         if self.batcher:
             await self.batcher.stop()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self.loop_threads:
+            torch.set_num_threads(self.loop_threads)
 
 
 class RequestMetrics:

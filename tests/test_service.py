@@ -141,6 +141,7 @@ def test_only_the_device_thread_runs_torch_on_several_threads(engine):
     """Every thread that runs torch in parallel keeps an OpenMP team; more teams than cores make every
     op of an encoder call slower (see Runtime), so the pool and the event loop run torch on one thread."""
     default = torch.get_num_threads()
+    assert default > 1 or os.cpu_count() == 1, "an earlier test left this thread single-threaded"
     app = create_app(settings(), engine_factory=lambda s: engine)
     with TestClient(app) as client:
         wait_ready(client)
@@ -149,6 +150,14 @@ def test_only_the_device_thread_runs_torch_on_several_threads(engine):
         assert runtime.batcher._device_thread.submit(torch.get_num_threads).result() == default
         assert runtime.decode_pool.submit(torch.get_num_threads).result() == 1
         assert client.portal.call(torch.get_num_threads) == 1  # the event loop's thread
+
+    async def serve_once():  # an app whose event loop runs in this thread gives its count back
+        async with serving(create_app(settings(), engine_factory=lambda s: engine)) as served:
+            assert (await served.get("/readyz")).status_code == 200
+            assert torch.get_num_threads() == 1
+
+    asyncio.run(serve_once())
+    assert torch.get_num_threads() == default
 
 
 def test_a_failed_load_is_reported_by_readyz(engine):
