@@ -67,7 +67,8 @@ class Runtime:
         return self.engine, self.batcher
 
     async def offload(self, fn, *args):
-        """Runs blocking work (decode, preprocessing, text encoding, scoring) off the event loop."""
+        """Runs blocking CPU work (decode, face detection, preprocessing, scoring) off the event loop,
+        single-threaded for torch; text encoding goes to the device thread (`cache_class_features`)."""
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, partial(fn, *args))
 
     async def cache_class_features(self, classes: tuple[str, ...], prompt_set: str) -> None:
