@@ -33,6 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
+    from model.config import device_for, dtype_for
     from model.engine import check_weights_present
     from service.app import create_app
     from service.config import ServiceSettings
@@ -42,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise ValueError(f"invalid FER_* configuration: {exc}") from None
     check_weights_present(settings.resolve())  # fail in one line now, not in the background later
+    dtype_for(settings.dtype, device_for(settings.device))  # so does a device or dtype that cannot work
     workers = args.workers or settings.workers
     if workers < 1:
         raise ValueError("--workers must be at least 1")
