@@ -31,6 +31,7 @@ from model.clip import (
     resolve_clip_source,
 )
 from model.config import ModelSettings, ModelSpec, device_for, dtype_for
+from model.presets import PRESETS
 from model.projection import check_compatible, load_projection
 from model.prompts import prompt_texts
 
@@ -61,9 +62,14 @@ def check_weights_present(spec: ModelSpec) -> None:
     MissingWeightsError naming the command that gets it."""
     resolve_clip_source(spec.clip_model, spec.clip_weights, spec.weights_dir, spec.name)
     if spec.projection not in (None, "random") and not Path(spec.projection).is_file():
+        # Only a preset's own projection file can be downloaded; a path the user gave cannot.
+        download = (
+            f"run `fer weights download {spec.name}` (needs internet once), or "
+            if spec.name in PRESETS
+            else ""
+        )
         raise MissingWeightsError(
-            f"projection file {spec.projection} is missing: run `fer weights download {spec.name}` "
-            "(needs internet once), or set FER_PROJECTION to a file or `none`"
+            f"projection file {spec.projection} is missing: {download}set FER_PROJECTION to a file or `none`"
         )
 
 

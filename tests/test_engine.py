@@ -182,6 +182,10 @@ def test_missing_weights_name_the_download_command(tmp_path):
         FerEngine.from_settings(ModelSettings(weights_dir=tmp_path))
     with pytest.raises(MissingWeightsError, match="fer weights download clip-b32`"):
         FerEngine.from_settings(ModelSettings(preset="clip-b32", weights_dir=tmp_path))
+    # A projection path the user gave cannot be downloaded: no `fer weights download custom`.
+    with pytest.raises(MissingWeightsError, match="missing: set FER_PROJECTION") as missing:
+        FerEngine.from_settings(ModelSettings(preset="demo", projection=str(tmp_path / "W.pth")))
+    assert "download" not in str(missing.value)
 
 
 def test_presets_resolve_to_their_parts(tmp_path):

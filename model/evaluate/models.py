@@ -54,19 +54,12 @@ def model_choices(models: str | None, base: ModelSettings | None = None) -> list
 
 def check_weights(choice: ModelChoice) -> None:
     """Fails before any encoding when a model's files are not on disk, so a long evaluation does not
-    die at its second model. The engine's own start-up check, saying which `--models` entry it is
-    about; for a preset entry the fix is downloading that preset (the engine's CLIP hint names the
-    first preset sharing the CLIP, e.g. exp-clip-b32 for clip-b32)."""
-    spec = choice.settings.resolve()
+    die at its second model. The engine's own start-up check (whose hint names the preset to
+    download), saying which `--models` entry it is about."""
     try:
-        check_weights_present(spec)
+        check_weights_present(choice.settings.resolve())
     except MissingWeightsError as exc:
-        if choice.entry not in PRESETS:
-            raise MissingWeightsError(f"model {choice.name}: {exc}") from exc
-        raise MissingWeightsError(
-            f"model {choice.name}: its weights are not all in {spec.weights_dir}/: "
-            f"run `fer weights download {choice.entry}` (needs internet once)"
-        ) from exc
+        raise MissingWeightsError(f"model {choice.name}: {exc}") from exc
 
 
 def slug(name: str) -> str:
