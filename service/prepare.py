@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -21,7 +22,7 @@ class PreparedImage:
 @dataclass
 class PreparedVideo:
     pixels: torch.Tensor  # [frames, 3, S, S] uint8
-    clip: VideoFrames
+    clip: VideoFrames  # the sampling facts (indices, timestamps, fps...); its frames are dropped
     face_found: list[bool]  # per sampled frame
 
 
@@ -44,4 +45,5 @@ def prepare_video(
         boxes = detect_faces(frame, 1) if detect else []
         crops.append(crop_face(frame, boxes[0], margin) if boxes else frame)
         found.append(bool(boxes))
-    return PreparedVideo(engine.prepare_many(crops), clip, found)
+    # The decoded frames (up to ~100 MB at 1080p) are not kept while the request waits in the queue.
+    return PreparedVideo(engine.prepare_many(crops), dataclasses.replace(clip, frames=[]), found)

@@ -167,7 +167,7 @@ async def predict_video(
     return VideoResponse(
         label=clip_scores.label(0),
         probabilities=clip_scores.as_dict(0),
-        frames_sampled=len(clip.frames),
+        frames_sampled=len(clip.indices),
         n_frames=clip.n_frames,
         fps=round(clip.fps, 3),
         duration_s=round(clip.duration, 3),

@@ -235,6 +235,16 @@ def test_predict_video_with_timeline_equals_the_engine(client, engine, tmp_path)
     assert body["timeline"][3]["probabilities"] == pytest.approx(per_frame.as_dict(3), abs=1e-6)
 
 
+def test_a_prepared_video_does_not_keep_its_decoded_frames(engine, tmp_path):
+    """Only the encoder's uint8 pixels wait in the queue, not the decoded PIL frames beside them."""
+    from service.prepare import prepare_video
+
+    with (make_video(tmp_path / "c.mp4", 40)).open("rb") as f:
+        prepared = prepare_video(engine, f, ServiceSettings().media_limits, 8, False, 0.25)
+    assert prepared.pixels.shape[0] == 8 and len(prepared.clip.indices) == 8
+    assert prepared.clip.frames == []
+
+
 def test_retrieve_ranks_descriptions_for_videos_and_images(client, tmp_path):
     clip = make_video(tmp_path / "c.webm", 20, codec="libvpx-vp9").read_bytes()
     descriptions = ["smiles", "frowns deeply", "raises the brows", "looks away"]
