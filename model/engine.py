@@ -173,10 +173,10 @@ class FerEngine:
             out.append(F.normalize(self.project(features.float()), dim=-1))
         return torch.cat(out)
 
-    def has_class_features(self, classes: tuple[str, ...], prompt_set: str) -> bool:
-        """Whether `class_features` would answer from the cache (no encoding)."""
+    def cached_class_features(self, classes: tuple[str, ...], prompt_set: str) -> torch.Tensor | None:
+        """`class_features` if it would answer from the cache, else None (nothing is encoded)."""
         with self._text_lock:
-            return (classes, prompt_set) in self._text_cache
+            return self._text_cache.get((classes, prompt_set))
 
     def class_features(self, classes: tuple[str, ...], prompt_set: str) -> torch.Tensor:
         """[C, P, feature_dim] text features, computed once per (class set, prompt set) and cached.
@@ -202,9 +202,17 @@ class FerEngine:
         return features
 
     # ---- scoring ------------------------------------------------------------------------------
-    def classify(self, features: torch.Tensor, classes: tuple[str, ...], prompt_set: str) -> Scores:
-        """features [N, D] (projected) -> L2 -> softmax over classes of prompt-averaged logits."""
-        text = self.class_features(classes, prompt_set)  # [C, P, D]
+    def classify(
+        self,
+        features: torch.Tensor,
+        classes: tuple[str, ...],
+        prompt_set: str,
+        text: torch.Tensor | None = None,
+    ) -> Scores:
+        """features [N, D] (projected) -> L2 -> softmax over classes of prompt-averaged logits.
+        `text`: the class features when the caller already holds them (else looked up / encoded)."""
+        if text is None:
+            text = self.class_features(classes, prompt_set)  # [C, P, D]
         n_classes, n_prompts, dim = text.shape
         features = F.normalize(features.to(text.device), dim=-1)
         logits = LOGIT_SCALE * features @ text.reshape(-1, dim).T  # [N, C*P]

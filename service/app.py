@@ -68,16 +68,18 @@ class Runtime:
 
     async def offload(self, fn, *args):
         """Runs blocking CPU work (decode, face detection, preprocessing, scoring) off the event loop,
-        single-threaded for torch; text encoding goes to the device thread (`cache_class_features`)."""
+        single-threaded for torch; text encoding goes to the device thread (`class_features`)."""
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, partial(fn, *args))
 
-    async def cache_class_features(self, classes: tuple[str, ...], prompt_set: str) -> None:
-        """Encodes a class list's text features on the device thread unless they are cached, so that
-        scoring in the pool finds them there."""
+    async def class_features(self, classes: tuple[str, ...], prompt_set: str) -> torch.Tensor:
+        """A class list's text features: from the cache, else encoded on the device thread. Scoring
+        gets the tensor itself, so an eviction in between cannot make the pool encode it again."""
         engine, batcher = self.require()
-        if not engine.has_class_features(classes, prompt_set):
+        text = engine.cached_class_features(classes, prompt_set)
+        if text is None:
             texts = len(classes) * len(PROMPT_SETS[prompt_set])
-            await batcher.run(engine.class_features, classes, prompt_set, items=texts)
+            text = await batcher.run(engine.class_features, classes, prompt_set, items=texts)
+        return text
 
     async def prepare_and_encode(self, request, prepare, *args):
         """The shared path of every inference endpoint: `prepare(engine, *args)` in the thread pool

@@ -106,8 +106,8 @@ async def predict(
     prepared, features, decoded = await runtime.prepare_and_encode(
         request, prepare_image, _rewound(file), s.media_limits, detect_faces, s.max_faces, s.face_margin
     )
-    await runtime.cache_class_features(class_list, prompt_set)
-    scores = await runtime.offload(engine.classify, features, class_list, prompt_set)
+    text = await runtime.class_features(class_list, prompt_set)
+    scores = await runtime.offload(engine.classify, features, class_list, prompt_set, text)
     faces = [
         FaceResult(box=box.as_list(), label=scores.label(i), probabilities=scores.as_dict(i))
         for i, box in enumerate(prepared.boxes)
@@ -145,9 +145,9 @@ async def predict_video(
     prepared, features, decoded = await runtime.prepare_and_encode(
         request, prepare_video, _rewound(file), s.media_limits, frames, detect_faces, s.face_margin
     )
-    await runtime.cache_class_features(class_list, prompt_set)
+    text = await runtime.class_features(class_list, prompt_set)
     clip_scores, frame_scores = await runtime.offload(
-        _score_clip, engine, features, class_list, prompt_set, per_frame
+        _score_clip, engine, features, class_list, prompt_set, text, per_frame
     )
     clip = prepared.clip
     timeline = None
@@ -213,10 +213,10 @@ async def retrieve(
 
 # ---- helpers ------------------------------------------------------------------------------------
 def _score_clip(
-    engine: FerEngine, features, classes, prompt_set, per_frame: bool
+    engine: FerEngine, features, classes, prompt_set, text, per_frame: bool
 ) -> tuple[Scores, Scores | None]:
-    clip_scores = engine.classify(engine.pool(features).unsqueeze(0), classes, prompt_set)
-    return clip_scores, engine.classify(features, classes, prompt_set) if per_frame else None
+    clip_scores = engine.classify(engine.pool(features).unsqueeze(0), classes, prompt_set, text)
+    return clip_scores, engine.classify(features, classes, prompt_set, text) if per_frame else None
 
 
 def _check_frames(frames: int, max_frames: int) -> None:

@@ -267,7 +267,7 @@ def test_retrieve_ranks_descriptions_for_videos_and_images(client, tmp_path):
 
 def test_text_is_encoded_on_the_device_thread(client, engine, monkeypatch):
     """A new class list and /retrieve's descriptions are encoded on the device thread, with every
-    intra-op thread and in turn with image batches; scoring then finds the class features cached."""
+    intra-op thread and in turn with image batches; scoring in the pool gets the features handed over."""
     threads = []
     encode_texts = engine.encode_texts
 
