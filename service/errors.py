@@ -34,7 +34,8 @@ class NotReady(Exception):
     """The model is still loading (or failed to load)."""
 
 
-# exception class -> (status, error code). Order matters: subclasses before their bases.
+# exception class -> (status, error code). Starlette picks a handler by the exception's MRO, so a
+# subclass (MediaTooLarge) gets its own entry whatever the order here.
 ERROR_TABLE: list[tuple[type[Exception], int, str]] = [
     (MediaTooLarge, 413, "media_too_large"),
     (MediaError, 400, "undecodable_media"),

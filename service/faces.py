@@ -14,8 +14,9 @@ from PIL import Image
 
 CASCADE = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
 # Longest side the detector sees, pyramid step and smallest face (fraction of the short side). Against
-# (640, 1.1, 0.06), on the two-face test image and 60 frames of the MAFW sample clips (2026-11-24, one
-# core): 21 vs 41 ms an image, both faces of the test image, a face in 51 vs 53 of the 60 frames.
+# (640, 1.1, 0.06), on the two-face test image and 60 frames of the MAFW sample clips in ../shared/data
+# (2026-11-24, one core, a one-off timing script not kept in the repo): 21 vs 41 ms an image, both faces
+# of the test image, a face in 51 vs 53 of the 60 frames.
 DETECT_SIDE = 480
 SCALE_STEP = 1.15
 MIN_FACE_FRACTION = 0.08
