@@ -37,6 +37,7 @@ class QueueFull(Exception):
     def __init__(self, retry_after_s: int):
         super().__init__("the inference queue is full, retry later")
         self.retry_after_s = retry_after_s
+        self.headers = {"Retry-After": str(retry_after_s)}  # what the HTTP answer carries
 
 
 class ClientGone(Exception):

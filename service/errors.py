@@ -76,8 +76,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def _handler(status: int, code: str):
     async def handle(_: Request, exc: Exception) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
-        return JSONResponse(error_body(code, str(exc)), status, headers=headers)
+        return JSONResponse(error_body(code, str(exc)), status, headers=getattr(exc, "headers", None))
 
     return handle
 

@@ -104,9 +104,11 @@ def test_a_full_queue_refuses_with_a_retry_hint():
         await asyncio.sleep(0.05)
         queued = asyncio.create_task(batcher.submit(items(3, 4, 5)))
         await asyncio.sleep(0.01)
+        batcher._mean_call_s = 3.0  # the recent pace: 3 queued items = 1.5 batches of 3 s
         with pytest.raises(QueueFull) as refused:
             await batcher.submit(items(6, 7))
-        assert refused.value.retry_after_s >= 1
+        assert refused.value.retry_after_s == 5  # round(1.5 * 3.0 + 0.5)
+        assert refused.value.headers == {"Retry-After": "5"}
         encoder.gate.set()
         await asyncio.gather(running, queued)
         await batcher.stop()
