@@ -3,6 +3,7 @@ through the same code a real checkpoint takes; synthetic images and videos made 
 
 from __future__ import annotations
 
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -86,6 +87,15 @@ def engine(tiny_clip_path, official_projection_path):
     from model.engine import FerEngine
 
     return FerEngine.from_settings(tiny_settings(tiny_clip_path, official_projection_path))
+
+
+def wait_ready(client) -> None:
+    """Polls /readyz of a (TestClient) app until the background load is done; fails if it never is."""
+    for _ in range(200):
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"never ready: {client.get('/readyz').json()}")
 
 
 def face_image(seed: int = 0, size: tuple[int, int] = (96, 80)) -> Image.Image:

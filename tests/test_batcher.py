@@ -31,6 +31,17 @@ class FakeEncoder:
         return pixels * 10
 
 
+async def held_device(first: torch.Tensor, **kwargs) -> tuple[FakeEncoder, Batcher, asyncio.Task]:
+    """A started batcher (no batch wait) whose device holds `first` until the encoder's gate is set."""
+    encoder = FakeEncoder()
+    encoder.gate.clear()
+    batcher = Batcher(encoder, max_wait_ms=0, **kwargs)
+    batcher.start()
+    task = asyncio.create_task(batcher.submit(first))
+    await asyncio.sleep(0.05)  # the batcher has taken it
+    return encoder, batcher, task
+
+
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 20))
 
@@ -96,12 +107,7 @@ def test_a_failing_batch_fails_only_its_requests_and_the_batcher_serves_on():
 
 def test_a_full_queue_refuses_with_a_retry_hint():
     async def main():
-        encoder = FakeEncoder()
-        encoder.gate.clear()
-        batcher = Batcher(encoder, max_batch=2, max_wait_ms=0, max_queue=4)
-        batcher.start()
-        running = asyncio.create_task(batcher.submit(items(1, 2)))  # taken by the (blocked) device
-        await asyncio.sleep(0.05)
+        encoder, batcher, running = await held_device(items(1, 2), max_batch=2, max_queue=4)
         queued = asyncio.create_task(batcher.submit(items(3, 4, 5)))
         await asyncio.sleep(0.01)
         batcher._mean_call_s = 3.0  # the recent pace: 3 queued items = 1.5 batches of 3 s
@@ -118,15 +124,9 @@ def test_a_full_queue_refuses_with_a_retry_hint():
 
 def test_other_device_work_runs_on_the_device_thread_and_counts_towards_the_queue():
     async def main():
-        encoder = FakeEncoder()
-        encoder.gate.clear()
         depths = []
-        batcher = Batcher(
-            encoder, max_batch=2, max_wait_ms=0, max_queue=4, stats=BatchStats(on_depth=depths.append)
-        )
-        batcher.start()
-        running = asyncio.create_task(batcher.submit(items(1, 2)))  # taken by the (blocked) device
-        await asyncio.sleep(0.05)
+        stats = BatchStats(on_depth=depths.append)
+        encoder, batcher, running = await held_device(items(1, 2), max_batch=2, max_queue=4, stats=stats)
         text = asyncio.create_task(batcher.run(lambda: threading.current_thread().name, items=3))
         await asyncio.sleep(0.01)
         assert depths[-1] == 3  # the waiting text work shows in the queue depth
@@ -146,12 +146,7 @@ def test_other_device_work_runs_on_the_device_thread_and_counts_towards_the_queu
 
 def test_a_disconnected_client_is_dropped_before_reaching_the_encoder():
     async def main():
-        encoder = FakeEncoder()
-        encoder.gate.clear()
-        batcher = Batcher(encoder, max_batch=1, max_wait_ms=0)
-        batcher.start()
-        busy = asyncio.create_task(batcher.submit(items(1)))
-        await asyncio.sleep(0.05)
+        encoder, batcher, busy = await held_device(items(1), max_batch=1)
         gone = asyncio.Event()
 
         async def is_disconnected():
@@ -190,12 +185,7 @@ def test_constructor_checks_say_what_to_do():
 
 def test_stop_fails_jobs_the_device_holds_as_well_as_queued_ones():
     async def main():
-        encoder = FakeEncoder()
-        encoder.gate.clear()
-        batcher = Batcher(encoder, max_batch=1, max_wait_ms=0)
-        batcher.start()
-        held = asyncio.create_task(batcher.submit(items(1)))
-        await asyncio.sleep(0.05)
+        encoder, batcher, held = await held_device(items(1), max_batch=1)
         queued = asyncio.create_task(batcher.submit(items(2)))
         await asyncio.sleep(0.05)
         await batcher.stop()

@@ -124,7 +124,13 @@ def test_plain_clip_uses_the_clip_embedding(tiny_clip_path):
     assert plain.projection is None and plain.feature_dim == plain.embed_dim
     features = plain.encode_images([face_image(0)])
     assert features.shape == (1, plain.embed_dim)
-    torch.testing.assert_close(features, plain.embed_pixels(plain.prepare_many([face_image(0)])))
+    # open_clip itself, on the official evaluation transform: no projection anywhere.
+    model = open_clip.create_model(TINY_MODEL, pretrained=str(tiny_clip_path)).eval()
+    size = model.visual.image_size[0]
+    pixels = T.Compose([T.Resize((size, size)), T.ToTensor()])(face_image(0).convert("RGB"))
+    with torch.no_grad():
+        expected = model.encode_image(pixels.unsqueeze(0))
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_clip_preprocessing_equals_open_clip_transform(tiny_clip_path):

@@ -6,7 +6,6 @@ image processor, saved with save_pretrained and loaded back through the path a h
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from model.train.config import INSTRUCTIONS, FitConfig
 from model.train.extract import extract, list_images
 from model.train.fit import fit, symmetric_infonce
 from model.train.teacher import Teacher
-from tests.conftest import TINY_MODEL, face_image
+from tests.conftest import TINY_MODEL, face_image, wait_ready
 
 TEACHER_IMAGE_SIZE = 32  # not BlipImageProcessor's default (384): proves the saved processor is used
 T5_DIM = 24
@@ -379,10 +378,7 @@ def test_cli_train_run_then_predict_with_the_new_projection(
     from service.app import create_app
 
     with TestClient(create_app()) as client:
-        for _ in range(200):
-            if client.get("/readyz").status_code == 200:
-                break
-            time.sleep(0.05)
+        wait_ready(client)
         answer = client.post(
             "/predict",
             files={"file": ("f0.png", image.read_bytes(), "image/png")},

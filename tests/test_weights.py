@@ -173,18 +173,24 @@ def _fail_if_called(*args, **kwargs):
     raise AssertionError("a present, verified file was downloaded again")
 
 
+def _assert_refused_and_nothing_stored(weights_dir: Path, capsys, message: str) -> None:
+    """`fer weights download` of the projection fails with `message`, and leaves no file, no partial
+    and no manifest entry behind."""
+    assert _download(weights_dir, PRESET) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not presets.projection_path(weights_dir, PRESET).exists()
+    assert _leftovers(weights_dir) == []
+    assert PROJECTION_FILE not in json.loads((weights_dir / weights.MANIFEST_NAME).read_text())
+
+
 def test_a_corrupt_projection_is_rejected_and_nothing_is_stored(tiny_presets, tmp_path, capsys):
     data = bytearray((tiny_presets.root / PROJECTION_FILE).read_bytes())
     data[-20] ^= 0xFF
     (tiny_presets.root / PROJECTION_FILE).write_bytes(bytes(data))
     weights_dir = tmp_path / "weights"
 
-    assert _download(weights_dir, PRESET) == 1
-    err = capsys.readouterr().err
-    assert "does not match the official release" in err and "Traceback" not in err
-    assert not presets.projection_path(weights_dir, PRESET).exists()
-    assert _leftovers(weights_dir) == []
-    assert PROJECTION_FILE not in json.loads((weights_dir / weights.MANIFEST_NAME).read_text())
+    _assert_refused_and_nothing_stored(weights_dir, capsys, "does not match the official release")
 
 
 def test_an_interrupted_download_never_looks_complete(tiny_presets, tmp_path, capsys):
@@ -216,12 +222,7 @@ def test_an_oversized_projection_is_stopped_and_nothing_is_stored(
     monkeypatch.setattr(weights, "CHUNK", 256)  # several blocks below the cap, so streaming is cut mid-way
     tiny_presets.handler.send_length = send_length
 
-    assert _download(weights_dir, PRESET) == 1
-    err = capsys.readouterr().err
-    assert "larger than any official projection" in err and "Traceback" not in err
-    assert not presets.projection_path(weights_dir, PRESET).exists()
-    assert _leftovers(weights_dir) == []
-    assert PROJECTION_FILE not in json.loads((weights_dir / weights.MANIFEST_NAME).read_text())
+    _assert_refused_and_nothing_stored(weights_dir, capsys, "larger than any official projection")
 
     monkeypatch.setattr(weights, "MAX_PROJECTION_BYTES", size)  # exactly the cap is still accepted
     assert _download(weights_dir, PRESET) == 0
