@@ -347,6 +347,8 @@ def test_hub_downloads_are_held_to_the_hubs_sha256(tiny_presets, tmp_path, monke
     stored = presets.find_clip_checkpoint(weights_dir, TINY_MODEL, TAG)
     assert stored.name == f"{TINY_MODEL}__{TAG}.safetensors" and not stored.is_symlink()
     assert stored.read_bytes() == content and _leftovers(weights_dir) == []
+    manifest = json.loads((weights_dir / weights.MANIFEST_NAME).read_text())
+    assert manifest[stored.relative_to(weights_dir).as_posix()]["sha256"] == good  # the verified digest
 
 
 def test_real_presets_point_at_the_pinned_official_files():
