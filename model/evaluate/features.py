@@ -7,6 +7,7 @@ feature-variance comparison, METHOD.md section 6 / appendix D).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Sequence
@@ -31,6 +32,19 @@ class EncodedItems:
     features: torch.Tensor  # [n, feature_dim]: projected, pooled over frames, L2-normalised (CPU)
     clip_features: torch.Tensor  # [n, embed_dim]: the same before W (plain CLIP), pooled, L2 (CPU)
     failures: dict[int, str] = field(default_factory=dict)  # position -> why it could not be read
+
+
+def engine_fields(choice_entry: str, engine: FerEngine) -> dict:
+    """What every per-model result records about how it was computed."""
+    return {"entry": choice_entry, "device": str(engine.device), "dtype": engine.dtype_name}
+
+
+def free_memory() -> None:
+    """After a model's turn (its engine and features deleted): collect them and give the GPU cache
+    back, so the next model loads into the memory this one held."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def encode_items(

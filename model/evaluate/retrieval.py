@@ -8,7 +8,6 @@ similarity of its pooled projected feature with each description's projected tex
 from __future__ import annotations
 
 import csv
-import gc
 import json
 import logging
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from model.engine import FerEngine
 from model.evaluate.data import read_retrieval, take_subset
-from model.evaluate.features import encode_items
+from model.evaluate.features import encode_items, engine_fields, free_memory
 from model.evaluate.metrics import retrieval_metrics
 from model.evaluate.models import ModelChoice
 from model.evaluate.plots import plot_precision_at_k
@@ -81,12 +80,11 @@ def run_retrieval(
                     ]
                 )
             del result["first_relevant_rank"]  # per item: in ranks.csv
-            result["entry"] = choice.entry
-            result["device"], result["dtype"] = str(engine.device), engine.dtype_name
+            result.update(engine_fields(choice.entry, engine))
             result["skipped"] = {dataset.files[chosen[i]]: why for i, why in encoded.failures.items()}
             metrics["models"][choice.name] = result
             del engine, encoded
-            gc.collect()
+            free_memory()
     plot_precision_at_k(
         {name: r["precision_at_k"] for name, r in metrics["models"].items()}, out / "precision_at_k.png"
     )

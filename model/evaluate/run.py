@@ -8,18 +8,16 @@ cached features, so five prompt sets cost five text encodings, not five passes o
 from __future__ import annotations
 
 import csv
-import gc
 import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from model.engine import FerEngine
 from model.evaluate.data import choose_classes, label_indices, read_labelled, take_subset
-from model.evaluate.features import encode_items
+from model.evaluate.features import encode_items, engine_fields, free_memory
 from model.evaluate.metrics import classification_metrics, feature_variance
 from model.evaluate.models import ModelChoice, slug
 from model.evaluate.plots import plot_confusion, plot_feature_variance
@@ -78,10 +76,8 @@ def run_eval(
             )
             y = labels[encoded.kept]
             result = {
-                "entry": choice.entry,
+                **engine_fields(choice.entry, engine),  # dtype: FER_DTYPE=float32 for a float32 reference
                 "spec": {k: str(v) for k, v in choice.settings.resolve().__dict__.items()},
-                "device": str(engine.device),
-                "dtype": engine.dtype_name,  # FER_DTYPE=float32 for a float32 reference
                 "skipped": {items[i].file: why for i, why in encoded.failures.items()},
                 "prompts": {},
             }
@@ -118,9 +114,7 @@ def run_eval(
             metrics["models"][choice.name] = result
             log.info("%s: %s", choice.name, {p: round(s["uar"], 2) for p, s in result["prompts"].items()})
             del engine, encoded
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_memory()
     plot_feature_variance(variance, class_words, out / "feature_variance.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "table.md").write_text(results_table(metrics))
