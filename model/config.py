@@ -113,6 +113,11 @@ def dtype_for(choice: str, device: str) -> torch.dtype:
     return getattr(torch, choice)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype as FER_DTYPE (and `fer train --dtype`) spell it, e.g. `bfloat16`."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _cpu_has_native_bf16() -> bool:
     import torch
 

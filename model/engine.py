@@ -30,7 +30,7 @@ from model.clip import (
     pil_transform,
     resolve_clip_source,
 )
-from model.config import ModelSettings, ModelSpec, device_for, dtype_for
+from model.config import ModelSettings, ModelSpec, device_for, dtype_for, dtype_name
 from model.presets import PRESETS
 from model.projection import check_compatible, load_projection
 from model.prompts import prompt_texts
@@ -133,7 +133,7 @@ class FerEngine:
     @property
     def dtype_name(self) -> str:
         """The encoders' precision as FER_DTYPE spells it, e.g. `bfloat16`."""
-        return str(self.dtype).removeprefix("torch.")
+        return dtype_name(self.dtype)
 
     # ---- image path ---------------------------------------------------------------------------
     def prepare(self, image: Image.Image) -> torch.Tensor:

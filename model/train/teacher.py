@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from model.clip import MissingWeightsError
+from model.config import dtype_name
 from model.train.config import DEFAULT_INSTRUCTION, DEFAULT_TEACHER, INSTRUCTIONS
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class Teacher:
             "language_model": self.model.config.text_config.model_type,
             "num_query_tokens": int(self.model.config.num_query_tokens),
             "dim": self.dim,
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.dtype),
             "instruction_name": self.instruction_name,
             "instruction": self.instruction,
             "image_processor": self.image_processor.to_dict(),
