@@ -31,7 +31,6 @@ from service.cli import GOMP_SPIN_COUNT
 log = logging.getLogger("bench")
 
 IMAGE_SIZE = (640, 480)
-VIT_B_32_WEIGHTS = "ViT-B-32-random-seed0.pt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,26 +78,16 @@ def _default_plan(quick: bool, device: str) -> Plan:
     return Plan((1, 8, TARGET_CONCURRENCY), 32, 4, 1000, ((10, 1080), (600, 1080)), 3, 300, 5.0)
 
 
-def model_env(model: str, cache_dir: Path) -> tuple[dict[str, str], str]:
+def model_env(model: str) -> tuple[dict[str, str], str]:
     """FER_* settings for the benchmark model, and its name for the report.
 
-    `vit-b-32` is ViT-B/32 with seeded random weights (saved once as a local checkpoint, as a user's
-    file would be) and a random 4096 x 512 projection: the shapes and cost of Exp-CLIP B/32, offline."""
+    `vit-b-32` is ViT-B/32 with seeded random weights (the loader's own `random`) and a random
+    4096 x 512 projection: the shapes and cost of Exp-CLIP B/32, offline."""
     if model == "demo":
         return {"FER_PRESET": "demo"}, "demo (tiny random CLIP, 64 px)"
-    import open_clip
-    import torch
-
-    path = cache_dir / VIT_B_32_WEIGHTS
-    if not path.is_file():
-        log.info("saving a random-weight ViT-B-32 to %s (cached for later runs)", path)
-        torch.manual_seed(0)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        torch.save(open_clip.create_model("ViT-B-32").state_dict(), partial)
-        partial.replace(path)
     env = {
         "FER_CLIP_MODEL": "ViT-B-32",
-        "FER_CLIP_WEIGHTS": str(path),
+        "FER_CLIP_WEIGHTS": "random",
         "FER_PROJECTION": "random",
         "FER_PREPROCESS": "exp-clip",
     }
@@ -251,7 +240,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     cache = args.cache_dir
     cache.mkdir(parents=True, exist_ok=True)
     model = args.model or ("demo" if args.quick else "vit-b-32")
-    env, model_name = model_env(model, cache)
+    env, model_name = model_env(model)
     env["FER_DTYPE"] = args.dtype  # the raw encoder and both services run in the same precision
     jpeg = face_jpeg(*IMAGE_SIZE)
     clips = [(cached_clip(cache, seconds, height), seconds, height) for seconds, height in plan.clips]
@@ -357,7 +346,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cache-dir",
         type=Path,
         default=Path(tempfile.gettempdir()) / "fer-bench",
-        help="clips, weights, service logs",
+        help="clips and service logs",
     )
     parser.add_argument(
         "--client-processes",
