@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -172,8 +173,8 @@ def measure_video(
     result = run_load(
         service.base_url, upload, concurrency=1, requests=plan.video_repeats, time_limit_s=plan.time_limit_s
     )
-    latencies = sorted(1000 * s for s in result.latencies_s)
-    decode = sorted(t["decode_ms"] for t in result.timings if isinstance(t.get("decode_ms"), int | float))
+    latencies = [1000 * s for s in result.latencies_s]
+    decode = [t["decode_ms"] for t in result.timings if isinstance(t.get("decode_ms"), int | float)]
     width, height = clip_size(height)
     row = {
         "clip": f"{seconds:g} s {height}p",
@@ -184,8 +185,8 @@ def measure_video(
         "ok": result.ok,
         "requests": result.requested,
         "failures": dict(result.failures),
-        "latency_ms": latencies[len(latencies) // 2] if latencies else None,
-        "decode_ms": decode[len(decode) // 2] if decode else None,
+        "latency_ms": statistics.median(latencies) if latencies else None,
+        "decode_ms": statistics.median(decode) if decode else None,
     }
     log.info("video %s: latency %s ms, decode %s ms", row["clip"], row["latency_ms"], row["decode_ms"])
     return row
