@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from model.engine import FerEngine
 from model.media import MediaLimits, VideoFrames, decode_image, read_video
@@ -47,3 +48,32 @@ def prepare_video(
         found.append(bool(boxes))
     # The decoded frames (up to ~100 MB at 1080p) are not kept while the request waits in the queue.
     return PreparedVideo(engine.prepare_many(crops), dataclasses.replace(clip, frames=[]), found)
+
+
+def prepare_clip(
+    engine: FerEngine,
+    source: BinaryIO,
+    declared_type: str | None,
+    limits: MediaLimits,
+    frames: int,
+    detect: bool,
+    margin: float,
+) -> PreparedImage | PreparedVideo:
+    """/retrieve's input as a clip: a still image is one frame (its largest face, or the whole image);
+    a gif or a video gives its sampled frames."""
+    if _is_still_image(source, declared_type):
+        return prepare_image(engine, source, limits, detect, 1, margin)
+    return prepare_video(engine, source, limits, frames, detect, margin)
+
+
+def _is_still_image(source: BinaryIO, declared_type: str | None) -> bool:
+    declared = (declared_type or "").lower()
+    if declared.startswith("video/") or declared.startswith("image/gif"):
+        return False
+    try:
+        with Image.open(source) as image:  # reads the header only
+            return not getattr(image, "is_animated", False)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return False  # not a still image we can open: the video path decides (and reports) what it is
+    finally:
+        source.seek(0)

@@ -9,7 +9,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model.engine import FerEngine, Scores
@@ -23,7 +22,7 @@ from model.prompts import (
 )
 from service.app import Runtime
 from service.errors import InvalidField, UnsupportedMediaType
-from service.prepare import prepare_image, prepare_video
+from service.prepare import PreparedImage, prepare_clip, prepare_image, prepare_video
 from service.schemas import (
     ErrorResponse,
     FaceResult,
@@ -104,7 +103,7 @@ async def predict(
     _accept(file, "image/")
     s = runtime.settings
     prepared, features, decoded = await runtime.prepare_and_encode(
-        request, prepare_image, _rewound(file), s.media_limits, detect_faces, s.max_faces, s.face_margin
+        request, prepare_image, file.file, s.media_limits, detect_faces, s.max_faces, s.face_margin
     )
     text = await runtime.class_features(class_list, prompt_set)
     scores = await runtime.offload(engine.classify, features, class_list, prompt_set, text)
@@ -143,7 +142,7 @@ async def predict_video(
     _check_frames(frames, s.max_frames)
     _accept(file, "video/", "image/gif")
     prepared, features, decoded = await runtime.prepare_and_encode(
-        request, prepare_video, _rewound(file), s.media_limits, frames, detect_faces, s.face_margin
+        request, prepare_video, file.file, s.media_limits, frames, detect_faces, s.face_margin
     )
     text = await runtime.class_features(class_list, prompt_set)
     clip_scores, frame_scores = await runtime.offload(
@@ -196,12 +195,17 @@ async def retrieve(
     texts = _parse_descriptions(descriptions, s.max_descriptions, s.max_description_chars)
     _check_frames(frames, s.max_frames)
     _accept(file, "video/", "image/")
-    media = "image" if _is_still_image(file) else "video"
-    if media == "image":  # the largest face (or the whole image) as a one-frame clip
-        args = (prepare_image, _rewound(file), s.media_limits, detect_faces, 1, s.face_margin)
-    else:
-        args = (prepare_video, _rewound(file), s.media_limits, frames, detect_faces, s.face_margin)
-    _, features, decoded = await runtime.prepare_and_encode(request, *args)
+    prepared, features, decoded = await runtime.prepare_and_encode(
+        request,
+        prepare_clip,
+        file.file,
+        file.content_type,
+        s.media_limits,
+        frames,
+        detect_faces,
+        s.face_margin,
+    )
+    media = "image" if isinstance(prepared, PreparedImage) else "video"
     ranking = await batcher.run(lambda: engine.rank(engine.pool(features), texts), items=len(texts))
     return RetrieveResponse(
         media=media,
@@ -230,25 +234,6 @@ def _accept(file: UploadFile, *prefixes: str) -> None:
     if declared in GENERIC_TYPES or any(declared.startswith(p) for p in prefixes):
         return
     raise UnsupportedMediaType(f"{declared} is not accepted here; send {' or '.join(prefixes)}")
-
-
-def _rewound(file: UploadFile):
-    file.file.seek(0)
-    return file.file
-
-
-def _is_still_image(file: UploadFile) -> bool:
-    """For /retrieve: a still image is scored as one frame; a gif or video goes the video path."""
-    declared = (file.content_type or "").lower()
-    if declared.startswith("video/") or declared.startswith("image/gif"):
-        return False
-    try:
-        with Image.open(_rewound(file)) as image:
-            return not getattr(image, "is_animated", False)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        return False  # not a still image we can open: the video path decides (and reports) what it is
-    finally:
-        file.file.seek(0)
 
 
 def _parse_descriptions(raw: str, max_count: int, max_chars: int) -> list[str]:
