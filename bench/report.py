@@ -20,15 +20,11 @@ GPU_CONCURRENCY = 256
 COMPARE = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
 
 
-def mean_batch(metrics_delta: dict[str, float]) -> float | None:
-    """Items per encoder call during a point, from the change in the `fer_batch_size` histogram."""
-    calls = metrics_delta.get("fer_batch_size_count", 0.0)
-    return metrics_delta.get("fer_batch_size_sum", 0.0) / calls if calls else None
-
-
-def _mean_ms(metrics_delta: dict[str, float], name: str) -> float | None:
+def histogram_mean(metrics_delta: dict[str, float], name: str, scale: float = 1.0) -> float | None:
+    """The mean observation of a Prometheus histogram during a point, from the change in its
+    `_sum` and `_count` (e.g. `fer_batch_size`: items per encoder call), times `scale`."""
     count = metrics_delta.get(f"{name}_count", 0.0)
-    return 1000 * metrics_delta.get(f"{name}_sum", 0.0) / count if count else None
+    return scale * metrics_delta.get(f"{name}_sum", 0.0) / count if count else None
 
 
 def mean_timing(timings: Sequence[dict]) -> dict[str, float]:
@@ -54,9 +50,9 @@ def summarise_point(result: LoadResult, batching: bool, metrics_delta: dict[str,
         "wall_s": result.wall_s,
         "throughput": result.throughput,
         **quantiles,
-        "mean_batch": mean_batch(metrics_delta),
-        "mean_queue_wait_ms": _mean_ms(metrics_delta, "fer_queue_wait_seconds"),
-        "mean_model_ms_per_call": _mean_ms(metrics_delta, "fer_model_seconds"),
+        "mean_batch": histogram_mean(metrics_delta, "fer_batch_size"),
+        "mean_queue_wait_ms": histogram_mean(metrics_delta, "fer_queue_wait_seconds", 1000),
+        "mean_model_ms_per_call": histogram_mean(metrics_delta, "fer_model_seconds", 1000),
         # Share of the point's wall time the encoder was running: near 1, the encoder is the bottleneck.
         "encoder_busy": per_second and metrics_delta.get("fer_model_seconds_sum", 0.0) * per_second,
         # Cores the load generator kept busy: on a small machine it competes with the service.

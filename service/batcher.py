@@ -207,6 +207,10 @@ class Batcher:
 
     def _cancel(self, job: _Job) -> None:
         job.cancelled = True
+        self._dequeue(job)
+
+    def _dequeue(self, job: _Job) -> None:
+        """Takes a job's rows that are still queued out of the queue (a split job may have some)."""
         if job in self._queue:
             self._queue.remove(job)
             self._set_depth(self._depth - job.remaining)
@@ -297,8 +301,6 @@ class Batcher:
                 job.future.set_result(job.parts[0] if len(job.parts) == 1 else torch.cat(job.parts))
 
     def _fail(self, job: _Job, exc: Exception) -> None:
-        if job in self._queue:  # a split job: drop its remaining rows too
-            self._queue.remove(job)
-            self._set_depth(self._depth - job.remaining)
+        self._dequeue(job)  # a split job: drop its remaining rows too
         if not job.future.done():
             job.future.set_exception(BatchFailed(str(exc) or type(exc).__name__))

@@ -21,7 +21,7 @@ from PIL import Image
 
 from bench.inputs import cached_clip, clip_size, face_jpeg, make_clip
 from bench.load import LoadResult, Upload, metric_delta, parse_metrics, run_load, split_evenly
-from bench.report import evaluate_targets, format_table, mean_batch, summarise_point
+from bench.report import evaluate_targets, format_table, histogram_mean, summarise_point
 from bench.server import process_cpu_seconds, process_memory_mb
 from model.media import read_video
 
@@ -48,8 +48,8 @@ fer_queue_depth 3.0
     assert before["fer_requests_total"] == 9 and before["fer_queue_depth"] == 3
     after = {**before, "fer_batch_size_count": 9.0, "fer_batch_size_sum": 120.0}
     delta = metric_delta(before, after)
-    assert mean_batch(delta) == 20.0
-    assert mean_batch(metric_delta(before, before)) is None  # no encoder call: no mean
+    assert histogram_mean(delta, "fer_batch_size") == 20.0
+    assert histogram_mean(metric_delta(before, before), "fer_batch_size") is None  # no encoder call: no mean
 
 
 def test_point_summary():
