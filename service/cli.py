@@ -45,8 +45,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"invalid FER_* configuration: {exc}") from None
     check_weights_present(settings.resolve())  # fail in one line now, not in the background later
     dtype_for(settings.dtype, device_for(settings.device))  # so does a device or dtype that cannot work
-    workers = args.workers or settings.workers
-    if workers < 1:
+    workers = settings.workers if args.workers is None else args.workers
+    if workers < 1:  # FER_WORKERS is checked by ServiceSettings; `--workers 0` was silently the setting
         raise ValueError("--workers must be at least 1")
     # Several processes need an import string; each builds `service.app:app` from the same FER_* env.
     app = "service.app:app" if workers > 1 else create_app(settings)
