@@ -534,12 +534,15 @@ def test_fer_serve_refuses_to_start_without_weights(monkeypatch, tmp_path, capsy
     assert "fer weights download exp-clip-b32" in capsys.readouterr().err
 
 
-def test_fer_serve_refuses_a_dtype_the_device_cannot_run(model_env, monkeypatch, capsys):
+def test_fer_serve_refuses_settings_that_cannot_work(model_env, monkeypatch, capsys):
     from model.cli import main
 
     monkeypatch.setenv("FER_DTYPE", "float16")  # model_env sets FER_DEVICE=cpu
     assert main(["serve", "--port", "1"]) == 2
     assert "FER_DTYPE=float16 runs on CUDA only" in capsys.readouterr().err
+    monkeypatch.setenv("FER_DTYPE", "float32")
+    assert main(["serve", "--port", "1", "--workers", "0"]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("preset, expected", [(None, "10000"), ("300000", "300000")])
