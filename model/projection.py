@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from model.files import write_bytes_atomic
 
 FORMAT = "exp-clip-fer/projection"
 FORMAT_VERSION = "1"
@@ -103,9 +105,7 @@ def save_projection(
         "preprocess": preprocess,
         "training": json.dumps(training or {}, sort_keys=True),
     }
-    tmp = path.with_name(path.name + ".partial")
-    save_file({"weight": weight}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    write_bytes_atomic(path, save({"weight": weight}, metadata=metadata))
     return path
 
 

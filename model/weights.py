@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from model.files import PARTIAL_SUFFIX, hash_into, sha256_file, write_text_atomic
 from model.presets import (
     CLIP_SUBDIR,
     EXP_CLIP_RAW,
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 
 MIRROR_ENV = "FER_WEIGHTS_MIRROR"
 MANIFEST_NAME = "manifest.json"
-PARTIAL_SUFFIX = ".partial"
 DEFAULT_CLIP_SUFFIX = ".safetensors"  # what open_clip's hub entries for the presets give
 TIMEOUT_S = 60
 # Official projections are about 8 MiB (B/32) and 12 MiB (L/14): a mirror sending more than this is
@@ -113,29 +113,8 @@ def mirror_from_env() -> str | None:
 def git_blob_sha1(path: Path) -> str:
     """Git's id of a file's content (SHA-1 of `blob <size>\\0` + content): what a git host lists for it."""
     digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
-    _hash_into(digest, path)
+    hash_into(digest, path)
     return digest.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    """The sha256 of a file, read in blocks (weights and feature shards are too big to read whole)."""
-    digest = hashlib.sha256()
-    _hash_into(digest, path)
-    return digest.hexdigest()
-
-
-def _hash_into(digest, path: Path) -> None:
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Writes under a `.partial` name, then renames: a reader sees the old file or the new one, never
-    half of one (a manifest or a cache index cut short by a crash would hide the files it lists)."""
-    partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 def read_manifest(weights_dir: Path) -> dict[str, dict]:

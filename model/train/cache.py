@@ -29,16 +29,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from model.weights import sha256_file, write_text_atomic
+from model.files import write_bytes_atomic, write_text_atomic
 
 FORMAT = "exp-clip-fer/train-cache"
 FORMAT_VERSION = "1"
@@ -90,7 +89,7 @@ class CacheWriter:
 
     @property
     def n_shards(self) -> int:
-        return -(-self.n_images // self.shard_size)
+        return count_shards(self.n_images, self.shard_size)
 
     def shard_range(self, number: int) -> tuple[int, int]:
         start = number * self.shard_size
@@ -116,16 +115,15 @@ class CacheWriter:
             "teacher": teacher.detach().float().cpu().contiguous(),
             "image_index": image_index.to(torch.int64).cpu().contiguous(),
         }
-        tmp = self.root / f"{name}.partial"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.root / name)
+        data = save(tensors)  # hashed in memory, not read back from disk
+        write_bytes_atomic(self.root / name, data)
         start, stop = self.shard_range(number)
         entry = {
             "file": name,
             "start": start,
             "stop": stop,
             "rows": len(clip),
-            "sha256": sha256_file(self.root / name),
+            "sha256": hashlib.sha256(data).hexdigest(),
             "failed": list(failed),
         }
         shards = [s for s in self.index["shards"] if s["file"] != name] + [entry]
@@ -136,16 +134,23 @@ class CacheWriter:
         write_text_atomic(self.root / INDEX, json.dumps(self.index, indent=1, sort_keys=True))
 
 
-def _memmap(path: Path, name: str) -> np.ndarray:
-    """One float32 tensor of a safetensors file as a read-only memory map (no copy)."""
+def count_shards(n_images: int, shard_size: int) -> int:
+    return -(-n_images // shard_size)
+
+
+def _memmaps(path: Path, names: Sequence[str]) -> list[np.ndarray]:
+    """Float32 tensors of a safetensors file as read-only memory maps (no copy); one header read."""
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
-    info = header[name]
-    if info["dtype"] != "F32":
-        raise CacheError(f"{path}: tensor {name} is {info['dtype']}, expected F32")
-    begin = info["data_offsets"][0]
-    return np.memmap(path, dtype="<f4", mode="r", offset=8 + header_len + begin, shape=tuple(info["shape"]))
+    maps = []
+    for name in names:
+        info = header[name]
+        if info["dtype"] != "F32":
+            raise CacheError(f"{path}: tensor {name} is {info['dtype']}, expected F32")
+        offset = 8 + header_len + info["data_offsets"][0]
+        maps.append(np.memmap(path, dtype="<f4", mode="r", offset=offset, shape=tuple(info["shape"])))
+    return maps
 
 
 class PairCache:
@@ -162,15 +167,16 @@ class PairCache:
         self.index = json.loads(self.index_text)
         if self.index.get("format") != FORMAT:
             raise CacheError(f"{index_path}: format is {self.index.get('format')!r}, expected {FORMAT!r}")
-        expected = -(-self.index["images"]["count"] // self.index["shard_size"])
+        expected = count_shards(self.index["images"]["count"], self.index["shard_size"])
         if len(self.index["shards"]) < expected:
             raise CacheError(
                 f"{self.root} is incomplete ({len(self.index['shards'])} of {expected} shards): "
                 "rerun the same `fer train extract` command to finish it"
             )
         shards = [s for s in self.index["shards"] if s["rows"] > 0]
-        self.clip = [_memmap(self.root / s["file"], "clip") for s in shards]
-        self.teacher = [_memmap(self.root / s["file"], "teacher") for s in shards]
+        pairs = [_memmaps(self.root / s["file"], ("clip", "teacher")) for s in shards]
+        self.clip = [clip for clip, _ in pairs]
+        self.teacher = [teacher for _, teacher in pairs]
         sizes = np.array([s["rows"] for s in shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         if not shards:
