@@ -35,7 +35,6 @@ from pathlib import Path
 from model.files import PARTIAL_SUFFIX, hash_into, sha256_file, write_text_atomic
 from model.presets import (
     CLIP_SUBDIR,
-    EXP_CLIP_RAW,
     PRESETS,
     PROJECTION_RELEASES,
     clip_checkpoint_stem,
@@ -91,8 +90,7 @@ def preset_files(name: str, mirror: str | None = None) -> list[WeightsFile]:
         )
     if preset.projection in PROJECTION_RELEASES:
         release = PROJECTION_RELEASES[preset.projection]
-        base = (mirror or EXP_CLIP_RAW).rstrip("/")
-        url = f"{base}/{release.filename}"
+        url = f"{mirror.rstrip('/')}/{release.filename}" if mirror else release.url
         files.append(
             WeightsFile(
                 kind="projection",

@@ -105,7 +105,8 @@ def choose_classes(labels: Iterable[str], spec: str | None) -> tuple[str, ...]:
     present = {_key(label) for label in labels}
     if spec is not None:
         classes = resolve_classes(spec)
-        unknown = sorted(label for label in labels if _key(label) not in {_key(c) for c in classes})
+        known = {_key(c) for c in classes}
+        unknown = sorted(label for label in labels if _key(label) not in known)
         if unknown:
             raise DatasetError(
                 f"labels not in the class list ({', '.join(classes)}): {', '.join(unknown)}; "

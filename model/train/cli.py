@@ -73,6 +73,11 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
         )
 
 
+def _check_out(out: Path) -> None:
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: the projection file must end in .safetensors")
+
+
 def _device() -> str:
     from model.config import ModelSettings, device_for
 
@@ -104,8 +109,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     from model.train.fit import fit
 
-    if args.out.suffix != ".safetensors":
-        raise ValueError(f"--out {args.out}: the projection file must end in .safetensors")
+    _check_out(args.out)
     cfg = FitConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FitConfig)})
     result = fit(args.cache, args.out, cfg, _device())
     print(
@@ -124,6 +128,5 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.out.suffix != ".safetensors":  # fail before the long part, not after it
-        raise ValueError(f"--out {args.out}: the projection file must end in .safetensors")
+    _check_out(args.out)  # before the long extraction, not after it
     return cmd_extract(args) or cmd_fit(args)
