@@ -1,9 +1,10 @@
-"""The benchmark's pure parts: statistics, target evaluation, the load generator (against a mock
-transport, so no server is needed), /metrics parsing, and the synthetic inputs."""
+"""The benchmark's parts that need no model: statistics, target evaluation, the load generator (against
+stand-in servers on loopback), /metrics parsing, and the synthetic inputs."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -13,19 +14,26 @@ from email.parser import BytesParser
 from email.policy import default as email_policy
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import av
-import httpx
 import pytest
 from PIL import Image
 
 from bench.inputs import cached_clip, clip_size, face_jpeg, make_clip
-from bench.load import LoadResult, Upload, metric_delta, parse_metrics, run_load, split_evenly
+from bench.load import (
+    Connection,
+    LoadResult,
+    Upload,
+    metric_delta,
+    parse_metrics,
+    request_head,
+    run_load,
+    split_evenly,
+)
 from bench.report import evaluate_targets, format_table, histogram_mean, summarise_point
 from bench.server import process_cpu_seconds, process_memory_mb
 from model.media import read_video
-
-BASE = "http://127.0.0.1:9"
 
 
 def test_metrics_are_summed_over_labels_and_differenced():
@@ -179,64 +187,38 @@ def test_upload_is_a_real_multipart_form():
     assert parts["detect_faces"].get_content().strip() == "false"
 
 
-def test_load_generator_bounds_concurrency_and_counts():
-    in_flight, peak = 0, 0
-    calls = 0
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        nonlocal in_flight, peak, calls
-        calls += 1
-        number = calls
-        in_flight += 1
-        peak = max(peak, in_flight)
-        await asyncio.sleep(0.01)
-        in_flight -= 1
-        if number % 5 == 0:
-            return httpx.Response(503)
-        return httpx.Response(200, json={"label": "happiness", "timing": {"decode_ms": 1.5}})
-
-    upload = Upload.multipart("/predict", "a.jpg", b"x", "image/jpeg")
-    result = run_load(
-        BASE, upload, concurrency=4, requests=20, time_limit_s=30, transport=httpx.MockTransport(handler)
-    )
-    assert calls == 20 and peak == 4
-    assert result.ok == 16 and result.failures == {"503": 4} and result.unfinished == 0 and result.complete
-    assert min(result.latencies_s) >= 0.01 and len(result.timings) == 16
-    assert result.throughput == pytest.approx(16 / result.wall_s)
-
-
-def test_load_generator_stops_at_its_time_limit():
-    async def stuck(request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(30)
-        return httpx.Response(200, json={})
-
-    start = time.monotonic()
-    upload = Upload.multipart("/predict", "a.jpg", b"x", "image/jpeg")
-    result = run_load(
-        BASE, upload, concurrency=3, requests=100, time_limit_s=0.3, transport=httpx.MockTransport(stuck)
-    )
-    assert time.monotonic() - start < 5
-    assert result.ok == 0 and result.unfinished == 3 and not result.complete
-
-
-class CountingHandler(BaseHTTPRequestHandler):
-    """A stand-in service: answers every POST after 5 ms, counting requests and the most in flight."""
+class StandIn(BaseHTTPRequestHandler):
+    """A stand-in service on a real socket: answers every POST after `delay_s` (or once `release` is
+    set, when `hold` is on), with a 503 for every `fail_every`-th request, counting requests, the most
+    in flight and the client connections. HTTP/1.1 keeps connections open; HTTP/1.0 closes each."""
 
     lock = threading.Lock()
+    protocol_version = "HTTP/1.1"
+    delay_s = 0.005
+    fail_every = 0
+    hold = False
+    release = threading.Event()
     seen = in_flight = peak = 0
+    peers: ClassVar[set] = set()
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers["content-length"]))
         cls = type(self)
         with cls.lock:
             cls.seen += 1
+            number = cls.seen
             cls.in_flight += 1
             cls.peak = max(cls.peak, cls.in_flight)
-        time.sleep(0.005)
+            cls.peers.add(self.client_address)
+        if cls.hold:
+            cls.release.wait(30)
+        else:
+            time.sleep(cls.delay_s)
         with cls.lock:
             cls.in_flight -= 1
+        status = 503 if cls.fail_every and number % cls.fail_every == 0 else 200
         payload = json.dumps({"label": "neutral", "timing": {"bytes": len(body)}}).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(payload)))
         self.end_headers()
@@ -246,17 +228,87 @@ class CountingHandler(BaseHTTPRequestHandler):
         pass
 
 
-def test_load_split_across_client_processes_over_real_http():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), CountingHandler)
+@contextlib.contextmanager
+def stand_in(**behaviour):
+    """A fresh StandIn subclass with `behaviour` serving on a free loopback port; yields (base URL, class)."""
+    fresh = {"seen": 0, "in_flight": 0, "peak": 0, "peers": set(), "release": threading.Event()}
+    handler = type("Handler", (StandIn,), {**fresh, **behaviour})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        upload = Upload.multipart("/predict", "a.jpg", b"y" * 1000, "image/jpeg")
-        base = f"http://127.0.0.1:{server.server_address[1]}"
-        result = run_load(base, upload, concurrency=5, requests=30, time_limit_s=60, processes=2)
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
     finally:
+        handler.release.set()
         server.shutdown()
-    assert CountingHandler.seen == 30 and CountingHandler.peak <= 5
+        server.server_close()
+
+
+def test_load_generator_bounds_concurrency_counts_and_keeps_connections():
+    upload = Upload.multipart("/predict", "a.jpg", b"x" * 500, "image/jpeg")
+    with stand_in(delay_s=0.01, fail_every=5) as (base, handler):
+        result = run_load(base, upload, concurrency=4, requests=20, time_limit_s=30)
+    assert handler.seen == 20 and handler.peak == 4
+    assert len(handler.peers) == 4  # one keep-alive connection per worker, not one per request
+    assert result.ok == 16 and result.failures == {"503": 4} and result.unfinished == 0 and result.complete
+    assert min(result.latencies_s) >= 0.01 and {t["bytes"] for t in result.timings} == {len(upload.body)}
+    assert len(result.timings) == 16 and result.throughput == pytest.approx(16 / result.wall_s)
+
+
+def test_load_generator_stops_at_its_time_limit():
+    start = time.monotonic()
+    upload = Upload.multipart("/predict", "a.jpg", b"x", "image/jpeg")
+    with stand_in(hold=True) as (base, handler):
+        result = run_load(base, upload, concurrency=3, requests=100, time_limit_s=0.3)
+    assert time.monotonic() - start < 5 and handler.seen == 3
+    assert result.ok == 0 and result.unfinished == 3 and not result.complete
+
+
+def test_connection_reads_chunked_answers_and_reconnects_after_the_server_closes():
+    """The paths uvicorn's answers don't take but a server may: a chunked body (with a trailer) on a
+    connection the server then closes; the next request goes out on a fresh connection."""
+    connections = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(
+            next(
+                v
+                for k, _, v in (line.partition(b":") for line in head.split(b"\r\n"))
+                if k.lower() == b"content-length"
+            )
+        )
+        await reader.readexactly(length)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b'4\r\n{"a"\r\n3;ext=1\r\n: 1\r\n1\r\n}\r\n0\r\nX-Trailer: t\r\n\r\n'
+        )
+        await writer.drain()
+        writer.close()  # and no Connection: close header: the client finds out on its next request
+
+    async def main() -> list[tuple[int, bytes]]:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        connection = Connection("127.0.0.1", port)
+        upload = Upload.multipart("/predict", "a.jpg", b"z" * 100, "image/jpeg")
+        head = request_head(upload, "127.0.0.1", port)
+        try:
+            return [await connection.send(head, upload.body) for _ in range(3)]
+        finally:
+            connection.close()
+            server.close()
+
+    answers = asyncio.run(main())
+    assert answers == [(200, b'{"a": 1}')] * 3 and connections == 3
+
+
+def test_load_split_across_client_processes_over_real_http():
+    upload = Upload.multipart("/predict", "a.jpg", b"y" * 1000, "image/jpeg")
+    with stand_in(protocol_version="HTTP/1.0") as (base, handler):  # closes after each answer
+        result = run_load(base, upload, concurrency=5, requests=30, time_limit_s=60, processes=2)
+    assert handler.seen == 30 and handler.peak <= 5 and len(handler.peers) == 30
     assert result.concurrency == 5 and result.ok == 30 and result.complete
     assert {t["bytes"] for t in result.timings} == {len(upload.body)}
     assert 0 < result.wall_s < 30 and result.throughput == pytest.approx(30 / result.wall_s)
