@@ -1,17 +1,21 @@
 """`python -m bench.run [--quick] [--model vit-b-32|demo] [--out FILE.json]`: one run, one device.
 
-Order: the raw encoder in this process (then freed), the service with batching (load points, video,
-the long run for memory), the service again with FER_MAX_BATCH=1 (the concurrency-32 point). Prints the
-JSON report on stdout (and to --out) and a short table on stderr. Exit code 1 when any request failed
-or did not finish in time: the service, not the targets, is then what needs looking at. Targets are
-reported pass/fail and do not change the exit code.
+The raw encoder is loaded in this process and two services are started: one with batching and one
+with FER_MAX_BATCH=1. First the load sweep on the batching service (concurrency 1, 8, 32, ...); then
+`rounds` interleaved rounds, each measuring the raw encoder, the batching service at concurrency 32,
+the unbatched service at concurrency 32 and the batching service at concurrency 1, one right after the
+other: the targets are the median of the per-round ratios, so a slow spell of a shared machine hits
+both sides of a ratio or only one round. Then video and the long run (memory) on the batching service.
+
+Prints the JSON report on stdout (and to --out) and a short table on stderr. Exit code 1 when any
+request failed or did not finish in time: the service, not the targets, is then what needs looking at.
+Targets are reported pass/fail and do not change the exit code.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import logging
 import math
@@ -22,12 +26,16 @@ import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.inputs import cached_clip, clip_size, face_jpeg
 from bench.load import Upload, metric_delta, run_load
 from bench.report import GPU_CONCURRENCY, TARGET_CONCURRENCY, evaluate_targets, format_table, summarise_point
 from bench.server import Service
 from service.cli import GOMP_SPIN_COUNT
+
+if TYPE_CHECKING:
+    from model.engine import FerEngine
 
 log = logging.getLogger("bench")
 
@@ -46,6 +54,7 @@ class Plan:
     video_repeats: int
     time_limit_s: float  # per load point
     raw_seconds: float  # per raw batch size
+    rounds: int  # interleaved raw / batching on / off / concurrency-1 rounds the targets are read from
     client_processes: int = 1  # load generator processes for the image points (see bench.load)
 
     def requests(self, concurrency: int) -> int:
@@ -62,7 +71,7 @@ def make_plan(quick: bool, device: str, client_processes: int | None = None) -> 
 
 def _default_plan(quick: bool, device: str) -> Plan:
     if quick:
-        return Plan((1, 8, TARGET_CONCURRENCY), 32, 2, 300, ((10, 360), (60, 360)), 2, 60, 1.0)
+        return Plan((1, 8, TARGET_CONCURRENCY), 32, 2, 300, ((10, 360), (60, 360)), 2, 60, 1.0, 2)
     if device == "cuda":
         return Plan(
             (1, 8, TARGET_CONCURRENCY, 128, GPU_CONCURRENCY),
@@ -72,11 +81,13 @@ def _default_plan(quick: bool, device: str) -> Plan:
             ((10, 1080), (600, 1080)),
             3,
             300,
-            5.0,
+            3.0,
+            5,
         )
     # A CPU encodes ViT-B/32 at tens of images/s (README: 13-20 in float32, 46-78 in bfloat16 on 2
-    # cores): counts that keep one run to a few minutes there.
-    return Plan((1, 8, TARGET_CONCURRENCY), 32, 4, 1000, ((10, 1080), (600, 1080)), 3, 300, 5.0)
+    # cores): counts that keep one run to a few minutes there. 8 requests per worker: a concurrency-32
+    # point then spans about 16 batches, not the 8 where filling and draining the pipeline weighed.
+    return Plan((1, 8, TARGET_CONCURRENCY), 32, 8, 1000, ((10, 1080), (600, 1080)), 3, 300, 3.0, 5)
 
 
 def model_env(model: str) -> tuple[dict[str, str], str]:
@@ -95,31 +106,53 @@ def model_env(model: str) -> tuple[dict[str, str], str]:
     return env, "ViT-B-32 (random weights) + random 4096x512 projection"
 
 
-def measure_raw(env: dict[str, str], device: str, plan: Plan, max_batch: int, jpeg: bytes) -> dict:
-    """The encoder's limit at batch 1 and at the service's max batch, and the in-process decode cost."""
-    import torch
-
-    from bench.raw import encoder_speed, prepare_ms
+def raw_engine(env: dict[str, str], device: str) -> FerEngine:
+    """The services' engine, loaded in this process for the raw limit (it stays for the whole run, so
+    the rounds can measure it between service points)."""
     from model.config import ModelSettings
     from model.engine import FerEngine
 
     fields = {k.removeprefix("FER_").lower(): v for k, v in env.items()}
-    engine = FerEngine.from_settings(ModelSettings(**fields, device=device))
-    try:
-        speeds = [encoder_speed(engine, b, plan.raw_seconds) for b in sorted({1, max_batch})]
-        return {
-            "encoder": [s.as_dict() for s in speeds],
-            "decode_prepare_ms": prepare_ms(engine, jpeg),
-            "dtype": engine.dtype_name,
-            "image_size": engine.image_size,
-            "feature_dim": engine.feature_dim,
-            "torch_threads": torch.get_num_threads(),
-        }
-    finally:
-        del engine
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    return FerEngine.from_settings(ModelSettings(**fields, device=device))
+
+
+def measure_raw(engine: FerEngine, plan: Plan, max_batch: int, jpeg: bytes) -> dict:
+    """The encoder's limit at batch 1 and at the service's max batch, and the in-process decode cost."""
+    from bench.raw import encoder_speed, prepare_ms
+
+    speeds = [encoder_speed(engine, b, plan.raw_seconds) for b in sorted({1, max_batch})]
+    return {"encoder": [s.as_dict() for s in speeds], "decode_prepare_ms": prepare_ms(engine, jpeg)}
+
+
+def median_raw(rounds: list[dict]) -> dict:
+    """Each raw figure's median over the rounds (the table's raw line)."""
+    batches = [r["batch"] for r in rounds[0]["raw"]["encoder"]]
+    encoder = []
+    for i, batch in enumerate(batches):
+        per_round = [r["raw"]["encoder"][i] for r in rounds]
+        encoder.append(
+            {
+                "batch": batch,
+                "images_per_s": statistics.median(e["images_per_s"] for e in per_round),
+                "ms_per_call": statistics.median(e["ms_per_call"] for e in per_round),
+            }
+        )
+    decode = statistics.median(r["raw"]["decode_prepare_ms"] for r in rounds)
+    return {"encoder": encoder, "decode_prepare_ms": decode}
+
+
+def measure_round(
+    engine: FerEngine, batching: Service, unbatched: Service, upload: Upload, plan: Plan, jpeg: bytes
+) -> dict:
+    """The figures the ratio targets compare, measured back to back."""
+    raw = measure_raw(engine, plan, int(batching.env["FER_MAX_BATCH"]), jpeg)
+    c = TARGET_CONCURRENCY
+    points = [
+        measure_point(batching, upload, c, plan.requests(c), True, plan),
+        measure_point(unbatched, upload, c, plan.requests(c), False, plan),
+        measure_point(batching, upload, 1, plan.requests(1), True, plan),
+    ]
+    return {"raw": raw, "points": points}
 
 
 def measure_point(
@@ -233,6 +266,8 @@ def machine() -> dict:
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
+    import torch
+
     from model.config import device_for
 
     host = machine()
@@ -246,9 +281,6 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     jpeg = face_jpeg(*IMAGE_SIZE)
     clips = [(cached_clip(cache, seconds, height), seconds, height) for seconds, height in plan.clips]
 
-    log.info("raw encoder on %s", device)
-    raw = measure_raw(env, device, plan, args.max_batch, jpeg)
-
     upload_mb = max(100, math.ceil(max(p.stat().st_size for p, _, _ in clips) / 2**20) + 1)
     service_env = {
         **env,
@@ -258,11 +290,19 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     }
     fields = {"detect_faces": str(args.detect_faces).lower()}
     image = Upload.multipart("/predict", "face.jpg", jpeg, "image/jpeg", fields)
-    points = []
-    with Service(service_env, cache / "service-batching.log") as service:
+    log.info("raw encoder on %s; services with and without batching", device)
+    engine = raw_engine(env, device)
+    with (
+        Service(service_env, cache / "service-batching.log") as service,
+        Service({**service_env, "FER_MAX_BATCH": "1"}, cache / "service-no-batching.log") as unbatched,
+    ):
         warm_up(service, image, 8, plan)
-        for c in plan.concurrency:
-            points.append(measure_point(service, image, c, plan.requests(c), True, plan))
+        warm_up(unbatched, image, 8, plan)
+        points = [measure_point(service, image, c, plan.requests(c), True, plan) for c in plan.concurrency]
+        rounds = []
+        for i in range(plan.rounds):
+            log.info("round %d of %d: raw encoder, batching on, off, concurrency 1", i + 1, plan.rounds)
+            rounds.append(measure_round(engine, service, unbatched, image, plan, jpeg))
         warm_up(
             service,
             Upload.multipart("/predict-video", "w.mp4", clips[0][0].read_bytes(), "video/mp4", fields),
@@ -273,11 +313,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             measure_video(service, path, seconds, height, fields, plan) for path, seconds, height in clips
         ]
         memory = long_run(service, image, plan.long_requests, plan)
-    with Service({**service_env, "FER_MAX_BATCH": "1"}, cache / "service-no-batching.log") as service:
-        warm_up(service, image, 8, plan)
-        points.append(
-            measure_point(service, image, TARGET_CONCURRENCY, plan.requests(TARGET_CONCURRENCY), False, plan)
-        )
+        raw = {
+            **median_raw(rounds),
+            "dtype": engine.dtype_name,
+            "torch_threads": torch.get_num_threads(),
+        }
+        model_facts = {"name": model_name, "image_size": engine.image_size, "feature_dim": engine.feature_dim}
 
     report = {
         "benchmark": "exp-clip-fer service vs its raw encoder",
@@ -286,12 +327,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "quick": args.quick,
         "machine": {**host, "load_average_at_end": os.getloadavg()[0]},
         "device": device,
-        "model": {
-            "name": model_name,
-            "image_size": raw.pop("image_size"),
-            "feature_dim": raw.pop("feature_dim"),
-        },
-        "dtype": raw.pop("dtype"),
+        "model": model_facts,
+        "dtype": raw["dtype"],
         "settings": {
             "max_batch": args.max_batch,
             "service_env": {k: v for k, v in {**os.environ, **service_env}.items() if k.startswith("FER_")},
@@ -302,6 +339,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         },
         "raw": raw,
         "points": points,
+        "rounds": rounds,
         "video": video,
         "memory": memory,
     }
@@ -311,7 +349,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 def incomplete(report: dict) -> list[str]:
     """Load points, videos or the long run with failed or unfinished requests."""
-    rows = [*report["points"], *report["video"], report["memory"]]
+    rows = [
+        *report["points"],
+        *(p for r in report["rounds"] for p in r["points"]),
+        *report["video"],
+        report["memory"],
+    ]
     return [
         json.dumps(
             {k: r.get(k) for k in ("concurrency", "clip", "requests", "failures", "unfinished") if k in r}
