@@ -73,10 +73,12 @@ def _default_plan(quick: bool, device: str) -> Plan:
     if quick:
         return Plan((1, 8, TARGET_CONCURRENCY), 32, 2, 300, ((10, 360), (60, 360)), 2, 60, 1.0, 2)
     if device == "cuda":
+        # A GPU serves on the order of a thousand images/s: 32 requests per worker (at least 1,024)
+        # keep a point to seconds rather than a fraction of one.
         return Plan(
             (1, 8, TARGET_CONCURRENCY, 128, GPU_CONCURRENCY),
-            256,
-            8,
+            1024,
+            32,
             5000,
             ((10, 1080), (600, 1080)),
             3,
