@@ -191,11 +191,12 @@ async def drive(
                 if status != 200:
                     result.failures[str(status)] += 1
                     continue
-                timing = json.loads(content).get("timing")
+                answer = json.loads(content)
             except FAILURES as exc:
                 result.failures[type(exc).__name__] += 1
                 continue
             result.latencies_s.append(latency)
+            timing = answer.get("timing") if isinstance(answer, dict) else None
             if isinstance(timing, dict):
                 result.timings.append(timing)
 
@@ -205,10 +206,12 @@ async def drive(
     cpu = time.process_time()
     workers = [asyncio.create_task(worker(connection)) for connection in connections]
     try:
-        _, pending = await asyncio.wait(workers, timeout=time_limit_s)
+        done, pending = await asyncio.wait(workers, timeout=time_limit_s)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        for task in done:
+            task.result()  # a failure the workers don't count (a bug here) stops the benchmark loudly
         result.ended = time.monotonic()
         result.client_cpu_s = time.process_time() - cpu
         result.wall_s = result.ended - start
