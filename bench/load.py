@@ -3,12 +3,12 @@
 Each point sends a fixed number of identical multipart uploads from `concurrency` workers, each on its
 own keep-alive HTTP/1.1 connection. The multipart body is encoded once, by httpx (so it is what a client
 sends), and each worker writes the same prepared bytes and reads the answer with asyncio streams: on a
-small machine the generator shares the cores with the service it measures, and httpx's client costs
-about 2 ms of CPU a request there (measured: 1.75-2.1 ms at concurrency 32), against about a tenth of
-that for the plain stream. A point ends when its requests are done or its time limit passes, whichever
-comes first; requests still in flight at the limit are cancelled and counted as unfinished. A GPU can
-outrun one client process, so a point can be split across client processes that start together and
-whose results are merged.
+small machine the generator shares the cores with the service it measures, and httpx's client cost
+about 2 ms of CPU a request there (measured: 1.75-2.1 ms at concurrency 32), the plain stream 0.1 ms.
+A point ends when its requests are done or its time limit passes, whichever comes first; requests
+still in flight at the limit are cancelled and counted as unfinished. A GPU can outrun one client
+process, so a point can be split across client processes that start together and whose results are
+merged.
 """
 
 from __future__ import annotations
@@ -87,17 +87,11 @@ class Connection:
         self._writer: asyncio.StreamWriter | None = None
 
     async def send(self, head: bytes, body: bytes) -> tuple[int, bytes]:
-        """Writes `head` + `body`; returns (status, response body). Like httpx, it sends once more on a
-        fresh connection when a reused one turns out closed (a server drops idle keep-alive connections)."""
-        reused = self._writer is not None
-        try:
-            return await self._exchange(head, body)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            if not reused:
-                raise
-            return await self._exchange(head, body)
-
-    async def _exchange(self, head: bytes, body: bytes) -> tuple[int, bytes]:
+        """Writes `head` + `body`; returns (status, response body). A connection the server closed while
+        it was idle (uvicorn drops idle keep-alive connections) is replaced before sending; a request
+        is never sent twice, so a server that drops connections shows as failures."""
+        if self._reader is not None and self._reader.at_eof():
+            self.close()
         if self._writer is None:
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
         try:
@@ -105,10 +99,12 @@ class Connection:
             self._writer.write(body)
             await self._writer.drain()
             status, headers, keep_alive = parse_head(await self._reader.readuntil(b"\r\n\r\n"))
-            if "content-length" in headers:
-                content = await self._reader.readexactly(int(headers["content-length"]))
-            elif headers.get("transfer-encoding", "").lower() == "chunked":
+            if 100 <= status < 200 or status in (204, 304):
+                content = b""  # no body, whatever the headers say
+            elif "chunked" in tokens(headers.get("transfer-encoding", "")):  # wins over Content-Length
                 content = await self._read_chunked()
+            elif "content-length" in headers:
+                content = await self._reader.readexactly(int(headers["content-length"]))
             else:  # the body runs to the end of the connection
                 content, keep_alive = await self._reader.read(), False
         except BaseException:
@@ -142,8 +138,13 @@ def parse_head(head: bytes) -> tuple[int, dict[str, str], bool]:
         name, sep, value = line.partition(":")
         if sep:
             headers[name.strip().lower()] = value.strip()
-    keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+    keep_alive = version == "HTTP/1.1" and "close" not in tokens(headers.get("connection", ""))
     return int(status), headers, keep_alive
+
+
+def tokens(value: str) -> set[str]:
+    """A comma-separated header value's tokens, lower-cased: `Connection: keep-alive, close`."""
+    return {token.strip().lower() for token in value.split(",")}
 
 
 # What a request can fail with short of an HTTP error status: connection trouble, a timeout, an answer
@@ -174,10 +175,11 @@ async def drive(
     if concurrency < 1 or requests < 1 or time_limit_s <= 0:
         raise ValueError("concurrency and requests must be at least 1 and the time limit positive")
     url = urlsplit(base_url)
-    head = request_head(upload, url.hostname, url.port)
+    port = url.port or 80
+    head = request_head(upload, url.hostname, port)
     result = LoadResult(concurrency, requests)
     issued = 0
-    connections = [Connection(url.hostname, url.port) for _ in range(min(concurrency, requests))]
+    connections = [Connection(url.hostname, port) for _ in range(min(concurrency, requests))]
 
     async def worker(connection: Connection) -> None:
         nonlocal issued
@@ -228,21 +230,36 @@ def split_evenly(total: int, parts: int) -> list[int]:
     return [share for share in shares if share]
 
 
+def split_load(concurrency: int, requests: int, processes: int) -> list[tuple[int, int]]:
+    """(workers, requests) for each client process: the workers split evenly across the processes and
+    the requests evenly across the workers, so every worker sends about as many and none idles early."""
+    per_worker = split_evenly(requests, concurrency)  # the workers that have something to send
+    jobs, first = [], 0
+    for share in split_evenly(len(per_worker), processes):
+        jobs.append((share, sum(per_worker[first : first + share])))
+        first += share
+    return jobs
+
+
 def run_load(base_url: str, upload: Upload, *, processes: int = 1, **kwargs) -> LoadResult:
     """`drive` in this process, or with its workers and requests split across `processes` clients."""
-    shares = split_evenly(kwargs["concurrency"], processes)
-    if len(shares) == 1:
+    jobs = split_load(kwargs["concurrency"], kwargs["requests"], processes)
+    if len(jobs) == 1:
         return asyncio.run(drive(base_url, upload, **kwargs))
-    counts = split_evenly(kwargs["requests"], len(shares))
     # spawn: forking a process that holds torch's thread pools can deadlock the child.
-    with multiprocessing.get_context("spawn").Pool(len(shares)) as pool:
-        pool.starmap(time.monotonic, [()] * len(shares))  # children started, imports done
+    context = multiprocessing.get_context("spawn")
+    ready = context.Barrier(len(jobs) + 1)
+    with context.Pool(len(jobs), initializer=ready.wait) as pool:
+        ready.wait()  # every child is up with its imports done: none starts late
         start_at = time.monotonic() + 0.5
-        jobs = [
-            (base_url, upload, {**kwargs, "concurrency": c, "requests": r, "start_at": start_at})
-            for c, r in zip(shares, counts, strict=False)
-        ]
-        results = pool.starmap(_drive_in_child, jobs)
+        # One job per child: each job lasts the whole point, so no child is free to take a second.
+        results = pool.starmap(
+            _drive_in_child,
+            [
+                (base_url, upload, {**kwargs, "concurrency": c, "requests": r, "start_at": start_at})
+                for c, r in jobs
+            ],
+        )
     return merge_results(results, start_at)
 
 

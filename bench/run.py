@@ -71,25 +71,45 @@ def make_plan(quick: bool, device: str, client_processes: int | None = None) -> 
 
 def _default_plan(quick: bool, device: str) -> Plan:
     if quick:
-        return Plan((1, 8, TARGET_CONCURRENCY), 32, 2, 300, ((10, 360), (60, 360)), 2, 60, 1.0, 2)
+        return Plan(
+            concurrency=(1, 8, TARGET_CONCURRENCY),
+            min_requests=32,
+            requests_per_worker=2,
+            long_requests=300,
+            clips=((10, 360), (60, 360)),
+            video_repeats=2,
+            time_limit_s=60,
+            raw_seconds=1.0,
+            rounds=2,
+        )
     if device == "cuda":
         # A GPU serves on the order of a thousand images/s: 32 requests per worker (at least 1,024)
         # keep a point to seconds rather than a fraction of one.
         return Plan(
-            (1, 8, TARGET_CONCURRENCY, 128, GPU_CONCURRENCY),
-            1024,
-            32,
-            5000,
-            ((10, 1080), (600, 1080)),
-            3,
-            300,
-            3.0,
-            5,
+            concurrency=(1, 8, TARGET_CONCURRENCY, 128, GPU_CONCURRENCY),
+            min_requests=1024,
+            requests_per_worker=32,
+            long_requests=5000,
+            clips=((10, 1080), (600, 1080)),
+            video_repeats=3,
+            time_limit_s=300,
+            raw_seconds=3.0,
+            rounds=5,
         )
     # A CPU encodes ViT-B/32 at tens of images/s (README: 12-23 in float32, 39-84 in bfloat16 on 2
     # cores): counts that keep one run to a few minutes there. 8 requests per worker: a concurrency-32
     # point then spans about 16 batches, not the 8 where filling and draining the pipeline weighed.
-    return Plan((1, 8, TARGET_CONCURRENCY), 32, 8, 1000, ((10, 1080), (600, 1080)), 3, 300, 3.0, 5)
+    return Plan(
+        concurrency=(1, 8, TARGET_CONCURRENCY),
+        min_requests=32,
+        requests_per_worker=8,
+        long_requests=1000,
+        clips=((10, 1080), (600, 1080)),
+        video_repeats=3,
+        time_limit_s=300,
+        raw_seconds=3.0,
+        rounds=5,
+    )
 
 
 def model_env(model: str) -> tuple[dict[str, str], str]:
@@ -359,7 +379,11 @@ def incomplete(report: dict) -> list[str]:
     ]
     return [
         json.dumps(
-            {k: r.get(k) for k in ("concurrency", "clip", "requests", "failures", "unfinished") if k in r}
+            {
+                k: r.get(k)
+                for k in ("concurrency", "batching", "clip", "requests", "failures", "unfinished")
+                if k in r
+            }
         )
         for r in rows
         if r.get("failures") or r.get("unfinished")

@@ -22,14 +22,17 @@ from PIL import Image
 
 from bench.inputs import cached_clip, clip_size, face_jpeg, make_clip
 from bench.load import (
+    FAILURES,
     Connection,
     LoadResult,
     Upload,
     metric_delta,
+    parse_head,
     parse_metrics,
     request_head,
     run_load,
     split_evenly,
+    split_load,
 )
 from bench.report import evaluate_targets, format_table, histogram_mean, summarise_point
 from bench.server import process_cpu_seconds, process_memory_mb
@@ -282,44 +285,80 @@ def test_load_generator_stops_at_its_time_limit():
     assert result.ok == 0 and result.unfinished == 3 and not result.complete
 
 
-def test_connection_reads_chunked_answers_and_reconnects_after_the_server_closes():
-    """The paths uvicorn's answers don't take but a server may: a chunked body (with a trailer) on a
-    connection the server then closes; the next request goes out on a fresh connection."""
-    connections = 0
+def raw_server(answer: bytes | None):
+    """An asyncio server that reads one request per connection, then writes `answer` (None: nothing)
+    and closes the connection without saying so in a header. Returns (handler, connection count)."""
+    seen = {"connections": 0}
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen["connections"] += 1
         head = await reader.readuntil(b"\r\n\r\n")
-        length = int(
-            next(
-                v
-                for k, _, v in (line.partition(b":") for line in head.split(b"\r\n"))
-                if k.lower() == b"content-length"
-            )
-        )
-        await reader.readexactly(length)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b'4\r\n{"a"\r\n3;ext=1\r\n: 1\r\n1\r\n}\r\n0\r\nX-Trailer: t\r\n\r\n'
-        )
-        await writer.drain()
-        writer.close()  # and no Connection: close header: the client finds out on its next request
+        _, headers, _ = parse_head(b"HTTP/1.1 200 OK\r\n" + head.split(b"\r\n", 1)[1])  # the same fields
+        await reader.readexactly(int(headers["content-length"]))
+        if answer is not None:
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
 
-    async def main() -> list[tuple[int, bytes]]:
-        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    return handle, seen
+
+
+def send_on_one_connection(handle, times: int, idle_s: float) -> list:
+    """`times` requests on one Connection, `idle_s` apart; each answer or the exception's name."""
+
+    async def main() -> list:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         connection = Connection("127.0.0.1", port)
         upload = Upload.multipart("/predict", "a.jpg", b"z" * 100, "image/jpeg")
         head = request_head(upload, "127.0.0.1", port)
+        answers = []
         try:
-            return [await connection.send(head, upload.body) for _ in range(3)]
+            for _ in range(times):
+                try:
+                    answers.append(await connection.send(head, upload.body))
+                except FAILURES as exc:
+                    answers.append(type(exc).__name__)
+                await asyncio.sleep(idle_s)
+            return answers
         finally:
             connection.close()
             server.close()
 
-    answers = asyncio.run(main())
-    assert answers == [(200, b'{"a": 1}')] * 3 and connections == 3
+    return asyncio.run(main())
+
+
+def test_connection_reads_chunked_answers_and_replaces_a_connection_closed_while_idle():
+    """Paths uvicorn's answers don't take but a server may: a chunked body (a chunk extension, a
+    trailer) on a connection the server then closes while it is idle; the next request goes out on a
+    fresh connection."""
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n"
+        b'4\r\n{"a"\r\n3;ext=1\r\n: 1\r\n1\r\n}\r\n0\r\nX-Trailer: t\r\n\r\n'
+    )
+    handle, seen = raw_server(chunked)
+    assert send_on_one_connection(handle, 3, idle_s=0.05) == [(200, b'{"a": 1}')] * 3
+    assert seen["connections"] == 3
+
+
+def test_a_request_the_server_drops_is_a_failure_and_not_sent_again():
+    handle, seen = raw_server(None)  # reads the request, closes without an answer
+    assert send_on_one_connection(handle, 2, idle_s=0.0) == ["IncompleteReadError"] * 2
+    assert seen["connections"] == 2  # one try each
+
+
+def test_response_heads():
+    assert parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n") == (200, {"content-length": "2"}, True)
+    assert parse_head(b"HTTP/1.1 503 Busy\r\nConnection: keep-alive, Close\r\n\r\n")[::2] == (503, False)
+    assert parse_head(b"HTTP/1.0 200 OK\r\n\r\n")[2] is False  # HTTP/1.0 closes unless told otherwise
+    assert parse_head(b"HTTP/1.1 204 No Content\r\nX-A:b:c\r\n\r\n")[1] == {"x-a": "b:c"}
+
+
+def test_requests_are_split_by_each_client_process_s_workers():
+    assert split_load(8, 1024, 6) == [(2, 256), (2, 256), (1, 128), (1, 128), (1, 128), (1, 128)]
+    assert split_load(5, 30, 2) == [(3, 18), (2, 12)]
+    assert split_load(5, 3, 2) == [(2, 2), (1, 1)]  # fewer requests than workers: idle workers dropped
+    assert split_load(4, 10, 1) == [(4, 10)]
 
 
 def test_load_split_across_client_processes_over_real_http():
