@@ -96,7 +96,7 @@ def _default_plan(quick: bool, device: str) -> Plan:
             raw_seconds=3.0,
             rounds=5,
         )
-    # A CPU encodes ViT-B/32 at tens of images/s (README: 12-23 in float32, 39-84 in bfloat16 on 2
+    # A CPU encodes ViT-B/32 at tens of images/s (README: 12-23 in float32, 39-85 in bfloat16 on 2
     # cores): counts that keep one run to a few minutes there. 8 requests per worker: a concurrency-32
     # point then spans about 16 batches, not the 8 where filling and draining the pipeline weighed.
     return Plan(
