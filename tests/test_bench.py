@@ -35,6 +35,7 @@ from bench.load import (
     split_load,
 )
 from bench.report import evaluate_targets, format_table, histogram_mean, summarise_point
+from bench.run import incomplete, median_raw
 from bench.server import process_cpu_seconds, process_memory_mb
 from model.media import read_video
 
@@ -175,6 +176,20 @@ def test_targets_are_the_median_of_the_rounds():
     assert latency.rounds == (120 / 105, 120 / 255, 200 / 105) and latency.value == 120 / 105
     table = format_table({**report, "targets": [t.as_dict() for t in targets.values()]})
     assert "rounds: 0.75 0.9 0.95" in table and "round 3: raw batch 1 10.0, batch 32 20.0 img/s" in table
+
+
+def test_raw_figures_are_the_median_of_the_rounds_and_failures_in_rounds_are_reported():
+    report = report_for()
+    report["rounds"] = [round_for(raw1=4.0), round_for(raw1=10.0), round_for(raw1=12.0)]
+    raw = median_raw(report["rounds"])
+    assert [e["images_per_s"] for e in raw["encoder"]] == [10.0, 20.0] and raw["decode_prepare_ms"] == 5.0
+    assert raw["encoder"][0]["ms_per_call"] == 100.0
+    report["memory"]["failures"] = {}
+    assert incomplete(report) == []
+    report["rounds"][2]["points"][1].update(requests=10, failures={"503": 2})
+    assert [json.loads(line) for line in incomplete(report)] == [
+        {"concurrency": 32, "batching": False, "requests": 10, "failures": {"503": 2}}
+    ]
 
 
 def test_missing_figures_are_not_a_pass():
