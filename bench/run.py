@@ -61,55 +61,48 @@ class Plan:
         return max(self.min_requests, self.requests_per_worker * concurrency)
 
 
+# A CPU encodes ViT-B/32 at tens of images/s (README: 12-23 in float32, 39-85 in bfloat16 on 2 cores):
+# counts that keep one run to a few minutes there. 8 requests per worker: a concurrency-32 point then
+# spans about 16 batches, not the 8 where filling and draining the pipeline weighed.
+CPU_PLAN = Plan(
+    concurrency=(1, 8, TARGET_CONCURRENCY),
+    min_requests=32,
+    requests_per_worker=8,
+    long_requests=1000,
+    clips=((10, 1080), (600, 1080)),
+    video_repeats=3,
+    time_limit_s=300,
+    raw_seconds=3.0,
+    rounds=5,
+)
+# A GPU serves on the order of a thousand images/s: 32 requests per worker (at least 1,024) keep a point
+# to seconds rather than a fraction of one; the long run is longer too.
+GPU_PLAN = dataclasses.replace(
+    CPU_PLAN,
+    concurrency=(1, 8, TARGET_CONCURRENCY, 128, GPU_CONCURRENCY),
+    min_requests=1024,
+    requests_per_worker=32,
+    long_requests=5000,
+)
+# CI's smoke run: small counts, short low-resolution clips.
+QUICK_PLAN = dataclasses.replace(
+    CPU_PLAN,
+    requests_per_worker=2,
+    long_requests=300,
+    clips=((10, 360), (60, 360)),
+    video_repeats=2,
+    time_limit_s=60,
+    raw_seconds=1.0,
+    rounds=2,
+)
+
+
 def make_plan(quick: bool, device: str, client_processes: int | None = None) -> Plan:
-    plan = _default_plan(quick, device)
+    plan = QUICK_PLAN if quick else GPU_PLAN if device == "cuda" else CPU_PLAN
     # A GPU outruns one client process; a small CPU machine has no cores to spare for more.
     if client_processes is None:
         client_processes = max(1, min(8, (os.cpu_count() or 1) // 2)) if device == "cuda" else 1
     return dataclasses.replace(plan, client_processes=client_processes)
-
-
-def _default_plan(quick: bool, device: str) -> Plan:
-    if quick:
-        return Plan(
-            concurrency=(1, 8, TARGET_CONCURRENCY),
-            min_requests=32,
-            requests_per_worker=2,
-            long_requests=300,
-            clips=((10, 360), (60, 360)),
-            video_repeats=2,
-            time_limit_s=60,
-            raw_seconds=1.0,
-            rounds=2,
-        )
-    if device == "cuda":
-        # A GPU serves on the order of a thousand images/s: 32 requests per worker (at least 1,024)
-        # keep a point to seconds rather than a fraction of one.
-        return Plan(
-            concurrency=(1, 8, TARGET_CONCURRENCY, 128, GPU_CONCURRENCY),
-            min_requests=1024,
-            requests_per_worker=32,
-            long_requests=5000,
-            clips=((10, 1080), (600, 1080)),
-            video_repeats=3,
-            time_limit_s=300,
-            raw_seconds=3.0,
-            rounds=5,
-        )
-    # A CPU encodes ViT-B/32 at tens of images/s (README: 12-23 in float32, 39-85 in bfloat16 on 2
-    # cores): counts that keep one run to a few minutes there. 8 requests per worker: a concurrency-32
-    # point then spans about 16 batches, not the 8 where filling and draining the pipeline weighed.
-    return Plan(
-        concurrency=(1, 8, TARGET_CONCURRENCY),
-        min_requests=32,
-        requests_per_worker=8,
-        long_requests=1000,
-        clips=((10, 1080), (600, 1080)),
-        video_repeats=3,
-        time_limit_s=300,
-        raw_seconds=3.0,
-        rounds=5,
-    )
 
 
 def model_env(model: str) -> tuple[dict[str, str], str]:
