@@ -245,7 +245,7 @@ def run_load(base_url: str, upload: Upload, *, processes: int = 1, **kwargs) -> 
     """`drive` in this process, or with its workers and requests split across `processes` clients."""
     jobs = split_load(kwargs["concurrency"], kwargs["requests"], processes)
     if len(jobs) == 1:
-        return asyncio.run(drive(base_url, upload, **kwargs))
+        return _drive_in_child(base_url, upload, kwargs)
     # spawn: forking a process that holds torch's thread pools can deadlock the child.
     context = multiprocessing.get_context("spawn")
     ready = context.Barrier(len(jobs) + 1)
@@ -264,6 +264,7 @@ def run_load(base_url: str, upload: Upload, *, processes: int = 1, **kwargs) -> 
 
 
 def _drive_in_child(base_url: str, upload: Upload, kwargs: dict) -> LoadResult:
+    """One client: `drive` on its own event loop (in this process, or in a pool's child)."""
     return asyncio.run(drive(base_url, upload, **kwargs))
 
 
