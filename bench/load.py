@@ -4,7 +4,8 @@ Each point sends a fixed number of identical multipart uploads from `concurrency
 own keep-alive HTTP/1.1 connection. The multipart body is encoded once, by httpx (so it is what a client
 sends), and each worker writes the same prepared bytes and reads the answer with asyncio streams: on a
 small machine the generator shares the cores with the service it measures, and httpx's client cost
-about 2 ms of CPU a request there (measured: 1.75-2.1 ms at concurrency 32), the plain stream 0.1 ms.
+1.9 ms of CPU a request there at concurrency 32, the plain stream 0.11 ms (the benchmark report's client
+cores / images/s, README).
 A point ends when its requests are done or its time limit passes, whichever comes first; requests
 still in flight at the limit are cancelled and counted as unfinished. A GPU can outrun one client
 process, so a point can be split across client processes that start together and whose results are
