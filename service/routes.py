@@ -40,7 +40,8 @@ GENERIC_TYPES = {"", "application/octet-stream"}
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 429, 500, 503)}
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request
     return request.app.state.runtime
 
 

@@ -154,6 +154,24 @@ def test_only_the_device_thread_runs_torch_on_several_threads(engine):
     assert torch.get_num_threads() == default
 
 
+def test_inference_requests_take_no_hop_through_the_generic_thread_pool(client, monkeypatch):
+    """Starlette runs plain `def` dependencies and endpoints in anyio's thread pool: a thread hop per
+    request on the event loop's critical path. Decode and scoring have their own pool (Runtime.offload)."""
+    import anyio.to_thread
+
+    hops = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(func, *args, **kwargs):
+        hops.append(getattr(func, "__name__", repr(func)))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    for _ in range(2):
+        assert post_image(client, png(face_image()), detect_faces="false").status_code == 200
+    assert hops == []
+
+
 def test_a_failed_load_is_reported_by_readyz(engine):
     def missing(_):
         raise MissingWeightsError("CLIP weights are not in weights/: run `fer weights download exp-clip-b32`")
