@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class LoadResult:
     wall_s: float = 0.0
     ended: float = 0.0  # time.monotonic() at the end: the same clock in every process on one machine
     client_cpu_s: float = 0.0  # CPU the client process(es) used while driving: the generator's own cost
+    client_pids: list[int] = field(default_factory=list)  # the process(es) that drove it
 
     @property
     def ok(self) -> int:
@@ -178,7 +180,7 @@ async def drive(
     url = urlsplit(base_url)
     port = url.port or 80
     head = request_head(upload, url.hostname, port)
-    result = LoadResult(concurrency, requests)
+    result = LoadResult(concurrency, requests, client_pids=[os.getpid()])
     issued = 0
     connections = [Connection(url.hostname, port) for _ in range(min(concurrency, requests))]
 
@@ -277,6 +279,7 @@ def merge_results(results: list[LoadResult], start_at: float) -> LoadResult:
         merged.timings += r.timings
         merged.unfinished += r.unfinished
         merged.client_cpu_s += r.client_cpu_s
+        merged.client_pids += r.client_pids
     merged.ended = max(r.ended for r in results)
     merged.wall_s = merged.ended - start_at
     return merged

@@ -60,6 +60,7 @@ def summarise_point(result: LoadResult, batching: bool, metrics_delta: dict[str,
         "encoder_busy": per_second and metrics_delta.get("fer_model_seconds_sum", 0.0) * per_second,
         # Cores the load generator kept busy: on a small machine it competes with the service.
         "client_cpu_cores": per_second and result.client_cpu_s * per_second,
+        "client_processes": len(set(result.client_pids)),
         "server_timing_ms": mean_timing(result.timings),
     }
 

@@ -385,6 +385,7 @@ def test_load_split_across_client_processes_over_real_http():
     assert {t["bytes"] for t in result.timings} == {len(upload.body)}
     assert 0 < result.wall_s < 30 and result.throughput == pytest.approx(30 / result.wall_s)
     assert 0 < result.client_cpu_s < 2 * result.wall_s  # the drive only, not the children's start-up
+    assert len(set(result.client_pids)) == 2 and os.getpid() not in result.client_pids
     assert split_evenly(5, 2) == [3, 2] and split_evenly(1, 4) == [1] and split_evenly(9, 3) == [3, 3, 3]
 
 
