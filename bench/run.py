@@ -61,7 +61,7 @@ class Plan:
         return max(self.min_requests, self.requests_per_worker * concurrency)
 
 
-# A CPU encodes ViT-B/32 at tens of images/s (README: 12-23 in float32, 39-85 in bfloat16 on 2 cores):
+# A CPU encodes ViT-B/32 at tens of images/s (README: 13-22 in float32, 37-84 in bfloat16 on 2 cores):
 # counts that keep one run to a few minutes there. 8 requests per worker: a concurrency-32 point then
 # spans about 16 batches, not the 8 where filling and draining the pipeline weighed.
 CPU_PLAN = Plan(
