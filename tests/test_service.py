@@ -10,6 +10,7 @@ import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
 
+import anyio.to_thread
 import httpx
 import pytest
 import torch
@@ -154,11 +155,9 @@ def test_only_the_device_thread_runs_torch_on_several_threads(engine):
     assert torch.get_num_threads() == default
 
 
-def test_inference_requests_take_no_hop_through_the_generic_thread_pool(client, monkeypatch):
+def test_predict_takes_no_hop_through_the_generic_thread_pool(client, monkeypatch):
     """Starlette runs plain `def` dependencies and endpoints in anyio's thread pool: a thread hop per
     request on the event loop's critical path. Decode and scoring have their own pool (Runtime.offload)."""
-    import anyio.to_thread
-
     hops = []
     real = anyio.to_thread.run_sync
 
