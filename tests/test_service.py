@@ -155,7 +155,7 @@ def test_only_the_device_thread_runs_torch_on_several_threads(engine):
     assert torch.get_num_threads() == default
 
 
-def test_predict_takes_no_hop_through_the_generic_thread_pool(client, monkeypatch):
+def test_inference_requests_take_no_hop_through_the_generic_thread_pool(client, monkeypatch, tmp_path):
     """Starlette runs plain `def` dependencies and endpoints in anyio's thread pool: a thread hop per
     request on the event loop's critical path. Decode and scoring have their own pool (Runtime.offload)."""
     hops = []
@@ -166,8 +166,16 @@ def test_predict_takes_no_hop_through_the_generic_thread_pool(client, monkeypatc
         return await real(func, *args, **kwargs)
 
     monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
-    for _ in range(2):
-        assert post_image(client, png(face_image()), detect_faces="false").status_code == 200
+    clip = make_video(tmp_path / "c.mp4", 20).read_bytes()
+    for path, data in (
+        ("/predict", {"detect_faces": "false"}),
+        ("/predict-video", {"frames": "4"}),
+        ("/retrieve", {"descriptions": json.dumps(["smiles", "frowns"])}),
+    ):
+        upload = (
+            ("c.png", png(face_image()), "image/png") if path == "/predict" else ("c.mp4", clip, "video/mp4")
+        )
+        assert client.post(path, files={"file": upload}, data=data).status_code == 200, path
     assert hops == []
 
 
