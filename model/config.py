@@ -99,9 +99,8 @@ def device_for(choice: str) -> str:
 
 def dtype_for(choice: str, device: str) -> torch.dtype:
     """The CLIP encoders' precision. `auto`: float16 on CUDA; on CPU bfloat16 where the CPU computes it
-    natively (AVX512-BF16 or AMX; 3.4-4.0x faster than float32 for ViT-B/32 on the build machine, README
-    "Benchmark"), else
-    float32. W and the scores stay float32 whatever the choice."""
+    natively (AVX512-BF16 or AMX; the README's "Precision" gives the measured speed-up), else float32.
+    W and the scores stay float32 whatever the choice."""
     import torch
 
     if choice == "auto":
