@@ -37,7 +37,11 @@ class QueueFull(Exception):
     def __init__(self, retry_after_s: int):
         super().__init__("the inference queue is full, retry later")
         self.retry_after_s = retry_after_s
-        self.headers = {"Retry-After": str(retry_after_s)}  # what the HTTP answer carries
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What the HTTP answer carries (the error handler passes any exception's `headers` on)."""
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class ClientGone(Exception):
