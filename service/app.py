@@ -45,7 +45,8 @@ class Runtime:
         # thread (this pool, the event loop). Each thread that runs an OpenMP-parallel op keeps a team of
         # its own, and once teams outnumber the cores libgomp stops spin-waiting between ops, so every op
         # of an encoder call pays a wake-up: ViT-B/32 in bfloat16 at batch 1 on 2 cores took 28 ms a
-        # call instead of 19. Read here, before any thread below has changed the count.
+        # call instead of 19 (a one-off timing, commit a327c34; not in the repository). Read here,
+        # before any thread below has changed the count.
         self.device_threads = torch.get_num_threads()
         self.loop_threads: int | None = None
         self.decode_pool = ThreadPoolExecutor(
