@@ -102,7 +102,9 @@ class Connection:
             self._writer.write(body)
             await self._writer.drain()
             status, headers, keep_alive = parse_head(await self._reader.readuntil(b"\r\n\r\n"))
-            if 100 <= status < 200 or status in (204, 304):
+            while 100 <= status < 200:  # an interim answer (100 Continue, ...): the final one follows
+                status, headers, keep_alive = parse_head(await self._reader.readuntil(b"\r\n\r\n"))
+            if status in (204, 304):
                 content = b""  # no body, whatever the headers say
             elif "chunked" in tokens(headers.get("transfer-encoding", "")):  # wins over Content-Length
                 content = await self._read_chunked()

@@ -356,6 +356,12 @@ def test_connection_reads_chunked_answers_and_replaces_a_connection_closed_while
     assert seen["connections"] == 3
 
 
+def test_an_interim_answer_is_skipped_for_the_final_one():
+    handle, seen = raw_server(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+    assert send_on_one_connection(handle, 2, idle_s=0.0) == [(200, b"{}")] * 2
+    assert seen["connections"] == 2  # the stand-in closes after each answer
+
+
 def test_a_request_the_server_drops_is_a_failure_and_not_sent_again():
     handle, seen = raw_server(None)  # reads the request, closes without an answer
     assert send_on_one_connection(handle, 2, idle_s=0.0) == ["IncompleteReadError"] * 2
