@@ -93,6 +93,19 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+def median_raw(rounds: list[dict]) -> dict:
+    """Each raw figure's median over the rounds (the table's raw line). A call's time follows from the
+    median rate, so the two agree (medians taken apart do not, over an even number of rounds)."""
+    encoder = []
+    for i, batch in enumerate(r["batch"] for r in rounds[0]["raw"]["encoder"]):
+        images_per_s = statistics.median(r["raw"]["encoder"][i]["images_per_s"] for r in rounds)
+        encoder.append(
+            {"batch": batch, "images_per_s": images_per_s, "ms_per_call": 1000 * batch / images_per_s}
+        )
+    decode = statistics.median(r["raw"]["decode_prepare_ms"] for r in rounds)
+    return {"encoder": encoder, "decode_prepare_ms": decode}
+
+
 def round_ratios(round_: dict, max_batch: int) -> dict[str, float | None]:
     """One round's ratios (None where a figure is missing): service vs raw, batching on vs off (and
     the raw encoder's own batch-1 vs max-batch gain), concurrency-1 latency vs raw encode + decode."""

@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING
 
 from bench.inputs import cached_clip, clip_size, face_jpeg
 from bench.load import Upload, metric_delta, run_load
-from bench.report import GPU_CONCURRENCY, TARGET_CONCURRENCY, evaluate_targets, format_table, summarise_point
+from bench.report import (
+    GPU_CONCURRENCY,
+    TARGET_CONCURRENCY,
+    evaluate_targets,
+    format_table,
+    median_raw,
+    summarise_point,
+)
 from bench.server import Service
 from service.cli import GOMP_SPIN_COUNT
 
@@ -137,23 +144,6 @@ def measure_raw(engine: FerEngine, plan: Plan, max_batch: int, jpeg: bytes) -> d
 
     speeds = [encoder_speed(engine, b, plan.raw_seconds) for b in sorted({1, max_batch})]
     return {"encoder": [s.as_dict() for s in speeds], "decode_prepare_ms": prepare_ms(engine, jpeg)}
-
-
-def median_raw(rounds: list[dict]) -> dict:
-    """Each raw figure's median over the rounds (the table's raw line)."""
-    batches = [r["batch"] for r in rounds[0]["raw"]["encoder"]]
-    encoder = []
-    for i, batch in enumerate(batches):
-        per_round = [r["raw"]["encoder"][i] for r in rounds]
-        encoder.append(
-            {
-                "batch": batch,
-                "images_per_s": statistics.median(e["images_per_s"] for e in per_round),
-                "ms_per_call": statistics.median(e["ms_per_call"] for e in per_round),
-            }
-        )
-    decode = statistics.median(r["raw"]["decode_prepare_ms"] for r in rounds)
-    return {"encoder": encoder, "decode_prepare_ms": decode}
 
 
 def measure_round(

@@ -34,8 +34,8 @@ from bench.load import (
     split_evenly,
     split_load,
 )
-from bench.report import evaluate_targets, format_table, histogram_mean, summarise_point
-from bench.run import incomplete, median_raw
+from bench.report import evaluate_targets, format_table, histogram_mean, median_raw, summarise_point
+from bench.run import incomplete
 from bench.server import process_cpu_seconds, process_memory_mb
 from model.media import read_video
 
