@@ -152,9 +152,10 @@ def tokens(value: str) -> set[str]:
     return {token.strip().lower() for token in value.split(",")}
 
 
-# What a request can fail with short of an HTTP error status: connection trouble, a timeout, an answer
-# that is not HTTP or not JSON (ValueError covers json.JSONDecodeError).
-FAILURES = (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
+# What a request can fail with short of an HTTP error status: connection trouble or a timeout (both
+# OSError), an answer that is not HTTP or not JSON (ValueError covers json.JSONDecodeError).
+FAILURES = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
+CLIENT_START_TIMEOUT_S = 120.0  # a spawned client process imports the benchmark (seconds) before it drives
 
 
 def request_head(upload: Upload, host: str, port: int) -> bytes:
@@ -255,7 +256,9 @@ def run_load(base_url: str, upload: Upload, *, processes: int = 1, **kwargs) -> 
     context = multiprocessing.get_context("spawn")
     ready = context.Barrier(len(jobs) + 1)
     with context.Pool(len(jobs), initializer=ready.wait) as pool:
-        ready.wait()  # every child is up with its imports done: none starts late
+        # Every child is up with its imports done: none starts late. A child that cannot start
+        # breaks the barrier (BrokenBarrierError) instead of leaving the benchmark waiting for ever.
+        ready.wait(timeout=CLIENT_START_TIMEOUT_S)
         start_at = time.monotonic() + 0.5
         # One job per child: each job lasts the whole point, so no child is free to take a second.
         results = pool.starmap(
