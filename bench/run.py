@@ -68,7 +68,8 @@ class Plan:
         return max(self.min_requests, self.requests_per_worker * concurrency)
 
 
-# A CPU encodes ViT-B/32 at tens of images/s (README: 13-22 in float32, 37-84 in bfloat16 on 2 cores):
+# A CPU encodes ViT-B/32 at tens of images/s (README, rounds table, raw columns: 13-22 in float32,
+# 47-84 in bfloat16 on 2 cores):
 # counts that keep one run to a few minutes there. 8 requests per worker: a concurrency-32 point then
 # spans about 16 batches, not the 8 where filling and draining the pipeline weighed.
 CPU_PLAN = Plan(
@@ -147,10 +148,16 @@ def measure_raw(engine: FerEngine, plan: Plan, max_batch: int, jpeg: bytes) -> d
 
 
 def measure_round(
-    engine: FerEngine, batching: Service, unbatched: Service, upload: Upload, plan: Plan, jpeg: bytes
+    engine: FerEngine,
+    batching: Service,
+    unbatched: Service,
+    upload: Upload,
+    plan: Plan,
+    jpeg: bytes,
+    max_batch: int,
 ) -> dict:
     """The figures the ratio targets compare, measured back to back."""
-    raw = measure_raw(engine, plan, int(batching.env["FER_MAX_BATCH"]), jpeg)
+    raw = measure_raw(engine, plan, max_batch, jpeg)
     c = TARGET_CONCURRENCY
     points = [
         measure_point(batching, upload, c, plan.requests(c), True, plan),
@@ -307,7 +314,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         rounds = []
         for i in range(plan.rounds):
             log.info("round %d of %d: raw encoder, batching on, off, concurrency 1", i + 1, plan.rounds)
-            rounds.append(measure_round(engine, service, unbatched, image, plan, jpeg))
+            rounds.append(measure_round(engine, service, unbatched, image, plan, jpeg, args.max_batch))
         warm_up(
             service,
             Upload.multipart("/predict-video", "w.mp4", clips[0][0].read_bytes(), "video/mp4", fields),
