@@ -380,6 +380,7 @@ def test_requests_are_split_by_each_client_process_s_workers():
     assert split_load(5, 30, 2) == [(3, 18), (2, 12)]
     assert split_load(5, 3, 2) == [(2, 2), (1, 1)]  # fewer requests than workers: idle workers dropped
     assert split_load(4, 10, 1) == [(4, 10)]
+    assert split_evenly(5, 2) == [3, 2] and split_evenly(1, 4) == [1] and split_evenly(9, 3) == [3, 3, 3]
 
 
 def test_load_split_across_client_processes_over_real_http():
@@ -392,7 +393,6 @@ def test_load_split_across_client_processes_over_real_http():
     assert 0 < result.wall_s < 30 and result.throughput == pytest.approx(30 / result.wall_s)
     assert 0 < result.client_cpu_s < 2 * result.wall_s  # the drive only, not the children's start-up
     assert len(set(result.client_pids)) == 2 and os.getpid() not in result.client_pids
-    assert split_evenly(5, 2) == [3, 2] and split_evenly(1, 4) == [1] and split_evenly(9, 3) == [3, 3, 3]
 
 
 def test_load_generator_only_targets_loopback():
