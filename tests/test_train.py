@@ -22,7 +22,7 @@ from model.train.config import INSTRUCTIONS, FitConfig
 from model.train.extract import extract, list_images
 from model.train.fit import fit, symmetric_infonce
 from model.train.teacher import Teacher
-from tests.conftest import TINY_MODEL, face_image, wait_ready
+from tests.conftest import TINY_MODEL, face_image, tiny_settings, wait_ready
 
 TEACHER_IMAGE_SIZE = 32  # not BlipImageProcessor's default (384): proves the saved processor is used
 T5_DIM = 24
@@ -298,14 +298,8 @@ def test_fit_recovers_a_true_linear_map_and_the_engine_serves_it(
     assert saved.metadata["clip_model"] == TINY_MODEL and saved.metadata["preprocess"] == "exp-clip"
 
     # FER_PROJECTION=<file>: the engine's features are L2(W x) of the raw CLIP embedding.
-    served = FerEngine.from_settings(
-        ModelSettings(
-            clip_model=TINY_MODEL, clip_weights=str(tiny_clip_path), projection=str(out), device="cpu"
-        )
-    )
-    plain = FerEngine.from_settings(
-        ModelSettings(clip_model=TINY_MODEL, clip_weights=str(tiny_clip_path), projection="none")
-    )
+    served = FerEngine.from_settings(tiny_settings(tiny_clip_path, out))
+    plain = FerEngine.from_settings(tiny_settings(tiny_clip_path, "none"))  # on the CPU too
     pixels = served.prepare_many([face_image(s) for s in range(3)])
     expected = plain.embed_pixels(pixels) @ saved.weight.T  # W·x; classify and pool normalise later
     torch.testing.assert_close(served.encode_pixels(pixels), expected, atol=1e-5, rtol=1e-5)
