@@ -127,7 +127,9 @@ def test_other_device_work_runs_on_the_device_thread_and_counts_towards_the_queu
         depths = []
         stats = BatchStats(on_depth=depths.append)
         encoder, batcher, running = await held_device(items(1, 2), max_batch=2, max_queue=4, stats=stats)
-        text = asyncio.create_task(batcher.run(lambda: threading.current_thread().name, items=3))
+        text = asyncio.create_task(
+            batcher.run(lambda: (threading.current_thread().name, list(encoder.batches)), items=3)
+        )
         await asyncio.sleep(0.01)
         assert depths[-1] == 3  # the waiting text work shows in the queue depth
         with pytest.raises(QueueFull):
@@ -135,7 +137,8 @@ def test_other_device_work_runs_on_the_device_thread_and_counts_towards_the_queu
         with pytest.raises(QueueFull):
             await batcher.run(lambda: None, items=2)
         encoder.gate.set()
-        assert (await text).startswith("fer-device")  # after the held call, on the same thread
+        thread, encoded_before = await text
+        assert thread.startswith("fer-device") and encoded_before == [[1.0, 2.0]]  # after the held call
         await running
         assert depths[-1] == 0
         assert await batcher.run(lambda: "big", items=100) == "big"  # more than the queue: runs when empty
