@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -201,7 +202,7 @@ class Batcher:
     def retry_after(self) -> int:
         """Seconds until the queue has drained at the recent pace: the Retry-After of a 429."""
         batches = (self._depth + self._other) / self.max_batch
-        return max(1, round(batches * self._mean_call_s + 0.5))
+        return max(1, math.ceil(batches * self._mean_call_s))  # whole seconds, rounded up
 
     def _admit(self, n: int) -> None:
         if n > self.max_queue:

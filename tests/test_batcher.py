@@ -113,8 +113,10 @@ def test_a_full_queue_refuses_with_a_retry_hint():
         batcher._mean_call_s = 3.0  # the recent pace: 3 queued items = 1.5 batches of 3 s
         with pytest.raises(QueueFull) as refused:
             await batcher.submit(items(6, 7))
-        assert refused.value.retry_after_s == 5  # round(1.5 * 3.0 + 0.5)
+        assert refused.value.retry_after_s == 5  # ceil(1.5 * 3.0)
         assert refused.value.headers == {"Retry-After": "5"}
+        batcher._mean_call_s = 2.0
+        assert batcher.retry_after() == 3  # 1.5 x 2 s is 3 whole seconds, not rounded up past them
         encoder.gate.set()
         await asyncio.gather(running, queued)
         await batcher.stop()
