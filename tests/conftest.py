@@ -68,17 +68,17 @@ def model_env(monkeypatch, tiny_clip_path, official_projection_path, tmp_path):
     return env
 
 
-def tiny_settings(clip_path: Path, projection_path: Path, **fields):
-    """ModelSettings for the tiny model files on the CPU (FER_DTYPE from the environment unless given)."""
+def tiny_settings(clip_path: Path, projection_path: Path | str, **fields):
+    """ModelSettings for the tiny model files on the CPU, exp-clip preprocessing (`fields` override;
+    FER_DTYPE from the environment unless given). `projection_path` may be "none"."""
     from model.config import ModelSettings
 
+    defaults = {"preprocess": "exp-clip", "device": "cpu"}
     return ModelSettings(
         clip_model=TINY_MODEL,
         clip_weights=str(clip_path),
         projection=str(projection_path),
-        preprocess="exp-clip",
-        device="cpu",
-        **fields,
+        **defaults | fields,
     )
 
 

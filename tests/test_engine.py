@@ -117,10 +117,7 @@ def test_text_features_are_cached_per_class_and_prompt_set(engine, monkeypatch):
 
 
 def test_plain_clip_uses_the_clip_embedding(tiny_clip_path):
-    settings = ModelSettings(
-        clip_model=TINY_MODEL, clip_weights=str(tiny_clip_path), projection="none", device="cpu"
-    )
-    plain = FerEngine.from_settings(settings)
+    plain = FerEngine.from_settings(tiny_settings(tiny_clip_path, "none"))
     assert plain.projection is None and plain.feature_dim == plain.embed_dim
     features = plain.encode_images([face_image(0)])
     assert features.shape == (1, plain.embed_dim)
@@ -134,11 +131,7 @@ def test_plain_clip_uses_the_clip_embedding(tiny_clip_path):
 
 
 def test_clip_preprocessing_equals_open_clip_transform(tiny_clip_path):
-    plain = FerEngine.from_settings(
-        ModelSettings(
-            clip_model=TINY_MODEL, clip_weights=str(tiny_clip_path), projection="none", preprocess="clip"
-        )
-    )
+    plain = FerEngine.from_settings(tiny_settings(tiny_clip_path, "none", preprocess="clip"))  # on the CPU
     _, _, val_transform = open_clip.create_model_and_transforms(TINY_MODEL, pretrained=str(tiny_clip_path))
     image = face_image(3, size=(120, 90))
     ours = plain.normaliser(plain.prepare(image).unsqueeze(0))[0]
