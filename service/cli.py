@@ -8,8 +8,9 @@ import os
 # How long an idle OpenMP thread spins before it sleeps, read once by libgomp when torch loads it. The
 # default (300,000 spins) keeps the encoder's idle worker busy on a core long after each call, taking the
 # core from decoding and the event loop; 10,000 still spans the gaps between one call's ops. Measured in
-# two alternating pairs of `python -m bench.run` runs (2 cores, ViT-B/32 bfloat16, 2026-11-24): 36.0 and
-# 36.6 vs 31.8 and 28.7 images/s at concurrency 1, 63.4 and 62.7 vs 54.9 and 56.8 at concurrency 32.
+# two alternating pairs of `python -m bench.run` runs, with this setting and with GOMP_SPINCOUNT=300000
+# (2 cores, ViT-B/32 bfloat16, 2026-11-24; the reports are not kept in the repository): 36.0 and 36.6
+# vs 31.8 and 28.7 images/s at concurrency 1, 63.4 and 62.7 vs 54.9 and 56.8 at concurrency 32.
 # Absolute figures move between runs on a shared machine; the pairs compare within minutes.
 GOMP_SPIN_COUNT = "10000"
 
