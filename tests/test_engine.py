@@ -16,14 +16,19 @@ from tests.conftest import TINY_MODEL, face_image, tiny_settings
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_clip_path, official_projection_path):
+def official_clip(tiny_clip_path):
+    """open_clip's model and the official evaluation transform (squash, [0,1], no mean/std)."""
+    model = open_clip.create_model(TINY_MODEL, pretrained=str(tiny_clip_path)).eval()
+    size = model.visual.image_size[0]
+    return model, T.Compose([T.Resize((size, size)), T.ToTensor()])
+
+
+@pytest.fixture(scope="module")
+def reference(official_clip, official_projection_path):
     """The pipeline as the official evaluation computes it, built without any project code."""
-    model, _, _ = open_clip.create_model_and_transforms(TINY_MODEL, pretrained=str(tiny_clip_path))
-    model.eval()
+    model, transform = official_clip
     tokenizer = open_clip.get_tokenizer(TINY_MODEL)
     weight = torch.load(official_projection_path, weights_only=True)["module.projection_head.mlp.weight"]
-    size = model.visual.image_size[0]
-    transform = T.Compose([T.Resize((size, size)), T.ToTensor()])  # official eval: squash, [0,1], no mean/std
 
     def image_features(images):
         """Projected, not normalised: W·x (METHOD.md section 3 pools these before L2)."""
@@ -116,15 +121,14 @@ def test_text_features_are_cached_per_class_and_prompt_set(engine, monkeypatch):
     assert calls == []
 
 
-def test_plain_clip_uses_the_clip_embedding(tiny_clip_path):
+def test_plain_clip_uses_the_clip_embedding(tiny_clip_path, official_clip):
     plain = FerEngine.from_settings(tiny_settings(tiny_clip_path, "none"))
     assert plain.projection is None and plain.feature_dim == plain.embed_dim
     features = plain.encode_images([face_image(0)])
     assert features.shape == (1, plain.embed_dim)
     # open_clip itself, on the official evaluation transform: no projection anywhere.
-    model = open_clip.create_model(TINY_MODEL, pretrained=str(tiny_clip_path)).eval()
-    size = model.visual.image_size[0]
-    pixels = T.Compose([T.Resize((size, size)), T.ToTensor()])(face_image(0).convert("RGB"))
+    model, transform = official_clip
+    pixels = transform(face_image(0).convert("RGB"))
     with torch.no_grad():
         expected = model.encode_image(pixels.unsqueeze(0))
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-4)
