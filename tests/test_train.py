@@ -200,24 +200,29 @@ def test_extract_resumes_without_recomputing_finished_shards(
 
     teacher = Teacher.load(str(teacher_dir), "describer")
     out = tmp_path / "cache"
+
+    def fill(cache_dir, using=teacher, batch_size=2, shard_size=3):
+        # float32: the cached CLIP side is compared with a float32 engine below
+        return extract(
+            images, cache_dir, spec, using, batch_size=batch_size, shard_size=shard_size, clip_dtype="float32"
+        )
+
     # Shards of 3 images, batches of 2: shard 0 takes 2 teacher calls; the 3rd call (shard 1) fails.
     monkeypatch.setattr(Teacher, "features", lambda self, pixels: counting(self, pixels, fail_after=2))
     with pytest.raises(RuntimeError, match="interrupted"):
-        extract(images, out, spec, teacher, batch_size=2, shard_size=3, clip_dtype="float32")
+        fill(out)
     index = json.loads((out / "index.json").read_text())
     assert [s["file"] for s in index["shards"]] == ["shard-00000.safetensors"]
     assert not list(out.glob("*.partial"))
 
     calls.clear()
     monkeypatch.setattr(Teacher, "features", lambda self, pixels: counting(self, pixels))
-    summary = extract(images, out, spec, teacher, batch_size=2, shard_size=3, clip_dtype="float32")
+    summary = fill(out)
     assert summary.shards_skipped == 1 and summary.shards == 3
     assert sum(calls) == 5 - 1  # images of shards 1 and 2, minus the broken one; shard 0 not redone
     assert summary.pairs == 7 and summary.failed == 1
 
-    fresh = extract(
-        images, tmp_path / "fresh", spec, teacher, batch_size=4, shard_size=8, clip_dtype="float32"
-    )
+    fresh = fill(tmp_path / "fresh", batch_size=4, shard_size=8)
     assert fresh.shards == 1
     for resumed, whole in zip(_cache_arrays(out), _cache_arrays(tmp_path / "fresh"), strict=True):
         torch.testing.assert_close(resumed, whole, atol=1e-5, rtol=1e-5)
@@ -244,7 +249,7 @@ def test_extract_resumes_without_recomputing_finished_shards(
     # Resuming into a cache made differently is refused, not mixed.
     other = Teacher.load(str(teacher_dir), "actions")
     with pytest.raises(CacheError, match="different settings"):
-        extract(images, out, spec, other, batch_size=2, shard_size=3, clip_dtype="float32")
+        fill(out, using=other)
 
 
 def _synthetic_cache(root, n=1200, teacher_dim=32, seed=0):
