@@ -3,7 +3,7 @@
 Requests enqueue preprocessed uint8 tensors (a video's frames are items too); the batcher takes up to
 `max_batch` items, waiting at most `max_wait_ms` after the first one while more work is on its way,
 runs ONE encoder call in its own thread (the event loop stays free), and routes each row back to its
-request. A job larger than a batch is split across batches. A failing call fails only the jobs that
+request, on the CPU. A job larger than a batch is split across batches. A failing call fails only the jobs that
 had rows in it. The queue is bounded in items; a cancelled job (client gone) is skipped.
 
 Shaped like LitServe's loops: a monotonic deadline, a size cap, and a batch's error sent to every
@@ -262,7 +262,11 @@ class Batcher:
             self._route(taken, features)
 
     def _encode_parts(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        return self.encode(parts[0] if len(parts) == 1 else torch.cat(parts))
+        """The features come back to the CPU here, so the device thread is busy until the device has
+        finished: a GPU returns from its kernel launches at once, and without the wait the next batch
+        would be taken while this one still ran (small batches), the call's time would count launches
+        only, and the wait would land on the scoring threads."""
+        return self.encode(parts[0] if len(parts) == 1 else torch.cat(parts)).cpu()
 
     async def _gather(self) -> None:
         """Waits for a first item, then until the batch is full, the deadline passes, or no other

@@ -3,9 +3,11 @@ through the same code a real checkpoint takes; synthetic images and videos made 
 
 from __future__ import annotations
 
+import threading
 import time
 from fractions import Fraction
 from pathlib import Path
+from typing import ClassVar
 
 import av
 import numpy as np
@@ -96,6 +98,16 @@ def wait_ready(client) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"never ready: {client.get('/readyz').json()}")
+
+
+class DeviceFeatures(torch.Tensor):
+    """Stands for a tensor on a GPU (none here): records the threads that copy it to the CPU."""
+
+    copied_in: ClassVar[list[str]] = []
+
+    def cpu(self, *args, **kwargs):
+        DeviceFeatures.copied_in.append(threading.current_thread().name)
+        return self.as_subclass(torch.Tensor).clone()
 
 
 def face_image(seed: int = 0, size: tuple[int, int] = (96, 80)) -> Image.Image:

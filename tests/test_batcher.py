@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from service.batcher import Batcher, BatchFailed, BatchStats, ClientGone, QueueFull
+from tests.conftest import DeviceFeatures
 
 
 def items(*values: int) -> torch.Tensor:
@@ -66,6 +67,22 @@ def test_concurrent_requests_share_encoder_calls_and_get_their_own_rows():
     assert batcher.calls < 8 and len(encoder.batches) == batcher.calls
     for i, rows in enumerate(results):
         assert rows.view(-1).tolist() == [10 * i, 10 * (i + 100)]
+
+
+def test_the_device_thread_waits_for_the_device_and_hands_back_cpu_features():
+    async def main():
+        batcher = Batcher(lambda pixels: (pixels * 10).as_subclass(DeviceFeatures), max_wait_ms=0)
+        batcher.start()
+        results = await asyncio.gather(batcher.submit(items(1, 2)), batcher.submit(items(3)))
+        await batcher.stop()
+        return batcher, results
+
+    DeviceFeatures.copied_in.clear()
+    batcher, results = run(main())
+    assert len(DeviceFeatures.copied_in) == batcher.calls
+    assert all(name.startswith("fer-device") for name in DeviceFeatures.copied_in)
+    assert [type(rows) for rows in results] == [torch.Tensor, torch.Tensor]
+    assert [rows.view(-1).tolist() for rows in results] == [[10.0, 20.0], [30.0]]
 
 
 def test_a_job_larger_than_a_batch_is_split_and_reassembled_in_order():
