@@ -181,6 +181,8 @@ class FerEngine:
     def class_features(self, classes: tuple[str, ...], prompt_set: str) -> torch.Tensor:
         """[C, P, feature_dim] text features, computed once per (class set, prompt set) and cached.
 
+        Kept on the CPU, so scoring (a small product) runs there: on a GPU, the service's scoring threads
+        would otherwise queue behind the encoder's next batch on the device.
         The lock is not held while encoding, so a new class list never stalls requests whose features
         are cached; two requests racing on the same new list may both encode it (same result)."""
         key = (classes, prompt_set)
@@ -189,9 +191,8 @@ class FerEngine:
             if cached is not None:
                 self._text_cache.move_to_end(key)
                 return cached
-        features = self.encode_texts(prompt_texts(classes, prompt_set)).view(
-            len(classes), -1, self.feature_dim
-        )
+        features = self.encode_texts(prompt_texts(classes, prompt_set)).cpu()
+        features = features.view(len(classes), -1, self.feature_dim)
         with self._text_lock:
             if key not in self._text_cache:
                 self._text_cache[key] = features

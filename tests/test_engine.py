@@ -12,7 +12,7 @@ from model.config import ModelSettings, dtype_for
 from model.engine import FerEngine
 from model.projection import ProjectionError, load_projection, save_projection
 from model.prompts import BASIC7, CLASS_PRESETS, PROMPT_SETS, LabelError, resolve_classes, resolve_prompt_set
-from tests.conftest import TINY_MODEL, face_image, tiny_settings
+from tests.conftest import TINY_MODEL, DeviceFeatures, face_image, tiny_settings
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +263,13 @@ def test_bfloat16_encoders_agree_with_float32(tiny_clip_path, official_projectio
     torch.testing.assert_close(
         scores.probabilities, probabilities(expected, BASIC7, PROMPT_SETS["P-5"]), atol=0.02, rtol=0
     )
+
+
+def test_class_features_are_cached_on_the_cpu(tiny_clip_path, official_projection_path, monkeypatch):
+    engine = FerEngine.from_settings(tiny_settings(tiny_clip_path, official_projection_path))
+    encode_texts = engine.encode_texts
+    monkeypatch.setattr(engine, "encode_texts", lambda texts: encode_texts(texts).as_subclass(DeviceFeatures))
+    DeviceFeatures.copied_in.clear()
+    text = engine.class_features(BASIC7, "P-3")
+    assert type(text) is torch.Tensor and len(DeviceFeatures.copied_in) == 1
+    assert engine.cached_class_features(BASIC7, "P-3") is text
