@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 
 # How long an idle OpenMP thread spins before it sleeps, read once by libgomp when torch loads it. The
 # default (300,000 spins) keeps the encoder's idle worker busy on a core long after each call, taking the
@@ -49,7 +50,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workers = settings.workers if args.workers is None else args.workers
     if workers < 1:  # FER_WORKERS is checked by ServiceSettings; `--workers 0` was silently the setting
         raise ValueError("--workers must be at least 1")
-    # Several processes need an import string; each builds `service.app:app` from the same FER_* env.
-    app = "service.app:app" if workers > 1 else create_app(settings)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=workers)
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+    # Several processes need an import string; each builds `service.app:app` from the same FER_* env,
+    # and their metrics meet in a fresh directory (see service.metrics) unless the user names one.
+    with tempfile.TemporaryDirectory(prefix="fer-metrics-") as fresh:
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", fresh)
+        uvicorn.run(
+            "service.app:app", host=args.host, port=args.port, log_level=args.log_level, workers=workers
+        )
     return 0

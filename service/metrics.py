@@ -1,8 +1,23 @@
-"""Prometheus metrics, one registry per app so several apps (tests) never collide."""
+"""Prometheus metrics, one registry per app so several apps (tests) never collide.
+
+With several server processes (`fer serve --workers N`) each process counts its own requests and
+batches, and /metrics is answered by whichever process takes the connection: `fer serve` then gives
+the workers prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, read when
+prometheus_client is imported), and every scrape reports the live processes' metrics summed."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
 
 from service.batcher import BatchStats
 
@@ -27,7 +42,10 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge(
-            "fer_queue_depth", "Items (images, frames) waiting for the encoder", registry=r
+            "fer_queue_depth",
+            "Items (images, frames) waiting for the encoder",
+            registry=r,
+            multiprocess_mode="livesum",  # several processes: their queues added up
         )
         self.batch_size = Histogram(
             "fer_batch_size", "Items per encoder call", buckets=BATCH_BUCKETS, registry=r
@@ -52,3 +70,21 @@ class Metrics:
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
         self.latency.labels(endpoint, str(status)).observe(seconds)
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this app's registry, or every live server process's metrics summed."""
+        if not multiprocess_dir():
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+    @staticmethod
+    def process_exiting() -> None:
+        """Drops this process's queue-depth gauge from the multiprocess sums (no-op in one process)."""
+        if multiprocess_dir():
+            multiprocess.mark_process_dead(os.getpid())
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")

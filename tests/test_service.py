@@ -669,6 +669,27 @@ def test_fer_serve_with_several_worker_processes():
         workers = [s for s in children if b"spawn_main" in (s.parent / "cmdline").read_bytes()]
         assert len(workers) == 2, "expected one worker process per FER_WORKERS"
 
+        # Fresh connections land on either worker; every scrape counts every process's requests.
+        url = str(http.base_url)
+        for i in range(6):
+            httpx.post(
+                f"{url}/predict", files={"file": ("f.png", png(face_image(i)), "image/png")}, timeout=60
+            )
+        for _ in range(6):
+            assert _predict_requests(httpx.get(f"{url}/metrics", timeout=60).text) == 4 + 6
+
+
+def _predict_requests(exposition: str) -> float:
+    """fer_requests_total for /predict over every status (a worker still loading answers 503)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name == "fer_requests_total" and sample.labels["endpoint"] == "/predict"
+    )
+
 
 def _parent_pid(stat_file) -> int | None:
     try:
