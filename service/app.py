@@ -118,6 +118,7 @@ class Runtime:
             await batcher.submit(warmup)
             await batcher.run(self._default_text_features, engine)
             self.engine, self.batcher = engine, batcher
+            self.metrics.ready.set(1)
             log.info("model %s ready on %s in %s", engine.name, engine.device, engine.dtype)
         except Exception as exc:
             self.load_error = f"the model failed to load: {exc}"

@@ -47,6 +47,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",  # several processes: their queues added up
         )
+        self.ready = Gauge(
+            "fer_ready_processes",
+            "Server processes whose model is loaded and warm (1 per ready process, summed over workers)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.batch_size = Histogram(
             "fer_batch_size", "Items per encoder call", buckets=BATCH_BUCKETS, registry=r
         )

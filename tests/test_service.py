@@ -671,24 +671,32 @@ def test_fer_serve_with_several_worker_processes():
 
         # Fresh connections land on either worker; every scrape counts every process's requests.
         url = str(http.base_url)
-        for i in range(6):
-            httpx.post(
-                f"{url}/predict", files={"file": ("f.png", png(face_image(i)), "image/png")}, timeout=60
-            )
+        deadline = time.monotonic() + 120
+        while _scrape(url).get("fer_ready_processes") != 2:  # the second worker may still be loading
+            assert time.monotonic() < deadline, "the second worker did not report ready"
+            time.sleep(0.2)
+        image = png(face_image(0))
+        fresh = [
+            httpx.post(f"{url}/predict", files={"file": ("f.png", image, "image/png")}, timeout=60)
+            for _ in range(6)
+        ]
+        assert [a.status_code for a in fresh] == [200] * 6
         for _ in range(6):
-            assert _predict_requests(httpx.get(f"{url}/metrics", timeout=60).text) == 4 + 6
+            assert _scrape(url)["fer_requests_total"] == 4 + 6
 
 
-def _predict_requests(exposition: str) -> float:
-    """fer_requests_total for /predict over every status (a worker still loading answers 503)."""
+def _scrape(url: str) -> dict[str, float]:
+    """fer_ready_processes and /predict's fer_requests_total, from a scrape on a fresh connection."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(exposition)
-        for sample in family.samples
-        if sample.name == "fer_requests_total" and sample.labels["endpoint"] == "/predict"
-    )
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=60).text):
+        for sample in family.samples:
+            if sample.name == "fer_ready_processes" or (
+                sample.name == "fer_requests_total" and sample.labels["endpoint"] == "/predict"
+            ):
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
 
 
 def _parent_pid(stat_file) -> int | None:
