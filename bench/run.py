@@ -299,6 +299,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "FER_DEVICE": device,
         "FER_MAX_BATCH": str(args.max_batch),
         "FER_MAX_UPLOAD_MB": str(upload_mb),
+        "FER_WORKERS": str(args.workers),  # set here, so a FER_WORKERS in the caller's env is not inherited
     }
     fields = {"detect_faces": str(args.detect_faces).lower()}
     image = Upload.multipart("/predict", "face.jpg", jpeg, "image/jpeg", fields)
@@ -398,6 +399,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--max-batch", type=int, default=32, help="FER_MAX_BATCH, and the raw batch it is compared with"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="FER_WORKERS: server processes per service (each batches on its own; memory and CPU are "
+        "summed over them)",
     )
     parser.add_argument(
         "--detect-faces", action="store_true", help="ask /predict to detect faces (default: whole image)"

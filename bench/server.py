@@ -1,5 +1,6 @@
-"""`fer serve` as a child process on 127.0.0.1: started on a free port, ready when /readyz says so,
-its memory read from /proc, and stopped (terminate, then kill) when the benchmark is done with it."""
+"""`fer serve` as a child process on 127.0.0.1: started on a free port, ready when every worker
+process has its model loaded (/metrics' fer_ready_processes), its memory and CPU read from /proc
+(summed over its worker processes), and stopped (terminate, then kill) when the benchmark is done."""
 
 from __future__ import annotations
 
@@ -50,11 +51,43 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, from /proc (`fer serve --workers N` is a supervisor and N workers)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    tree, frontier = [pid], {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        tree += sorted(frontier)
+    return tree
+
+
+def tree_memory_mb(pid: int) -> dict[str, float]:
+    """`process_memory_mb` summed over the process tree; the summed peaks bound the tree's peak."""
+    readings = [process_memory_mb(p) for p in process_tree(pid)]
+    return (
+        {key: sum(r.get(key, 0.0) for r in readings) for key in ("rss_mb", "peak_rss_mb")}
+        if readings[0]
+        else {}
+    )
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """`process_cpu_seconds` summed over the process tree (None where `pid` cannot be read)."""
+    readings = [process_cpu_seconds(p) for p in process_tree(pid)]
+    return None if readings[0] is None else sum(r for r in readings if r is not None)
+
+
 class Service:
     """One service process with the given FER_* settings; use as a context manager."""
 
     def __init__(self, env: dict[str, str], log_path: Path, ready_timeout_s: float = 600.0):
         self.env = env
+        self.workers = int(env.get("FER_WORKERS", "1"))  # set by the caller, not inherited (see bench.run)
         self.log_path = log_path
         self.ready_timeout_s = ready_timeout_s
         self.port = free_port()
@@ -101,7 +134,7 @@ class Service:
                     f"the service exited with code {self.process.returncode}:\n{self.log_tail()}"
                 )
             try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=2.0).status_code == 200:
+                if self.metrics().get("fer_ready_processes", 0) >= self.workers:
                     return
             except httpx.HTTPError:
                 pass
@@ -114,13 +147,15 @@ class Service:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def memory_mb(self) -> dict[str, float]:
-        return process_memory_mb(self.process.pid)
+        return tree_memory_mb(self.process.pid)
 
     def cpu_seconds(self) -> float | None:
-        return process_cpu_seconds(self.process.pid)
+        return tree_cpu_seconds(self.process.pid)
 
     def metrics(self) -> dict[str, float]:
-        return parse_metrics(httpx.get(f"{self.base_url}/metrics", timeout=30.0).text)
+        answer = httpx.get(f"{self.base_url}/metrics", timeout=30.0)
+        answer.raise_for_status()
+        return parse_metrics(answer.text)
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

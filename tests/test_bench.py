@@ -36,7 +36,13 @@ from bench.load import (
 )
 from bench.report import evaluate_targets, format_table, histogram_mean, median_raw, summarise_point
 from bench.run import incomplete
-from bench.server import process_cpu_seconds, process_memory_mb
+from bench.server import (
+    process_cpu_seconds,
+    process_memory_mb,
+    process_tree,
+    tree_cpu_seconds,
+    tree_memory_mb,
+)
 from model.media import read_video
 
 
@@ -444,3 +450,26 @@ def test_process_memory_and_cpu_read_proc():
     # `wall`, loosening the upper bound; a reader of the wrong fields or units falls outside.
     assert 0.2 <= used <= wall * (os.cpu_count() or 1) + 0.05
     assert process_cpu_seconds(2**22 + 12345) is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_a_service_s_memory_and_cpu_are_summed_over_its_processes():
+    import subprocess
+    import sys
+
+    burn = "import time\nstart = time.process_time()\nwhile time.process_time() - start < 0.4: pass\ntime.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", burn])
+    try:
+        deadline = time.monotonic() + 30
+        while process_cpu_seconds(child.pid) < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        me = os.getpid()
+        assert process_tree(me)[0] == me and child.pid in process_tree(me)
+        assert child.pid not in process_tree(child.pid)[1:] and process_tree(child.pid) == [child.pid]
+        own, child_memory = process_memory_mb(me)["rss_mb"], process_memory_mb(child.pid)["rss_mb"]
+        assert tree_memory_mb(me)["rss_mb"] >= own + child_memory - 5  # both, give or take pages moving
+        assert tree_cpu_seconds(me) >= process_cpu_seconds(me) + 0.3  # the child's burnt CPU too
+        assert tree_memory_mb(2**22 + 12345) == {} and tree_cpu_seconds(2**22 + 12345) is None
+    finally:
+        child.kill()
+        child.wait()
