@@ -5,8 +5,11 @@
 # Base image: torch from PyPI (2.15, pinned in docker/constraints.txt) is a CUDA 13.2 build that brings
 # its own CUDA user-space libraries (cuBLAS, cuDNN, NCCL, ... as nvidia-* wheels), so the image needs no
 # CUDA toolkit: the `base` flavour of the matching CUDA release is enough. It sets what the NVIDIA
-# container runtime reads (NVIDIA_VISIBLE_DEVICES, NVIDIA_DRIVER_CAPABILITIES) and NVIDIA_REQUIRE_CUDA,
-# so a host whose driver is too old for CUDA 13 fails at start with the runtime's own message.
+# container runtime reads (NVIDIA_VISIBLE_DEVICES, NVIDIA_DRIVER_CAPABILITIES) and NVIDIA_REQUIRE_CUDA.
+# The base's requirement (cuda>=13.2) would refuse R580 drivers, which report CUDA 13.0 but run any
+# CUDA 13.x build by minor version compatibility (NVIDIA: CUDA 13.x needs a driver >= 580), so the
+# final stage lowers it to cuda>=13.0: a host whose driver is too old for CUDA 13 still fails at start
+# with the runtime's own message.
 # The `runtime` and `cudnn-runtime` flavours would add a second, unused copy of those libraries (GBs).
 ARG CUDA_BASE=nvidia/cuda:13.2.0-base-ubuntu24.04
 
@@ -38,6 +41,7 @@ RUN apt-get update \
     && chown fer:fer /app/weights
 COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
+    NVIDIA_REQUIRE_CUDA="cuda>=13.0" \
     PYTHONUNBUFFERED=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
     FER_PRESET=exp-clip-b32 \

@@ -23,6 +23,7 @@ from model.presets import PRESETS
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
+README = ROOT / "README.md"
 WEIGHTS_MOUNT = "/app/weights"
 
 
@@ -121,6 +122,16 @@ def test_image_runs_as_a_non_root_user_with_weights_in_a_volume(dockerfile):
     assert preset in PRESETS
 
 
+def test_image_asks_the_driver_for_its_cuda_major_release_only(dockerfile):
+    """torch's bundled CUDA 13.x libraries run on any CUDA 13 driver (R580+, minor version
+    compatibility); the base image's own requirement names its minor release and would refuse R580."""
+    base = next(args for kw, args in dockerfile if kw == "ARG" and args.startswith("CUDA_BASE="))
+    major = base.split(":", 1)[1].split(".")[0]
+    env = " ".join(args for kw, args in dockerfile if kw == "ENV").replace('"', "")
+    assert f"NVIDIA_REQUIRE_CUDA=cuda>={major}.0 " in env + " "
+    assert "R580" in README.read_text()
+
+
 def test_install_command_is_the_one_ci_runs(dockerfile):
     """The image installs through docker/install.sh, the script .ci/run runs in a fresh venv."""
     installs = [args for kw, args in dockerfile if kw == "RUN" and "install.sh" in args]
@@ -208,7 +219,7 @@ def test_compose_healthcheck_and_command_match_the_image(compose, dockerfile):
 
 
 def test_readme_documents_the_compose_commands(compose):
-    readme = (ROOT / "README.md").read_text()
+    readme = README.read_text()
     assert "docker compose up" in readme
     cpu = next(iter(compose["services"]["fer-cpu"]["profiles"]))
     assert f"docker compose --profile {cpu} up fer-cpu" in readme
