@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -277,7 +278,9 @@ def machine() -> dict:
     }
 
 
-def run_benchmark(args: argparse.Namespace) -> dict:
+def run_benchmark(args: argparse.Namespace, checkpoint: Callable[[dict], None] = lambda report: None) -> dict:
+    """The whole run; `checkpoint(report)` gets the report as it grows (`complete` false until the end),
+    so a run stopped by a time limit keeps what it measured."""
     import torch
 
     from model.config import device_for
@@ -305,43 +308,16 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     image = Upload.multipart("/predict", "face.jpg", jpeg, "image/jpeg", fields)
     log.info("raw encoder on %s; services with and without batching", device)
     engine = raw_engine(env, device)
-    with (
-        Service(service_env, cache / "service-batching.log") as service,
-        Service({**service_env, "FER_MAX_BATCH": "1"}, cache / "service-no-batching.log") as unbatched,
-    ):
-        warm_up(service, image, 8, plan)
-        warm_up(unbatched, image, 8, plan)
-        points = [measure_point(service, image, c, plan.requests(c), True, plan) for c in plan.concurrency]
-        rounds = []
-        for i in range(plan.rounds):
-            log.info("round %d of %d: raw encoder, batching on, off, concurrency 1", i + 1, plan.rounds)
-            rounds.append(measure_round(engine, service, unbatched, image, plan, jpeg, args.max_batch))
-        warm_up(
-            service,
-            Upload.multipart("/predict-video", "w.mp4", clips[0][0].read_bytes(), "video/mp4", fields),
-            1,
-            plan,
-        )
-        video = [
-            measure_video(service, path, seconds, height, fields, plan) for path, seconds, height in clips
-        ]
-        memory = long_run(service, image, plan.long_requests, plan)
-        raw = {
-            **median_raw(rounds),
-            "dtype": engine.dtype_name,
-            "torch_threads": torch.get_num_threads(),
-        }
-        model_facts = {"name": model_name, "image_size": engine.image_size, "feature_dim": engine.feature_dim}
-
     report = {
         "benchmark": "exp-clip-fer service vs its raw encoder",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
+        "complete": False,
         "quick": args.quick,
-        "machine": {**host, "load_average_at_end": os.getloadavg()[0]},
+        "machine": host,
         "device": device,
-        "model": model_facts,
-        "dtype": raw["dtype"],
+        "model": {"name": model_name, "image_size": engine.image_size, "feature_dim": engine.feature_dim},
+        "dtype": engine.dtype_name,
         "settings": {
             "max_batch": args.max_batch,
             "service_env": {k: v for k, v in {**os.environ, **service_env}.items() if k.startswith("FER_")},
@@ -350,13 +326,47 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "detect_faces": args.detect_faces,
             "plan": dataclasses.asdict(plan),
         },
-        "raw": raw,
-        "points": points,
-        "rounds": rounds,
-        "video": video,
-        "memory": memory,
+        "raw": None,  # the median over the rounds, once they are all measured
+        "points": [],
+        "rounds": [],
+        "video": [],
+        "memory": None,
     }
+    with (
+        Service(service_env, cache / "service-batching.log") as service,
+        Service({**service_env, "FER_MAX_BATCH": "1"}, cache / "service-no-batching.log") as unbatched,
+    ):
+        warm_up(service, image, 8, plan)
+        warm_up(unbatched, image, 8, plan)
+        for c in plan.concurrency:
+            report["points"].append(measure_point(service, image, c, plan.requests(c), True, plan))
+            checkpoint(report)
+        for i in range(plan.rounds):
+            log.info("round %d of %d: raw encoder, batching on, off, concurrency 1", i + 1, plan.rounds)
+            report["rounds"].append(
+                measure_round(engine, service, unbatched, image, plan, jpeg, args.max_batch)
+            )
+            checkpoint(report)
+        report["raw"] = {
+            **median_raw(report["rounds"]),
+            "dtype": engine.dtype_name,
+            "torch_threads": torch.get_num_threads(),
+        }
+        warm_up(
+            service,
+            Upload.multipart("/predict-video", "w.mp4", clips[0][0].read_bytes(), "video/mp4", fields),
+            1,
+            plan,
+        )
+        for path, seconds, height in clips:
+            report["video"].append(measure_video(service, path, seconds, height, fields, plan))
+            checkpoint(report)
+        report["memory"] = long_run(service, image, plan.long_requests, plan)
+
+    report["machine"]["load_average_at_end"] = os.getloadavg()[0]
     report["targets"] = [t.as_dict() for t in evaluate_targets(report)]
+    report["complete"] = True
+    checkpoint(report)
     return report
 
 
@@ -421,7 +431,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="load generator processes (default: 1 on CPU, cores/2 up to 8 on CUDA)",
     )
-    parser.add_argument("--out", type=Path, help="also write the JSON report here")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="also write the JSON report here, rewritten after each step (`complete` is false until the end)",
+    )
     return parser.parse_args(argv)
 
 
@@ -431,11 +445,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPIN_COUNT)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress
-    report = run_benchmark(args)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+
+    def save(report: dict) -> None:
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    report = run_benchmark(args, save)
+    print(json.dumps(report, indent=2))
     print(format_table(report), file=sys.stderr)
     problems = incomplete(report)
     for problem in problems:

@@ -473,3 +473,17 @@ def test_a_service_s_memory_and_cpu_are_summed_over_its_processes():
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_run_stopped_midway_leaves_its_partial_report_in_out(tmp_path, monkeypatch):
+    import bench.run
+
+    def stopped(args, checkpoint):
+        checkpoint({"complete": False, "points": [{"concurrency": 1}]})
+        raise KeyboardInterrupt  # a time limit or Ctrl-C after the first point
+
+    monkeypatch.setattr(bench.run, "run_benchmark", stopped)
+    out = tmp_path / "report.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.run.main(["--out", str(out)])
+    assert json.loads(out.read_text()) == {"complete": False, "points": [{"concurrency": 1}]}
