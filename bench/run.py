@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -441,6 +442,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A time limit's SIGTERM unwinds like Ctrl-C: the services are stopped, not left running.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     # The raw encoder runs with the OpenMP setting `fer serve` gives the service (set before torch loads).
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPIN_COUNT)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
