@@ -240,12 +240,14 @@ def _accept(file: UploadFile, *prefixes: str) -> None:
 def _parse_descriptions(raw: str, max_count: int, max_chars: int) -> list[str]:
     try:
         texts = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: thousands of nested brackets
         raise InvalidField(
             'descriptions: must be a JSON array of strings, e.g. ["smiles", "frowns"]'
         ) from None
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise InvalidField("descriptions: must be a JSON array of strings")
+    if not all(_is_unicode(t) for t in texts):
+        raise InvalidField("descriptions: a string holds an unpaired surrogate escape (e.g. \\ud800)")
     texts = [t.strip() for t in texts]
     if not texts or any(not t for t in texts):
         raise InvalidField("descriptions: give at least one, and no empty strings")
@@ -254,6 +256,15 @@ def _parse_descriptions(raw: str, max_count: int, max_chars: int) -> list[str]:
     if any(len(t) > max_chars for t in texts):
         raise InvalidField(f"descriptions: each is limited to {max_chars} characters")
     return texts
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string that JSON's \\uXXXX escapes left holding a lone surrogate (no UTF-8 form)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _timing(started: float, decoded: float) -> Timing:
