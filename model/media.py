@@ -23,6 +23,9 @@ Source = str | Path | bytes | BinaryIO
 
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".gif", ".mpg", ".mpeg", ".wmv", ".flv"}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+# The formats Pillow may read. Not every format Pillow knows: EPS would run Ghostscript on an upload
+# where it is installed, and rare readers (DDS, ...) are where malformed files find odd failures.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")  # JPEG covers MPO (camera JPEGs)
 
 # Clips with at most this many frames are decoded straight through (dropping unsampled frames);
 # longer ones seek. Seeking costs a key-frame decode per sample, so it only pays off on long clips.
@@ -32,6 +35,10 @@ SEEK_MIN_GAP_S = 2.0
 # Sampled frames are converted no larger than this (longest side): the encoder needs 224-336 px and face
 # detection 480, and 64 full 4K frames would hold ~1.8 GB per request.
 MAX_FRAME_SIDE = 960
+# Images and frames whose long side is more than this many times the short side are refused: no face
+# photo is shaped so, and the `clip` preprocessing scales the short side up to the model's input (a
+# 1,243-byte 400000x1 PNG would have become a 89,600,000x224 image).
+MAX_ASPECT_RATIO = 100
 
 
 class MediaError(ValueError):
@@ -65,17 +72,26 @@ def _open_bytes(source: Source) -> BinaryIO | str:
     return source
 
 
-def decode_image(source: Source, limits: MediaLimits = DEFAULT_LIMITS) -> Image.Image:
-    """Any PIL-readable image -> RGB, EXIF orientation applied; an animated image gives its first frame.
+def open_image(source: Source) -> Image.Image:
+    """Pillow's lazy open (the header only), limited to IMAGE_FORMATS."""
+    return Image.open(_open_bytes(source), formats=IMAGE_FORMATS)
 
-    The pixel count is checked from the header, before the pixels are decoded."""
+
+def decode_image(source: Source, limits: MediaLimits = DEFAULT_LIMITS) -> Image.Image:
+    """An image in one of IMAGE_FORMATS -> RGB, EXIF orientation applied; an animated image gives its
+    first frame. The pixel count is checked from the header, before the pixels are decoded.
+
+    Pillow's readers raise many kinds of exception on malformed files (SyntaxError, struct.error,
+    EOFError, IndexError, NotImplementedError, ...): any of them is the file's fault, a MediaError."""
     try:
-        image = Image.open(_open_bytes(source))
+        image = open_image(source)
     except Image.DecompressionBombError as exc:  # Pillow's own guard, for headers past ~179M pixels
         raise MediaTooLarge(f"image is over the pixel limit: {exc}") from None
     except UnidentifiedImageError:
         raise MediaError("not a decodable image") from None
-    except (OSError, ValueError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:
         raise MediaError(f"cannot read the image: {exc}") from None
     width, height = image.size
     if width * height > limits.max_image_pixels:
@@ -84,12 +100,20 @@ def decode_image(source: Source, limits: MediaLimits = DEFAULT_LIMITS) -> Image.
         )
     if width == 0 or height == 0:
         raise MediaError("image has zero size")
+    _check_shape("the image", width, height)
     try:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the decoded image
         return image if image.mode == "RGB" else image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:
         raise MediaError(f"image data is truncated or corrupt: {exc}") from None
+
+
+def _check_shape(what: str, width: int, height: int) -> None:
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise MediaError(f"{what} is {width}x{height}: one side is over {MAX_ASPECT_RATIO} times the other")
 
 
 def existing_file(path: str | Path) -> Path:
@@ -136,7 +160,9 @@ class VideoFrames:
 
 def read_video(source: Source, count: int = 16, limits: MediaLimits = DEFAULT_LIMITS) -> VideoFrames:
     try:
-        container = av.open(_open_bytes(source), mode="r")
+        # FFmpeg may open further resources that a file names (an SDP file binds the UDP ports it
+        # names and waits on them; playlists fetch URLs): only the upload or local file itself is read.
+        container = av.open(_open_bytes(source), mode="r", options={"protocol_whitelist": "file"})
     except (av.FFmpegError, OSError, ValueError) as exc:
         raise MediaError(f"not a decodable video: {_first_line(exc)}") from None
     try:
@@ -155,6 +181,8 @@ def _read_frames(container, count: int, limits: MediaLimits) -> VideoFrames:
     if not container.streams.video:
         raise MediaError("the file has no video stream")
     stream = container.streams.video[0]
+    if stream.codec_context is None:  # FFmpeg has no decoder for the stream's codec
+        raise MediaError("the video's codec is not supported")
     stream.thread_type = "AUTO"
     width, height = stream.codec_context.width, stream.codec_context.height
     if width * height > limits.max_video_pixels:
@@ -238,6 +266,7 @@ def _decode_seeking(container, stream, wanted: list[int], fps: float) -> tuple[d
 
 
 def _to_image(frame) -> Image.Image:
+    _check_shape("a video frame", frame.width, frame.height)
     scale = MAX_FRAME_SIDE / max(frame.width, frame.height)
     if scale >= 1:
         return frame.to_image()

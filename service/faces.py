@@ -51,7 +51,11 @@ def _classifier() -> cv2.CascadeClassifier:
 def detect_faces(image: Image.Image, max_faces: int = 10) -> list[Box]:
     """Boxes [x, y, w, h] in `image` coordinates, largest first."""
     scale = min(1.0, DETECT_SIDE / max(image.size))
-    small = image if scale == 1.0 else image.resize((round(image.width * scale), round(image.height * scale)))
+    size = (
+        max(1, round(image.width * scale)),
+        max(1, round(image.height * scale)),
+    )  # a thin strip stays 1 px
+    small = image if scale == 1.0 else image.resize(size)
     grey = cv2.equalizeHist(np.asarray(small.convert("L")))
     min_side = max(20, round(MIN_FACE_FRACTION * min(grey.shape)))
     found = _classifier().detectMultiScale(

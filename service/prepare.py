@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from model.engine import FerEngine
-from model.media import MediaLimits, VideoFrames, decode_image, read_video
+from model.media import MediaLimits, VideoFrames, decode_image, open_image, read_video
 from service.faces import Box, crop_face, detect_faces
 
 
@@ -71,9 +70,11 @@ def _is_still_image(source: BinaryIO, declared_type: str | None) -> bool:
     if declared.startswith("video/") or declared.startswith("image/gif"):
         return False
     try:
-        with Image.open(source) as image:  # reads the header only
+        with open_image(source) as image:  # reads the header only
             return not getattr(image, "is_animated", False)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except MemoryError:
+        raise
+    except Exception:  # any reader failure (see decode_image)
         return False  # not a still image we can open: the video path decides (and reports) what it is
     finally:
         source.seek(0)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import io
+import struct
+import time
 
+import av
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from model.media import (
     MAX_FRAME_SIDE,
@@ -119,3 +123,75 @@ def test_grey_and_exif_rotated_images_become_upright_rgb():
     Image.new("L", (40, 20), 128).save(buffer, "JPEG", exif=exif)
     image = decode_image(buffer.getvalue())
     assert image.mode == "RGB" and image.size == (20, 40)
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def test_a_thin_strip_is_refused_as_an_image_and_as_video_frames(tmp_path):
+    assert decode_image(_encoded(Image.new("RGB", (400, 4)), "PNG")).size == (400, 4)  # 100:1 still serves
+    for size in ((401, 4), (2, 3000), (400000, 1)):
+        with pytest.raises(MediaError, match="over 100 times the other"):
+            decode_image(_encoded(Image.new("L", size), "PNG"))
+    path = tmp_path / "strip.mkv"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 2000, 2, "yuv420p"
+        for _ in range(3):
+            container.mux(
+                stream.encode(av.VideoFrame.from_ndarray(np.zeros((2, 2000, 3), np.uint8), "rgb24"))
+            )
+        container.mux(stream.encode())
+    with pytest.raises(MediaError, match="a video frame is 2000x2"):
+        read_video(path.read_bytes(), 2)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        SyntaxError("APNG contains frame sequence errors"),
+        struct.error("unpack"),
+        NotImplementedError,
+        EOFError,
+    ],
+)
+def test_any_reader_failure_on_a_malformed_image_is_a_media_error(monkeypatch, error):
+    """Pillow's readers fail in many ways on malformed files (these were seen from fuzzed uploads)."""
+    data = _encoded(Image.new("RGB", (32, 32)), "PNG")
+
+    def failing_load(self):
+        raise error
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", failing_load)
+    with pytest.raises(MediaError, match="truncated or corrupt"):
+        decode_image(data)
+
+
+def test_only_common_photo_formats_are_read():
+    dds = (
+        b"DDS " + (124).to_bytes(4, "little") + bytes(120)
+    )  # a DDS header (Pillow raised NotImplementedError)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"  # Pillow would run Ghostscript on it
+    for data in (dds, eps):
+        with pytest.raises(MediaError, match="not a decodable image"):
+            decode_image(data)
+
+
+def test_a_video_codec_ffmpeg_cannot_decode_is_a_media_error(tmp_path):
+    clip = bytearray(make_video(tmp_path / "c.mkv", 5, codec="mpeg4").read_bytes())
+    at = clip.find(b"V_MPEG4/ISO/ASP")
+    clip[at : at + 15] = b"V_MPEX4/ISO/ASP"  # a codec id no decoder knows
+    with pytest.raises(MediaError, match="codec"):
+        read_video(bytes(clip))
+
+
+def test_a_file_naming_network_resources_is_not_followed():
+    """An SDP file makes FFmpeg bind the UDP ports it names and wait ~20 s on them."""
+    sdp = b"v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 127.0.0.1\nt=0 0\nm=video 7100 RTP/AVP 96\n"
+    started = time.monotonic()
+    with pytest.raises(MediaError):
+        read_video(sdp + b"a=rtpmap:96 H264/90000\n")
+    assert time.monotonic() - started < 5  # refused at once, not after FFmpeg's 10 s network timeouts

@@ -344,6 +344,17 @@ def test_text_is_encoded_on_the_device_thread(client, engine, monkeypatch):
             "invalid_field",
         ),
         ("/retrieve", ("a.png", "PNG", "image/png"), {}, 422, "invalid_field"),
+        # Found by fuzzing (each was a 500): a lone surrogate escape, deep nesting, a thin strip with
+        # face detection on.
+        ("/retrieve", ("a.png", "PNG", "image/png"), {"descriptions": '["\\ud800"]'}, 422, "invalid_field"),
+        (
+            "/retrieve",
+            ("a.png", "PNG", "image/png"),
+            {"descriptions": "[" * 5000 + "]" * 5000},
+            422,
+            "invalid_field",
+        ),
+        ("/predict", ("a.png", png(Image.new("RGB", (3000, 2))), "image/png"), {}, 400, "undecodable_media"),
     ],
 )
 def test_bad_input_gets_a_json_error_and_the_service_stays_healthy(
@@ -359,6 +370,19 @@ def test_bad_input_gets_a_json_error_and_the_service_stays_healthy(
     assert answer.json()["error"] == code and answer.json()["detail"]
     assert "Traceback" not in answer.text
     assert post_image(client, png(face_image(0))).status_code == 200
+
+
+def test_a_truncated_animated_gif_without_a_type_is_served_as_the_frames_it_has(client):
+    """Pillow's header check raised IndexError on it (a 500); FFmpeg decodes the frames that are there."""
+    gif = io.BytesIO()
+    face_image(0).save(gif, "GIF", save_all=True, append_images=[face_image(1)])
+    cut = gif.getvalue()[:11300]  # inside the second frame
+    answer = client.post(
+        "/retrieve",
+        files={"file": ("a.gif", cut, "application/octet-stream")},
+        data={"descriptions": '["a"]'},
+    )
+    assert answer.status_code == 200 and answer.json()["media"] == "video"
 
 
 def test_media_over_the_pixel_limit_is_refused_before_decoding(engine):
@@ -704,3 +728,9 @@ def _parent_pid(stat_file) -> int | None:
         return int(stat_file.read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def test_face_detection_on_a_strip_thinner_than_its_downscale_finds_nothing():
+    from service.faces import detect_faces
+
+    assert detect_faces(Image.new("RGB", (3000, 2))) == []  # the short side rounded to 0 px (a 500)
