@@ -160,9 +160,7 @@ class VideoFrames:
 
 def read_video(source: Source, count: int = 16, limits: MediaLimits = DEFAULT_LIMITS) -> VideoFrames:
     try:
-        # FFmpeg may open further resources that a file names (an SDP file binds the UDP ports it
-        # names and waits on them; playlists fetch URLs): only the upload or local file itself is read.
-        container = av.open(_open_bytes(source), mode="r", options={"protocol_whitelist": "file"})
+        container = av.open(_open_bytes(source), mode="r", options={"protocol_whitelist": _protocols(source)})
     except (av.FFmpegError, OSError, ValueError) as exc:
         raise MediaError(f"not a decodable video: {_first_line(exc)}") from None
     try:
@@ -171,6 +169,14 @@ def read_video(source: Source, count: int = 16, limits: MediaLimits = DEFAULT_LI
         raise MediaError(f"video data is corrupt: {_first_line(exc)}") from None
     finally:
         container.close()
+
+
+def _protocols(source: Source) -> str:
+    """What FFmpeg may open. A file can name further resources: an SDP file binds the UDP ports it
+    names and waits on them, a playlist fetches URLs, an ffconcat list reads local files. An upload
+    (bytes, a stream) may open nothing beyond itself ("none" names no protocol); a local path may be
+    read from disk."""
+    return "file" if isinstance(source, str | Path) else "none"
 
 
 def _first_line(exc: Exception) -> str:

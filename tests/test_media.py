@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import time
+from pathlib import Path
 
 import av
 import numpy as np
@@ -97,7 +98,6 @@ def test_image_bomb_is_refused_before_decoding():
 
 def test_a_header_past_pillows_own_bomb_guard_is_media_too_large():
     """A 20000x20000 PNG header (400M pixels) makes Pillow raise in Image.open itself."""
-    import struct
     import zlib
 
     buffer = io.BytesIO()
@@ -186,6 +186,15 @@ def test_a_video_codec_ffmpeg_cannot_decode_is_a_media_error(tmp_path):
     clip[at : at + 15] = b"V_MPEX4/ISO/ASP"  # a codec id no decoder knows
     with pytest.raises(MediaError, match="codec"):
         read_video(bytes(clip))
+
+
+def test_an_uploaded_concat_list_cannot_read_local_files(tmp_path, monkeypatch):
+    make_video(tmp_path / "secret.mp4", 10)
+    monkeypatch.chdir(tmp_path)  # where a relative name in the list resolves
+    listing = b"ffconcat version 1.0\nfile 'secret.mp4'\n"
+    with pytest.raises(MediaError):
+        read_video(listing)
+    assert read_video(Path("secret.mp4"), 4).n_frames == 10  # a local path is still read from disk
 
 
 def test_a_file_naming_network_resources_is_not_followed():
