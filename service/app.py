@@ -180,7 +180,6 @@ def create_app(
         with contextlib.suppress(asyncio.CancelledError):
             await loading
         await runtime.close()
-        runtime.metrics.process_exiting()
 
     from service.routes import router
 

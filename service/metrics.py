@@ -1,13 +1,15 @@
-"""Prometheus metrics, one registry per app so several apps (tests) never collide.
+"""Prometheus metrics, one registry per app so several apps in one process (tests) never collide.
 
 With several server processes (`fer serve --workers N`) each process counts its own requests and
 batches, and /metrics is answered by whichever process takes the connection: `fer serve` then gives
 the workers prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, read when
-prometheus_client is imported), and every scrape reports the live processes' metrics summed."""
+prometheus_client is imported), and every scrape sums the processes' files: counters and histograms
+over every process that has run, gauges (queue depth, ready) over the live ones."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -78,19 +80,24 @@ class Metrics:
         self.latency.labels(endpoint, str(status)).observe(seconds)
 
     def exposition(self) -> bytes:
-        """The text a scrape gets: this app's registry, or every live server process's metrics summed."""
-        if not multiprocess_dir():
+        """The text a scrape gets: this app's registry, or every server process's metrics summed."""
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not directory:
             return generate_latest(self.registry)
+        for path in Path(directory).glob("gauge_live*_*.db"):
+            pid = int(path.stem.rsplit("_", 1)[1])
+            if not _alive(pid):  # exited, cleanly or not (a crash, the OOM killer, uvicorn's restart)
+                multiprocess.mark_process_dead(pid, directory)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
 
-    @staticmethod
-    def process_exiting() -> None:
-        """Drops this process's queue-depth gauge from the multiprocess sums (no-op in one process)."""
-        if multiprocess_dir():
-            multiprocess.mark_process_dead(os.getpid())
 
-
-def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
