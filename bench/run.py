@@ -442,16 +442,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # A time limit's SIGTERM unwinds like Ctrl-C: the services are stopped, not left running.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     # The raw encoder runs with the OpenMP setting `fer serve` gives the service (set before torch loads).
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPIN_COUNT)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress
 
     def save(report: dict) -> None:
-        if args.out:
-            args.out.write_text(json.dumps(report, indent=2) + "\n")
+        if args.out:  # whole or not at all: a stop in the middle of a write leaves the last whole one
+            partial = args.out.with_name(args.out.name + ".partial")
+            partial.write_text(json.dumps(report, indent=2) + "\n")
+            partial.replace(args.out)
 
     report = run_benchmark(args, save)
     print(json.dumps(report, indent=2))
@@ -463,4 +463,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # A time limit's SIGTERM unwinds like Ctrl-C: the services are stopped, not left running.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

@@ -4,8 +4,10 @@ process has its model loaded (/metrics' fer_ready_processes), its memory and CPU
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -111,7 +113,8 @@ class Service:
         with self.log_path.open("wb") as log_file:
             self.process = subprocess.Popen(
                 command,
-                env={**os.environ, **self.env},
+                # Not a caller's PROMETHEUS_MULTIPROC_DIR: two services would share one set of metrics.
+                env={**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}, **self.env},
                 cwd=REPO_ROOT,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -160,10 +163,12 @@ class Service:
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.terminate()
+        self.process.terminate()  # uvicorn's supervisor stops its workers on the way out
         try:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            log.warning("the service did not stop within 20 s of SIGTERM; killing it")
-            self.process.kill()
+            log.warning("the service did not stop within 20 s of SIGTERM; killing it and its workers")
+            for pid in reversed(process_tree(self.process.pid)):  # workers first, so none is orphaned
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.process.wait()
