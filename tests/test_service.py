@@ -345,7 +345,7 @@ def test_text_is_encoded_on_the_device_thread(client, engine, monkeypatch):
         ),
         ("/retrieve", ("a.png", "PNG", "image/png"), {}, 422, "invalid_field"),
         # Found by fuzzing (each was a 500): a lone surrogate escape, deep nesting, a thin strip with
-        # face detection on.
+        # face detection on (now refused by its shape, before detection).
         ("/retrieve", ("a.png", "PNG", "image/png"), {"descriptions": '["\\ud800"]'}, 422, "invalid_field"),
         (
             "/retrieve",
