@@ -3,8 +3,8 @@
 Requests enqueue preprocessed uint8 tensors (a video's frames are items too); the batcher takes up to
 `max_batch` items, waiting at most `max_wait_ms` after the first one while more work is on its way,
 runs ONE encoder call in its own thread (the event loop stays free), and routes each row back to its
-request, on the CPU. A job larger than a batch is split across batches. A failing call fails only the jobs that
-had rows in it. The queue is bounded in items; a cancelled job (client gone) is skipped.
+request, on the CPU. A job larger than a batch is split across batches. A failing call fails only the
+jobs that had rows in it. The queue is bounded in items; a cancelled job (client gone) is skipped.
 
 Shaped like LitServe's loops: a monotonic deadline, a size cap, and a batch's error sent to every
 request in it.

@@ -51,11 +51,8 @@ def _classifier() -> cv2.CascadeClassifier:
 def detect_faces(image: Image.Image, max_faces: int = 10) -> list[Box]:
     """Boxes [x, y, w, h] in `image` coordinates, largest first."""
     scale = min(1.0, DETECT_SIDE / max(image.size))
-    size = (
-        max(1, round(image.width * scale)),
-        max(1, round(image.height * scale)),
-    )  # a thin strip stays 1 px
-    small = image if scale == 1.0 else image.resize(size)
+    width, height = (max(1, round(side * scale)) for side in image.size)  # a thin strip keeps 1 px
+    small = image if scale == 1.0 else image.resize((width, height))
     grey = cv2.equalizeHist(np.asarray(small.convert("L")))
     min_side = max(20, round(MIN_FACE_FRACTION * min(grey.shape)))
     found = _classifier().detectMultiScale(
