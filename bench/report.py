@@ -236,9 +236,14 @@ def format_table(report: dict) -> str:
             f"video {v['clip']}: latency {_fmt(v['latency_ms'], '.0f')} ms, decode {_fmt(v['decode_ms'], '.0f')} ms"
         )
     m = report["memory"]
+    device = (
+        f"; device peak {_fmt(m['device_peak_after_first_10pct_mb'], '.0f')} -> {_fmt(m['device_peak_end_mb'], '.0f')} MiB"
+        if m.get("device_peak_end_mb") is not None
+        else ""
+    )
     lines.append(
         f"memory: peak RSS {_fmt(m.get('peak_rss_mb'), '.0f')} MiB, growth {_fmt(100 * m['growth'] if m.get('growth') is not None else None)}% "
-        f"over {m.get('requests', 0)} requests"
+        f"over {m.get('requests', 0)} requests{device}"
     )
     lines.append("")
     for t in report["targets"]:

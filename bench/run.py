@@ -248,9 +248,9 @@ def long_run(service: Service, upload: Upload, requests: int, plan: Plan) -> dic
         "processes": plan.client_processes,
     }
     head = run_load(service.base_url, upload, requests=first, **kwargs)
-    early = service.memory_mb()
+    early, early_device = service.memory_mb(), service.metrics().get("fer_device_peak_bytes")
     tail = run_load(service.base_url, upload, requests=requests - first, **kwargs)
-    end = service.memory_mb()
+    end, end_device = service.memory_mb(), service.metrics().get("fer_device_peak_bytes")
     growth = end["rss_mb"] / early["rss_mb"] - 1 if early and end else None
     log.info("long run: %d requests, RSS %s -> %s MiB", requests, early.get("rss_mb"), end.get("rss_mb"))
     return {
@@ -263,6 +263,9 @@ def long_run(service: Service, upload: Upload, requests: int, plan: Plan) -> dic
         "rss_end_mb": end.get("rss_mb"),
         "peak_rss_mb": end.get("peak_rss_mb"),
         "growth": growth,
+        # A GPU's peak allocation (torch's), after the first 10% and at the end; None on a CPU.
+        "device_peak_after_first_10pct_mb": None if early_device is None else early_device / 2**20,
+        "device_peak_end_mb": None if end_device is None else end_device / 2**20,
     }
 
 

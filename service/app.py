@@ -108,7 +108,7 @@ class Runtime:
                 max_batch=s.max_batch,
                 max_wait_ms=s.max_wait_ms,
                 max_queue=s.max_queue,
-                stats=self.metrics.batch_stats(),
+                stats=self.metrics.batch_stats(_device_peak_bytes(engine.device)),
                 threads=self.device_threads,
             )
             batcher.start()
@@ -139,6 +139,13 @@ class Runtime:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         if self.loop_threads:
             torch.set_num_threads(self.loop_threads)
+
+
+def _device_peak_bytes(device: torch.device):
+    """How to read a GPU's peak allocation (None on a CPU: RSS tells that story)."""
+    if device.type != "cuda":
+        return None
+    return lambda: torch.cuda.max_memory_allocated(device)
 
 
 class RequestMetrics:

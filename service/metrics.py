@@ -9,6 +9,7 @@ over every process that has run, gauges (queue depth, ready) over the live ones.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import (
@@ -68,10 +69,23 @@ class Metrics:
             "fer_model_seconds", "Time of one encoder call", buckets=LATENCY_BUCKETS, registry=r
         )
 
-    def batch_stats(self) -> BatchStats:
+    def batch_stats(self, device_peak_bytes: Callable[[], int] | None = None) -> BatchStats:
+        """The batcher's hooks. `device_peak_bytes` (a GPU's peak allocation, read after each encoder
+        call) adds fer_device_peak_bytes; a CPU service has no such gauge rather than a 0."""
+        peak = None
+        if device_peak_bytes is not None:
+            peak = Gauge(
+                "fer_device_peak_bytes",
+                "Peak device memory torch has allocated (summed over worker processes)",
+                registry=self.registry,
+                multiprocess_mode="livesum",
+            )
+
         def on_batch(size: int, seconds: float) -> None:
             self.batch_size.observe(size)
             self.model_time.observe(seconds)
+            if peak is not None:
+                peak.set(device_peak_bytes())
 
         return BatchStats(on_batch=on_batch, on_wait=self.queue_wait.observe, on_depth=self.queue_depth.set)
 

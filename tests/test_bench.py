@@ -215,6 +215,9 @@ def test_table_states_settings_and_verdicts():
     assert "FAIL batching_gain: 1.8 >= 2" in table and "raw encoder alone: 2; rounds: 1.8)" in table
     assert "PASS memory_growth" in table and "n/a  gpu_throughput" in table
     assert "max batch 32" in table and "float32" in table
+    assert "device peak" not in table  # a CPU run has no device figures
+    report["memory"].update(device_peak_after_first_10pct_mb=700.0, device_peak_end_mb=712.0)
+    assert "device peak 700 -> 712 MiB" in format_table(report)
 
 
 def test_upload_is_a_real_multipart_form():

@@ -57,3 +57,33 @@ def test_one_process_scrapes_its_own_registry(tmp_path, monkeypatch):
     first.observe_request("/predict", 200, 0.01)
     assert samples(first.exposition().decode())["fer_requests_total"] == 1
     assert "fer_requests_total" not in samples(second.exposition().decode())
+
+
+def test_a_gpu_service_reports_its_peak_device_memory_and_a_cpu_one_does_not(monkeypatch):
+    from service.metrics import Metrics
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    allocated = iter([1000, 5000])
+    gpu, cpu = Metrics(), Metrics()
+    on_gpu, on_cpu = gpu.batch_stats(lambda: next(allocated)).on_batch, cpu.batch_stats().on_batch
+    for on_batch in (on_gpu, on_gpu, on_cpu):
+        on_batch(8, 0.01)
+
+    def peak(metrics):
+        return [
+            sample.value
+            for family in text_string_to_metric_families(metrics.exposition().decode())
+            for sample in family.samples
+            if sample.name == "fer_device_peak_bytes"
+        ]
+
+    assert peak(gpu) == [5000] and peak(cpu) == []  # read after every call; no 0 on a CPU
+
+
+def test_only_a_cuda_device_is_asked_for_its_peak():
+    import torch
+
+    from service.app import _device_peak_bytes
+
+    assert _device_peak_bytes(torch.device("cpu")) is None
+    assert callable(_device_peak_bytes(torch.device("cuda", 0)))  # not called: no GPU here
