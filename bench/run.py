@@ -41,6 +41,7 @@ from bench.report import (
     summarise_point,
 )
 from bench.server import Service
+from model.files import write_text_atomic
 from service.cli import GOMP_SPIN_COUNT
 
 if TYPE_CHECKING:
@@ -452,9 +453,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(report: dict) -> None:
         if args.out:  # whole or not at all: a stop in the middle of a write leaves the last whole one
-            partial = args.out.with_name(args.out.name + ".partial")
-            partial.write_text(json.dumps(report, indent=2) + "\n")
-            partial.replace(args.out)
+            write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
 
     report = run_benchmark(args, save)
     print(json.dumps(report, indent=2))
