@@ -71,10 +71,10 @@ class Plan:
         return max(self.min_requests, self.requests_per_worker * concurrency)
 
 
-# A CPU encodes ViT-B/32 at tens of images/s (README, rounds table, raw columns: 13-22 in float32,
-# 47-84 in bfloat16 on 2 cores):
-# counts that keep one run to a few minutes there. 8 requests per worker: a concurrency-32 point then
-# spans about 16 batches, not the 8 where filling and draining the pipeline weighed.
+# A CPU encodes ViT-B/32 at tens of images/s (README, rounds table, raw columns: 13-24 in float32,
+# 41-82 in bfloat16 on 2 cores): counts that keep one run to a few minutes there. 8 requests per
+# worker: a concurrency-32 point then spans about 16 batches, not the 8 where filling and draining the
+# pipeline weighed.
 CPU_PLAN = Plan(
     concurrency=(1, 8, TARGET_CONCURRENCY),
     min_requests=32,
