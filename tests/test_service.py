@@ -682,15 +682,20 @@ def test_fer_serve_answers_every_endpoint_with_a_full_size_model(tmp_path):
 def test_fer_serve_with_several_worker_processes():
     from pathlib import Path
 
+    from bench.server import process_tree
+
     with fer_serve({"FER_PRESET": "demo", "FER_DEVICE": "cpu", "FER_WORKERS": "2"}) as (http, server):
         answers = [
             http.post("/predict", files={"file": ("f.png", png(face_image(i)), "image/png")})
             for i in range(4)
         ]
         assert [a.status_code for a in answers] == [200] * 4
-        children = [stat for stat in Path("/proc").glob("[0-9]*/stat") if _parent_pid(stat) == server.pid]
         # uvicorn spawns its workers through multiprocessing; its resource tracker is a child too
-        workers = [s for s in children if b"spawn_main" in (s.parent / "cmdline").read_bytes()]
+        workers = [
+            pid
+            for pid in process_tree(server.pid)[1:]
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
         assert len(workers) == 2, "expected one worker process per FER_WORKERS"
 
         # Fresh connections land on either worker; every scrape counts every process's requests.
@@ -721,13 +726,6 @@ def _scrape(url: str) -> dict[str, float]:
             ):
                 totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
     return totals
-
-
-def _parent_pid(stat_file) -> int | None:
-    try:
-        return int(stat_file.read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def test_face_detection_on_a_strip_thinner_than_its_downscale_finds_nothing():
