@@ -32,9 +32,11 @@ class FakeEncoder:
         return pixels * 10
 
 
-async def held_device(first: torch.Tensor, **kwargs) -> tuple[FakeEncoder, Batcher, asyncio.Task]:
+async def held_device(
+    first: torch.Tensor, encoder: FakeEncoder | None = None, **kwargs
+) -> tuple[FakeEncoder, Batcher, asyncio.Task]:
     """A started batcher (no batch wait) whose device holds `first` until the encoder's gate is set."""
-    encoder = FakeEncoder()
+    encoder = encoder or FakeEncoder()
     encoder.gate.clear()
     batcher = Batcher(encoder, max_wait_ms=0, **kwargs)
     batcher.start()
@@ -101,12 +103,8 @@ def test_a_job_larger_than_a_batch_is_split_and_reassembled_in_order():
 
 def test_a_failing_batch_fails_only_its_requests_and_the_batcher_serves_on():
     async def main():
-        encoder = FakeEncoder(poison=666)
-        batcher = Batcher(encoder, max_batch=2, max_wait_ms=0)
-        batcher.start()
-        encoder.gate.clear()  # hold the device so the next jobs queue up and batch as [1,666], [3]
-        first = asyncio.create_task(batcher.submit(items(0)))
-        await asyncio.sleep(0.05)
+        # The device holds [0] so the next jobs queue up and batch as [1, 666], [3].
+        encoder, batcher, first = await held_device(items(0), FakeEncoder(poison=666), max_batch=2)
         jobs = [asyncio.create_task(batcher.submit(items(v))) for v in (1, 666, 3)]
         await asyncio.sleep(0.05)
         encoder.gate.set()
