@@ -13,9 +13,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.engine import FerEngine
@@ -26,6 +29,8 @@ from service.errors import NotReady, UploadLimit, install_error_handlers
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
 
 EngineFactory = Callable[[ServiceSettings], FerEngine]
 WARMUP_ITEMS = 4
@@ -198,6 +203,12 @@ def create_app(
     )
     app.state.runtime = runtime
     app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
     install_error_handlers(app)
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
     endpoints = {route.path for route in router.routes}
