@@ -1,6 +1,16 @@
-"""Class words and prompt sets: plain data (METHOD.md section 2), plus the checks on user-given lists."""
+"""Class words and prompt sets: plain data, plus the checks on user-given lists.
+
+Prompts follow the official Exp-CLIP code, whose lists produced the paper's tables: the 11 official
+class words get exactly the official lists (`data/official_prompts.json`; for P-4 and P-5 several
+classes have their own wording), any other class word gets the uniform templates below. Every class
+of a set has the same number of prompts, so logits of a mixed class list still view as [N, C, P].
+"""
 
 from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
 
 # The official label order. Dataset presets take a prefix of it.
 CLASS_WORDS: tuple[str, ...] = (
@@ -59,6 +69,7 @@ PROMPT_SETS: dict[str, tuple[str, ...]] = {
     ),
 }
 DEFAULT_PROMPTS = "P-3"
+PROMPT_SET_NAMES: tuple[str, ...] = tuple(PROMPT_SETS)
 
 # Limits on user-given text, so that one request cannot ask for thousands of text encodings.
 MAX_CLASSES = 64
@@ -67,6 +78,21 @@ MAX_PHRASE_CHARS = 200
 
 class LabelError(ValueError):
     """A class list or prompt-set name that cannot be used; the message says what is accepted."""
+
+
+@cache
+def official_prompts() -> dict[str, dict[str, tuple[str, ...]]]:
+    """Prompt set -> official class word -> its exact prompts."""
+    text = (resources.files("model") / "data" / "official_prompts.json").read_text(encoding="utf-8")
+    data = json.loads(text)
+    return {name: {word: tuple(prompts) for word, prompts in data[name].items()} for name in PROMPT_SETS}
+
+
+def class_prompts(word: str, prompt_set: str) -> tuple[str, ...]:
+    """The prompts one class is scored with: the official list for an official word, else the
+    set's uniform templates filled with the word."""
+    official = official_prompts()[prompt_set].get(word)
+    return official if official is not None else tuple(t.format(word) for t in PROMPT_SETS[prompt_set])
 
 
 def resolve_classes(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -84,6 +110,16 @@ def resolve_classes(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str
         raise LabelError(
             f"the class list is empty: give a preset ({', '.join(CLASS_PRESETS)}) or class words"
         )
+    if len(classes) == 1:
+        hint = _close_preset(classes[0])
+        raise LabelError(
+            f"one class given ({classes[0]!r}): zero-shot classification needs at least two classes; "
+            + (
+                f"did you mean {hint}?"
+                if hint
+                else f"give a preset ({', '.join(CLASS_PRESETS)}) or two or more class words"
+            )
+        )
     if len(classes) > MAX_CLASSES:
         raise LabelError(f"{len(classes)} classes given; at most {MAX_CLASSES} are allowed")
     if len(set(classes)) != len(classes):
@@ -94,18 +130,39 @@ def resolve_classes(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str
     return classes
 
 
+def _close_preset(word: str) -> str | None:
+    """A preset the word is probably a typo of: the same up to case and `_` vs `-`, or within two edits."""
+    key = word.strip().lower().replace("_", "-").replace(" ", "-")
+    distances = {name: _edit_distance(key, name) for name in CLASS_PRESETS}
+    best = min(distances, key=distances.get)
+    return best if distances[best] <= 2 else None
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions)."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
 def resolve_prompt_set(name: str | None) -> str:
-    """Normalises `p3`, `P-3`, `3` to `P-3`; anything else is a LabelError listing the sets."""
+    """`P-1` .. `P-5` (the default when None); anything else is a LabelError listing the sets."""
     if name is None:
         return DEFAULT_PROMPTS
-    key = name.strip().upper().replace("P", "").lstrip("-")
-    canonical = f"P-{key}"
-    if canonical not in PROMPT_SETS:
+    if name.strip() not in PROMPT_SETS:
         raise LabelError(f"unknown prompt set {name!r}: choose one of {', '.join(PROMPT_SETS)}")
-    return canonical
+    return name.strip()
+
+
+def prompt_table(classes: tuple[str, ...], prompt_set: str) -> dict[str, list[str]]:
+    """Class -> the exact prompts it is scored with (what a response or an evaluation reports)."""
+    return {c: list(class_prompts(c, prompt_set)) for c in classes}
 
 
 def prompt_texts(classes: tuple[str, ...], prompt_set: str) -> list[str]:
     """All prompts, class-major: [c0p0, c0p1, ..., c1p0, ...] so logits view as [N, C, P]."""
-    templates = PROMPT_SETS[prompt_set]
-    return [t.format(c) for c in classes for t in templates]
+    return [prompt for c in classes for prompt in class_prompts(c, prompt_set)]

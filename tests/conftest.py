@@ -19,6 +19,7 @@ from PIL import Image
 import model.clip  # noqa: F401  (registers the bundled fer-tiny architecture with open_clip)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DOCS = SHARED_DATA.parent / "docs"
 TINY_MODEL = "fer-tiny"
 PROJECTION_DIM = 4096
 INDEX_BITS = 12  # frame index written as 12 black/white cells, robust to lossy codecs

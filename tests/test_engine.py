@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from importlib import resources
+
 import open_clip
 import pytest
 import torch
@@ -12,7 +15,13 @@ from model.config import ModelSettings, dtype_for
 from model.engine import FerEngine
 from model.projection import ProjectionError, load_projection, save_projection
 from model.prompts import BASIC7, CLASS_PRESETS, PROMPT_SETS, LabelError, resolve_classes, resolve_prompt_set
-from tests.conftest import TINY_MODEL, DeviceFeatures, face_image, tiny_settings
+from tests.conftest import SHARED_DOCS, TINY_MODEL, DeviceFeatures, face_image, tiny_settings
+
+OFFICIAL_SOURCE = (
+    SHARED_DOCS / "official_prompts.json"
+    if (SHARED_DOCS / "official_prompts.json").is_file()
+    else resources.files("model") / "data" / "official_prompts.json"
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +49,11 @@ def reference(official_clip, official_projection_path):
         with torch.no_grad():
             return F.normalize(model.encode_text(tokenizer(texts)) @ weight.T, dim=-1)
 
-    def probabilities(features, classes, templates):
-        texts = [t.format(c) for c in classes for t in templates]
+    def probabilities(features, prompt_lists):
+        """`prompt_lists`: each class's prompts (equal counts); logits averaged per class."""
+        texts = [prompt for prompts in prompt_lists for prompt in prompts]
         logits = 100 * F.normalize(features, dim=-1) @ text_features(texts).T
-        return logits.view(len(features), len(classes), len(templates)).mean(-1).softmax(-1)
+        return logits.view(len(features), len(prompt_lists), -1).mean(-1).softmax(-1)
 
     return image_features, text_features, probabilities
 
@@ -52,18 +62,50 @@ def test_image_probabilities_match_reference(engine, reference):
     image_features, _, probabilities = reference
     images = [face_image(i) for i in range(3)]
     for prompt_set in ("P-3", "P-5"):  # a single prompt and a 10-prompt ensemble (logits averaged)
-        expected = probabilities(image_features(images), BASIC7, PROMPT_SETS[prompt_set])
+        expected = probabilities(image_features(images), official_lists(BASIC7, prompt_set))
         scores = engine.classify(engine.encode_images(images), BASIC7, prompt_set)
         torch.testing.assert_close(scores.probabilities, expected, atol=1e-5, rtol=1e-4)
         assert torch.allclose(scores.probabilities.sum(-1), torch.ones(3))
 
 
+def official_lists(classes, prompt_set):
+    """The official lists as the test's own copy holds them: ../shared/docs when present, else the
+    package's data file (which test_prompts checks against ../shared and against pinned prompts)."""
+    lists = json.loads(OFFICIAL_SOURCE.read_text())[prompt_set]
+    return [lists[c] for c in classes]
+
+
+def test_a_mixed_class_list_scores_official_and_template_prompts(engine, reference):
+    """Official words keep their own wording (sadness under P-4), other words get the templates."""
+    image_features, _, probabilities = reference
+    images = [face_image(i) for i in range(4)]
+    sadness = [
+        "an expression of sadness.",
+        "a cropped photo emphasizing a face expressing sadness.",
+        "a photo exuding sadness in a person.",
+        "a photo showing someone immersed in sadness.",
+        "a photo capturing sadness within an individual.",
+    ]
+    templates = [
+        "an expression of {}.",
+        "a photo of a face with an expression of {}.",
+        "a photo radiating {} in a person.",
+        "a photo showing someone immersed in {}.",
+        "a photo capturing {} within an individual.",
+    ]
+    classes = ("sadness", "calm", "very angry")
+    expected = probabilities(
+        image_features(images), [sadness, *([t.format(c) for t in templates] for c in classes[1:])]
+    )
+    scores = engine.classify(engine.encode_images(images), classes, "P-4")
+    torch.testing.assert_close(scores.probabilities, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_ensemble_averages_logits_not_embeddings(engine, reference):
     image_features, text_features, _ = reference
     feats = F.normalize(image_features([face_image(7)]), dim=-1)
-    templates = PROMPT_SETS["P-4"]
-    texts = [t.format(c) for c in BASIC7 for t in templates]
-    mean_embedding = F.normalize(text_features(texts).view(7, len(templates), -1).mean(1), dim=-1)
+    texts = [prompt for prompts in official_lists(BASIC7, "P-4") for prompt in prompts]
+    mean_embedding = F.normalize(text_features(texts).view(7, 5, -1).mean(1), dim=-1)
     averaged_embeddings = (100 * feats @ mean_embedding.T).softmax(-1)
     ours = engine.classify(engine.encode_images([face_image(7)]), BASIC7, "P-4").probabilities
     assert not torch.allclose(ours, averaged_embeddings, atol=1e-4)
@@ -73,7 +115,7 @@ def test_video_pools_projected_frame_features(engine, reference):
     image_features, _, probabilities = reference
     frames = [face_image(10 + i) for i in range(5)]
     pooled = F.normalize(image_features(frames).mean(0, keepdim=True), dim=-1)
-    expected = probabilities(pooled, BASIC7, PROMPT_SETS["P-3"])
+    expected = probabilities(pooled, official_lists(BASIC7, "P-3"))
     ours = engine.classify(engine.encode_clips([frames]), BASIC7, "P-3").probabilities
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
 
@@ -222,9 +264,11 @@ def test_class_and_prompt_resolution():
     for bad in ("", " , ", "a,a", ",".join(f"c{i}" for i in range(100)), "x" * 300):
         with pytest.raises(LabelError):
             resolve_classes(bad)
-    assert resolve_prompt_set("p3") == "P-3" and resolve_prompt_set("P-5") == "P-5"
-    with pytest.raises(LabelError, match="P-1"):
-        resolve_prompt_set("P-9")
+    assert resolve_prompt_set(" P-3") == "P-3" and resolve_prompt_set("P-5") == "P-5"
+    assert resolve_prompt_set(None) == "P-3"
+    for bad in ("P-9", "p3", "3", ""):
+        with pytest.raises(LabelError, match="P-1, P-2, P-3, P-4, P-5"):
+            resolve_prompt_set(bad)
     assert len(PROMPT_SETS["P-4"]) == 5 and len(PROMPT_SETS["P-5"]) == 10
 
 
@@ -261,7 +305,7 @@ def test_bfloat16_encoders_agree_with_float32(tiny_clip_path, official_projectio
     assert not torch.equal(features, expected)  # the bfloat16 path really ran
     scores = low.classify(features, BASIC7, "P-5")
     torch.testing.assert_close(
-        scores.probabilities, probabilities(expected, BASIC7, PROMPT_SETS["P-5"]), atol=0.02, rtol=0
+        scores.probabilities, probabilities(expected, official_lists(BASIC7, "P-5")), atol=0.02, rtol=0
     )
 
 

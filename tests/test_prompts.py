@@ -1,0 +1,70 @@
+"""The prompt lists are the official code's (the lists behind the paper's Table A), and class lists a
+user gets wrong are refused with a sentence that says what to do."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from model.prompts import (
+    CLASS_WORDS,
+    PROMPT_SETS,
+    LabelError,
+    class_prompts,
+    prompt_table,
+    prompt_texts,
+    resolve_classes,
+)
+from tests.conftest import SHARED_DOCS
+
+OFFICIAL = SHARED_DOCS / "official_prompts.json"
+
+
+@pytest.mark.skipif(not OFFICIAL.is_file(), reason="../shared/docs/official_prompts.json is absent")
+def test_every_official_list_equals_the_official_code():
+    official = json.loads(OFFICIAL.read_text())
+    assert list(official["class_words"]) == list(CLASS_WORDS)
+    for prompt_set in PROMPT_SETS:
+        for word in CLASS_WORDS:
+            assert list(class_prompts(word, prompt_set)) == official[prompt_set][word], (prompt_set, word)
+
+
+def test_distinctive_official_prompts_are_pinned():
+    """Prompts where the official code departs from the appendix's uniform templates."""
+    assert class_prompts("sadness", "P-4")[1] == "a cropped photo emphasizing a face expressing sadness."
+    assert class_prompts("neutral", "P-5")[7] == "a good photo capturing someone's neutral state."
+    assert class_prompts("anger", "P-5")[9] == "a clean photo showcasing a person's angry expression."
+    assert class_prompts("neutral", "P-5")[5] == "a photo of a face displaying neutral."
+    assert class_prompts("happiness", "P-5")[5] == "a photo of a face exuding happiness."
+    assert class_prompts("fear", "P-3") == ("a photo of a face with an expression of fear.",)
+    assert class_prompts("contempt", "P-1") == ("contempt.",)
+
+
+def test_other_words_get_the_uniform_templates_and_every_class_the_same_count():
+    assert class_prompts("calm", "P-5") == tuple(t.format("calm") for t in PROMPT_SETS["P-5"])
+    assert class_prompts("Sadness", "P-4")[1] == "a photo of a face with an expression of Sadness."
+    for prompt_set, templates in PROMPT_SETS.items():
+        for word in (*CLASS_WORDS, "calm"):
+            assert len(class_prompts(word, prompt_set)) == len(templates)
+    classes = ("sadness", "calm")
+    texts = prompt_texts(classes, "P-4")
+    assert texts == [*class_prompts("sadness", "P-4"), *class_prompts("calm", "P-4")]  # class-major
+    assert prompt_table(classes, "P-4") == {c: list(class_prompts(c, "P-4")) for c in classes}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("raf_db", "did you mean raf-db?"),
+        ("RAF_DB", "did you mean raf-db?"),
+        ("ferplu", "did you mean ferplus?"),
+        ("affectnet7", "did you mean affectnet-7?"),
+        ("happiness", "at least two classes; give a preset"),
+        ("calm,", "at least two classes"),
+        ("", "the class list is empty"),
+    ],
+)
+def test_a_class_list_of_fewer_than_two_classes_is_refused(spec, message):
+    with pytest.raises(LabelError, match=message):
+        resolve_classes(spec)
