@@ -25,6 +25,7 @@ COPY pyproject.toml README.md ./
 COPY docker/ docker/
 COPY model/ model/
 COPY service/ service/
+COPY cli/ cli/
 # The one install command, shared with CI: .ci/run runs the same script in a fresh virtual environment.
 RUN --mount=type=cache,target=/root/.cache/pip sh docker/install.sh /opt/venv
 

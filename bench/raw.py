@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from model.engine import FerEngine
-from model.media import DEFAULT_LIMITS
-from service.prepare import prepare_image
+from model.options import PipelineOptions
+from model.pipeline import prepare_image
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def prepare_ms(engine: FerEngine, jpeg: bytes, repeats: int = 30) -> float:
     encoder's uint8 input; no face detection, as the benchmark's requests ask)."""
 
     def prepare() -> None:
-        prepare_image(engine, io.BytesIO(jpeg), DEFAULT_LIMITS, False, 1, 0.0)
+        prepare_image(io.BytesIO(jpeg), engine, None, PipelineOptions(detect_faces=False))
 
     prepare()
     samples = []

@@ -41,8 +41,8 @@ from bench.report import (
     summarise_point,
 )
 from bench.server import Service
+from cli.serve import GOMP_SPIN_COUNT
 from model.files import write_text_atomic
-from service.cli import GOMP_SPIN_COUNT
 
 if TYPE_CHECKING:
     from model.engine import FerEngine
@@ -135,11 +135,11 @@ def model_env(model: str) -> tuple[dict[str, str], str]:
 def raw_engine(env: dict[str, str], device: str) -> FerEngine:
     """The services' engine, loaded in this process for the raw limit (it stays for the whole run, so
     the rounds can measure it between service points)."""
-    from model.config import ModelSettings
-    from model.engine import FerEngine
+    from model.engine import create_engine
+    from model.settings import ModelSettings
 
     fields = {k.removeprefix("FER_").lower(): v for k, v in env.items()}
-    return FerEngine.from_settings(ModelSettings(**fields, device=device))
+    return create_engine(ModelSettings(**fields, device=device))
 
 
 def measure_raw(engine: FerEngine, plan: Plan, max_batch: int, jpeg: bytes) -> dict:
@@ -288,7 +288,7 @@ def run_benchmark(args: argparse.Namespace, checkpoint: Callable[[dict], None] =
     so a run stopped by a time limit keeps what it measured."""
     import torch
 
-    from model.config import device_for
+    from model.settings import device_for
 
     host = machine()
     device = device_for(args.device)

@@ -100,7 +100,7 @@ class Service:
         command = [
             sys.executable,
             "-m",
-            "model.cli",
+            "cli.main",
             "serve",
             "--host",
             LOOPBACK_HOST,

@@ -1,42 +1,22 @@
 """Loading the frozen CLIP encoders through open_clip, and the two preprocessing recipes.
 
-Nothing here downloads: a pretrained tag resolves to the file `fer weights download` put in the
-weights folder, and a missing file is a MissingWeightsError naming that command.
+Nothing here downloads or looks for files: `model.registry.resolve_model` has found the checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 
-import open_clip
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from model.presets import PRESETS, find_clip_checkpoint
+from model.registry import ModelSpec, open_clip_models
 
 log = logging.getLogger(__name__)
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 RANDOM_SEED = 0
-
-
-class MissingWeightsError(FileNotFoundError):
-    """Weights that are not on disk; the message names the command that gets them."""
-
-
-def register_bundled_configs() -> None:
-    """Makes the project's own architectures (the tiny demo/test CLIP) known to open_clip by name."""
-    config_dir = resources.files("model") / "configs"
-    with resources.as_file(config_dir) as path:
-        open_clip.add_model_config(path)
-
-
-register_bundled_configs()
 
 
 @dataclass(frozen=True)
@@ -55,68 +35,16 @@ class LoadedClip:
     preprocess: PreprocessConfig
 
 
-def _looks_like_path(value: str) -> bool:
-    return "/" in value or "\\" in value or Path(value).suffix in {".pt", ".pth", ".bin", ".safetensors"}
-
-
-def _hint(clip_model: str, tag: str, preset: str | None) -> str:
-    presets = [p.name for p in PRESETS.values() if p.clip_model == clip_model and p.clip_weights == tag]
-    target = preset if preset in presets else (presets[0] if presets else "PRESET")
-    return (
-        f"run `fer weights download {target}` (needs internet once), or set FER_CLIP_WEIGHTS to a local file"
-    )
-
-
-@dataclass(frozen=True)
-class ClipSource:
-    checkpoint: Path | None  # None: seeded random init
-    quick_gelu: bool = False
-    mean: tuple[float, float, float] = OPENAI_MEAN
-    std: tuple[float, float, float] = OPENAI_STD
-    interpolation: str = "bicubic"
-
-
-def resolve_clip_source(
-    clip_model: str, clip_weights: str, weights_dir: Path, preset: str | None = None
-) -> ClipSource:
-    """Where the weights come from, without loading them: `clip_weights` is an open_clip tag (found in
-    the weights folder), a checkpoint path, or `random`. Missing files raise MissingWeightsError."""
-    if open_clip.get_model_config(clip_model) is None:
-        raise ValueError(f"unknown open_clip architecture {clip_model!r}")
-    if clip_weights == "random":
-        return ClipSource(None)
-    if _looks_like_path(clip_weights):
-        if not Path(clip_weights).is_file():
-            raise MissingWeightsError(f"CLIP checkpoint {clip_weights} does not exist")
-        return ClipSource(Path(clip_weights))
-    tag_cfg = open_clip.get_pretrained_cfg(clip_model, clip_weights)
-    if not tag_cfg:
-        known = open_clip.list_pretrained_tags_by_model(clip_model)
-        raise ValueError(f"{clip_model} has no pretrained tag {clip_weights!r}; known tags: {known}")
-    checkpoint = find_clip_checkpoint(weights_dir, clip_model, clip_weights)
-    if checkpoint is None:
-        raise MissingWeightsError(
-            f"CLIP weights {clip_model}/{clip_weights} are not in {weights_dir}/: {_hint(clip_model, clip_weights, preset)}"
-        )
-    return ClipSource(
-        checkpoint,
-        bool(tag_cfg.get("quick_gelu", False)),
-        tuple(tag_cfg.get("mean", OPENAI_MEAN)),
-        tuple(tag_cfg.get("std", OPENAI_STD)),
-        tag_cfg.get("interpolation", "bicubic"),
-    )
-
-
-def load_clip(clip_model: str, clip_weights: str, weights_dir: Path) -> LoadedClip:
-    source = resolve_clip_source(clip_model, clip_weights, weights_dir)
-    checkpoint = source.checkpoint
+def load_clip(spec: ModelSpec) -> LoadedClip:
+    open_clip = open_clip_models()
+    checkpoint = spec.clip_checkpoint
     if checkpoint is None:
         torch.manual_seed(RANDOM_SEED)
-    log.info("loading CLIP %s from %s", clip_model, checkpoint or "seeded random init")
+    log.info("loading CLIP %s from %s", spec.clip_model, checkpoint or "seeded random init")
     model = open_clip.create_model(
-        clip_model,
+        spec.clip_model,
         pretrained=str(checkpoint) if checkpoint else None,
-        force_quick_gelu=source.quick_gelu,
+        force_quick_gelu=spec.quick_gelu,
         load_weights=True,
     )
     model.eval().requires_grad_(False)
@@ -124,9 +52,9 @@ def load_clip(clip_model: str, clip_weights: str, weights_dir: Path) -> LoadedCl
     image_size = image_size[0] if isinstance(image_size, tuple | list) else image_size
     return LoadedClip(
         model=model,
-        tokenizer=open_clip.get_tokenizer(clip_model),
+        tokenizer=open_clip.get_tokenizer(spec.clip_model),
         embed_dim=int(model.visual.output_dim),
-        preprocess=PreprocessConfig(int(image_size), source.mean, source.std, source.interpolation),
+        preprocess=PreprocessConfig(int(image_size), spec.mean, spec.std, spec.interpolation),
     )
 
 

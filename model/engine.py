@@ -1,12 +1,11 @@
-"""The zero-shot FER engine: frozen CLIP encoders + the Exp-CLIP projection W.
+"""The zero-shot FER engine: frozen CLIP encoders + the Exp-CLIP projection W, on one device.
 
-Data flow (METHOD.md sections 1 and 3):
   image -> `prepare` (CPU: RGB, resize, uint8) -> `encode_pixels` (device: [0,1], optional mean/std,
-  CLIP image embedding, W) -> `classify` (L2, 100 * feats @ text_feats.T, averaged over a class's
-  prompts, softmax over classes).
-  video -> sampled frames -> projected frame features -> `pool` (mean, THEN L2) -> `classify` / `rank`.
-Normalisation is explicit where features are scored or pooled, so pooling sees un-normalised frames.
-Every encoder call takes a batch, so callers (the CLI, the service's batcher, eval) batch across inputs.
+  CLIP image embedding, W; not normalised, so video frames can be pooled before L2)
+  texts -> `encode_texts` (CLIP text embedding, W, L2); a class list's prompts -> `class_features`
+  (computed once per class list and prompt set, cached on the CPU).
+Scoring (softmax over prompt-averaged logits, pooling, ranking) is the pipeline's last stage
+(model.pipeline). Every encoder call takes a batch, so callers batch across inputs.
 """
 
 from __future__ import annotations
@@ -15,62 +14,22 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.clip import (
-    LoadedClip,
-    MissingWeightsError,
-    Normaliser,
-    load_clip,
-    pil_transform,
-    resolve_clip_source,
-)
-from model.config import ModelSettings, ModelSpec, device_for, dtype_for, dtype_name
-from model.presets import PRESETS
+from model.clip import LoadedClip, Normaliser, load_clip, pil_transform
 from model.projection import check_compatible, load_projection
 from model.prompts import prompt_texts
+from model.registry import RANDOM, ModelSpec
+from model.settings import ModelSettings, device_for, dtype_for, dtype_name
 
 log = logging.getLogger(__name__)
 
-LOGIT_SCALE = 100.0
 RANDOM_PROJECTION_DIM = 4096
 TEXT_CACHE_BYTES = 256 * 2**20  # user class lists are cached too; bound them by memory, not count
 TEXT_BATCH = 256
-
-
-@dataclass(frozen=True)
-class Scores:
-    """Per-input probabilities over `classes` (rows sum to 1)."""
-
-    classes: tuple[str, ...]
-    probabilities: torch.Tensor  # [N, C], float32, CPU
-
-    def label(self, row: int) -> str:
-        return self.classes[int(self.probabilities[row].argmax())]
-
-    def as_dict(self, row: int) -> dict[str, float]:
-        return {c: float(p) for c, p in zip(self.classes, self.probabilities[row].tolist(), strict=True)}
-
-
-def check_weights_present(spec: ModelSpec) -> None:
-    """A cheap start-up check (nothing is loaded): every file the spec needs is on disk, else one
-    MissingWeightsError naming the command that gets it."""
-    resolve_clip_source(spec.clip_model, spec.clip_weights, spec.weights_dir, spec.name)
-    if spec.projection not in (None, "random") and not Path(spec.projection).is_file():
-        # Only a preset's own projection file can be downloaded; a path the user gave cannot.
-        download = (
-            f"run `fer weights download {spec.name}` (needs internet once), or "
-            if spec.name in PRESETS
-            else ""
-        )
-        raise MissingWeightsError(
-            f"projection file {spec.projection} is missing: {download}set FER_PROJECTION to a file or `none`"
-        )
 
 
 class FerEngine:
@@ -104,10 +63,9 @@ class FerEngine:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_spec(cls, spec: ModelSpec, device: str = "auto", dtype: str = "auto") -> FerEngine:
-        check_weights_present(spec)  # every file, before spending time on loading any
-        clip = load_clip(spec.clip_model, spec.clip_weights, spec.weights_dir)
+        clip = load_clip(spec)
         projection = None
-        if spec.projection == "random":
+        if spec.projection == RANDOM:
             generator = torch.Generator().manual_seed(0)
             projection = torch.randn(RANDOM_PROJECTION_DIM, clip.embed_dim, generator=generator)
             projection /= clip.embed_dim**0.5
@@ -125,11 +83,6 @@ class FerEngine:
         device = device_for(device)
         return cls(clip, projection, spec.preprocess, device, spec.name, dtype_for(dtype, device))
 
-    @classmethod
-    def from_settings(cls, settings: ModelSettings | None = None) -> FerEngine:
-        settings = settings or ModelSettings()
-        return cls.from_spec(settings.resolve(), settings.device, settings.dtype)
-
     @property
     def dtype_name(self) -> str:
         """The encoders' precision as FER_DTYPE spells it, e.g. `bfloat16`."""
@@ -146,7 +99,7 @@ class FerEngine:
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, S, S] -> projected features W·x [N, feature_dim], float32 on the device, NOT
-        normalised: `classify` normalises rows, `pool` averages frames first and normalises after."""
+        normalised: scoring normalises rows, pooling averages frames first and normalises after."""
         return self.project(self.embed_pixels(pixels))
 
     @torch.inference_mode()
@@ -202,53 +155,7 @@ class FerEngine:
                 self._text_cache_bytes -= evicted.numel() * evicted.element_size()
         return features
 
-    # ---- scoring ------------------------------------------------------------------------------
-    def classify(
-        self,
-        features: torch.Tensor,
-        classes: tuple[str, ...],
-        prompt_set: str,
-        text: torch.Tensor | None = None,
-    ) -> Scores:
-        """features [N, D] (projected) -> L2 -> softmax over classes of prompt-averaged logits.
-        `text`: the class features when the caller already holds them (else looked up / encoded)."""
-        if text is None:
-            text = self.class_features(classes, prompt_set)  # [C, P, D]
-        n_classes, n_prompts, dim = text.shape
-        features = F.normalize(features.to(text.device), dim=-1)
-        logits = LOGIT_SCALE * features @ text.reshape(-1, dim).T  # [N, C*P]
-        logits = logits.view(-1, n_classes, n_prompts).mean(dim=-1)
-        return Scores(classes, logits.softmax(dim=-1).float().cpu())
 
-    @staticmethod
-    def pool(frame_features: torch.Tensor) -> torch.Tensor:
-        """A clip's feature: the mean of its projected (un-normalised) frame features, then L2."""
-        return F.normalize(frame_features.mean(dim=0), dim=-1)
-
-    def rank(self, feature: torch.Tensor, descriptions: Sequence[str]) -> list[tuple[int, float]]:
-        """Cosine scores of one (pooled) feature against each description, best first."""
-        text = self.encode_texts(descriptions)
-        scores = (text @ F.normalize(feature.to(text.device), dim=-1)).float().cpu()
-        order = torch.argsort(scores, descending=True, stable=True)
-        return [(int(i), float(scores[i])) for i in order]
-
-    # ---- conveniences for whole inputs (the CLI and eval use these) ---------------------------
-    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor:
-        chunks = [
-            self.encode_pixels(self.prepare_many(images[i : i + batch_size]))
-            for i in range(0, len(images), batch_size)
-        ]
-        return torch.cat(chunks) if chunks else torch.empty(0, self.feature_dim, device=self.device)
-
-    def encode_clips(self, clips: Sequence[Sequence[Image.Image]], batch_size: int = 64) -> torch.Tensor:
-        """Frames of all clips go through the encoder together; returns one pooled feature per clip."""
-        frames = [frame for clip in clips for frame in clip]
-        return self.pool_groups(self.encode_images(frames, batch_size), [len(clip) for clip in clips])
-
-    @classmethod
-    def pool_groups(cls, frame_features: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-        """Consecutive runs of `sizes` rows (each clip's frames; an image is a run of 1) -> one pooled
-        feature per run, [len(sizes), D]."""
-        if not sizes:
-            return frame_features[:0]
-        return torch.stack([cls.pool(group) for group in torch.split(frame_features, list(sizes))])
+def create_engine(settings: ModelSettings) -> FerEngine:
+    """The configured model on the configured device, every file checked before any is loaded."""
+    return FerEngine.from_spec(settings.resolve(), settings.device, settings.dtype)

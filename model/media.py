@@ -49,6 +49,15 @@ class MediaTooLarge(MediaError):
     """Decodable in principle, but over a limit (pixels, frames, duration): refused before decoding."""
 
 
+class WrongMediaKind(MediaError):
+    """A video where an image was expected, or the reverse; `kind` is what the file is."""
+
+    def __init__(self, kind: str):
+        what = "a video, not an image" if kind == "video" else "a still image, not a video"
+        super().__init__(f"the file is {what}")
+        self.kind = kind
+
+
 @dataclass(frozen=True)
 class MediaLimits:
     max_image_pixels: int = 50_000_000  # a 7000x7000 photo; PIL's own bomb guard is 89M (warning)
@@ -88,6 +97,8 @@ def decode_image(source: Source, limits: MediaLimits = DEFAULT_LIMITS) -> Image.
     except Image.DecompressionBombError as exc:  # Pillow's own guard, for headers past ~179M pixels
         raise MediaTooLarge(f"image is over the pixel limit: {exc}") from None
     except UnidentifiedImageError:
+        if is_video(source):
+            raise WrongMediaKind("video") from None
         raise MediaError("not a decodable image") from None
     except MemoryError:
         raise
@@ -109,6 +120,42 @@ def decode_image(source: Source, limits: MediaLimits = DEFAULT_LIMITS) -> Image.
         raise
     except Exception as exc:
         raise MediaError(f"image data is truncated or corrupt: {exc}") from None
+
+
+def is_video(source: Source) -> bool:
+    """Whether FFmpeg reads the file as a moving video (more than one frame, or a known duration)."""
+    if hasattr(source, "seek"):
+        source.seek(0)
+    try:
+        with av.open(_open_bytes(source), mode="r", options={"protocol_whitelist": _protocols(source)}) as c:
+            if not c.streams.video:
+                return False
+            if c.format.name == "image2" or c.format.name.endswith("_pipe"):  # a still image format
+                return False
+            stream = c.streams.video[0]
+            return (stream.frames or 0) > 1 or bool(stream.duration or c.duration)
+    except (av.FFmpegError, OSError, ValueError):
+        return False
+    finally:
+        if hasattr(source, "seek"):
+            source.seek(0)
+
+
+def is_still_image(source: BinaryIO, declared_type: str | None = None) -> bool:
+    """Whether an upload is a still image (a one-frame clip for retrieval) rather than a video or an
+    animated GIF; from its declared type when that says video, else from its header."""
+    declared = (declared_type or "").lower()
+    if declared.startswith("video/") or declared.startswith("image/gif"):
+        return False
+    try:
+        with open_image(source) as image:  # reads the header only
+            return not getattr(image, "is_animated", False)
+    except MemoryError:
+        raise
+    except Exception:  # any reader failure (see decode_image)
+        return False  # not an image we can open: the video path decides (and reports) what it is
+    finally:
+        source.seek(0)
 
 
 def _check_shape(what: str, width: int, height: int) -> None:

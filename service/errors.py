@@ -15,9 +15,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from model.media import MediaError, MediaTooLarge
+from model.media import MediaError, MediaTooLarge, WrongMediaKind
 from model.prompts import LabelError
-from service.batcher import BatchFailed, ClientGone, QueueFull
+from service.admission import QueueFull, TooLarge
+from service.batcher import BatchFailed, ClientGone
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,11 @@ class NotReady(Exception):
 # subclass (MediaTooLarge) gets its own entry whatever the order here.
 ERROR_TABLE: list[tuple[type[Exception], int, str]] = [
     (MediaTooLarge, 413, "media_too_large"),
+    (TooLarge, 413, "too_many_items"),
     (MediaError, 400, "undecodable_media"),
     (UnsupportedMediaType, 415, "unsupported_media_type"),
     (LabelError, 422, "invalid_field"),
     (InvalidField, 422, "invalid_field"),
-    (QueueFull, 429, "queue_full"),
     (NotReady, 503, "not_ready"),
     (BatchFailed, 500, "inference_failed"),
     (ClientGone, 499, "client_closed_request"),
@@ -53,9 +54,24 @@ def error_body(code: str, detail: str) -> dict:
     return {"error": code, "detail": detail}
 
 
+# Where a file of the other kind belongs, said in the service's terms.
+OTHER_ENDPOINT = {"video": "POST /predict-video", "image": "POST /predict"}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     for exc_class, status, code in ERROR_TABLE:
         app.add_exception_handler(exc_class, _handler(status, code))
+
+    @app.exception_handler(WrongMediaKind)
+    async def _wrong_kind(_: Request, exc: WrongMediaKind) -> JSONResponse:
+        return JSONResponse(
+            error_body("wrong_endpoint", f"{exc}: send it to {OTHER_ENDPOINT[exc.kind]}"), 400
+        )
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(_: Request, exc: QueueFull) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after_s)}
+        return JSONResponse(error_body("queue_full", str(exc)), 429, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -77,7 +93,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def _handler(status: int, code: str):
     async def handle(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(error_body(code, str(exc)), status, headers=getattr(exc, "headers", None))
+        return JSONResponse(error_body(code, str(exc)), status)
 
     return handle
 

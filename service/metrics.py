@@ -9,6 +9,7 @@ over every process that has run, gauges (queue depth, ready) over the live ones.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import BatchStats
 
@@ -46,7 +48,7 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "fer_queue_depth",
-            "Items (images, frames) waiting for the encoder",
+            "Items (images, frames, texts) admitted and not yet answered",
             registry=r,
             multiprocess_mode="livesum",  # several processes: their queues added up
         )
@@ -68,6 +70,12 @@ class Metrics:
         self.model_time = Histogram(
             "fer_model_seconds", "Time of one encoder call", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.text_time = Histogram(
+            "fer_text_seconds",
+            "Time of one text-encoding task on the device",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def batch_stats(self, device_peak_bytes: Callable[[], int] | None = None) -> BatchStats:
         """The batcher's hooks. `device_peak_bytes` (a GPU's peak allocation, read after each encoder
@@ -87,7 +95,11 @@ class Metrics:
             if peak is not None:
                 peak.set(device_peak_bytes())
 
-        return BatchStats(on_batch=on_batch, on_wait=self.queue_wait.observe, on_depth=self.queue_depth.set)
+        return BatchStats(
+            on_batch=on_batch,
+            on_task=lambda items, seconds: self.text_time.observe(seconds),
+            on_wait=self.queue_wait.observe,
+        )
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
@@ -115,3 +127,28 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by another user
         return True
     return True
+
+
+class RequestMetrics:
+    """ASGI middleware: counts and times every request by endpoint and status (413s included)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, endpoints: set[str]):
+        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
+            self.metrics.observe_request(endpoint, status, time.perf_counter() - started)

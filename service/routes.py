@@ -1,59 +1,53 @@
-"""HTTP endpoints. Each handler reads as the data flows: request -> decode (thread pool) -> batcher
-(shared encoder call) -> score (thread pool) -> response."""
+"""HTTP endpoints. A handler parses its fields, hands them to the request pipeline (service.inference)
+and builds the response schema from the result; nothing else happens here."""
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from model.engine import FerEngine, Scores
+from model.media import WrongMediaKind, is_still_image
 from model.prompts import (
     CLASS_PRESETS,
+    CLASS_WORDS,
     DEFAULT_CLASSES,
     DEFAULT_PROMPTS,
     PROMPT_SETS,
-    resolve_classes,
-    resolve_prompt_set,
+    class_prompts,
 )
-from service.app import Runtime
+from service import inference
+from service.deps import DetectField, FramesField, LabelsDep, RuntimeDep
 from service.errors import InvalidField, UnsupportedMediaType
-from service.prepare import PreparedImage, prepare_clip, prepare_image, prepare_video
 from service.schemas import (
     ErrorResponse,
-    FaceResult,
-    FrameResult,
     Health,
     LabelsResponse,
     PredictResponse,
-    RankedDescription,
     RetrieveResponse,
     Timing,
     VideoResponse,
 )
 
+STATIC_DIR = Path(__file__).parent / "static"
 GENERIC_TYPES = {"", "application/octet-stream"}
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 429, 500, 503)}
-
-
-async def get_runtime(request: Request) -> Runtime:
-    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request
-    return request.app.state.runtime
-
-
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-ClassesField = Annotated[str | None, Form(description="a class preset or comma-separated class words")]
-PromptsField = Annotated[str | None, Form(description="prompt set P-1..P-5 (default P-3)")]
-DetectField = Annotated[bool, Form(description="crop detected faces before classifying")]
 
 router = APIRouter()
 
 
-# ---- health, labels, metrics --------------------------------------------------------------------
+# ---- the page, health, labels, metrics -----------------------------------------------------------
+@router.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html")
+
+
 @router.get("/livez", response_model=Health)
 async def livez() -> Health:
     return Health(status="alive")
@@ -63,21 +57,23 @@ async def livez() -> Health:
 async def readyz(runtime: RuntimeDep):
     if runtime.ready:
         engine = runtime.engine
-        return Health(
-            status="ready",
-            model=engine.name,
-            device=str(engine.device),
-            dtype=engine.dtype_name,
-        )
+        return Health(status="ready", model=engine.name, device=str(engine.device), dtype=engine.dtype_name)
     detail = runtime.load_error or "loading"
     return JSONResponse(Health(status="not_ready", detail=detail).model_dump(), status_code=503)
 
 
 @router.get("/labels", response_model=LabelsResponse)
 async def labels() -> LabelsResponse:
+    official = {}
+    for name, templates in PROMPT_SETS.items():
+        differs = {w: list(class_prompts(w, name)) for w in CLASS_WORDS}
+        official[name] = {
+            w: prompts for w, prompts in differs.items() if prompts != [t.format(w) for t in templates]
+        }
     return LabelsResponse(
         class_presets={name: list(words) for name, words in CLASS_PRESETS.items()},
         prompt_sets={name: list(templates) for name, templates in PROMPT_SETS.items()},
+        official_prompts=official,
         default_classes=DEFAULT_CLASSES,
         default_prompts=DEFAULT_PROMPTS,
     )
@@ -93,91 +89,46 @@ async def metrics(runtime: RuntimeDep) -> Response:
 async def predict(
     request: Request,
     runtime: RuntimeDep,
+    labels: LabelsDep,
     file: Annotated[UploadFile, File(description="an image")],
-    classes: ClassesField = None,
-    prompts: PromptsField = None,
     detect_faces: DetectField = True,
 ) -> PredictResponse:
-    started = time.perf_counter()
-    engine, _ = runtime.require()
-    class_list, prompt_set = resolve_classes(classes), resolve_prompt_set(prompts)
-    _accept(file, "image/")
-    s = runtime.settings
-    prepared, features, decoded = await runtime.prepare_and_encode(
-        request, prepare_image, file.file, s.media_limits, detect_faces, s.max_faces, s.face_margin
+    runtime.require()
+    _accept(file, "image/", other="video/", other_kind="video")
+    result, clock = await inference.predict_image(
+        runtime,
+        file.file,
+        labels.classes,
+        labels.prompt_set,
+        _options(runtime, detect_faces),
+        request.is_disconnected,
     )
-    text = await runtime.class_features(class_list, prompt_set)
-    scores = await runtime.offload(engine.classify, features, class_list, prompt_set, text)
-    faces = [
-        FaceResult(box=box.as_list(), label=scores.label(i), probabilities=scores.as_dict(i))
-        for i, box in enumerate(prepared.boxes)
-    ]
-    return PredictResponse(
-        label=scores.label(0),
-        probabilities=scores.as_dict(0),
-        faces=faces,
-        face_detected=bool(faces),
-        note=None if faces or not detect_faces else "no face found: the whole image was classified",
-        model=engine.name,
-        classes=list(class_list),
-        prompts=prompt_set,
-        timing=_timing(started, decoded),
-    )
+    return PredictResponse(**asdict(result), model=runtime.engine.name, timing=_timing(clock))
 
 
 @router.post("/predict-video", response_model=VideoResponse, responses=ERRORS)
 async def predict_video(
     request: Request,
     runtime: RuntimeDep,
+    labels: LabelsDep,
     file: Annotated[UploadFile, File(description="a clip: mp4, webm, mov, avi, mkv, animated gif, ...")],
-    classes: ClassesField = None,
-    prompts: PromptsField = None,
     detect_faces: DetectField = True,
-    frames: Annotated[int, Form(ge=1, description="frames sampled (16-segment middle-frame rule)")] = 16,
+    frames: FramesField = 16,
     per_frame: Annotated[bool, Form(description="add a per-frame timeline")] = False,
 ) -> VideoResponse:
-    started = time.perf_counter()
-    engine, _ = runtime.require()
-    class_list, prompt_set = resolve_classes(classes), resolve_prompt_set(prompts)
-    s = runtime.settings
-    _check_frames(frames, s.max_frames)
-    _accept(file, "video/", "image/gif")
-    prepared, features, decoded = await runtime.prepare_and_encode(
-        request, prepare_video, file.file, s.media_limits, frames, detect_faces, s.face_margin
+    runtime.require()
+    _check_frames(frames, runtime.settings.max_frames)
+    _accept(file, "video/", "image/gif", other="image/", other_kind="image")
+    result, clock = await inference.predict_video(
+        runtime,
+        file.file,
+        labels.classes,
+        labels.prompt_set,
+        _options(runtime, detect_faces, frames),
+        per_frame,
+        request.is_disconnected,
     )
-    text = await runtime.class_features(class_list, prompt_set)
-    clip_scores, frame_scores = await runtime.offload(
-        _score_clip, engine, features, class_list, prompt_set, text, per_frame
-    )
-    clip = prepared.clip
-    timeline = None
-    if frame_scores is not None:
-        timeline = [
-            FrameResult(
-                index=index,
-                timestamp=round(timestamp, 4),
-                face_detected=found,
-                label=frame_scores.label(row),
-                probabilities=frame_scores.as_dict(row),
-            )
-            for row, (index, timestamp, found) in enumerate(
-                zip(clip.indices, clip.timestamps, prepared.face_found, strict=True)
-            )
-        ]
-    return VideoResponse(
-        label=clip_scores.label(0),
-        probabilities=clip_scores.as_dict(0),
-        frames_sampled=len(clip.indices),
-        n_frames=clip.n_frames,
-        fps=round(clip.fps, 3),
-        duration_s=round(clip.duration, 3),
-        frames_with_face=sum(prepared.face_found),
-        timeline=timeline,
-        model=engine.name,
-        classes=list(class_list),
-        prompts=prompt_set,
-        timing=_timing(started, decoded),
-    )
+    return VideoResponse(**asdict(result), model=runtime.engine.name, timing=_timing(clock))
 
 
 @router.post("/retrieve", response_model=RetrieveResponse, responses=ERRORS)
@@ -187,41 +138,29 @@ async def retrieve(
     file: Annotated[UploadFile, File(description="a video (or an image)")],
     descriptions: Annotated[str, Form(description='a JSON array of strings, e.g. ["smiles", "frowns"]')],
     top_k: Annotated[int, Form(ge=1, description="how many ranked descriptions to return")] = 10,
-    frames: Annotated[int, Form(ge=1)] = 16,
+    frames: FramesField = 16,
     detect_faces: DetectField = True,
 ) -> RetrieveResponse:
-    started = time.perf_counter()
-    engine, batcher = runtime.require()
+    runtime.require()
     s = runtime.settings
     texts = _parse_descriptions(descriptions, s.max_descriptions, s.max_description_chars)
     _check_frames(frames, s.max_frames)
     _accept(file, "video/", "image/")
-    prepared, features, decoded = await runtime.prepare_and_encode(
-        request,
-        prepare_clip,
+    result, clock = await inference.retrieve(
+        runtime,
         file.file,
-        file.content_type,
-        s.media_limits,
-        frames,
-        detect_faces,
-        s.face_margin,
+        is_still_image(file.file, file.content_type),
+        texts,
+        top_k,
+        _options(runtime, detect_faces, frames),
+        request.is_disconnected,
     )
-    media = "image" if isinstance(prepared, PreparedImage) else "video"
-    ranking = await batcher.run(lambda: engine.rank(engine.pool(features), texts), items=len(texts))
-    return RetrieveResponse(
-        media=media,
-        ranking=[RankedDescription(index=i, text=texts[i], score=score) for i, score in ranking[:top_k]],
-        model=engine.name,
-        timing=_timing(started, decoded),
-    )
+    return RetrieveResponse(**asdict(result), model=runtime.engine.name, timing=_timing(clock))
 
 
-# ---- helpers ------------------------------------------------------------------------------------
-def _score_clip(
-    engine: FerEngine, features, classes, prompt_set, text, per_frame: bool
-) -> tuple[Scores, Scores | None]:
-    clip_scores = engine.classify(engine.pool(features).unsqueeze(0), classes, prompt_set, text)
-    return clip_scores, engine.classify(features, classes, prompt_set, text) if per_frame else None
+# ---- field checks -------------------------------------------------------------------------------
+def _options(runtime, detect_faces: bool, frames: int | None = None):
+    return runtime.options.replace(detect_faces=detect_faces and runtime.detector is not None, frames=frames)
 
 
 def _check_frames(frames: int, max_frames: int) -> None:
@@ -229,11 +168,16 @@ def _check_frames(frames: int, max_frames: int) -> None:
         raise InvalidField(f"frames: at most {max_frames} frames may be sampled")
 
 
-def _accept(file: UploadFile, *prefixes: str) -> None:
-    """A declared type must fit the endpoint; a missing or generic one is sniffed by the decoder."""
+def _accept(
+    file: UploadFile, *prefixes: str, other: str | None = None, other_kind: str | None = None
+) -> None:
+    """A declared type must fit the endpoint; a missing or generic one is sniffed by the decoder. A type
+    of the other endpoint's kind (`other`) says where to send the file."""
     declared = (file.content_type or "").split(";")[0].strip().lower()
     if declared in GENERIC_TYPES or any(declared.startswith(p) for p in prefixes):
         return
+    if other is not None and declared.startswith(other):
+        raise WrongMediaKind(other_kind)
     raise UnsupportedMediaType(f"{declared} is not accepted here; send {' or '.join(prefixes)}")
 
 
@@ -267,10 +211,11 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def _timing(started: float, decoded: float) -> Timing:
+def _timing(clock: inference.Clock) -> Timing:
     now = time.perf_counter()
+    decoded = clock.decoded or now
     return Timing(
-        decode_ms=round((decoded - started) * 1000, 2),
+        decode_ms=round((decoded - clock.started) * 1000, 2),
         inference_ms=round((now - decoded) * 1000, 2),
-        total_ms=round((now - started) * 1000, 2),
+        total_ms=round((now - clock.started) * 1000, 2),
     )

@@ -15,6 +15,11 @@ class Timing(BaseModel):
 
 class FaceResult(BaseModel):
     box: list[int] = Field(description="[x, y, w, h] in the original image's pixels")
+    score: float = Field(description="the face detector's confidence (1 for `haar`, which gives none)")
+    landmarks: list[list[float]] | None = Field(
+        description="five [x, y] points in the original image's pixels: the eyes, the nose tip and the mouth "
+        "corners, each pair in image order (left first); null for a detector without landmarks"
+    )
     label: str
     probabilities: dict[str, float]
 
@@ -69,7 +74,13 @@ class RetrieveResponse(BaseModel):
 
 class LabelsResponse(BaseModel):
     class_presets: dict[str, list[str]]
-    prompt_sets: dict[str, list[str]]
+    prompt_sets: dict[str, list[str]] = Field(
+        description="each set's templates (`{}` = the class word), used for any class word of your own"
+    )
+    official_prompts: dict[str, dict[str, list[str]]] = Field(
+        description="prompt set -> official class word -> its exact prompts, where the official code's "
+        "wording differs from the templates (the lists behind the paper's tables)"
+    )
     default_classes: str
     default_prompts: str
 

@@ -3,6 +3,7 @@ through the same code a real checkpoint takes; synthetic images and videos made 
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from fractions import Fraction
@@ -11,12 +12,13 @@ from typing import ClassVar
 
 import av
 import numpy as np
-import open_clip
 import pytest
 import torch
 from PIL import Image
 
-import model.clip  # noqa: F401  (registers the bundled fer-tiny architecture with open_clip)
+from model.registry import open_clip_models
+
+open_clip = open_clip_models()  # with the bundled fer-tiny architecture registered
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHARED_DOCS = SHARED_DATA.parent / "docs"
@@ -55,6 +57,17 @@ def official_projection_path(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def full_size_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
+    """A random-weight ViT-B-32 state dict and a random official-format 4096x512 projection: Exp-CLIP
+    B/32's shapes, built once for the slow tests that run the real sizes."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("vit-b-32")
+    torch.save(open_clip.create_model("ViT-B-32", pretrained=None).state_dict(), folder / "vit-b-32.pt")
+    torch.save({"module.mlp.weight": torch.randn(4096, 512) * 0.05}, folder / "ExpCLIP_B32_model.pth")
+    return folder / "vit-b-32.pt", folder / "ExpCLIP_B32_model.pth"
+
+
 @pytest.fixture
 def model_env(monkeypatch, tiny_clip_path, official_projection_path, tmp_path):
     """FER_* settings pointing at the tiny model files, as a user would set them."""
@@ -74,7 +87,7 @@ def model_env(monkeypatch, tiny_clip_path, official_projection_path, tmp_path):
 def tiny_settings(clip_path: Path, projection_path: Path | str, **fields):
     """ModelSettings for the tiny model files on the CPU, exp-clip preprocessing (`fields` override;
     FER_DTYPE from the environment unless given). `projection_path` may be "none"."""
-    from model.config import ModelSettings
+    from model.settings import ModelSettings
 
     defaults = {"preprocess": "exp-clip", "device": "cpu"}
     return ModelSettings(
@@ -87,9 +100,23 @@ def tiny_settings(clip_path: Path, projection_path: Path | str, **fields):
 
 @pytest.fixture(scope="session")
 def engine(tiny_clip_path, official_projection_path):
-    from model.engine import FerEngine
+    from model.engine import create_engine
 
-    return FerEngine.from_settings(tiny_settings(tiny_clip_path, official_projection_path))
+    return create_engine(tiny_settings(tiny_clip_path, official_projection_path))
+
+
+def encode_images(engine, images) -> torch.Tensor:
+    """Projected features of whole images, through the pipeline's prepare and direct-encode stages."""
+    from model.pipeline import encode_in_batches
+
+    return encode_in_batches(engine.encode_pixels, engine.prepare_many(images), 64)
+
+
+def encode_clip(engine, frames) -> torch.Tensor:
+    """A clip's pooled feature from its frames."""
+    from model.pipeline import pool
+
+    return pool(encode_images(engine, frames))
 
 
 def wait_ready(client) -> None:
@@ -158,3 +185,26 @@ def make_video(
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def two_faces() -> tuple[bytes, list[list[int]]]:
+    """The astronaut photo (a real face shipped with scikit-image) pasted twice at known places: PNG
+    bytes and each face's expected [x, y, side], largest first."""
+    from skimage import data as skimage_data
+
+    face = Image.fromarray(skimage_data.astronaut())
+    canvas = Image.new("RGB", (1000, 560), "gray")
+    canvas.paste(face.resize((420, 420)), (20, 60))
+    canvas.paste(face.resize((500, 500)), (480, 30))
+    # astronaut's face is near (177, 67, 93, 93) in the 512 px original
+    expected = [
+        [480 + 177 * 500 // 512, 30 + 67 * 500 // 512, 91],
+        [20 + 177 * 420 // 512, 60 + 67 * 420 // 512, 76],
+    ]
+    return png(canvas), expected

@@ -8,7 +8,8 @@ import threading
 import pytest
 import torch
 
-from service.batcher import Batcher, BatchFailed, BatchStats, ClientGone, QueueFull
+import service.batcher
+from service.batcher import Batcher, BatchFailed, BatchStats, ClientGone
 from tests.conftest import DeviceFeatures
 
 
@@ -23,8 +24,10 @@ class FakeEncoder:
         self.poison = poison
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()  # set once a call has started
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.entered.set()
         self.gate.wait(10)
         self.batches.append(pixels.view(-1).tolist())
         if self.poison is not None and self.poison in pixels:
@@ -41,8 +44,14 @@ async def held_device(
     batcher = Batcher(encoder, max_wait_ms=0, **kwargs)
     batcher.start()
     task = asyncio.create_task(batcher.submit(first))
-    await asyncio.sleep(0.05)  # the batcher has taken it
+    assert await asyncio.to_thread(encoder.entered.wait, 5)  # the device has taken it
     return encoder, batcher, task
+
+
+async def queued(batcher: Batcher, rows: int) -> None:
+    """Until `rows` image rows wait in the batcher's queue (the loop's own state, not a sleep)."""
+    while batcher.depth < rows:
+        await asyncio.sleep(0)
 
 
 def run(coro):
@@ -106,7 +115,7 @@ def test_a_failing_batch_fails_only_its_requests_and_the_batcher_serves_on():
         # The device holds [0] so the next jobs queue up and batch as [1, 666], [3].
         encoder, batcher, first = await held_device(items(0), FakeEncoder(poison=666), max_batch=2)
         jobs = [asyncio.create_task(batcher.submit(items(v))) for v in (1, 666, 3)]
-        await asyncio.sleep(0.05)
+        await queued(batcher, 3)
         encoder.gate.set()
         outcomes = await asyncio.gather(first, *jobs, return_exceptions=True)
         after = await batcher.submit(items(7))
@@ -120,51 +129,56 @@ def test_a_failing_batch_fails_only_its_requests_and_the_batcher_serves_on():
     assert after.item() == 70
 
 
-def test_a_full_queue_refuses_with_a_retry_hint():
+def test_text_work_runs_on_the_device_thread_taking_turns_with_image_batches():
     async def main():
-        encoder, batcher, running = await held_device(items(1, 2), max_batch=2, max_queue=4)
-        queued = asyncio.create_task(batcher.submit(items(3, 4, 5)))
-        await asyncio.sleep(0.01)
-        batcher._mean_call_s = 3.0  # the recent pace: 3 queued items = 1.5 batches of 3 s
-        with pytest.raises(QueueFull) as refused:
-            await batcher.submit(items(6, 7))
-        assert refused.value.retry_after_s == 5  # ceil(1.5 * 3.0)
-        assert refused.value.headers == {"Retry-After": "5"}
-        batcher._mean_call_s = 2.0
-        assert batcher.retry_after() == 3  # 1.5 x 2 s is 3 whole seconds, not rounded up past them
+        done = []
+        tasks = []
+        encoder, batcher, running = await held_device(items(0), max_batch=1, stats=BatchStats())
+        for i in range(3):  # while the device is held, three texts and three images wait
+            tasks.append(
+                asyncio.create_task(
+                    batcher.run(
+                        lambda i=i: done.append(("text", i)) or threading.current_thread().name, items=1
+                    )
+                )
+            )
+            tasks.append(asyncio.create_task(batcher.submit(items(10 + i))))
+        await queued(batcher, 3)
         encoder.gate.set()
-        await asyncio.gather(running, queued)
+        results = await asyncio.gather(running, *tasks)
         await batcher.stop()
+        return encoder, done, results
 
-    run(main())
+    encoder, done, results = run(main())
+    text_threads = [r for r in results if isinstance(r, str)]
+    assert text_threads and all(name.startswith("fer-device") for name in text_threads)
+    assert encoder.batches == [[0], [10], [11], [12]]
+    assert done == [("text", 0), ("text", 1), ("text", 2)]
 
 
-def test_other_device_work_runs_on_the_device_thread_and_counts_towards_the_queue():
+def test_image_batches_and_text_work_alternate_so_neither_starves():
     async def main():
-        depths = []
-        stats = BatchStats(on_depth=depths.append)
-        encoder, batcher, running = await held_device(items(1, 2), max_batch=2, max_queue=4, stats=stats)
-        text = asyncio.create_task(
-            batcher.run(lambda: (threading.current_thread().name, list(encoder.batches)), items=3)
+        order = []
+        stats = BatchStats(
+            on_batch=lambda n, s: order.append("image"), on_task=lambda n, s: order.append("text")
         )
-        await asyncio.sleep(0.01)
-        assert depths[-1] == 3  # the waiting text work shows in the queue depth
-        with pytest.raises(QueueFull):
-            await batcher.submit(items(3, 4))  # 3 texts + 2 images > 4
-        with pytest.raises(QueueFull):
-            await batcher.run(lambda: None, items=2)
+        encoder, batcher, running = await held_device(items(0), max_batch=1, stats=stats)
+        texts = [asyncio.create_task(batcher.run(lambda: None, items=1)) for _ in range(4)]
+        images = [asyncio.create_task(batcher.submit(items(i))) for i in range(1, 5)]
+        await queued(batcher, 4)
         encoder.gate.set()
-        thread, encoded_before = await text
-        assert thread.startswith("fer-device") and encoded_before == [[1.0, 2.0]]  # after the held call
-        await running
-        assert depths[-1] == 0
-        assert await batcher.run(lambda: "big", items=100) == "big"  # more than the queue: runs when empty
+        await asyncio.gather(running, *texts, *images)
         await batcher.stop()
+        return order
 
-    run(main())
+    order = run(main())
+    # after the held image call: text, image, text, image... (text had the next turn)
+    assert order == ["image", "text", "image", "text", "image", "text", "image", "text", "image"]
 
 
-def test_a_disconnected_client_is_dropped_before_reaching_the_encoder():
+def test_a_disconnected_client_is_dropped_before_reaching_the_encoder(monkeypatch):
+    monkeypatch.setattr(service.batcher, "POLL_S", 0.01)
+
     async def main():
         encoder, batcher, busy = await held_device(items(1), max_batch=1)
         gone = asyncio.Event()
@@ -172,8 +186,8 @@ def test_a_disconnected_client_is_dropped_before_reaching_the_encoder():
         async def is_disconnected():
             return gone.is_set()
 
-        waiting = asyncio.create_task(batcher.submit(items(2), is_disconnected, poll_s=0.01))
-        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(batcher.submit(items(2), is_disconnected))
+        await queued(batcher, 1)
         gone.set()
         with pytest.raises(ClientGone):
             await waiting
@@ -199,17 +213,17 @@ def test_no_waiting_when_no_other_request_is_coming():
 
 
 def test_constructor_checks_say_what_to_do():
-    with pytest.raises(ValueError, match="max_queue"):
-        Batcher(FakeEncoder(), max_batch=8, max_queue=4)
+    with pytest.raises(ValueError, match="max_batch"):
+        Batcher(FakeEncoder(), max_batch=0)
 
 
 def test_stop_fails_jobs_the_device_holds_as_well_as_queued_ones():
     async def main():
         encoder, batcher, held = await held_device(items(1), max_batch=1)
-        queued = asyncio.create_task(batcher.submit(items(2)))
-        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(batcher.submit(items(2)))
+        await queued(batcher, 1)
         await batcher.stop()
-        outcomes = await asyncio.wait_for(asyncio.gather(held, queued, return_exceptions=True), 2)
+        outcomes = await asyncio.wait_for(asyncio.gather(held, waiting, return_exceptions=True), 2)
         encoder.gate.set()
         return outcomes
 

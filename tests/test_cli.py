@@ -7,13 +7,12 @@ import os
 import subprocess
 import sys
 
-import open_clip
 import pytest
-import torch
 
-from model.cli import main
+from cli.main import main
+from model.pipeline import classify, pool
 from model.prompts import BASIC7
-from tests.conftest import SHARED_DATA, face_image, make_video
+from tests.conftest import SHARED_DATA, encode_images, face_image, make_video
 
 
 def run_cli(capsys, *argv):
@@ -47,9 +46,8 @@ def test_predict_matches_engine_and_keeps_going_past_bad_files(model_env, engine
         assert sum(name in line for line in err.splitlines()) == 1
     from model.media import decode_image
 
-    expected = engine.classify(
-        engine.encode_images([decode_image(p.read_bytes()) for p in good]), BASIC7, "P-2"
-    )
+    features = encode_images(engine, [decode_image(p.read_bytes()) for p in good])
+    expected = classify(features, engine.class_features(BASIC7, "P-2"), BASIC7)
     for row, result in enumerate(rows):
         assert list(result["probabilities"]) == list(BASIC7)
         assert result["label"] == expected.label(row)
@@ -63,12 +61,38 @@ def test_predict_with_own_classes(model_env, tmp_path, capsys):
     assert sum(rows[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_bad_options_are_one_line_errors(model_env, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["predict", "--prompts", "P-7", "IMAGE"],
+            "unknown prompt set 'P-7': choose one of P-1, P-2, P-3, P-4, P-5",
+        ),
+        (["predict", "--classes", ",", "IMAGE"], "the class list is empty"),
+        (["predict", "--classes", "raf_db", "IMAGE"], "needs at least two classes; did you mean raf-db?"),
+        (["predict", "--classes", "calm", "IMAGE"], "needs at least two classes; give a preset"),
+        (["predict-video", "--frames", "0", "VIDEO"], "--frames 0: sample between 1 and 512 frames"),
+        (["retrieve", "VIDEO", "--descriptions", "TEXT", "--top-k", "0"], "--top-k 0: give 1 or more"),
+    ],
+)
+def test_a_mistaken_option_is_a_one_line_error_with_exit_code_2(model_env, tmp_path, capsys, argv, message):
     face_image(3).save(tmp_path / "a.png")
-    assert main(["predict", "--prompts", "P-7", str(tmp_path / "a.png")]) == 2
-    assert main(["predict", "--classes", ",", str(tmp_path / "a.png")]) == 2
+    (tmp_path / "d.txt").write_text("smiles\n")
+    paths = {
+        "IMAGE": tmp_path / "a.png",
+        "VIDEO": make_video(tmp_path / "c.mp4", 10),
+        "TEXT": tmp_path / "d.txt",
+    }
+    assert main([str(paths.get(a, a)) for a in argv]) == 2
     err = capsys.readouterr().err
-    assert "unknown prompt set" in err and "class list is empty" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and message in err and err.startswith("fer: error: "), err
+
+
+def test_a_file_of_the_other_kind_says_which_command_takes_it(model_env, tmp_path, capsys):
+    clip = make_video(tmp_path / "c.mp4", 10)
+    code, rows, err = run_cli(capsys, "predict", str(clip))
+    assert code == 1 and rows == []
+    assert f"fer: {clip}: the file is a video, not an image: use `fer predict-video`" in err
 
 
 def test_predict_video_and_zero_frame_files(model_env, engine, tmp_path, capsys):
@@ -78,7 +102,8 @@ def test_predict_video_and_zero_frame_files(model_env, engine, tmp_path, capsys)
     assert code == 1 and len(rows) == 1 and "zero.mp4" in err
     from model.media import read_video
 
-    expected = engine.classify(engine.encode_clips([read_video(str(clip), 8).frames]), BASIC7, "P-3")
+    pooled = pool(encode_images(engine, read_video(str(clip), 8).frames)).unsqueeze(0)
+    expected = classify(pooled, engine.class_features(BASIC7, "P-3"), BASIC7)
     assert rows[0]["probabilities"] == pytest.approx(expected.as_dict(0), abs=1e-6)
 
 
@@ -106,24 +131,21 @@ def test_cli_on_shared_data(model_env, capsys):
 
 
 @pytest.mark.slow
-def test_full_size_vit_b32_by_path_in_a_subprocess(tmp_path):
-    """The issue's acceptance case: a random-weight ViT-B-32 checkpoint and a random official-format
-    projection, both given by path, through the installed console script."""
-    torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-32", pretrained=None)
-    torch.save(model.state_dict(), tmp_path / "vit-b-32.pt")
-    torch.save({"module.mlp.weight": torch.randn(4096, 512) * 0.05}, tmp_path / "ExpCLIP_B32_model.pth")
+def test_full_size_vit_b32_by_path_in_a_subprocess(tmp_path, full_size_checkpoint):
+    """A random-weight ViT-B-32 checkpoint and a random official-format projection, both given by path,
+    through the installed console script."""
+    clip_path, projection_path = full_size_checkpoint
     face_image(0, size=(224, 224)).save(tmp_path / "face.png")
     make_video(tmp_path / "clip.mp4", 48)
     (tmp_path / "d.txt").write_text("smiles\nfrowns\n")
     env = {
         **os.environ,
         "FER_CLIP_MODEL": "ViT-B-32",
-        "FER_CLIP_WEIGHTS": str(tmp_path / "vit-b-32.pt"),
-        "FER_PROJECTION": str(tmp_path / "ExpCLIP_B32_model.pth"),
+        "FER_CLIP_WEIGHTS": str(clip_path),
+        "FER_PROJECTION": str(projection_path),
         "FER_DEVICE": "cpu",
     }
-    fer = [sys.executable, "-m", "model.cli"]
+    fer = [sys.executable, "-m", "cli.main"]
     for args in (
         ["predict", str(tmp_path / "face.png")],
         ["predict-video", str(tmp_path / "clip.mp4")],

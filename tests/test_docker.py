@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from model.cli import build_parser
-from model.presets import PRESETS
+from cli.main import build_parser
+from model.registry import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"

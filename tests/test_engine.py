@@ -11,11 +11,20 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from model.config import ModelSettings, dtype_for
-from model.engine import FerEngine
+from model.engine import create_engine
+from model.pipeline import classify, pool, pool_groups, rank_descriptions
 from model.projection import ProjectionError, load_projection, save_projection
 from model.prompts import BASIC7, CLASS_PRESETS, PROMPT_SETS, LabelError, resolve_classes, resolve_prompt_set
-from tests.conftest import SHARED_DOCS, TINY_MODEL, DeviceFeatures, face_image, tiny_settings
+from model.settings import ModelSettings, dtype_for
+from tests.conftest import (
+    SHARED_DOCS,
+    TINY_MODEL,
+    DeviceFeatures,
+    encode_clip,
+    encode_images,
+    face_image,
+    tiny_settings,
+)
 
 OFFICIAL_SOURCE = (
     SHARED_DOCS / "official_prompts.json"
@@ -63,9 +72,14 @@ def test_image_probabilities_match_reference(engine, reference):
     images = [face_image(i) for i in range(3)]
     for prompt_set in ("P-3", "P-5"):  # a single prompt and a 10-prompt ensemble (logits averaged)
         expected = probabilities(image_features(images), official_lists(BASIC7, prompt_set))
-        scores = engine.classify(engine.encode_images(images), BASIC7, prompt_set)
+        scores = score_with(engine, encode_images(engine, images), BASIC7, prompt_set)
         torch.testing.assert_close(scores.probabilities, expected, atol=1e-5, rtol=1e-4)
         assert torch.allclose(scores.probabilities.sum(-1), torch.ones(3))
+
+
+def score_with(engine, features, classes, prompt_set):
+    """The pipeline's score stage with the engine's class features."""
+    return classify(features, engine.class_features(classes, prompt_set), classes)
 
 
 def official_lists(classes, prompt_set):
@@ -97,7 +111,7 @@ def test_a_mixed_class_list_scores_official_and_template_prompts(engine, referen
     expected = probabilities(
         image_features(images), [sadness, *([t.format(c) for t in templates] for c in classes[1:])]
     )
-    scores = engine.classify(engine.encode_images(images), classes, "P-4")
+    scores = score_with(engine, encode_images(engine, images), classes, "P-4")
     torch.testing.assert_close(scores.probabilities, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -107,7 +121,7 @@ def test_ensemble_averages_logits_not_embeddings(engine, reference):
     texts = [prompt for prompts in official_lists(BASIC7, "P-4") for prompt in prompts]
     mean_embedding = F.normalize(text_features(texts).view(7, 5, -1).mean(1), dim=-1)
     averaged_embeddings = (100 * feats @ mean_embedding.T).softmax(-1)
-    ours = engine.classify(engine.encode_images([face_image(7)]), BASIC7, "P-4").probabilities
+    ours = score_with(engine, encode_images(engine, [face_image(7)]), BASIC7, "P-4").probabilities
     assert not torch.allclose(ours, averaged_embeddings, atol=1e-4)
 
 
@@ -116,30 +130,30 @@ def test_video_pools_projected_frame_features(engine, reference):
     frames = [face_image(10 + i) for i in range(5)]
     pooled = F.normalize(image_features(frames).mean(0, keepdim=True), dim=-1)
     expected = probabilities(pooled, official_lists(BASIC7, "P-3"))
-    ours = engine.classify(engine.encode_clips([frames]), BASIC7, "P-3").probabilities
+    ours = score_with(engine, encode_clip(engine, frames).unsqueeze(0), BASIC7, "P-3").probabilities
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_pooling_averages_projected_frames_before_normalising():
     frames = torch.tensor([[3.0, 0.0], [0.0, 1.0]])  # frames of different norms
-    torch.testing.assert_close(FerEngine.pool(frames), F.normalize(torch.tensor([1.5, 0.5]), dim=0))
+    torch.testing.assert_close(pool(frames), F.normalize(torch.tensor([1.5, 0.5]), dim=0))
     normalised_first = F.normalize(F.normalize(frames, dim=-1).mean(0), dim=0)  # the wrong order
-    assert not torch.allclose(FerEngine.pool(frames), normalised_first, atol=1e-3)
+    assert not torch.allclose(pool(frames), normalised_first, atol=1e-3)
 
 
 def test_scores_do_not_depend_on_feature_scale(engine):
-    features = engine.encode_images([face_image(4)])
+    features = encode_images(engine, [face_image(4)])
     torch.testing.assert_close(
-        engine.classify(7.5 * features, BASIC7, "P-3").probabilities,
-        engine.classify(features, BASIC7, "P-3").probabilities,
+        score_with(engine, 7.5 * features, BASIC7, "P-3").probabilities,
+        score_with(engine, features, BASIC7, "P-3").probabilities,
     )
 
 
 def test_clips_batched_together_equal_clips_alone(engine):
     a, b = [face_image(1), face_image(2)], [face_image(3)]
-    together = engine.encode_clips([a, b])
-    torch.testing.assert_close(together[0], engine.encode_clips([a])[0], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(together[1], engine.encode_clips([b])[0], atol=1e-5, rtol=1e-4)
+    together = pool_groups(encode_images(engine, [*a, *b]), [2, 1])
+    torch.testing.assert_close(together[0], encode_clip(engine, a), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(together[1], encode_clip(engine, b), atol=1e-5, rtol=1e-4)
 
 
 def test_retrieval_ranking_matches_reference(engine, reference):
@@ -148,9 +162,13 @@ def test_retrieval_ranking_matches_reference(engine, reference):
     descriptions = ["raises the eyebrows", "smiles broadly", "frowns", "opens the mouth wide", "blinks"]
     pooled = F.normalize(image_features(frames).mean(0), dim=-1)
     expected = text_features(descriptions) @ pooled
-    ranking = engine.rank(engine.encode_clips([frames])[0], descriptions)
-    assert [i for i, _ in ranking] == torch.argsort(expected, descending=True).tolist()
-    torch.testing.assert_close(torch.tensor([s for _, s in ranking]), expected.sort(descending=True).values)
+    text = engine.encode_texts(descriptions)
+    ranking = rank_descriptions(encode_images(engine, frames), text, descriptions).ranking
+    assert [r.index for r in ranking] == torch.argsort(expected, descending=True).tolist()
+    assert [r.text for r in ranking] == [descriptions[r.index] for r in ranking]
+    torch.testing.assert_close(
+        torch.tensor([r.score for r in ranking]), expected.sort(descending=True).values
+    )
 
 
 def test_text_features_are_cached_per_class_and_prompt_set(engine, monkeypatch):
@@ -159,14 +177,14 @@ def test_text_features_are_cached_per_class_and_prompt_set(engine, monkeypatch):
     calls = []
     monkeypatch.setattr(engine, "encode_texts", lambda texts: calls.append(texts))
     engine.class_features(classes, "P-4")
-    engine.classify(engine.encode_images([face_image(0)]), classes, "P-4")
+    score_with(engine, encode_images(engine, [face_image(0)]), classes, "P-4")
     assert calls == []
 
 
 def test_plain_clip_uses_the_clip_embedding(tiny_clip_path, official_clip):
-    plain = FerEngine.from_settings(tiny_settings(tiny_clip_path, "none"))
+    plain = create_engine(tiny_settings(tiny_clip_path, "none"))
     assert plain.projection is None and plain.feature_dim == plain.embed_dim
-    features = plain.encode_images([face_image(0)])
+    features = encode_images(plain, [face_image(0)])
     assert features.shape == (1, plain.embed_dim)
     # open_clip itself, on the official evaluation transform: no projection anywhere.
     model, transform = official_clip
@@ -177,7 +195,7 @@ def test_plain_clip_uses_the_clip_embedding(tiny_clip_path, official_clip):
 
 
 def test_clip_preprocessing_equals_open_clip_transform(tiny_clip_path):
-    plain = FerEngine.from_settings(tiny_settings(tiny_clip_path, "none", preprocess="clip"))  # on the CPU
+    plain = create_engine(tiny_settings(tiny_clip_path, "none", preprocess="clip"))  # on the CPU
     _, _, val_transform = open_clip.create_model_and_transforms(TINY_MODEL, pretrained=str(tiny_clip_path))
     image = face_image(3, size=(120, 90))
     ours = plain.normaliser(plain.prepare(image).unsqueeze(0))[0]
@@ -203,7 +221,7 @@ def test_projection_errors_are_clear(tmp_path, tiny_clip_path):
         clip_model=TINY_MODEL, clip_weights=str(tiny_clip_path), projection=str(tmp_path / "b32.pth")
     )
     with pytest.raises(ProjectionError, match="512-d features but the CLIP model embeds to 64-d"):
-        FerEngine.from_settings(settings)
+        create_engine(settings)
 
 
 def test_own_format_round_trips_with_metadata(tmp_path, engine):
@@ -221,30 +239,40 @@ def test_own_format_round_trips_with_metadata(tmp_path, engine):
 
 
 def test_missing_weights_name_the_download_command(tmp_path):
-    from model.clip import MissingWeightsError
+    from model.registry import MissingWeights as MissingWeightsError
 
     with pytest.raises(MissingWeightsError, match="fer weights download exp-clip-b32"):
-        FerEngine.from_settings(ModelSettings(weights_dir=tmp_path))
+        create_engine(ModelSettings(weights_dir=tmp_path))
     with pytest.raises(MissingWeightsError, match="fer weights download clip-b32`"):
-        FerEngine.from_settings(ModelSettings(preset="clip-b32", weights_dir=tmp_path))
+        create_engine(ModelSettings(preset="clip-b32", weights_dir=tmp_path))
     # A projection path the user gave cannot be downloaded: no `fer weights download custom`.
     with pytest.raises(MissingWeightsError, match="missing: set FER_PROJECTION") as missing:
-        FerEngine.from_settings(ModelSettings(preset="demo", projection=str(tmp_path / "W.pth")))
+        create_engine(ModelSettings(preset="demo", projection=str(tmp_path / "W.pth")))
     assert "download" not in str(missing.value)
 
 
 def test_presets_resolve_to_their_parts(tmp_path):
+    """One resolver turns a preset (and overrides) into every file; only existence is checked."""
+    for name in ("clip/ViT-L-14__openai.safetensors", "clip/ViT-B-16__openai.pt", "ExpCLIP_L14_model.pth"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
     spec = ModelSettings(preset="exp-clip-l14", weights_dir=tmp_path).resolve()
     assert (spec.clip_model, spec.clip_weights, spec.preprocess) == ("ViT-L-14", "openai", "exp-clip")
-    assert spec.projection == str(tmp_path / "ExpCLIP_L14_model.pth")
-    spec = ModelSettings(preset="clip-b16").resolve()
+    assert spec.clip_checkpoint == tmp_path / "clip/ViT-L-14__openai.safetensors"
+    assert spec.quick_gelu  # the openai tag's own setting
+    assert spec.projection == tmp_path / "ExpCLIP_L14_model.pth"
+    spec = ModelSettings(preset="clip-b16", weights_dir=tmp_path).resolve()
+    assert spec.clip_checkpoint == tmp_path / "clip/ViT-B-16__openai.pt"
     assert (spec.clip_model, spec.projection, spec.preprocess, spec.name) == (
         "ViT-B-16",
         None,
         "clip",
         "clip-b16",
     )
-    assert ModelSettings(preset="clip-b16", projection="exp-clip-b16").resolve().name == "custom"
+    assert (
+        ModelSettings(preset="clip-b16", weights_dir=tmp_path, preprocess="exp-clip").resolve().name
+        == "custom"
+    )
     with pytest.raises(ValueError, match="unknown preset"):
         ModelSettings(preset="nope")
 
@@ -273,11 +301,11 @@ def test_class_and_prompt_resolution():
 
 
 def test_dtype_choice(monkeypatch):
-    import model.config as config
+    import model.settings as config
 
     assert dtype_for("auto", "cuda") == torch.float16
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(config, "_cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(config, "cpu_has_native_bf16", lambda native=native: native)
         assert dtype_for("auto", "cpu") == expected
     assert dtype_for("float32", "cuda") == torch.float32 and dtype_for("bfloat16", "cpu") == torch.bfloat16
     with pytest.raises(RuntimeError, match="CUDA only"):
@@ -291,26 +319,26 @@ def test_dtype_choice(monkeypatch):
 
 def test_bfloat16_encoders_agree_with_float32(tiny_clip_path, official_projection_path, reference):
     """FER_DTYPE=bfloat16 casts the encoders' weights, not W or the scores, and stays close to float32."""
-    low = FerEngine.from_settings(tiny_settings(tiny_clip_path, official_projection_path, dtype="bfloat16"))
+    low = create_engine(tiny_settings(tiny_clip_path, official_projection_path, dtype="bfloat16"))
     assert {p.dtype for p in low.clip.parameters()} == {torch.bfloat16}
     assert low.projection.dtype == torch.float32
 
     image_features, _, probabilities = reference
     images = [face_image(i) for i in range(8)]
-    features = low.encode_images(images)
+    features = encode_images(low, images)
     assert features.dtype == torch.float32
     expected = image_features(images)
     cosine = F.cosine_similarity(features, expected, dim=-1)
     assert cosine.min() > 0.999, cosine
     assert not torch.equal(features, expected)  # the bfloat16 path really ran
-    scores = low.classify(features, BASIC7, "P-5")
+    scores = score_with(low, features, BASIC7, "P-5")
     torch.testing.assert_close(
         scores.probabilities, probabilities(expected, official_lists(BASIC7, "P-5")), atol=0.02, rtol=0
     )
 
 
 def test_class_features_are_cached_on_the_cpu(tiny_clip_path, official_projection_path, monkeypatch):
-    engine = FerEngine.from_settings(tiny_settings(tiny_clip_path, official_projection_path))
+    engine = create_engine(tiny_settings(tiny_clip_path, official_projection_path))
     encode_texts = engine.encode_texts
     monkeypatch.setattr(engine, "encode_texts", lambda texts: encode_texts(texts).as_subclass(DeviceFeatures))
     DeviceFeatures.copied_in.clear()

@@ -13,14 +13,18 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, recall_score
 
-from model.cli import main
+from cli.main import main
 from model.evaluate.data import DatasetError, choose_classes, take_subset
 from model.evaluate.features import encode_items
 from model.evaluate.metrics import classification_metrics, feature_variance, retrieval_metrics, spread
 from model.evaluate.models import model_choices
+from model.evaluate.plots import feature_variance_figure, precision_at_k_figure
 from model.media import decode_image, read_video
+from model.options import PipelineOptions
+from model.pipeline import pool
 from model.prompts import BASIC7, BASIC8
-from tests.conftest import SHARED_DATA, face_image, make_video
+from model.settings import ModelSettings
+from tests.conftest import SHARED_DATA, encode_images, face_image, make_video
 
 FRAMES = 4
 
@@ -57,12 +61,18 @@ def test_feature_variance_is_dimension_free_and_per_class():
     assert spread(two) == pytest.approx(0.5)  # 1 - |mean|^2 for unit rows
     padded = np.hstack([two, np.zeros((2, 510))])
     assert spread(padded) == pytest.approx(spread(two))
-    features = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
-    result = feature_variance(features, np.array([0, 0, 1, 1]), ("same", "spread", "empty"))
+    features = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]])
+    result = feature_variance(features, np.array([0, 0, 1, 1, 3]), ("same", "spread", "empty", "single"))
     assert result["per_class"]["same"] == 0.0
-    assert result["per_class"]["spread"] == pytest.approx(spread(features[2:]))
+    assert result["per_class"]["single"] is None  # one item has no spread: not a zero
+    figure = feature_variance_figure(
+        {"m": {"clip": result, "projected": result}}, ("same", "spread", "empty", "single")
+    )
+    labels = [t.get_text() for t in figure.axes[0].texts]
+    assert labels == ["n/a", "n/a"]  # the empty class and the single-item one
+    assert result["per_class"]["spread"] == pytest.approx(spread(features[2:4]))
     assert result["per_class"]["empty"] is None and result["relative"]["empty"] is None
-    assert result["relative"]["spread"] == pytest.approx(spread(features[2:]) / spread(features))
+    assert result["relative"]["spread"] == pytest.approx(spread(features[2:4]) / spread(features))
 
 
 def test_hand_worked_retrieval():
@@ -74,6 +84,11 @@ def test_hand_worked_retrieval():
     assert result["precision_at_k"] == pytest.approx({"1": 0.5, "2": 0.5, "4": (1 / 4 + 2 / 4) / 2})
     assert result["recall_at_k"] == pytest.approx({"1": 0.25, "2": 0.75, "4": 1.0})
     assert result["mrr"] == pytest.approx(0.75)
+    assert result["chance_precision"] == pytest.approx((1 + 2) / 2 / 4)  # mean relevant / descriptions
+    figure = precision_at_k_figure({"m": result["precision_at_k"]}, 2, result["chance_precision"])
+    ax = figure.axes[0]
+    assert ax.get_title() == "Description retrieval: precision at k, 2 items"
+    assert [line.get_ydata()[0] for line in ax.lines] == [pytest.approx(0.375)]
 
 
 # ---- data and model choice -----------------------------------------------------------------------
@@ -95,16 +110,17 @@ def test_limit_is_a_seeded_ordered_subset():
 
 
 def test_model_entries(model_env, official_projection_path):
-    choices = model_choices(f"{official_projection_path},none")
+    base = ModelSettings()
+    choices = model_choices(f"{official_projection_path},none", base)
     assert [c.name for c in choices] == [official_projection_path.stem, "none"]
-    assert choices[0].settings.resolve().projection == str(official_projection_path)
+    assert choices[0].settings.resolve().projection == official_projection_path
     assert choices[1].settings.resolve().projection is None
     # A preset is the preset as registered, whatever FER_PROJECTION says; its missing weights fail early.
     with pytest.raises(FileNotFoundError, match="fer weights download clip-b32"):
-        model_choices("clip-b32")
+        model_choices("clip-b32", base)
     with pytest.raises(ValueError, match="neither a preset"):
-        model_choices("no-such-model")
-    assert model_choices(None)[0].name == "custom"
+        model_choices("no-such-model", base)
+    assert model_choices(None, base)[0].name == "custom"
 
 
 # ---- encoding ------------------------------------------------------------------------------------
@@ -114,14 +130,13 @@ def test_one_encoder_pass_gives_the_engines_features(engine, tmp_path):
     pixels = engine.prepare_many([face_image(6)])
     torch.testing.assert_close(engine.project(engine.embed_pixels(pixels)), engine.encode_pixels(pixels))
 
-    encoded = encode_items(
-        engine, [tmp_path / "a.png", tmp_path / "b.mp4", tmp_path / "gone.png"], frames=FRAMES
-    )
+    options = PipelineOptions(detect_faces=False, frames=FRAMES)
+    encoded = encode_items(engine, [tmp_path / "a.png", tmp_path / "b.mp4", tmp_path / "gone.png"], options)
     assert encoded.kept == [0, 1] and list(encoded.failures) == [2]
-    expected = torch.cat(
+    expected = torch.stack(
         [
-            F.normalize(engine.encode_images([decode_image(tmp_path / "a.png")]), dim=-1),
-            engine.encode_clips([read_video(str(tmp_path / "b.mp4"), FRAMES).frames]),
+            F.normalize(encode_images(engine, [decode_image(tmp_path / "a.png")])[0], dim=-1),
+            pool(encode_images(engine, read_video(str(tmp_path / "b.mp4"), FRAMES).frames)),
         ]
     )
     torch.testing.assert_close(encoded.features, expected.cpu(), atol=1e-5, rtol=1e-5)
@@ -157,11 +172,12 @@ def test_eval_encodes_each_item_once_for_all_prompt_sets(model_env, engine, tmp_
     encoded_items = []
     original = engine.clip.encode_image
     monkeypatch.setattr(engine.clip, "encode_image", lambda x: encoded_items.append(len(x)) or original(x))
-    monkeypatch.setattr("model.evaluate.run.FerEngine.from_settings", lambda settings: engine)
+    monkeypatch.setattr("model.evaluate.run.create_engine", lambda settings: engine)
     from model.evaluate.run import run_eval
 
-    choices = model_choices(None)
-    metrics = run_eval(tmp_path / "data", tmp_path / "out", choices, frames=FRAMES, batch_size=3)
+    choices = model_choices(None, ModelSettings())
+    options = PipelineOptions(detect_faces=False, frames=FRAMES)
+    metrics = run_eval(tmp_path / "data", tmp_path / "out", choices, options=options, batch_size=3)
     assert list(metrics["models"]["custom"]["prompts"]) == ["P-1", "P-2", "P-3", "P-4", "P-5"]
     assert sum(encoded_items) == 6 + 2 * FRAMES  # 6 images, 2 videos of FRAMES frames, once each
 
@@ -201,6 +217,9 @@ def test_eval_end_to_end(model_env, official_projection_path, tmp_path, capsys):
             assert (out / f"confusion_{name}_{prompts}.png").stat().st_size > 1000
     assert (out / "feature_variance.png").stat().st_size > 1000
     assert (out / "table.md").read_text().count("| P-") == 4
+    prompts = json.loads((out / "prompts.json").read_text())  # what produced the table, exactly
+    assert list(prompts) == ["P-1", "P-4"] and list(prompts["P-4"]) == list(BASIC7)
+    assert prompts["P-4"]["sadness"][1] == "a cropped photo emphasizing a face expressing sadness."
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["classes"] == list(BASIC7) and metrics["n_items"] == 9
@@ -271,8 +290,8 @@ def test_eval_retrieval_end_to_end(model_env, engine, official_projection_path, 
     descriptions = ["smiles broadly", "raises cheeks", "frowns", "opens mouth wide"]
     features = torch.cat(
         [
-            engine.encode_images([decode_image(tmp_path / "a.png"), decode_image(tmp_path / "b.png")]),
-            engine.encode_clips([read_video(str(tmp_path / "c.mp4"), FRAMES).frames]),
+            encode_images(engine, [decode_image(tmp_path / "a.png"), decode_image(tmp_path / "b.png")]),
+            pool(encode_images(engine, read_video(str(tmp_path / "c.mp4"), FRAMES).frames)).unsqueeze(0),
         ]
     )
     scores = (features @ engine.encode_texts(descriptions).T).cpu().numpy()

@@ -83,7 +83,7 @@ def test_a_gpu_service_reports_its_peak_device_memory_and_a_cpu_one_does_not(mon
 def test_only_a_cuda_device_is_asked_for_its_peak():
     import torch
 
-    from service.app import _device_peak_bytes
+    from service.runtime import _device_peak_bytes
 
     assert _device_peak_bytes(torch.device("cpu")) is None
     assert callable(_device_peak_bytes(torch.device("cuda", 0)))  # not called: no GPU here

@@ -13,16 +13,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from model.cli import main
-from model.config import ModelSettings
-from model.engine import FerEngine
+from cli.main import main
+from model.engine import FerEngine, create_engine
+from model.pipeline import classify
 from model.projection import load_projection
+from model.settings import ModelSettings
 from model.train.cache import CacheError, CacheWriter, PairCache
 from model.train.config import INSTRUCTIONS, FitConfig
 from model.train.extract import extract, list_images
 from model.train.fit import fit, symmetric_infonce
 from model.train.teacher import Teacher
-from tests.conftest import TINY_MODEL, face_image, tiny_settings, wait_ready
+from tests.conftest import TINY_MODEL, encode_images, face_image, tiny_settings, wait_ready
 
 TEACHER_IMAGE_SIZE = 32  # not BlipImageProcessor's default (384): proves the saved processor is used
 T5_DIM = 24
@@ -154,7 +155,7 @@ def test_teacher_feature_is_the_encoder_mean_over_queries_and_instruction(teache
 
 
 def test_missing_teacher_is_one_clear_error(tmp_path, monkeypatch):
-    from model.clip import MissingWeightsError
+    from model.registry import MissingWeights as MissingWeightsError
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -186,7 +187,7 @@ def _cache_arrays(root):
 def test_extract_resumes_without_recomputing_finished_shards(
     model_env, teacher_dir, image_dir, tmp_path, monkeypatch
 ):
-    spec = ModelSettings().resolve()
+    spec = ModelSettings(projection="none").resolve()
     images = list_images(image_dir)
     assert len(images) == 8 and sum(p.endswith("broken.jpg") for p in images) == 1
     calls = []
@@ -237,7 +238,7 @@ def test_extract_resumes_without_recomputing_finished_shards(
     rows = torch.cat([load_file(out / s["file"])["image_index"] for s in cache.index["shards"]])
     assert rows.tolist() == [images.index(p) for p in good]
     torch.testing.assert_close(
-        clip, plain.encode_images([decode_image(p) for p in good]), atol=1e-5, rtol=1e-4
+        clip, encode_images(plain, [decode_image(p) for p in good]), atol=1e-5, rtol=1e-4
     )
     assert clip.norm(dim=-1).sub(1).abs().max() > 1e-3  # not normalised: the raw embedding
     torch.testing.assert_close(teacher_rows.norm(dim=-1), torch.ones(7))
@@ -303,8 +304,8 @@ def test_fit_recovers_a_true_linear_map_and_the_engine_serves_it(
     assert saved.metadata["clip_model"] == TINY_MODEL and saved.metadata["preprocess"] == "exp-clip"
 
     # FER_PROJECTION=<file>: the engine's features are L2(W x) of the raw CLIP embedding.
-    served = FerEngine.from_settings(tiny_settings(tiny_clip_path, out))
-    plain = FerEngine.from_settings(tiny_settings(tiny_clip_path, "none"))  # on the CPU too
+    served = create_engine(tiny_settings(tiny_clip_path, out))
+    plain = create_engine(tiny_settings(tiny_clip_path, "none"))  # on the CPU too
     pixels = served.prepare_many([face_image(s) for s in range(3)])
     expected = plain.embed_pixels(pixels) @ saved.weight.T  # W·x; classify and pool normalise later
     torch.testing.assert_close(served.encode_pixels(pixels), expected, atol=1e-5, rtol=1e-5)
@@ -361,22 +362,26 @@ def test_cli_train_run_then_predict_with_the_new_projection(
 
     monkeypatch.setenv("FER_PROJECTION", str(out))
     image = image_dir / "f0.png"
-    assert main(["predict", "--classes", "calm,angry", str(image)]) == 0
+    assert main(["predict", "--classes", "calm,angry", "--no-detect-faces", str(image)]) == 0
     row = json.loads(capsys.readouterr().out)
-    engine = FerEngine.from_settings()
+    engine = create_engine(ModelSettings())
     assert engine.feature_dim == T5_DIM
     torch.testing.assert_close(engine.projection, saved.weight)
     from model.media import decode_image
 
-    scores = engine.classify(engine.encode_images([decode_image(image)]), ("calm", "angry"), "P-3")
+    classes = ("calm", "angry")
+    scores = classify(
+        encode_images(engine, [decode_image(image)]), engine.class_features(classes, "P-3"), classes
+    )
     assert row["probabilities"] == pytest.approx(scores.as_dict(0), abs=1e-6)
 
     # ... and the service, configured the same way (FER_PROJECTION=<file>), serves it.
     from fastapi.testclient import TestClient
 
     from service.app import create_app
+    from service.settings import ServiceSettings
 
-    with TestClient(create_app()) as client:
+    with TestClient(create_app(ServiceSettings())) as client:
         wait_ready(client)
         answer = client.post(
             "/predict",

@@ -20,10 +20,14 @@ import open_clip
 import pytest
 import torch
 
-from model import presets, weights
-from model.cli import main
-from model.presets import Preset, ProjectionRelease
+from cli.main import main
+from model import registry as presets
+from model.registry import Preset, ProjectionRelease
+from model.weights import download
+from model.weights import store as weights
 from tests.conftest import TINY_MODEL
+
+MIRROR_SETTING = "FER_WEIGHTS_MIRROR"
 
 TAG = "fer-test"
 PRESET = "tiny-exp-clip"
@@ -87,15 +91,14 @@ def tiny_presets(monkeypatch, mirror, official_projection_path):
         TINY_MODEL,
         {TAG.replace("-", "_"): {"url": f"{mirror.url}/tiny-clip.pt", "hf_hub": ""}},
     )
-    blob = weights.git_blob_sha1(official_projection_path)
-    monkeypatch.setitem(presets.PROJECTION_RELEASES, PRESET, ProjectionRelease(PROJECTION_FILE, blob))
+    release = ProjectionRelease(PROJECTION_FILE, weights.git_blob_sha1(official_projection_path))
     monkeypatch.setitem(
-        presets.PRESETS, PRESET, Preset(PRESET, TINY_MODEL, TAG, PRESET, "exp-clip", "tiny Exp-CLIP")
+        presets.PRESETS, PRESET, Preset(PRESET, TINY_MODEL, TAG, release, "exp-clip", "tiny Exp-CLIP")
     )
     monkeypatch.setitem(
         presets.PRESETS, PLAIN_PRESET, Preset(PLAIN_PRESET, TINY_MODEL, TAG, None, "clip", "tiny CLIP")
     )
-    monkeypatch.setenv(weights.MIRROR_ENV, mirror.url)
+    monkeypatch.setenv(MIRROR_SETTING, mirror.url)
     return mirror
 
 
@@ -127,7 +130,7 @@ def test_download_stores_verified_files_where_the_loader_looks(tiny_presets, tmp
     weights_dir = tmp_path / "weights"
     assert _download(weights_dir, PRESET) == 0
 
-    clip_file, projection = _clip_file(weights_dir), presets.projection_path(weights_dir, PRESET)
+    clip_file, projection = _clip_file(weights_dir), (weights_dir / PROJECTION_FILE)
     assert presets.find_clip_checkpoint(weights_dir, TINY_MODEL, TAG) == clip_file
     assert clip_file.read_bytes() == (tiny_presets.root / "tiny-clip.pt").read_bytes()
     assert projection.read_bytes() == (tiny_presets.root / PROJECTION_FILE).read_bytes()
@@ -138,15 +141,15 @@ def test_download_stores_verified_files_where_the_loader_looks(tiny_presets, tmp
 
 
 def test_engine_loads_the_downloaded_preset_with_no_other_configuration(tiny_presets, tmp_path, monkeypatch):
-    from model.config import ModelSettings
-    from model.engine import FerEngine
+    from model.engine import create_engine
+    from model.settings import ModelSettings
 
     for key in ("FER_CLIP_MODEL", "FER_CLIP_WEIGHTS", "FER_PROJECTION", "FER_PREPROCESS"):
         monkeypatch.delenv(key, raising=False)
     weights_dir = tmp_path / "weights"
     assert _download(weights_dir, PRESET) == 0
 
-    engine = FerEngine.from_settings(ModelSettings(preset=PRESET, weights_dir=weights_dir, device="cpu"))
+    engine = create_engine(ModelSettings(preset=PRESET, weights_dir=weights_dir, device="cpu"))
     served = torch.load(tiny_presets.root / PROJECTION_FILE, weights_only=True)
     assert engine.name == PRESET
     assert torch.equal(engine.projection, next(iter(served.values())))
@@ -161,7 +164,7 @@ def test_second_download_is_a_no_op_without_network(tiny_presets, tmp_path, monk
     served = len(tiny_presets.handler.requests)
     assert served == 2
 
-    monkeypatch.setenv(weights.MIRROR_ENV, _dead_url())
+    monkeypatch.setenv(MIRROR_SETTING, _dead_url())
     monkeypatch.setattr(open_clip, "download_pretrained", _fail_if_called)
     capsys.readouterr()
     assert _download(weights_dir, PRESET) == 0
@@ -179,7 +182,7 @@ def _assert_refused_and_nothing_stored(weights_dir: Path, capsys, message: str) 
     assert _download(weights_dir, PRESET) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-    assert not presets.projection_path(weights_dir, PRESET).exists()
+    assert not (weights_dir / PROJECTION_FILE).exists()
     assert _leftovers(weights_dir) == []
     assert PROJECTION_FILE not in json.loads((weights_dir / weights.MANIFEST_NAME).read_text())
 
@@ -196,7 +199,7 @@ def test_a_corrupt_projection_is_rejected_and_nothing_is_stored(tiny_presets, tm
 def test_an_interrupted_download_never_looks_complete(tiny_presets, tmp_path, capsys):
     weights_dir = tmp_path / "weights"
     assert _download(weights_dir, PLAIN_PRESET) == 0  # CLIP in place; the projection is what breaks
-    target = presets.projection_path(weights_dir, PRESET)
+    target = weights_dir / PROJECTION_FILE
     target.with_name(target.name + ".partial").write_bytes(b"stale half of an earlier try")
     tiny_presets.handler.truncate = True
 
@@ -218,20 +221,20 @@ def test_an_oversized_projection_is_stopped_and_nothing_is_stored(
     weights_dir = tmp_path / "weights"
     assert _download(weights_dir, PLAIN_PRESET) == 0  # CLIP in place; only the projection is fetched
     size = (tiny_presets.root / PROJECTION_FILE).stat().st_size
-    monkeypatch.setattr(weights, "MAX_PROJECTION_BYTES", size // 2)
-    monkeypatch.setattr(weights, "CHUNK", 256)  # several blocks below the cap, so streaming is cut mid-way
+    monkeypatch.setattr(download, "MAX_PROJECTION_BYTES", size // 2)
+    monkeypatch.setattr(download, "CHUNK", 256)  # several blocks below the cap, so streaming is cut mid-way
     tiny_presets.handler.send_length = send_length
 
     _assert_refused_and_nothing_stored(weights_dir, capsys, "larger than any official projection")
 
-    monkeypatch.setattr(weights, "MAX_PROJECTION_BYTES", size)  # exactly the cap is still accepted
+    monkeypatch.setattr(download, "MAX_PROJECTION_BYTES", size)  # exactly the cap is still accepted
     assert _download(weights_dir, PRESET) == 0
-    assert presets.projection_path(weights_dir, PRESET).stat().st_size == size
+    assert (weights_dir / PROJECTION_FILE).stat().st_size == size
 
 
 def test_a_present_file_that_does_not_verify_is_replaced(tiny_presets, tmp_path):
     weights_dir = tmp_path / "weights"
-    target = presets.projection_path(weights_dir, PRESET)
+    target = weights_dir / PROJECTION_FILE
     target.parent.mkdir(parents=True)
     target.write_bytes(b"not the release")
 
@@ -258,26 +261,26 @@ def test_offline_is_one_clear_message(tiny_presets, tmp_path, monkeypatch, capsy
 def test_offline_projection_names_the_mirror_variable(tiny_presets, tmp_path, monkeypatch, capsys):
     weights_dir = tmp_path / "weights"
     assert _download(weights_dir, PLAIN_PRESET) == 0
-    monkeypatch.setenv(weights.MIRROR_ENV, _dead_url())
+    monkeypatch.setenv(MIRROR_SETTING, _dead_url())
 
     assert _download(weights_dir, PRESET) == 1
     err = capsys.readouterr().err
-    assert "projection" in err and "no network connection" in err and weights.MIRROR_ENV in err
+    assert "projection" in err and "no network connection" in err and MIRROR_SETTING in err
 
 
 def test_mirror_may_be_a_file_url_and_an_option(tiny_presets, tmp_path, monkeypatch):
-    monkeypatch.setenv(weights.MIRROR_ENV, _dead_url())  # the option wins over the variable
+    monkeypatch.setenv(MIRROR_SETTING, _dead_url())  # the option wins over the variable
     weights_dir = tmp_path / "weights"
     args = ["weights", "download", PRESET, "--dir", str(weights_dir), "--mirror", tiny_presets.root.as_uri()]
     assert main(args) == 0
-    assert presets.projection_path(weights_dir, PRESET).is_file()
+    assert (weights_dir / PROJECTION_FILE).is_file()
 
 
 def test_plain_clip_presets_fetch_only_clip_and_demo_fetches_nothing(tiny_presets, tmp_path):
     weights_dir = tmp_path / "weights"
     assert _download(weights_dir, PLAIN_PRESET) == 0
     assert _clip_file(weights_dir).is_file()
-    assert not presets.projection_path(weights_dir, PRESET).exists()
+    assert not (weights_dir / PROJECTION_FILE).exists()
     assert tiny_presets.handler.requests == ["/tiny-clip.pt"]
 
     demo_dir = tmp_path / "demo"
@@ -353,11 +356,11 @@ def test_hub_downloads_are_held_to_the_hubs_sha256(tiny_presets, tmp_path, monke
 
 def test_real_presets_point_at_the_pinned_official_files():
     files = {f.kind: f for f in weights.preset_files("exp-clip-b32")}
-    assert files["projection"].url == presets.PROJECTION_RELEASES["exp-clip-b32"].url
+    assert files["projection"].url == presets.PRESETS["exp-clip-b32"].projection.url()
     assert presets.EXP_CLIP_COMMIT in files["projection"].url
     assert files["clip"].relpath == "clip/ViT-B-32__openai.safetensors"
     assert [f.kind for f in weights.preset_files("clip-l14")] == ["clip"]
     assert weights.preset_files("demo") == []
     mirrored = weights.preset_files("exp-clip-l14", "file:///srv/fer/")
     assert mirrored[1].url == "file:///srv/fer/ExpCLIP_L14_model.pth"
-    assert mirrored[1].blob_sha1 == presets.PROJECTION_RELEASES["exp-clip-l14"].blob_sha1
+    assert mirrored[1].blob_sha1 == presets.PRESETS["exp-clip-l14"].projection.blob_sha1

@@ -19,7 +19,10 @@ import torch
 from tqdm import tqdm
 
 from model.engine import FerEngine
-from model.media import MediaError, read_frames
+from model.faces.base import FaceDetector
+from model.media import MediaError, is_video_path
+from model.options import PipelineOptions
+from model.pipeline import encode_in_batches, open_source, pool_groups, prepare_clip
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +53,23 @@ def free_memory() -> None:
 def encode_items(
     engine: FerEngine,
     paths: Sequence[Path],
+    options: PipelineOptions,
     *,
-    frames: int = 16,
+    detector: FaceDetector | None = None,
     batch_size: int = 64,
     desc: str = "encoding",
 ) -> EncodedItems:
-    """Images are one-frame clips; a clip's feature is the mean of its frame features, L2-normalised
-    (`engine.pool`), for the projected and the plain-CLIP feature alike. Unreadable files are skipped
-    and reported in `failures` (the evaluation lists them), not fatal: one corrupt file should not
-    end a long run."""
-    if batch_size < 1 or frames < 1:
-        raise ValueError("--batch-size and --frames must be at least 1")
+    """Each item through the pipeline's stages as a clip (an image is a one-frame clip): its feature is
+    the mean of its frame features, L2-normalised, for the projected and the plain-CLIP feature alike.
+    Unreadable files are skipped and reported in `failures` (the evaluation lists them), not fatal: one
+    corrupt file should not end a long run."""
+    if batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
     kept, features, clip_features, failures = [], [], [], {}
     with ThreadPoolExecutor(DECODE_THREADS) as pool, tqdm(total=len(paths), desc=desc, unit="item") as bar:
         for start in range(0, len(paths), batch_size):
             chunk = range(start, min(start + batch_size, len(paths)))
-            prepared = list(pool.map(lambda i: _prepare(engine, paths[i], frames), chunk))
+            prepared = list(pool.map(lambda i: _prepare(engine, detector, paths[i], options), chunk))
             ok = []
             for i, result in zip(chunk, prepared, strict=True):
                 if isinstance(result, str):
@@ -74,28 +78,24 @@ def encode_items(
                 else:
                     ok.append((i, result))
             if ok:
-                pixels = torch.cat([p for _, p in ok])
-                raw = torch.cat(
-                    [
-                        engine.embed_pixels(pixels[s : s + batch_size])
-                        for s in range(0, len(pixels), batch_size)
-                    ]
-                )
+                raw = encode_in_batches(engine.embed_pixels, torch.cat([p.pixels for _, p in ok]), batch_size)
+                projected = engine.project(raw.to(engine.device)).cpu()
                 sizes = [
-                    len(p) for _, p in ok
-                ]  # both spaces pooled the same way: mean of the frames, then L2
+                    len(p.pixels) for _, p in ok
+                ]  # both spaces pooled alike: mean of the frames, then L2
                 kept.extend(i for i, _ in ok)
-                features.extend(engine.pool_groups(engine.project(raw), sizes).cpu())
-                clip_features.extend(engine.pool_groups(raw, sizes).cpu())
+                features.extend(pool_groups(projected, sizes))
+                clip_features.extend(pool_groups(raw, sizes))
             bar.update(len(chunk))
     if not kept:
         raise MediaError(f"none of the {len(paths)} files could be read")
     return EncodedItems(kept, torch.stack(features), torch.stack(clip_features), failures)
 
 
-def _prepare(engine: FerEngine, path: Path, frames: int) -> torch.Tensor | str:
-    """CPU stage, run in threads: a file -> uint8 pixels [F, 3, S, S], or the reason it failed."""
+def _prepare(engine: FerEngine, detector: FaceDetector | None, path: Path, options: PipelineOptions):
+    """CPU stages, run in threads: a file -> its prepared clip, or the reason it failed."""
     try:
-        return engine.prepare_many(read_frames(path, frames))
+        with open_source(path) as source:
+            return prepare_clip(source, engine, detector, options, still=not is_video_path(path))
     except (MediaError, OSError) as exc:
         return str(exc)

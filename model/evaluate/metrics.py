@@ -62,12 +62,12 @@ def feature_variance(features: np.ndarray, labels: np.ndarray, classes: Sequence
     """Per-class variance of L2-normalised features (`spread` of the class's items) and the same
     relative to the spread of ALL items (`relative`: < 1 = the class is tighter than the data set;
     this also cancels a space's overall spread, e.g. CLIP's features all being close together).
-    Classes without items are None."""
+    A class with fewer than two items has no spread to speak of: None."""
     overall = spread(features)
     per_class, relative = {}, {}
     for c, name in enumerate(classes):
         members = features[np.asarray(labels) == c]
-        value = spread(members) if len(members) else None
+        value = spread(members) if len(members) >= 2 else None
         per_class[name] = value
         relative[name] = value / overall if value is not None and overall > 0 else None
     return {"all_items": overall, "per_class": per_class, "relative": relative}
@@ -77,7 +77,8 @@ def retrieval_metrics(scores: np.ndarray, relevant: Sequence[frozenset[int]], ks
     """scores [N items, M descriptions] (higher = better; ties keep description order).
     P@k = relevant among the top k / k (k, not min(k, relevant): the usual definition, so P@k of an
     item with one relevant description is at most 1/k); R@k = relevant among the top k / all relevant;
-    MRR = mean of 1 / rank of the first relevant description. All in [0, 1], averaged over items."""
+    MRR = mean of 1 / rank of the first relevant description. All in [0, 1], averaged over items.
+    Chance: the P@k a random ranking has on average, the same for every k (mean relevant / M)."""
     order = np.argsort(-scores, axis=1, kind="stable")
     hits = np.stack([np.isin(order[i], sorted(rel)) for i, rel in enumerate(relevant)])  # [N, M] bool
     n_relevant = np.array([len(rel) for rel in relevant], dtype=np.float64)
@@ -88,5 +89,6 @@ def retrieval_metrics(scores: np.ndarray, relevant: Sequence[frozenset[int]], ks
         "precision_at_k": {str(k): float((hits[:, :k].sum(axis=1) / k).mean()) for k in ks},
         "recall_at_k": {str(k): float((hits[:, :k].sum(axis=1) / n_relevant).mean()) for k in ks},
         "mrr": float((1.0 / first).mean()),
+        "chance_precision": float(n_relevant.mean() / scores.shape[1]),
         "first_relevant_rank": first.tolist(),
     }

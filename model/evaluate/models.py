@@ -6,10 +6,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.clip import MissingWeightsError
-from model.config import ModelSettings
-from model.engine import check_weights_present
-from model.presets import PRESETS
+from model.registry import PRESETS, MissingWeights
+from model.settings import ModelSettings
 
 # A preset entry is that preset as registered: the FER_* parts that would override it are cleared,
 # so `--models exp-clip-b32,clip-b32` compares the two presets even with FER_PROJECTION set.
@@ -23,10 +21,9 @@ class ModelChoice:
     settings: ModelSettings
 
 
-def model_choices(models: str | None, base: ModelSettings | None = None) -> list[ModelChoice]:
+def model_choices(models: str | None, base: ModelSettings) -> list[ModelChoice]:
     """Each entry is a preset name, or a FER_PROJECTION value on top of the FER_* settings: a
     projection file, or `none` (the configured CLIP without W). No entry: the configured model."""
-    base = base or ModelSettings()
     if not models or not models.strip():
         return [ModelChoice(base.resolve().name, "", base)]
     choices = []
@@ -57,9 +54,9 @@ def check_weights(choice: ModelChoice) -> None:
     die at its second model. The engine's own start-up check (whose hint names the preset to
     download), saying which `--models` entry it is about."""
     try:
-        check_weights_present(choice.settings.resolve())
-    except MissingWeightsError as exc:
-        raise MissingWeightsError(f"model {choice.name}: {exc}") from exc
+        choice.settings.resolve()
+    except MissingWeights as exc:
+        raise MissingWeights(f"model {choice.name}: {exc}") from exc
 
 
 def slug(name: str) -> str:

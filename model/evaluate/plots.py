@@ -52,7 +52,14 @@ def plot_confusion(
 def plot_feature_variance(
     variance: Mapping[str, Mapping[str, Mapping[str, float | None]]], classes: Sequence[str], path: Path
 ) -> Path:
-    """One panel per model: relative per-class variance, plain CLIP vs projected, side by side."""
+    return _save(feature_variance_figure(variance, classes), path)
+
+
+def feature_variance_figure(
+    variance: Mapping[str, Mapping[str, Mapping[str, float | None]]], classes: Sequence[str]
+) -> Figure:
+    """One panel per model: relative per-class variance, plain CLIP vs projected, side by side; a class
+    with fewer than two items has no variance and says "n/a" rather than showing a zero bar."""
     fig = Figure(figsize=(2.0 + 0.7 * len(classes), 3.2 * len(variance)))
     x = np.arange(len(classes))
     for panel, (model, spaces) in enumerate(variance.items(), start=1):
@@ -60,26 +67,39 @@ def plot_feature_variance(
         for offset, space in ((-0.2, "clip"), (0.2, "projected")):
             values = [spaces[space]["relative"][c] for c in classes]
             ax.bar(x + offset, [np.nan if v is None else v for v in values], width=0.4, label=space)
+        for position, name in zip(x, classes, strict=True):
+            if spaces["clip"]["relative"][name] is None:
+                ax.text(position, 0.05, "n/a", ha="center", va="bottom", fontsize=8, color="dimgray")
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
         ax.set_xticks(x, classes, rotation=30, ha="right")
         ax.set_ylabel("class / all-items variance")
         ax.set_title(model)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
-def plot_precision_at_k(precision: Mapping[str, Mapping[str, float]], path: Path) -> Path:
-    """P@k per k, the models' bars side by side (appendix E, Fig. D)."""
+def plot_precision_at_k(
+    precision: Mapping[str, Mapping[str, float]], n_items: int, chance: float, path: Path
+) -> Path:
+    return _save(precision_at_k_figure(precision, n_items, chance), path)
+
+
+def precision_at_k_figure(
+    precision: Mapping[str, Mapping[str, float]], n_items: int, chance: float
+) -> Figure:
+    """P@k per k, the models' bars side by side (appendix E, Fig. D), with what a random ranking gets."""
     ks = list(next(iter(precision.values())))
     width = 0.8 / len(precision)
-    fig = Figure(figsize=(2.0 + 1.2 * len(ks), 3.5))
+    fig = Figure(figsize=(2.0 + 1.2 * len(ks), 3.8))
     ax = fig.add_subplot()
     x = np.arange(len(ks))
     for i, (model, values) in enumerate(precision.items()):
         ax.bar(x + (i - (len(precision) - 1) / 2) * width, [values[k] for k in ks], width=width, label=model)
+    ax.axhline(chance, color="grey", linewidth=1, linestyle="--", label=f"chance ({chance:.3f})")
     ax.set_xticks(x, [f"P@{k}" for k in ks])
     ax.set_ylabel("precision")
+    ax.set_title(f"Description retrieval: precision at k, {n_items} items")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig

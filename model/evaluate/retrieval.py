@@ -13,12 +13,14 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from model.engine import FerEngine
+from model.engine import create_engine
 from model.evaluate.data import read_retrieval, take_subset
 from model.evaluate.features import encode_items, engine_fields, free_memory
 from model.evaluate.metrics import retrieval_metrics
 from model.evaluate.models import ModelChoice
 from model.evaluate.plots import plot_precision_at_k
+from model.faces.base import FaceDetector
+from model.options import PipelineOptions
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,8 @@ def run_retrieval(
     limit: int | None = None,
     seed: int = 0,
     batch_size: int = 64,
-    frames: int = 16,
+    options: PipelineOptions,
+    detector: FaceDetector | None = None,
 ) -> dict:
     """`limit` samples items; every description stays a candidate. Writes metrics.json,
     ranks.csv (each item's first relevant rank per model) and precision_at_k.png."""
@@ -49,7 +52,8 @@ def run_retrieval(
         "n_descriptions": len(dataset.descriptions),
         "limit": limit,
         "seed": seed,
-        "frames": frames,
+        "frames": options.frames,
+        "detect_faces": options.detect_faces,
         "relevance": "the descriptions paired with the item on any row of the CSV",
         "models": {},
     }
@@ -57,11 +61,12 @@ def run_retrieval(
         writer = csv.writer(f)
         writer.writerow(["file", "model", "first_relevant_rank", "n_relevant", "top_description"])
         for choice in models:
-            engine = FerEngine.from_settings(choice.settings)
+            engine = create_engine(choice.settings)
             encoded = encode_items(
                 engine,
                 [dataset.paths[i] for i in chosen],
-                frames=frames,
+                options,
+                detector=detector,
                 batch_size=batch_size,
                 desc=choice.name,
             )
@@ -85,8 +90,12 @@ def run_retrieval(
             metrics["models"][choice.name] = result
             del engine, encoded
             free_memory()
+    first = next(iter(metrics["models"].values()))
     plot_precision_at_k(
-        {name: r["precision_at_k"] for name, r in metrics["models"].items()}, out / "precision_at_k.png"
+        {name: r["precision_at_k"] for name, r in metrics["models"].items()},
+        first["n_items"],
+        first["chance_precision"],
+        out / "precision_at_k.png",
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -15,13 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from model.engine import FerEngine
+from model.engine import create_engine
 from model.evaluate.data import choose_classes, label_indices, read_labelled, take_subset
 from model.evaluate.features import encode_items, engine_fields, free_memory
 from model.evaluate.metrics import classification_metrics, feature_variance
 from model.evaluate.models import ModelChoice, slug
 from model.evaluate.plots import plot_confusion, plot_feature_variance
-from model.prompts import PROMPT_SETS, resolve_prompt_set
+from model.faces.base import FaceDetector
+from model.options import PipelineOptions
+from model.pipeline import classify
+from model.prompts import PROMPT_SETS, prompt_table, resolve_prompt_set
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,8 @@ def run_eval(
     limit: int | None = None,
     seed: int = 0,
     batch_size: int = 64,
-    frames: int = 16,
+    options: PipelineOptions,
+    detector: FaceDetector | None = None,
 ) -> dict:
     """Returns the metrics.json content after writing every output under `out`."""
     items = read_labelled(data)
@@ -58,7 +62,8 @@ def run_eval(
         "n_items": len(items),
         "limit": limit,
         "seed": seed,
-        "frames": frames,
+        "frames": options.frames,
+        "detect_faces": options.detect_faces,
         "classes": list(class_words),
         "prompt_sets": prompt_sets,
         "zero_sample_classes": "per-class recall is null and the class is left out of UAR",
@@ -70,9 +75,14 @@ def run_eval(
         writer = csv.writer(f)
         writer.writerow(["file", "label", "model", "prompts", "predicted", *(f"p_{c}" for c in class_words)])
         for choice in models:
-            engine = FerEngine.from_settings(choice.settings)
+            engine = create_engine(choice.settings)
             encoded = encode_items(
-                engine, [item.path for item in items], frames=frames, batch_size=batch_size, desc=choice.name
+                engine,
+                [item.path for item in items],
+                options,
+                detector=detector,
+                batch_size=batch_size,
+                desc=choice.name,
             )
             y = labels[encoded.kept]
             result = {
@@ -82,9 +92,8 @@ def run_eval(
                 "prompts": {},
             }
             for prompt_set in prompt_sets:
-                probabilities = engine.classify(
-                    encoded.features, class_words, prompt_set
-                ).probabilities.numpy()
+                text = engine.class_features(class_words, prompt_set)
+                probabilities = classify(encoded.features, text, class_words).probabilities.numpy()
                 predicted = probabilities.argmax(axis=1)
                 scores = classification_metrics(y, predicted, class_words)
                 result["prompts"][prompt_set] = scores
@@ -118,6 +127,9 @@ def run_eval(
     plot_feature_variance(variance, class_words, out / "feature_variance.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "table.md").write_text(results_table(metrics))
+    # The exact prompts behind every number: a reader of the table knows which lists produced it.
+    prompts = {p: prompt_table(class_words, p) for p in prompt_sets}
+    (out / "prompts.json").write_text(json.dumps(prompts, indent=2, ensure_ascii=False) + "\n")
     return metrics
 
 

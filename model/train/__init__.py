@@ -5,5 +5,5 @@ Two stages, so the expensive teacher runs once per image and W can be refitted i
   pairs, cached on disk in shards (see `model.train.cache` for the format);
 - `fit`: the symmetric InfoNCE between L2(W clip) and the teacher feature, trained on the cache,
   saved with `model.projection.save_projection` so `FER_PROJECTION=<file>` serves it.
-`fer train extract|fit|run` (model/train/cli.py) drives both.
+`fer train extract|fit|run` (cli/train.py) drives both.
 """

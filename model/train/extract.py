@@ -9,7 +9,6 @@ first unfinished shard (see model/train/cache.py for the format).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,9 +17,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.config import ModelSpec
 from model.engine import FerEngine
 from model.media import IMAGE_EXTENSIONS, MediaError, decode_image
+from model.registry import ModelSpec
 from model.train.cache import CacheWriter
 from model.train.teacher import Teacher, blip_pixel_values
 
@@ -112,7 +111,7 @@ def extract(
 ) -> ExtractSummary:
     """Fills (or resumes) the cache in `out_dir`; the CLIP side runs on the teacher's device, in
     `clip_dtype` (FER_DTYPE)."""
-    engine = FerEngine.from_spec(dataclasses.replace(spec, projection=None), str(teacher.device), clip_dtype)
+    engine = FerEngine.from_spec(spec.without_projection(), str(teacher.device), clip_dtype)
     settings = {"clip": clip_settings(spec, engine), "teacher": teacher.metadata()}
     writer = CacheWriter(out_dir, settings, images, shard_size)
     collate = _Collate(engine, teacher)

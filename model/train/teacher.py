@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.clip import MissingWeightsError
-from model.config import dtype_name
+from model.registry import MissingWeights
+from model.settings import dtype_name
 from model.train.config import DEFAULT_INSTRUCTION, DEFAULT_TEACHER, INSTRUCTIONS
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class Teacher:
                 source, dtype=torch_dtype, local_files_only=True
             )
         except OSError as exc:
-            raise MissingWeightsError(
+            raise MissingWeights(
                 f"teacher {source} is neither a local model directory nor in the Hugging Face cache "
                 f"(nothing is downloaded at run time): on a machine with internet run "
                 f"`hf download {DEFAULT_TEACHER}` (or save_pretrained it to a folder) and pass "

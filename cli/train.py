@@ -78,24 +78,22 @@ def _check_out(out: Path) -> None:
         raise ValueError(f"--out {out}: the projection file must end in .safetensors")
 
 
-def _device() -> str:
-    from model.config import ModelSettings, device_for
+def _device(settings) -> str:
+    from model.settings import device_for
 
-    return device_for(ModelSettings().device)
+    return device_for(settings.device)
 
 
-def cmd_extract(args: argparse.Namespace) -> int:
-    from model.config import ModelSettings
+def cmd_extract(args: argparse.Namespace, settings) -> int:
     from model.train.extract import extract, list_images
     from model.train.teacher import Teacher
 
-    settings = ModelSettings()
     images = list_images(args.images)
-    teacher = Teacher.load(args.teacher, args.instruction, _device(), args.dtype)
+    teacher = Teacher.load(args.teacher, args.instruction, _device(settings), args.dtype)
     summary = extract(
         images,
         args.cache,
-        settings.resolve(),
+        settings.model_copy(update={"projection": "none"}).resolve(),  # W is what gets trained
         teacher,
         batch_size=args.extract_batch_size,
         shard_size=args.shard_size,
@@ -106,12 +104,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
+def cmd_fit(args: argparse.Namespace, settings) -> int:
     from model.train.fit import fit
 
     _check_out(args.out)
     cfg = FitConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FitConfig)})
-    result = fit(args.cache, args.out, cfg, _device())
+    result = fit(args.cache, args.out, cfg, _device(settings))
     print(
         json.dumps(
             {
@@ -127,6 +125,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, settings) -> int:
     _check_out(args.out)  # before the long extraction, not after it
-    return cmd_extract(args) or cmd_fit(args)
+    return cmd_extract(args, settings) or cmd_fit(args, settings)

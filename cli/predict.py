@@ -1,0 +1,183 @@
+"""`fer predict`, `fer predict-video`, `fer retrieve`: the service's answers for local files, one JSON
+line per input on stdout, through the same pipeline stages and options as the service."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from model.prompts import CLASS_PRESETS, DEFAULT_CLASSES, DEFAULT_PROMPTS, PROMPT_SET_NAMES
+
+FILE_CHUNK = 32  # files decoded, then encoded together
+ENCODE_BATCH = 64
+MAX_FRAMES = 512
+
+
+def add_label_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--classes",
+        default=DEFAULT_CLASSES,
+        help=f"a class preset ({', '.join(CLASS_PRESETS)}) or a comma-separated list of class words",
+    )
+    parser.add_argument(
+        "--prompts", default=DEFAULT_PROMPTS, help=f"prompt set: {', '.join(PROMPT_SET_NAMES)} (default P-3)"
+    )
+
+
+def add_face_option(parser: argparse.ArgumentParser, default: str = "on, as the service") -> None:
+    parser.add_argument(
+        "--detect-faces",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"classify each detected face (a video: each frame's largest face) instead of the whole image "
+        f"(default: {default}; FER_FACE_DETECTOR=none turns detection off)",
+    )
+
+
+def add_frames_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--frames", type=int, default=16, help="frames sampled per clip (default 16)")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify images (each detected face, as POST /predict)")
+    add_label_options(p)
+    add_face_option(p)
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.set_defaults(handler=cmd_predict)
+
+    p = sub.add_parser("predict-video", help="classify video clips (sampled frames, pooled features)")
+    add_label_options(p)
+    add_face_option(p)
+    add_frames_option(p)
+    p.add_argument("--per-frame", action="store_true", help="add a per-frame timeline")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.set_defaults(handler=cmd_predict_video)
+
+    p = sub.add_parser("retrieve", help="rank text descriptions for a video (or an image)")
+    p.add_argument("file", type=Path, metavar="VIDEO")
+    p.add_argument("--descriptions", type=Path, required=True, help="a text file, one description per line")
+    p.add_argument("--top-k", type=int, default=None, help="how many to print (default: all)")
+    add_face_option(p)
+    add_frames_option(p)
+    p.set_defaults(handler=cmd_retrieve)
+
+
+def check_frames(frames: int) -> None:
+    if not 1 <= frames <= MAX_FRAMES:
+        raise ValueError(f"--frames {frames}: sample between 1 and {MAX_FRAMES} frames")
+
+
+class Runner:
+    """The model, the face detector and the options of one command, built once."""
+
+    def __init__(self, args: argparse.Namespace, settings) -> None:
+        from model.engine import create_engine
+        from model.faces.factory import create_detector
+
+        self.detector = create_detector(settings.face_detector, settings.face_threshold)
+        detect = args.detect_faces if args.detect_faces is not None else True
+        self.options = settings.pipeline_options(
+            detect_faces=detect and self.detector is not None, frames=getattr(args, "frames", None)
+        )
+        self.engine = create_engine(settings)
+
+    def prepare(self, prepare: Callable, path: Path):
+        from model.pipeline import open_source
+
+        with open_source(path) as source:
+            return prepare(source, self.engine, self.detector, self.options)
+
+    def encode(self, prepared: Sequence) -> list:
+        import torch
+
+        from model.pipeline import encode_in_batches, split_rows
+
+        pixels = torch.cat([p.pixels for p in prepared])
+        return split_rows(encode_in_batches(self.engine.encode_pixels, pixels, ENCODE_BATCH), prepared)
+
+
+def _emit(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def _classify_files(args, settings, prepare: Callable, score: Callable) -> int:
+    """Each file decoded on its own (an error stays that file's, on stderr), then a chunk of files
+    encoded together and answered in input order."""
+    from model.media import MediaError
+    from model.prompts import resolve_classes, resolve_prompt_set
+
+    classes, prompt_set = resolve_classes(args.classes), resolve_prompt_set(args.prompts)
+    runner = Runner(args, settings)
+    text = runner.engine.class_features(classes, prompt_set)
+    failed = 0
+    for start in range(0, len(args.files), FILE_CHUNK):
+        decoded = []
+        for path in args.files[start : start + FILE_CHUNK]:
+            try:
+                decoded.append((path, runner.prepare(prepare, path)))
+            except (MediaError, OSError) as exc:
+                failed += 1
+                print(f"fer: {path}: {_media_message(exc)}", file=sys.stderr)
+        if not decoded:
+            continue
+        features = runner.encode([p for _, p in decoded])
+        for (path, prepared), rows in zip(decoded, features, strict=True):
+            result = score(prepared, rows, text, classes, prompt_set, runner.options)
+            _emit({"file": str(path), **asdict(result)})
+    return 1 if failed else 0
+
+
+def _media_message(exc: Exception) -> str:
+    from model.media import WrongMediaKind
+
+    if isinstance(exc, WrongMediaKind):
+        return f"{exc}: use `fer {'predict-video' if exc.kind == 'video' else 'predict'}`"
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    return str(exc)
+
+
+def cmd_predict(args: argparse.Namespace, settings) -> int:
+    from model.pipeline import predict_image, prepare_image
+
+    return _classify_files(args, settings, prepare_image, predict_image)
+
+
+def cmd_predict_video(args: argparse.Namespace, settings) -> int:
+    from model.pipeline import predict_video, prepare_video
+
+    check_frames(args.frames)
+
+    def score(prepared, rows, text, classes, prompt_set, _options):
+        return predict_video(prepared, rows, text, classes, prompt_set, args.per_frame)
+
+    return _classify_files(args, settings, prepare_video, score)
+
+
+def cmd_retrieve(args: argparse.Namespace, settings) -> int:
+    from functools import partial
+
+    from model.media import MediaError, is_video_path
+    from model.pipeline import media_of, prepare_clip, rank_descriptions
+
+    check_frames(args.frames)
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k {args.top_k}: give 1 or more")
+    descriptions = [line.strip() for line in args.descriptions.read_text().splitlines() if line.strip()]
+    if not descriptions:
+        raise ValueError(f"{args.descriptions} holds no descriptions")
+    runner = Runner(args, settings)
+    try:
+        prepared = runner.prepare(partial(prepare_clip, still=not is_video_path(args.file)), args.file)
+    except (MediaError, OSError) as exc:
+        print(f"fer: {args.file}: {_media_message(exc)}", file=sys.stderr)
+        return 1
+    (features,) = runner.encode([prepared])
+    text = runner.engine.encode_texts(descriptions).cpu()
+    result = rank_descriptions(features, text, descriptions, args.top_k, media_of(prepared))
+    _emit({"file": str(args.file), **asdict(result)})
+    return 0

@@ -1,0 +1,69 @@
+"""`fer serve`: check the configuration, the weights and the port, tune the process, then run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import tempfile
+
+# How long an idle OpenMP thread spins before it sleeps, read once by libgomp when torch loads it.
+# libgomp's default (300,000 spins) keeps the encoder's idle threads busy on cores long after each call,
+# taking them from decoding and the event loop; 10,000 still spans the gaps between one call's ops.
+GOMP_SPIN_COUNT = "10000"
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the REST service (configured by FER_* variables)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in containers)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="server processes (default FER_WORKERS or 1); each loads its own model copy and batches on its "
+        "own, for a GPU that one process's event loop cannot keep busy",
+    )
+    p.set_defaults(handler=cmd_serve, settings="service")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fails at once, before a model is loaded, when the address cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def cmd_serve(args: argparse.Namespace, settings) -> int:
+    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPIN_COUNT)  # before torch is imported (a user's wins)
+    workers = settings.workers if args.workers is None else args.workers
+    if workers < 1:
+        raise ValueError("--workers must be at least 1")
+    settings.resolve()  # missing weights: one line now, not in the background later
+    from model.settings import device_for, dtype_for
+
+    dtype_for(settings.dtype, device_for(settings.device))  # a device or dtype this machine cannot run
+    check_port_free(args.host, args.port)
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.process import configure_process
+
+    if workers == 1:
+        app = create_app(configure_process(settings))
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+    # Several processes need an import string; each builds `service.app:app` from the same FER_* env,
+    # and their metrics meet in a fresh directory (see service.metrics) unless the user names one.
+    with tempfile.TemporaryDirectory(prefix="fer-metrics-") as fresh:
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", fresh)
+        uvicorn.run(
+            "service.app:app", host=args.host, port=args.port, log_level=args.log_level, workers=workers
+        )
+    return 0

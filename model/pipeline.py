@@ -1,0 +1,317 @@
+"""The one path from an input to an answer, in stages every entry point calls (the service, the `fer`
+commands, `fer eval`, training's CLIP side):
+
+    decode (model.media) -> find faces -> crop -> prepare (uint8 pixels) -> encode -> project -> score
+
+The CPU stages (`prepare_image`, `prepare_video`, `prepare_clip`) turn a file into the encoder's uint8
+input plus what the answer needs to say about it (faces, sampled frames). Encoding is the caller's
+choice of encoder (`encode_in_batches` on the engine, or the service's cross-request batcher), since
+only the caller knows what else shares the device. The score stage (`predict_image`, `predict_video`,
+`rank_descriptions`) turns projected features and class text features into result objects that the
+service's schemas and the CLI's JSON lines are built from, so both answer alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO, Literal
+
+import torch
+import torch.nn.functional as F
+
+try:  # TEMPORARY until model.faces.align lands
+    from model.faces.align import crop_face
+except ImportError:
+
+    def crop_face(image, face, margin=0.25, align=True):
+        box = face.box
+        dx, dy = round(box.w * margin), round(box.h * margin)
+        left, top = max(0, box.x - dx), max(0, box.y - dy)
+        right, bottom = min(image.width, box.x + box.w + dx), min(image.height, box.y + box.h + dy)
+        return image.crop((left, top, right, bottom))
+
+
+from model.media import VideoFrames, decode_image, read_video
+from model.options import PipelineOptions
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from PIL import Image
+
+    from model.engine import FerEngine
+    from model.faces.base import Face, FaceDetector
+
+LOGIT_SCALE = 100.0  # CLIP's logit scale (exp of the stored value), as the official scoring uses
+NO_FACE_NOTE = "no face found: the whole image was classified"
+Source = BinaryIO | bytes | str
+Encode = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ---- CPU stages: decode -> faces -> crop -> prepare --------------------------------------------------
+@dataclass
+class PreparedImage:
+    pixels: torch.Tensor  # [faces or 1, 3, S, S] uint8
+    faces: list[Face]  # empty: no face found (or detection off); pixels hold the whole image
+
+
+@dataclass
+class PreparedVideo:
+    pixels: torch.Tensor  # [frames, 3, S, S] uint8, one row per sampled frame
+    clip: VideoFrames  # the sampling facts (indices, timestamps, fps, ...); its frames are dropped
+    face_found: list[bool]  # per sampled frame: its largest face's crop (True) or the whole frame
+
+
+def find_faces(
+    image: Image.Image, detector: FaceDetector | None, options: PipelineOptions, max_faces: int | None = None
+) -> list[Face]:
+    if not options.detect_faces or detector is None:
+        return []
+    return detector.detect(image, max_faces or options.max_faces)
+
+
+def crops(image: Image.Image, faces: Sequence[Face], options: PipelineOptions) -> list[Image.Image]:
+    """One crop per face, or the whole image when there is none."""
+    return [crop_face(image, face, options.face_margin, options.align_faces) for face in faces] or [image]
+
+
+def prepare_image(
+    source: Source, engine: FerEngine, detector: FaceDetector | None, options: PipelineOptions
+) -> PreparedImage:
+    image = decode_image(source, options.limits)
+    faces = find_faces(image, detector, options)
+    return PreparedImage(engine.prepare_many(crops(image, faces, options)), faces)
+
+
+def prepare_video(
+    source: Source, engine: FerEngine, detector: FaceDetector | None, options: PipelineOptions
+) -> PreparedVideo:
+    """Each sampled frame becomes its largest face's crop, or the whole frame when none is found."""
+    clip = read_video(source, options.frames, options.limits)
+    rows, found = [], []
+    for frame in clip.frames:
+        faces = find_faces(frame, detector, options, max_faces=1)
+        rows.extend(crops(frame, faces, options))
+        found.append(bool(faces))
+    # The decoded frames (up to ~100 MB at 1080p) are not kept while the request waits for the encoder.
+    return PreparedVideo(engine.prepare_many(rows), dataclasses.replace(clip, frames=[]), found)
+
+
+def prepare_clip(
+    source: Source,
+    engine: FerEngine,
+    detector: FaceDetector | None,
+    options: PipelineOptions,
+    *,
+    still: bool,
+) -> PreparedImage | PreparedVideo:
+    """An input as a clip (retrieval, evaluation): a still image is a one-frame clip of its largest
+    face (or of the whole image); a video gives its sampled frames."""
+    if still:
+        return prepare_image(source, engine, detector, options.replace(max_faces=1))
+    return prepare_video(source, engine, detector, options)
+
+
+def open_source(path: str | Path) -> BinaryIO:
+    """A local file for the stages (the caller closes it)."""
+    return open(path, "rb")
+
+
+# ---- encode -------------------------------------------------------------------------------------
+def encode_in_batches(encode: Encode, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The direct encoder of the CLI, evaluation and training: `encode` on chunks of `batch_size` rows,
+    the features brought back to the CPU."""
+    if batch_size < 1:
+        raise ValueError("the batch size must be at least 1")
+    return torch.cat([encode(pixels[i : i + batch_size]).cpu() for i in range(0, len(pixels), batch_size)])
+
+
+def split_rows(
+    features: torch.Tensor, prepared: Sequence[PreparedImage | PreparedVideo]
+) -> list[torch.Tensor]:
+    """The features of several inputs encoded together, back to one tensor per input."""
+    return list(torch.split(features, [len(p.pixels) for p in prepared]))
+
+
+# ---- score --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scores:
+    """Per-row probabilities over `classes` (rows sum to 1)."""
+
+    classes: tuple[str, ...]
+    probabilities: torch.Tensor  # [N, C], float32, CPU
+
+    def label(self, row: int) -> str:
+        return self.classes[int(self.probabilities[row].argmax())]
+
+    def as_dict(self, row: int) -> dict[str, float]:
+        return {c: float(p) for c, p in zip(self.classes, self.probabilities[row].tolist(), strict=True)}
+
+
+def classify(features: torch.Tensor, text: torch.Tensor, classes: tuple[str, ...]) -> Scores:
+    """features [N, D] (projected) -> L2 -> softmax over classes of the logits averaged over each
+    class's prompts (the official ensemble averages logits, not text embeddings). text: [C, P, D]."""
+    n_classes, n_prompts, dim = text.shape
+    features = F.normalize(features.float().to(text.device), dim=-1)
+    logits = LOGIT_SCALE * features @ text.reshape(-1, dim).T  # [N, C*P]
+    logits = logits.view(-1, n_classes, n_prompts).mean(dim=-1)
+    return Scores(classes, logits.softmax(dim=-1).float().cpu())
+
+
+def pool(frame_features: torch.Tensor) -> torch.Tensor:
+    """A clip's feature: the mean of its projected (un-normalised) frame features, then L2."""
+    return F.normalize(frame_features.float().mean(dim=0), dim=-1)
+
+
+def pool_groups(frame_features: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """Consecutive runs of `sizes` rows (each clip's frames; an image is a run of 1) -> one pooled
+    feature per run."""
+    return [pool(group) for group in torch.split(frame_features, list(sizes))]
+
+
+@dataclass(frozen=True)
+class FacePrediction:
+    box: list[int]  # [x, y, w, h] in the original image's pixels
+    score: float  # the detector's confidence
+    landmarks: list[list[float]] | None  # five [x, y] points (see model.faces.base.Face)
+    label: str
+    probabilities: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    label: str  # of the largest face, or of the whole image
+    probabilities: dict[str, float]
+    faces: list[FacePrediction]  # largest first
+    face_detected: bool
+    note: str | None
+    classes: list[str]
+    prompts: str
+
+
+@dataclass(frozen=True)
+class FramePrediction:
+    index: int
+    timestamp: float
+    face_detected: bool
+    label: str
+    probabilities: dict[str, float]
+
+
+@dataclass(frozen=True)
+class VideoPrediction:
+    label: str
+    probabilities: dict[str, float]  # of the pooled clip feature
+    frames_sampled: int
+    n_frames: int
+    fps: float
+    duration_s: float
+    frames_with_face: int
+    timeline: list[FramePrediction] | None
+    classes: list[str]
+    prompts: str
+
+
+def predict_image(
+    prepared: PreparedImage,
+    features: torch.Tensor,
+    text: torch.Tensor,
+    classes: tuple[str, ...],
+    prompt_set: str,
+    options: PipelineOptions,
+) -> ImagePrediction:
+    scores = classify(features, text, classes)
+    faces = [
+        FacePrediction(
+            box=face.box.as_list(),
+            score=round(float(face.score), 4),
+            landmarks=None
+            if face.landmarks is None
+            else [[round(x, 1), round(y, 1)] for x, y in face.landmarks],
+            label=scores.label(row),
+            probabilities=scores.as_dict(row),
+        )
+        for row, face in enumerate(prepared.faces)
+    ]
+    return ImagePrediction(
+        label=scores.label(0),
+        probabilities=scores.as_dict(0),
+        faces=faces,
+        face_detected=bool(faces),
+        note=NO_FACE_NOTE if options.detect_faces and not faces else None,
+        classes=list(classes),
+        prompts=prompt_set,
+    )
+
+
+def predict_video(
+    prepared: PreparedVideo,
+    features: torch.Tensor,
+    text: torch.Tensor,
+    classes: tuple[str, ...],
+    prompt_set: str,
+    per_frame: bool,
+) -> VideoPrediction:
+    clip_scores = classify(pool(features).unsqueeze(0), text, classes)
+    timeline = None
+    if per_frame:
+        frame_scores = classify(features, text, classes)
+        clip = prepared.clip
+        timeline = [
+            FramePrediction(
+                index=index,
+                timestamp=round(timestamp, 4),
+                face_detected=found,
+                label=frame_scores.label(row),
+                probabilities=frame_scores.as_dict(row),
+            )
+            for row, (index, timestamp, found) in enumerate(
+                zip(clip.indices, clip.timestamps, prepared.face_found, strict=True)
+            )
+        ]
+    clip = prepared.clip
+    return VideoPrediction(
+        label=clip_scores.label(0),
+        probabilities=clip_scores.as_dict(0),
+        frames_sampled=len(clip.indices),
+        n_frames=clip.n_frames,
+        fps=round(clip.fps, 3),
+        duration_s=round(clip.duration, 3),
+        frames_with_face=sum(prepared.face_found),
+        timeline=timeline,
+        classes=list(classes),
+        prompts=prompt_set,
+    )
+
+
+def media_of(prepared: PreparedImage | PreparedVideo) -> Literal["image", "video"]:
+    return "image" if isinstance(prepared, PreparedImage) else "video"
+
+
+@dataclass(frozen=True)
+class RankedDescription:
+    index: int  # position in the given descriptions
+    text: str
+    score: float  # cosine similarity of the projected features
+
+
+@dataclass(frozen=True)
+class Ranking:
+    media: Literal["image", "video"]
+    ranking: list[RankedDescription]
+
+
+def rank_descriptions(
+    features: torch.Tensor,
+    text: torch.Tensor,
+    descriptions: Sequence[str],
+    top_k: int | None = None,
+    media: Literal["image", "video"] = "video",
+) -> Ranking:
+    """Descriptions ranked by the cosine of their projected, L2-normalised text features ([T, D]) with
+    the clip's pooled feature (`features`: its frames'); ties keep the given order."""
+    scores = (text.float() @ pool(features).to(text.device)).cpu()
+    order = torch.argsort(scores, descending=True, stable=True)[:top_k]
+    return Ranking(media, [RankedDescription(int(i), descriptions[int(i)], float(scores[i])) for i in order])

@@ -1,0 +1,152 @@
+"""The FER_* settings of the model and its pipeline. A process entry point (the `fer` command, the ASGI
+app, a Ray replica) builds one settings object and passes it down; library code reads no environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.faces.factory import DetectorName
+from model.media import MediaLimits
+from model.options import PipelineOptions
+from model.registry import DEFAULT_PRESET, ModelSpec, Preprocess, get_preset, resolve_model
+
+if TYPE_CHECKING:
+    import torch
+
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+Device = Literal["auto", "cuda", "cpu"]
+DEFAULT_LIMITS = MediaLimits()
+
+
+class ModelSettings(BaseSettings):
+    """Which model runs where, and how inputs become the encoder's pixels."""
+
+    model_config = SettingsConfigDict(env_prefix="FER_", extra="ignore")
+
+    preset: str = Field(
+        DEFAULT_PRESET, description="a bundle of CLIP model, weights, projection and preprocessing"
+    )
+    clip_model: str | None = Field(None, description="open_clip architecture name, e.g. `ViT-B-32`")
+    clip_weights: str | None = Field(
+        None,
+        description="an open_clip pretrained tag found in the weights folder, a local checkpoint path, "
+        "or `random` (seeded random init)",
+    )
+    projection: str | None = Field(
+        None,
+        description="a projection file (`.pth` or `.safetensors`), `none` for plain CLIP, or a preset name",
+    )
+    preprocess: Preprocess | None = Field(
+        None,
+        description="`exp-clip` (official evaluation transform) or `clip` (centre crop + CLIP mean/std)",
+    )
+    device: Device = Field("auto", description="`auto` (CUDA when available), `cuda` or `cpu`")
+    dtype: Dtype = Field(
+        "auto",
+        description="the CLIP encoders' precision: `auto` (float16 on CUDA, bfloat16 on a CPU that computes "
+        "it natively, else float32), `float32`, `float16` (CUDA only), `bfloat16`",
+    )
+    weights_dir: Path = Field(Path("weights"), description="where downloaded weights live")
+    weights_mirror: str | None = Field(
+        None,
+        description="base URL (`http(s)://` or `file://`) of a copy of the official projection files, "
+        "for `fer weights download`",
+    )
+    face_detector: DetectorName = Field(
+        "haar", description="`retinaface` (5 landmarks, aligned crops), `haar` (OpenCV's cascade) or `none`"
+    )
+    face_threshold: float = Field(0.7, ge=0, le=1, description="smallest detector confidence kept as a face")
+    align_faces: bool = Field(True, description="rotate each face so its eyes are level before the crop")
+    max_faces: int = Field(10, ge=1, le=100, description="most faces classified in one image")
+    face_margin: float = Field(0.25, ge=0, le=1, description="margin added around a face box, per side")
+    max_image_pixels: int = Field(
+        DEFAULT_LIMITS.max_image_pixels, ge=1, description="largest image, in pixels"
+    )
+    max_video_pixels: int = Field(
+        DEFAULT_LIMITS.max_video_pixels, ge=1, description="largest video frame, in pixels"
+    )
+    max_video_seconds: float = Field(
+        DEFAULT_LIMITS.max_video_seconds, gt=0, description="longest video, in seconds"
+    )
+    max_video_frames: int = Field(
+        DEFAULT_LIMITS.max_video_frames, ge=1, description="most frames a video may have"
+    )
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        get_preset(value)
+        return value
+
+    def resolve(self) -> ModelSpec:
+        """Every file the model needs; raises MissingWeights (with the command that gets them)."""
+        return resolve_model(
+            self.preset,
+            self.weights_dir,
+            clip_model=self.clip_model,
+            clip_weights=self.clip_weights,
+            projection=self.projection,
+            preprocess=self.preprocess,
+        )
+
+    @property
+    def media_limits(self) -> MediaLimits:
+        return MediaLimits(
+            self.max_image_pixels, self.max_video_pixels, self.max_video_seconds, self.max_video_frames
+        )
+
+    def pipeline_options(self, **overrides) -> PipelineOptions:
+        """The options that travel together through the pipeline, as configured (`overrides`: a
+        request's or a command's own choices, e.g. detect_faces or frames)."""
+        options = PipelineOptions(
+            detect_faces=self.face_detector != "none",
+            max_faces=self.max_faces,
+            face_margin=self.face_margin,
+            align_faces=self.align_faces,
+            limits=self.media_limits,
+        )
+        return options.replace(**overrides)
+
+
+def device_for(choice: str) -> str:
+    """`auto` -> CUDA when there is one; `cuda` without one is an error, not a silent CPU fallback."""
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("FER_DEVICE=cuda but torch sees no CUDA device; use FER_DEVICE=auto or cpu")
+    return choice
+
+
+def dtype_for(choice: str, device: str) -> torch.dtype:
+    """The CLIP encoders' precision. `auto`: float16 on CUDA; on CPU bfloat16 where the CPU computes it
+    natively (AVX512-BF16 or AMX), else float32, which emulated bfloat16 would be slower than.
+    W and the scores stay float32 whatever the choice."""
+    import torch
+
+    if choice == "auto":
+        if device == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    if choice == "float16" and device != "cuda":
+        raise RuntimeError("FER_DTYPE=float16 runs on CUDA only; on CPU use bfloat16 or float32")
+    return getattr(torch, choice)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype as FER_DTYPE (and `fer train --dtype`) spell it, e.g. `bfloat16`."""
+    return str(dtype).removeprefix("torch.")
+
+
+def cpu_has_native_bf16() -> bool:
+    import torch
+
+    try:  # oneDNN's own check (AVX512-BF16 / AMX); a private op, so absent means "no"
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

@@ -1,0 +1,56 @@
+"""Request dependencies: the runtime, and the form fields every inference endpoint shares, parsed and
+checked once (a bad value is a 422 naming the field and what is accepted)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from fastapi import Depends, Form, Request
+
+from model.prompts import CLASS_PRESETS, resolve_classes, resolve_prompt_set
+from service.errors import InvalidField
+from service.runtime import Runtime
+
+PromptSetName = Literal["P-1", "P-2", "P-3", "P-4", "P-5"]
+
+
+async def get_runtime(request: Request) -> Runtime:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request
+    return request.app.state.runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+@dataclass(frozen=True)
+class Labels:
+    classes: tuple[str, ...]
+    prompt_set: str
+
+
+async def get_labels(
+    request: Request,
+    classes: Annotated[
+        str | None,
+        Form(
+            description=f"a class preset ({', '.join(CLASS_PRESETS)}) or comma-separated class words "
+            "(at least two); default basic7"
+        ),
+    ] = None,
+    prompts: Annotated[PromptSetName | None, Form(description="prompt set; default P-3")] = None,
+) -> Labels:
+    # The form parser turns an empty field into "absent"; an empty field a client did send is a mistake,
+    # not a request for the default.
+    form = await request.form()
+    for name in ("classes", "prompts"):
+        if name in form and not str(form[name]).strip():
+            raise InvalidField(f"{name}: the field is empty; leave it out for the default")
+    return Labels(resolve_classes(classes), resolve_prompt_set(prompts))
+
+
+LabelsDep = Annotated[Labels, Depends(get_labels)]
+DetectField = Annotated[
+    bool, Form(description="classify each detected face (a video: each frame's largest face)")
+]
+FramesField = Annotated[int, Form(ge=1, description="frames sampled (16 equal segments' middle frames)")]

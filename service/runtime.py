@@ -1,0 +1,152 @@
+"""The service's state and lifecycle: the engine, the face detector, the batcher, admission and the
+decode pool, loaded in the background at start-up (so /livez answers at once) and closed at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import torch
+
+from model.engine import FerEngine, create_engine
+from model.faces.base import FaceDetector
+from model.faces.factory import create_detector
+from model.options import PipelineOptions
+from model.prompts import CLASS_PRESETS, DEFAULT_CLASSES, DEFAULT_PROMPTS, PROMPT_SETS
+from service.admission import IMAGE, TEXT, Admission
+from service.batcher import Batcher, BatchStats, pin_torch_threads
+from service.errors import NotReady
+from service.metrics import Metrics
+from service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[ServiceSettings], FerEngine]
+WARMUP_ITEMS = 4
+
+
+class Runtime:
+    """Everything a request needs, kept on `app.state.runtime`."""
+
+    def __init__(self, settings: ServiceSettings, engine_factory: EngineFactory = create_engine):
+        self.settings = settings
+        self.engine_factory = engine_factory
+        self.metrics = Metrics()
+        self.options: PipelineOptions = settings.pipeline_options()
+        self.admission = Admission(settings.max_queue, on_depth=self.metrics.queue_depth.set)
+        self.engine: FerEngine | None = None
+        self.detector: FaceDetector | None = None
+        self.batcher: Batcher | None = None
+        self.load_error: str | None = None
+        workers = settings.decode_workers or torch.get_num_threads()
+        # Decoding, face detection and scoring: each thread on one torch thread, so that the encoder's
+        # threads have the cores (see service.process).
+        self.decode_pool = ThreadPoolExecutor(
+            workers, thread_name_prefix="fer-decode", initializer=pin_torch_threads, initargs=(1,)
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.batcher is not None
+
+    def require(self) -> tuple[FerEngine, Batcher]:
+        if not self.ready:
+            raise NotReady(
+                self.load_error or "the model is still loading; retry when GET /readyz answers 200"
+            )
+        return self.engine, self.batcher
+
+    async def offload(self, fn, *args):
+        """Blocking CPU work (decode, face detection, preprocessing, scoring) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, partial(fn, *args))
+
+    def batch_stats(self, engine: FerEngine) -> BatchStats:
+        """The batcher's measurements, to the metrics and to admission's wait estimates."""
+        metrics = self.metrics.batch_stats(_device_peak_bytes(engine.device))
+
+        def on_batch(items: int, seconds: float) -> None:
+            metrics.on_batch(items, seconds)
+            self.admission.observe(IMAGE, items, seconds)
+
+        def on_task(items: int, seconds: float) -> None:
+            metrics.on_task(items, seconds)
+            self.admission.observe(TEXT, items, seconds)
+
+        return BatchStats(on_batch=on_batch, on_task=on_task, on_wait=metrics.on_wait)
+
+    async def load(self) -> None:
+        batcher = None
+        started = time.perf_counter()
+        try:
+            s = self.settings
+            engine = await self.offload(self.engine_factory, s)
+            self.detector = await self.offload(create_detector, s.face_detector, s.face_threshold)
+            batcher = Batcher(
+                engine.encode_pixels,
+                max_batch=s.max_batch,
+                max_wait_ms=s.max_wait_ms,
+                stats=self.batch_stats(engine),
+                threads=s.device_threads,
+            )
+            batcher.start()
+            warmup = torch.zeros(
+                min(WARMUP_ITEMS, s.max_batch), 3, engine.image_size, engine.image_size, dtype=torch.uint8
+            )
+            await batcher.submit(warmup)
+            await batcher.run(_default_text_features, engine)
+            self.engine, self.batcher = engine, batcher
+            self.metrics.ready.set(1)
+            log.info(
+                "model %s ready on %s in %s (loaded in %.1f s)",
+                engine.name,
+                engine.device,
+                engine.dtype_name,
+                time.perf_counter() - started,
+            )
+        except Exception as exc:
+            self.load_error = f"the model failed to load: {exc}"
+            log.error("%s", self.load_error)
+            if batcher is not None:  # a failed warm-up: don't leave its task and thread running
+                await batcher.stop()
+
+    async def class_features(self, classes: tuple[str, ...], prompt_set: str, is_disconnected=None):
+        """A class list's text features: from the cache, else encoded on the device thread (the
+        request has admitted the texts, see `text_items`)."""
+        engine, batcher = self.require()
+        text = engine.cached_class_features(classes, prompt_set)
+        if text is None:
+            items = len(classes) * len(PROMPT_SETS[prompt_set])
+            text = await batcher.run(
+                engine.class_features, classes, prompt_set, items=items, is_disconnected=is_disconnected
+            )
+        return text
+
+    def text_items(self, classes: tuple[str, ...], prompt_set: str) -> int:
+        """Texts a request must encode for its class list: none when they are cached."""
+        engine, _ = self.require()
+        cached = engine.cached_class_features(classes, prompt_set) is not None
+        return 0 if cached else len(classes) * len(PROMPT_SETS[prompt_set])
+
+    async def close(self) -> None:
+        if self.batcher:
+            await self.batcher.stop()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _default_text_features(engine: FerEngine) -> None:
+    """Every prompt set of the default classes, and the other class presets with the default prompts."""
+    for prompt_set in PROMPT_SETS:
+        engine.class_features(CLASS_PRESETS[DEFAULT_CLASSES], prompt_set)
+    for preset in ("basic8", "all11"):
+        engine.class_features(CLASS_PRESETS[preset], DEFAULT_PROMPTS)
+
+
+def _device_peak_bytes(device: torch.device):
+    """How to read a GPU's peak allocation (None on a CPU: RSS tells that story)."""
+    if device.type != "cuda":
+        return None
+    return lambda: torch.cuda.max_memory_allocated(device)
