@@ -1,13 +1,12 @@
-"""`fer serve` as a child process on 127.0.0.1: started on a free port, ready when every worker
-process has its model loaded (/metrics' fer_ready_processes), its memory and CPU read from /proc
-(summed over its worker processes), and stopped (terminate, then kill) when the benchmark is done."""
+"""`fer serve` as a child process on 127.0.0.1: started on a free port, ready when every worker process
+has its model loaded (/metrics' fer_ready_processes), its memory and CPU summed over its processes
+(psutil), and stopped (terminate, then kill) when the benchmark is done."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from bench.load import LOOPBACK_HOST, parse_metrics
 
@@ -29,59 +29,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def process_memory_mb(pid: int) -> dict[str, float]:
-    """Resident memory now (VmRSS) and its peak (VmHWM) from /proc, in MiB; empty where there is no /proc."""
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return {}
-    wanted = {"VmRSS:": "rss_mb", "VmHWM:": "peak_rss_mb"}
-    return {
-        wanted[parts[0]]: int(parts[1]) / 1024
-        for parts in (line.split() for line in lines)
-        if parts and parts[0] in wanted
-    }
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time the process has used (/proc/<pid>/stat), or None where there is no /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants, from /proc (`fer serve --workers N` is a supervisor and N workers)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile
-    tree, frontier = [pid], {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier}
-        tree += sorted(frontier)
-    return tree
-
-
-def tree_memory_mb(pid: int) -> dict[str, float]:
-    """`process_memory_mb` summed over the process tree; the summed peaks bound the tree's peak."""
-    readings = [process_memory_mb(p) for p in process_tree(pid)]
-    return (
-        {key: sum(r.get(key, 0.0) for r in readings) for key in ("rss_mb", "peak_rss_mb")}
-        if readings[0]
-        else {}
-    )
-
-
-def tree_cpu_seconds(pid: int) -> float | None:
-    """`process_cpu_seconds` summed over the process tree (None where `pid` cannot be read)."""
-    readings = [process_cpu_seconds(p) for p in process_tree(pid)]
-    return None if readings[0] is None else sum(r for r in readings if r is not None)
+def process_tree(pid: int) -> list[psutil.Process]:
+    """The process and its descendants (`fer serve --workers N` is a supervisor and N workers)."""
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
 
 
 class Service:
@@ -89,12 +40,13 @@ class Service:
 
     def __init__(self, env: dict[str, str], log_path: Path, ready_timeout_s: float = 600.0):
         self.env = env
-        self.workers = int(env.get("FER_WORKERS", "1"))  # set by the caller, not inherited (see bench.run)
+        self.workers = int(env.get("FER_WORKERS", "1"))
         self.log_path = log_path
         self.ready_timeout_s = ready_timeout_s
         self.port = free_port()
         self.base_url = f"http://{LOOPBACK_HOST}:{self.port}"
         self.process: subprocess.Popen | None = None
+        self.peak_rss_mb = 0.0  # the largest RSS seen at a reading
 
     def __enter__(self) -> Service:
         command = [
@@ -110,14 +62,11 @@ class Service:
         log.info(
             "starting %s with %s", " ".join(command[1:]), " ".join(f"{k}={v}" for k, v in self.env.items())
         )
+        # Not a caller's PROMETHEUS_MULTIPROC_DIR: two services would share one set of metrics.
+        env = {**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}, **self.env}
         with self.log_path.open("wb") as log_file:
             self.process = subprocess.Popen(
-                command,
-                # Not a caller's PROMETHEUS_MULTIPROC_DIR: two services would share one set of metrics.
-                env={**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}, **self.env},
-                cwd=REPO_ROOT,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
+                command, env=env, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT
             )
         try:
             self._wait_ready()
@@ -149,11 +98,13 @@ class Service:
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def memory_mb(self) -> dict[str, float]:
-        return tree_memory_mb(self.process.pid)
+    def rss_mb(self) -> float:
+        rss = sum(p.memory_info().rss for p in process_tree(self.process.pid)) / 2**20
+        self.peak_rss_mb = max(self.peak_rss_mb, rss)
+        return rss
 
-    def cpu_seconds(self) -> float | None:
-        return tree_cpu_seconds(self.process.pid)
+    def cpu_seconds(self) -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in process_tree(self.process.pid))
 
     def metrics(self) -> dict[str, float]:
         answer = httpx.get(f"{self.base_url}/metrics", timeout=30.0)
@@ -163,12 +114,12 @@ class Service:
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.terminate()  # uvicorn's supervisor stops its workers on the way out
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            log.warning("the service did not stop within 20 s of SIGTERM; killing it and its workers")
-            for pid in reversed(process_tree(self.process.pid)):  # workers first, so none is orphaned
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            self.process.wait()
+        tree = process_tree(self.process.pid)
+        for process in tree:  # each server process shuts down gracefully on SIGTERM
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=20)
+        for process in alive:
+            log.warning("process %d did not stop within 20 s of SIGTERM; killing it", process.pid)
+            process.kill()
+        self.process.wait()

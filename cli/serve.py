@@ -7,10 +7,7 @@ import os
 import socket
 import tempfile
 
-# How long an idle OpenMP thread spins before it sleeps, read once by libgomp when torch loads it.
-# libgomp's default (300,000 spins) keeps the encoder's idle threads busy on cores long after each call,
-# taking them from decoding and the event loop; 10,000 still spans the gaps between one call's ops.
-GOMP_SPIN_COUNT = "10000"
+from model.threads import GOMP_SPIN_COUNT
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

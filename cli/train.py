@@ -1,4 +1,4 @@
-"""`fer train extract|fit|run`: retrain the projection W from the BLIP-2 teacher (METHOD.md section 5).
+"""`fer train extract|fit|run`: retrain the projection W from the BLIP-2 teacher (docs/method.md).
 
 The CLIP side is configured like everything else, by FER_* (FER_PRESET / FER_CLIP_MODEL /
 FER_CLIP_WEIGHTS / FER_PREPROCESS / FER_DEVICE; FER_PROJECTION is ignored: the raw CLIP embedding is

@@ -1,6 +1,6 @@
 """Decoding images and videos into PIL frames, within limits that keep one bad file from eating memory.
 
-Video frames are sampled by the 16-segment middle-frame rule (METHOD.md section 3) and only the
+Video frames are sampled by the 16-segment middle-frame rule (docs/method.md) and only the
 sampled frames are converted; a long clip is read by seeking to each sampled timestamp (decoding
 from the key frame before it), so the work grows with the number of samples, not the clip's length.
 """

@@ -27,6 +27,8 @@ from typing import TypeVar
 
 import torch
 
+from model.threads import pin_torch_threads
+
 log = logging.getLogger(__name__)
 
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -41,14 +43,6 @@ class ClientGone(Exception):
 
 class BatchFailed(Exception):
     """The encoder call that held this job's rows raised."""
-
-
-def pin_torch_threads(n: int) -> None:
-    """Sets the calling thread's intra-op thread count for good. torch sets a thread's count from the
-    process-wide value the first time the thread asks for it, undoing a count set before that; asking
-    first makes that happen now. (The process-wide value becomes `n` too, for threads not yet started.)"""
-    torch.get_num_threads()
-    torch.set_num_threads(n)
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from service.batcher import pin_torch_threads
+from model.threads import pin_torch_threads
 from service.settings import ServiceSettings
 
 

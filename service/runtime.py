@@ -17,8 +17,9 @@ from model.faces.base import FaceDetector
 from model.faces.factory import create_detector
 from model.options import PipelineOptions
 from model.prompts import CLASS_PRESETS, DEFAULT_CLASSES, DEFAULT_PROMPTS, PROMPT_SETS
+from model.threads import pin_torch_threads
 from service.admission import IMAGE, TEXT, Admission
-from service.batcher import Batcher, BatchStats, pin_torch_threads
+from service.batcher import Batcher, BatchStats
 from service.errors import NotReady
 from service.metrics import Metrics
 from service.settings import ServiceSettings

@@ -26,13 +26,14 @@ def test_places_are_taken_shrunk_and_given_back():
 
 def test_a_full_queue_refuses_at_once_with_an_estimate_from_measured_costs():
     admission = Admission(10)
-    admission.observe(IMAGE, 4, 2.0)
-    admission.observe(TEXT, 10, 1.0)
+    for _ in range(100):  # the estimate settles on the measured costs
+        admission.observe(IMAGE, 4, 2.0)  # 0.5 s an image
+        admission.observe(TEXT, 10, 1.0)  # 0.1 s a text
     held = admission.reserve(images=6, texts=4)
     with pytest.raises(QueueFull) as refused:
         admission.reserve(images=1)
     assert refused.value.retry_after_s == math.ceil(admission.wait_s())
-    assert admission.wait_s() == pytest.approx(6 * admission._item_s[IMAGE] + 4 * admission._item_s[TEXT])
+    assert admission.wait_s() == pytest.approx(6 * 0.5 + 4 * 0.1)
     held.release()
     admission.reserve(images=10).release()  # room again
 

@@ -1,4 +1,4 @@
-"""The engine against an independent computation written here, straight from METHOD.md."""
+"""The engine against an independent computation written here, straight from docs/method.md."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def reference(official_clip, official_projection_path):
     weight = torch.load(official_projection_path, weights_only=True)["module.projection_head.mlp.weight"]
 
     def image_features(images):
-        """Projected, not normalised: W·x (METHOD.md section 3 pools these before L2)."""
+        """Projected, not normalised: W·x (docs/method.md: a clip pools these before L2)."""
         with torch.no_grad():
             x = torch.stack([transform(im.convert("RGB")) for im in images])
             return model.encode_image(x) @ weight.T

@@ -135,8 +135,8 @@ def test_only_the_device_thread_runs_torch_on_several_threads(engine):
     with TestClient(app) as client:
         wait_ready(client)
         runtime = app.state.runtime
-        assert runtime.batcher._device_thread.submit(torch.get_num_threads).result() == 3
-        assert runtime.decode_pool.submit(torch.get_num_threads).result() == 1
+        assert client.portal.call(runtime.batcher.run, torch.get_num_threads) == 3  # the device thread
+        assert client.portal.call(runtime.offload, torch.get_num_threads) == 1  # a decode thread
     assert torch.get_num_threads() == default
 
 
@@ -513,6 +513,7 @@ def test_a_full_queue_answers_429_at_once_before_any_decoding(engine):
     async def main():
         async with serving(app) as client:
             gated.gate.clear()
+            gated.entered.clear()  # the warm-up set it
             admission = app.state.runtime.admission
 
             def send():
@@ -557,17 +558,16 @@ def test_a_client_that_disconnects_is_dropped_from_the_queue(engine):
     )
     body = request.read()
 
-    async def raw_request(disconnect_after_s: float):
-        """Sends the upload, then reports the client gone after `disconnect_after_s`."""
-        delivered, started = False, time.monotonic()
+    async def raw_request(leave: asyncio.Event):
+        """Sends the upload, then reports the client gone once `leave` is set."""
+        delivered = False
 
         async def receive():
             nonlocal delivered
             if not delivered:
                 delivered = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            while time.monotonic() - started < disconnect_after_s:
-                await asyncio.sleep(0.01)
+            await leave.wait()
             return {"type": "http.disconnect"}
 
         messages = []
@@ -595,19 +595,29 @@ def test_a_client_that_disconnects_is_dropped_from_the_queue(engine):
     async def main():
         async with serving(app) as client:
             gated.gate.clear()
-            busy = asyncio.create_task(
-                client.post("/predict", files={"file": ("x.png", png(face_image(1)), "image/png")})
-            )
-            await asyncio.sleep(0.3)
+            gated.entered.clear()  # the warm-up set it
+
+            def send():
+                return client.post("/predict", files={"file": ("x.png", png(face_image(1)), "image/png")})
+
+            busy = asyncio.create_task(send())
+            assert await asyncio.to_thread(gated.entered.wait, 5)  # the device holds the busy request
             calls_before = len(gated.calls)
-            await raw_request(disconnect_after_s=0.3)
+            leave = asyncio.Event()
+            gone = asyncio.create_task(raw_request(leave))
+            batcher = app.state.runtime.batcher
+            while batcher.depth < 1:  # queued behind the busy request
+                await asyncio.sleep(0.01)
+            leave.set()
+            await gone
+            assert batcher.depth == 0  # dropped from the queue as soon as its client left
             gated.gate.set()
             assert (await busy).status_code == 200
-            await asyncio.sleep(0.2)
+            assert (await send()).status_code == 200  # the batcher has served on past the dropped job
             return gated.calls[calls_before:]
 
     later_calls = asyncio.run(main())
-    assert later_calls == [1], "only the busy request's item reached the encoder"
+    assert later_calls == [1, 1], "only the busy request's and the next one's items reached the encoder"
 
 
 # ---- labels, metrics, docs ----------------------------------------------------------------------------
@@ -767,8 +777,6 @@ def test_fer_serve_answers_every_endpoint_with_a_full_size_model(tmp_path, full_
 
 @pytest.mark.slow
 def test_fer_serve_with_several_worker_processes():
-    from pathlib import Path
-
     from bench.server import process_tree
 
     with fer_serve({"FER_PRESET": "demo", "FER_DEVICE": "cpu", "FER_WORKERS": "2"}) as (http, server):
@@ -778,11 +786,7 @@ def test_fer_serve_with_several_worker_processes():
         ]
         assert [a.status_code for a in answers] == [200] * 4
         # uvicorn spawns its workers through multiprocessing; its resource tracker is a child too
-        workers = [
-            pid
-            for pid in process_tree(server.pid)[1:]
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        ]
+        workers = [p for p in process_tree(server.pid)[1:] if "spawn_main" in " ".join(p.cmdline())]
         assert len(workers) == 2, "expected one worker process per FER_WORKERS"
 
         # Fresh connections land on either worker; every scrape counts every process's requests.

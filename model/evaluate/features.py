@@ -2,7 +2,7 @@
 
 From that one pass come both features the evaluation needs: the projected feature (what the model
 classifies with; every prompt set is scored from it) and the plain-CLIP feature before W (for the
-feature-variance comparison, METHOD.md section 6 / appendix D).
+feature-variance comparison, docs/method.md, feature variance).
 """
 
 from __future__ import annotations

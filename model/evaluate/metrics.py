@@ -1,7 +1,7 @@
 """The numbers, as pure functions of labels, predictions, features and scores (numpy in, plain
 Python out), so each can be checked against an independent implementation.
 
-Definitions (METHOD.md section 6):
+Definitions (docs/method.md):
 - WAR = accuracy over all items, in %.
 - UAR = mean of per-class recall over the classes that HAVE items, in %. A class in the class list
   with no items has no recall (None): it is left out of the mean, though predicting it still counts

@@ -1,4 +1,4 @@
-"""`fer eval-retrieval`: item-to-description retrieval (METHOD.md section 4, appendix E).
+"""`fer eval-retrieval`: item-to-description retrieval (docs/method.md, retrieval).
 
 Every item (video, or image as a one-frame clip) ranks ALL unique descriptions of the CSV by cosine
 similarity of its pooled projected feature with each description's projected text feature

@@ -1,4 +1,4 @@
-"""Offline retraining of the projection W from an LLM teacher (METHOD.md section 5).
+"""Offline retraining of the projection W from an LLM teacher (docs/method.md).
 
 Two stages, so the expensive teacher runs once per image and W can be refitted in minutes:
 - `extract`: unlabelled face images -> (raw CLIP image embedding, BLIP-2 Flan-T5 encoder feature)

@@ -1,4 +1,4 @@
-"""`fer train fit`: the projection W trained on cached pairs (METHOD.md section 5).
+"""`fer train fit`: the projection W trained on cached pairs (docs/method.md).
 
 Student I = L2(W clip_embedding), teacher E = the cached (L2-normalised) teacher feature, loss the
 symmetric InfoNCE `0.5*CE(s*I@E.T, arange(N)) + 0.5*CE(s*E@I.T, arange(N))` with s = 100; SGD with

@@ -1,6 +1,6 @@
 """The LLM teacher: BLIP-2 with a Flan-T5 language model, of which only the T5 ENCODER runs.
 
-Teacher feature of an image (METHOD.md section 5): the 32 Q-Former query outputs after BLIP-2's
+Teacher feature of an image (docs/method.md): the 32 Q-Former query outputs after BLIP-2's
 language projection, followed by the instruction's token embeddings (with EOS), go through the T5
 encoder; its last hidden state (after the final layer norm) is averaged over all those tokens and
 L2-normalised. No text is generated, so the T5 decoder is dropped after loading (about half of

@@ -1,0 +1,180 @@
+// Image view: a photo (picked, dropped, pasted or a webcam snapshot) -> POST /predict -> the photo
+// with every face's box and top label, and a bar chart per face.
+
+import { ApiError, postForm } from "./api.js";
+import * as settings from "./settings.js";
+import { afterReady, recheck } from "./status.js";
+import {
+  $,
+  bars,
+  drawFaces,
+  dropzone,
+  faceCards,
+  filePicker,
+  grabFrame,
+  ms,
+  percent,
+  say,
+  startCamera,
+  stopCamera,
+} from "./ui.js";
+
+let file = null; // the photo being shown
+let previewUrl = null;
+let controller = null; // the request in flight
+let stream = null;
+let active = false;
+let ranWith = ""; // the settings of the last request, to re-run on return if they changed
+
+const message = () => $("image-message");
+
+function setFile(next) {
+  file = next;
+  if (previewUrl) URL.revokeObjectURL(previewUrl);
+  previewUrl = URL.createObjectURL(next);
+  $("image-rerun").hidden = false;
+  run();
+}
+
+async function run() {
+  if (!file) return;
+  controller?.abort();
+  const mine = new AbortController();
+  controller = mine;
+  $("image-result").setAttribute("aria-busy", "true");
+  await afterReady(message(), `Analysing ${file.name || "the photo"}…`);
+  if (mine.signal.aborted) return;
+  const started = performance.now();
+  const fields = settings.current();
+  ranWith = JSON.stringify(fields);
+  try {
+    const body = await postForm(
+      "predict",
+      { file, ...fields },
+      { signal: mine.signal },
+    );
+    if (mine.signal.aborted) return;
+    await show(body, performance.now() - started);
+    say(message(), "");
+  } catch (error) {
+    if (error.name === "AbortError") return;
+    showError(error);
+  } finally {
+    if (controller === mine) {
+      controller = null;
+      $("image-result").removeAttribute("aria-busy");
+    }
+  }
+}
+
+function showError(error) {
+  if (error instanceof ApiError) {
+    say(message(), error.sentence, "error");
+    if (error.status === 503) recheck();
+  } else {
+    say(message(), `Something went wrong: ${error.message}`, "error");
+  }
+  $("image-result").hidden = true;
+}
+
+async function show(body, roundTrip) {
+  const img = $("image-preview");
+  if (img.src !== previewUrl) {
+    img.src = previewUrl;
+    try {
+      await img.decode();
+    } catch {
+      /* the browser cannot display this format; the results still show */
+    }
+  }
+  const faces = body.faces || [];
+  const count = faces.length === 1 ? "1 face" : `${faces.length} faces`;
+  img.alt = faces.length
+    ? `The photo, with ${count} outlined: ${faces.map((f, i) => `face ${i + 1} ${f.label}`).join(", ")}`
+    : `The photo, no face found; the whole photo reads as ${body.label}`;
+  drawFaces($("image-overlay"), faces, img.naturalWidth, img.naturalHeight);
+  $("image-summary").textContent = faces.length
+    ? `${count} found · top label: ${body.label} (${percent(body.probabilities[body.label])})`
+    : `Top label: ${body.label} (${percent(body.probabilities[body.label])})`;
+  const note = $("image-note");
+  note.hidden = !(body.note || !faces.length);
+  note.textContent =
+    body.note || (faces.length ? "" : "Face detection is off: the whole photo was classified.");
+  const container = $("image-faces");
+  if (faces.length) {
+    faceCards(container, faces, body.classes);
+  } else {
+    container.replaceChildren(bars(body.probabilities, { order: body.classes, caption: "Whole photo" }));
+  }
+  const t = body.timing || {};
+  $("image-meta").textContent = [
+    img.naturalWidth ? `${img.naturalWidth}×${img.naturalHeight} px` : null,
+    `prompts ${body.prompts}`,
+    `server ${ms(t.total_ms)} (decode ${ms(t.decode_ms)}, inference ${ms(t.inference_ms)})`,
+    `round trip ${ms(roundTrip)}`,
+  ]
+    .filter(Boolean)
+    .join(" · ");
+  $("image-result").hidden = false;
+}
+
+async function openCamera() {
+  say(message(), "Starting the webcam…");
+  try {
+    $("image-camera").hidden = false;
+    stream = await startCamera($("image-camera-video"));
+    say(message(), "");
+    $("image-camera-snap").focus();
+  } catch (error) {
+    closeCamera();
+    say(message(), `Webcam: ${error.message}.`, "error");
+  }
+}
+
+function closeCamera() {
+  stopCamera(stream, $("image-camera-video"));
+  stream = null;
+  $("image-camera").hidden = true;
+}
+
+async function snapshot() {
+  const video = $("image-camera-video");
+  if (!stream || !video.videoWidth) return;
+  const { file: shot } = await grabFrame(video, document.createElement("canvas"), 1920, 0.92);
+  closeCamera();
+  $("image-camera-open").focus();
+  setFile(shot);
+}
+
+export function initImage() {
+  filePicker($("image-file"), setFile);
+  dropzone($("image-drop"), setFile);
+  $("image-rerun").addEventListener("click", run);
+  $("image-camera-open").addEventListener("click", openCamera);
+  $("image-camera-close").addEventListener("click", () => {
+    closeCamera();
+    $("image-camera-open").focus();
+  });
+  $("image-camera-snap").addEventListener("click", snapshot);
+  settings.subscribe(() => {
+    if (active && file) run();
+  });
+  document.addEventListener("paste", (event) => {
+    if (!active) return;
+    const item = [...(event.clipboardData?.files || [])][0];
+    if (item) {
+      event.preventDefault();
+      setFile(item);
+    }
+  });
+  return {
+    show() {
+      active = true;
+      if (file && ranWith !== JSON.stringify(settings.current())) run();
+    },
+    hide() {
+      active = false;
+      closeCamera();
+    },
+  };
+}

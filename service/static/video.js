@@ -1,0 +1,179 @@
+// Video view: a clip -> POST /predict-video (per_frame=true) -> clip-level bars, and a timeline of
+// every class's probability at each sampled frame; choosing a frame seeks the <video> there.
+
+import { ApiError, postForm } from "./api.js";
+import { timelineChart } from "./chart.js";
+import * as settings from "./settings.js";
+import { afterReady, recheck } from "./status.js";
+import { $, bars, colourFor, dropzone, el, filePicker, ms, percent, ranked, say, seconds } from "./ui.js";
+
+let file = null;
+let clipUrl = null;
+let controller = null;
+let chart = null;
+let active = false;
+let ranWith = "";
+
+const message = () => $("video-message");
+
+function setFile(next) {
+  file = next;
+  if (clipUrl) URL.revokeObjectURL(clipUrl);
+  clipUrl = URL.createObjectURL(next);
+  const player = $("video-player");
+  player.src = clipUrl;
+  player.setAttribute("aria-label", `Clip: ${next.name || "uploaded clip"}`);
+  $("video-run").disabled = false;
+  run();
+}
+
+function frameCount() {
+  const input = $("video-frames");
+  const n = Math.round(Number(input.value));
+  return Number.isFinite(n) && n >= 1 ? n : 16;
+}
+
+async function run() {
+  if (!file) return;
+  controller?.abort();
+  const mine = new AbortController();
+  controller = mine;
+  $("video-result").setAttribute("aria-busy", "true");
+  await afterReady(message(), `Analysing ${file.name || "the clip"}…`);
+  if (mine.signal.aborted) return;
+  const fields = { ...settings.current(), frames: frameCount(), per_frame: true };
+  ranWith = JSON.stringify(settings.current());
+  const started = performance.now();
+  try {
+    const body = await postForm("predict-video", { file, ...fields }, { signal: mine.signal });
+    if (mine.signal.aborted) return;
+    show(body, performance.now() - started);
+    say(message(), "");
+  } catch (error) {
+    if (error.name === "AbortError") return;
+    $("video-result").hidden = true;
+    if (error instanceof ApiError) {
+      say(message(), error.sentence, "error");
+      if (error.status === 503) recheck();
+    } else {
+      say(message(), `Something went wrong: ${error.message}`, "error");
+    }
+  } finally {
+    if (controller === mine) {
+      controller = null;
+      $("video-result").removeAttribute("aria-busy");
+    }
+  }
+}
+
+function seek(t) {
+  const player = $("video-player");
+  player.currentTime = t;
+}
+
+function show(body, roundTrip) {
+  const classes = body.classes;
+  const timeline = body.timeline || [];
+  $("video-summary").textContent = `Clip: ${body.label} (${percent(body.probabilities[body.label])})`;
+  $("video-bars").replaceChildren(bars(body.probabilities, { order: classes, caption: "Clip probabilities" }));
+  const t = body.timing || {};
+  $("video-meta").textContent = [
+    `${body.frames_sampled} of ${body.n_frames} frames sampled`,
+    `${seconds(body.duration_s)} at ${body.fps} fps`,
+    `a face in ${body.frames_with_face} of ${body.frames_sampled}`,
+    `server ${ms(t.total_ms)}, round trip ${ms(roundTrip)}`,
+  ].join(" · ");
+
+  $("video-legend").replaceChildren(
+    el(
+      "ul",
+      { "aria-label": "Line colours" },
+      ...classes.map((cls, c) => {
+        const swatch = el("span", { className: "swatch", "aria-hidden": "true" });
+        swatch.style.backgroundColor = colourFor(c);
+        return el("li", {}, swatch, el("span", { text: cls }));
+      }),
+    ),
+  );
+
+  $("video-result").hidden = false;
+  chart?.destroy();
+  const info = $("timeline-hint");
+  chart = timelineChart($("video-chart"), timeline, classes, {
+    duration: body.duration_s,
+    onSeek: seek,
+    onFocusFrame: (f) => {
+      const top = ranked(f.probabilities)[0];
+      info.textContent = `Frame ${f.index} at ${seconds(f.timestamp)}: ${top[0]} ${percent(top[1])}${f.face_detected ? ", face found" : ", no face found"}. Enter seeks the clip here.`;
+    },
+  });
+  info.textContent =
+    "Probability of each class at every sampled frame. Choose a frame (or focus the chart and use the arrow keys) to seek the clip there.";
+  renderTable(timeline, classes);
+}
+
+function renderTable(timeline, classes) {
+  const table = $("video-table");
+  const head = el(
+    "tr",
+    {},
+    el("th", { scope: "col", text: "Time" }),
+    el("th", { scope: "col", text: "Frame" }),
+    el("th", { scope: "col", text: "Face" }),
+    el("th", { scope: "col", text: "Top label" }),
+    ...classes.map((c) => el("th", { scope: "col", text: c })),
+  );
+  const rows = timeline.map((f, i) => {
+    const button = el("button", { type: "button", className: "link-button", text: seconds(f.timestamp) });
+    button.setAttribute("aria-label", `Seek to ${seconds(f.timestamp)}`);
+    button.addEventListener("click", () => {
+      seek(f.timestamp);
+      chart?.select(i);
+    });
+    return el(
+      "tr",
+      {},
+      el("th", { scope: "row" }, button),
+      el("td", { text: String(f.index) }),
+      el("td", { text: f.face_detected ? "yes" : "no" }),
+      el("td", { text: f.label }),
+      ...classes.map((c) => el("td", { text: percent(f.probabilities[c] ?? 0) })),
+    );
+  });
+  table.replaceChildren(
+    el("caption", { className: "visually-hidden", text: "Per-frame probabilities" }),
+    el("thead", {}, head),
+    el("tbody", {}, ...rows),
+  );
+}
+
+export function initVideo() {
+  filePicker($("video-file"), setFile);
+  dropzone($("video-drop"), setFile);
+  $("video-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    run();
+  });
+  $("video-player").addEventListener("timeupdate", () => chart?.setTime($("video-player").currentTime));
+  $("video-player").addEventListener("seeked", () => chart?.setTime($("video-player").currentTime));
+  $("video-player").addEventListener("error", () => {
+    if (!file) return;
+    $("video-playback-note").hidden = false;
+  });
+  $("video-player").addEventListener("loadedmetadata", () => {
+    $("video-playback-note").hidden = true;
+  });
+  settings.subscribe(() => {
+    if (active && file) run();
+  });
+  return {
+    show() {
+      active = true;
+      if (file && ranWith !== JSON.stringify(settings.current())) run();
+    },
+    hide() {
+      active = false;
+      $("video-player").pause();
+    },
+  };
+}
