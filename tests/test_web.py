@@ -1,0 +1,432 @@
+"""The web page (service/static) in a real browser: headless Chromium driven by Playwright, against the
+service running the demo model on a free loopback port.
+
+Needs Playwright for Python and a Chromium binary (Debian's `chromium`; Playwright's own browser
+downloads are never used). Skipped, with the reason, when either is missing. FER_WEB_CHROMIUM names
+another binary; screenshots of every view (desktop and phone width) are saved under
+FER_WEB_SCREENSHOTS, else a pytest temporary directory (its path is printed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from PIL import Image
+from skimage import data as skimage_data
+
+from tests.conftest import make_video
+
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)"
+)
+expect = sync_api.expect
+
+
+def _chromium() -> str | None:
+    for candidate in (os.environ.get("FER_WEB_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+CHROMIUM = _chromium()
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium binary (apt-get install chromium, or set FER_WEB_CHROMIUM)"
+)
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-default-apps",
+    "--disable-sync",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--metrics-recording-only",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+]
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 375, "height": 740}
+TIMEOUT_MS = 15_000
+# The page must work under a strict Content-Security-Policy (no inline scripts, styles or handlers);
+# the tests serve it with this one, and Chromium logs any violation as a console error.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "media-src 'self' blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'"
+)
+CUSTOM_CLASSES = ["calm", "amused", "furious"]
+
+
+# ---- fixtures -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server():
+    """The real app (demo model) under uvicorn in a thread, on a free 127.0.0.1 port."""
+    import uvicorn
+
+    from service.app import create_app
+
+    try:
+        from service.settings import ServiceSettings
+    except ImportError:  # the module's name before the settings refactor
+        from service.config import ServiceSettings
+
+    app = create_app(ServiceSettings(preset="demo", device="cpu", max_wait_ms=5))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="web-test-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise AssertionError("the demo service never became ready")
+        time.sleep(0.1)
+    yield base
+    uv.should_exit = True
+    thread.join(15)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = sync_api.sync_playwright().start()
+    try:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    except Exception as exc:  # there but broken (missing libraries, ...): a failure, not a skip
+        playwright.stop()
+        pytest.fail(f"Chromium at {CHROMIUM} did not start: {exc}")
+    yield chromium
+    chromium.close()
+    playwright.stop()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = os.environ.get("FER_WEB_SCREENSHOTS")
+    path = Path(folder) if folder else tmp_path_factory.mktemp("web-screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    print(f"\nweb page screenshots: {path}")
+    return path
+
+
+class Watch:
+    """Every request the page makes and every console error it logs; checked after each test."""
+
+    def __init__(self, origin: str):
+        self.origin = origin
+        self.foreign: list[str] = []
+        self.console: list[str] = []
+        self.allowed_console: list[re.Pattern] = []
+        self.predict_in_flight = 0
+        self.predict_max_in_flight = 0
+
+    def on_request(self, request) -> None:
+        url = request.url
+        if url.startswith(("blob:", "data:")):
+            return  # the page's own object URLs never leave it
+        parts = urlsplit(url)
+        if f"{parts.scheme}://{parts.netloc}" != self.origin:
+            self.foreign.append(url)
+        if parts.path == "/predict":
+            self.predict_in_flight += 1
+            self.predict_max_in_flight = max(self.predict_max_in_flight, self.predict_in_flight)
+
+    def on_request_done(self, request) -> None:
+        if urlsplit(request.url).path == "/predict":
+            self.predict_in_flight -= 1
+
+    def on_console(self, message) -> None:
+        if message.type == "error" and not any(p.search(message.text) for p in self.allowed_console):
+            self.console.append(message.text)
+
+    def allow_console(self, pattern: str) -> None:
+        self.allowed_console.append(re.compile(pattern))
+
+
+@pytest.fixture
+def page(server, browser):
+    context = browser.new_context(viewport=DESKTOP, base_url=server)
+    context.set_default_timeout(TIMEOUT_MS)
+    watch = Watch(server)
+    context.on("request", watch.on_request)
+    context.on("requestfinished", watch.on_request_done)
+    context.on("requestfailed", watch.on_request_done)
+
+    def strict_csp(route):
+        response = route.fetch()
+        route.fulfill(response=response, headers={**response.headers, "content-security-policy": CSP})
+
+    context.route(f"{server}/", strict_csp)
+    tab = context.new_page()
+    tab.on("console", watch.on_console)
+    tab.on("pageerror", lambda error: watch.console.append(f"uncaught: {error}"))
+    tab.watch = watch
+    yield tab
+    context.close()
+    assert not watch.foreign, f"requests left the page's origin: {watch.foreign}"
+    assert not watch.console, f"console errors: {watch.console}"
+
+
+def open_page(page, view: str = "image") -> None:
+    page.goto(f"/#{view}")
+    expect(page.locator("body[data-ready='true']")).to_have_count(1)
+    expect(page.locator("#model-status")).to_have_attribute("data-state", "ready")
+
+
+def screenshot(page, shots: Path, name: str) -> None:
+    """A desktop and a phone-width full-page screenshot, then back to desktop."""
+    page.screenshot(path=shots / f"{name}-desktop.png", full_page=True)
+    page.set_viewport_size(PHONE)
+    page.wait_for_timeout(150)  # the timeline redraws at the new width
+    width = page.evaluate("document.documentElement.scrollWidth")
+    page.screenshot(path=shots / f"{name}-phone.png", full_page=True)
+    page.set_viewport_size(DESKTOP)
+    assert width <= PHONE["width"], f"{name}: the page scrolls sideways at phone width ({width} px)"
+
+
+# ---- media --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def astronaut(tmp_path_factory) -> Path:
+    """scikit-image's astronaut photo: one face that the Haar detector finds."""
+    path = tmp_path_factory.mktemp("media") / "astronaut.jpg"
+    Image.fromarray(skimage_data.astronaut()).save(path, "JPEG", quality=90)
+    return path
+
+
+def api(server: str, path: str, file: Path, mime: str, **fields) -> httpx.Response:
+    with file.open("rb") as handle:
+        data = {
+            k: json.dumps(v) if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else str(v)
+            for k, v in fields.items()
+        }
+        return httpx.post(f"{server}{path}", files={"file": (file.name, handle, mime)}, data=data, timeout=60)
+
+
+# ---- tests --------------------------------------------------------------------------------------
+def test_image_view_draws_the_api_faces_and_follows_the_class_list(page, server, astronaut, shots):
+    expected = api(server, "/predict", astronaut, "image/jpeg").json()
+    assert expected["faces"], "the Haar detector should find the astronaut's face"
+    open_page(page)
+    page.set_input_files("#image-file", str(astronaut))
+
+    boxes = page.locator("#image-overlay .face-box")
+    expect(boxes).to_have_count(len(expected["faces"]))
+    assert [b.get_attribute("data-label") for b in boxes.all()] == [f["label"] for f in expected["faces"]]
+    expect(page.locator("#image-summary")).to_contain_text(expected["label"])
+    first_card = page.locator("#image-faces .face-card").first
+    expect(first_card.locator(".bar-row")).to_have_count(len(expected["classes"]))
+    assert [r.get_attribute("data-class") for r in first_card.locator(".bar-row").all()] == expected[
+        "classes"
+    ]
+    alt = page.locator("#image-preview").get_attribute("alt")
+    assert "1 face" in alt and expected["label"] in alt
+
+    # the box sits where the API says, scaled to the displayed size of the photo
+    img = page.locator("#image-preview")
+    natural = img.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+    shown, drawn = img.bounding_box(), boxes.first.bounding_box()
+    scale = shown["width"] / natural[0]
+    x, y, w, h = expected["faces"][0]["box"]
+    assert abs(drawn["x"] - (shown["x"] + x * scale)) < 3
+    assert abs(drawn["y"] - (shown["y"] + y * scale)) < 3
+    assert abs(drawn["width"] - w * scale) < 4
+    assert abs(drawn["height"] - h * scale) < 4
+    screenshot(page, shots, "image")
+
+    # own class words: the bars and the label follow
+    custom = api(server, "/predict", astronaut, "image/jpeg", classes=",".join(CUSTOM_CLASSES)).json()
+    page.fill("#custom-classes", ", ".join(CUSTOM_CLASSES))
+    page.press("#custom-classes", "Enter")
+    expect(first_card.locator(".bar-row")).to_have_count(len(CUSTOM_CLASSES))
+    assert [r.get_attribute("data-class") for r in first_card.locator(".bar-row").all()] == CUSTOM_CLASSES
+    assert [b.get_attribute("data-label") for b in boxes.all()] == [f["label"] for f in custom["faces"]]
+    expect(page.locator("#image-summary")).to_contain_text(custom["label"])
+    expect(page.locator("#class-preset")).to_have_value("__custom__")
+    page.locator("details.prompt-details summary").click()
+    expect(page.locator("#prompt-list")).to_contain_text("a photo of a face with an expression of amused.")
+    screenshot(page, shots, "image-custom-classes")
+
+    # face detection off: no boxes, the whole photo is classified
+    page.uncheck("#detect-faces")
+    expect(boxes).to_have_count(0)
+    expect(page.locator("#image-note")).to_be_visible()
+    expect(page.locator("#image-faces .bar-row")).to_have_count(len(CUSTOM_CLASSES))
+
+
+def test_two_faces_with_landmarks(page, server, astronaut, tmp_path, shots):
+    """Every face gets its box; landmarks (when the detector gives them) are drawn as dots."""
+    face = Image.open(astronaut)
+    canvas = Image.new("RGB", (1000, 560), "gray")
+    canvas.paste(face.resize((420, 420)), (20, 60))
+    canvas.paste(face.resize((500, 500)), (480, 30))
+    photo = tmp_path / "two.png"
+    canvas.save(photo)
+    expected = api(server, "/predict", photo, "image/png").json()
+    assert len(expected["faces"]) == 2
+
+    # the detector in use gives no landmarks: answer with the API's own body, landmarks added
+    # (the browser's upload is not forwarded: Playwright's route.fetch mangles binary multipart bodies)
+    for f in expected["faces"]:
+        x, y, w, h = f["box"]
+        marks = ((0.3, 0.4), (0.7, 0.4), (0.5, 0.6), (0.35, 0.8), (0.65, 0.8))
+        f["landmarks"] = [[x + w * a, y + h * b] for a, b in marks]
+        f["score"] = 0.97
+
+    page.route("**/predict", lambda route: route.fulfill(json=expected))
+    open_page(page)
+    page.set_input_files("#image-file", str(photo))
+    expect(page.locator("#image-overlay .face-box")).to_have_count(2)
+    expect(page.locator("#image-overlay .landmark")).to_have_count(10)
+    expect(page.locator("#image-faces .face-card")).to_have_count(2)
+    expect(page.locator("#image-faces")).to_contain_text("detector score 0.97")
+    tags = page.locator("#image-overlay .face-tag").all_inner_texts()
+    assert [t.split(" ")[1] for t in tags] == [f["label"] for f in expected["faces"]]
+    screenshot(page, shots, "image-two-faces")
+
+
+def test_unsupported_file_shows_the_api_detail(page, server, tmp_path, shots):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a photo\n")
+    answer = api(server, "/predict", text, "text/plain")
+    assert answer.status_code == 415
+    page.watch.allow_console(r"status of 415")  # Chromium logs every 4xx response
+    open_page(page)
+    page.set_input_files("#image-file", str(text))
+    message = page.locator("#image-message")
+    expect(message).to_contain_text(answer.json()["detail"])
+    expect(message).to_have_attribute("role", "alert")
+    expect(message).to_have_attribute("data-kind", "error")
+    screenshot(page, shots, "image-error")
+
+
+def test_video_view_timeline_has_a_point_per_sampled_frame(page, server, tmp_path, shots):
+    clip = make_video(tmp_path / "clip.mp4", 40, fps=20, size=128)
+    expected = api(server, "/predict-video", clip, "video/mp4", per_frame=True, frames=16).json()
+    open_page(page, "video")
+    page.set_input_files("#video-file", str(clip))
+
+    points = page.locator("#video-chart .frame-point")
+    expect(points).to_have_count(expected["frames_sampled"])
+    stamps = [float(p.get_attribute("data-timestamp")) for p in points.all()]
+    assert stamps == [f["timestamp"] for f in expected["timeline"]]
+    expect(page.locator("#video-summary")).to_contain_text(expected["label"])
+    expect(page.locator("#video-bars .bar-row")).to_have_count(len(expected["classes"]))
+    expect(page.locator("#video-table tbody tr")).to_have_count(expected["frames_sampled"])
+
+    # clicking a point seeks the clip there; so do the arrow keys and Enter
+    player = page.locator("#video-player")
+    page.wait_for_function("() => document.getElementById('video-player').readyState >= 1")
+    points.nth(10).click()
+    seeked = "t => Math.abs(document.getElementById('video-player').currentTime - t) < 0.06"
+    page.wait_for_function(seeked, arg=stamps[10])
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("Enter")
+    page.wait_for_function(seeked, arg=stamps[11])
+    assert player.evaluate("v => v.paused")
+    screenshot(page, shots, "video")
+
+
+def test_retrieve_view_ranks_in_the_api_order(page, server, astronaut, shots):
+    texts = ["an astronaut smiling", "a crying child", "a furious driver"]
+    expected = api(server, "/retrieve", astronaut, "image/jpeg", descriptions=texts, top_k=3).json()
+    open_page(page, "retrieve")
+    expect(page.locator("#class-preset")).to_be_hidden()  # retrieval takes no class list
+    page.set_input_files("#retrieve-file", str(astronaut))
+    page.fill("#retrieve-descriptions", "\n".join(texts) + "\n\n")
+    page.click("#retrieve-run")
+    rows = page.locator("#retrieve-ranking .rank-text")
+    expect(rows).to_have_count(3)
+    assert rows.all_inner_texts() == [r["text"] for r in expected["ranking"]]
+    expect(page.locator("#retrieve-summary")).to_contain_text(expected["ranking"][0]["text"])
+    screenshot(page, shots, "retrieve")
+
+
+def test_webcam_snapshot_and_live_view_with_the_fake_camera(page, server, shots):
+    open_page(page)
+    page.click("#image-camera-open")
+    expect(page.locator("#image-camera-snap")).to_be_focused()
+    page.wait_for_function("() => document.getElementById('image-camera-video').videoWidth > 0")
+    page.click("#image-camera-snap")
+    expect(page.locator("#image-result")).to_be_visible()
+    expect(page.locator("#image-camera")).to_be_hidden()
+    expect(page.locator("#image-faces .bar-row")).to_have_count(7)  # the fake camera shows no face
+    expect(page.locator("#image-note")).to_contain_text("no face found")
+
+    page.click("#tab-live")
+    page.click("#live-start")
+    page.wait_for_function("() => Number(document.getElementById('live-stats').dataset.roundTrips || 0) >= 2")
+    expect(page.locator("#live-rtt")).to_have_text(re.compile(r"^\d+ ms$|^\d+\.\d+ s$"))
+    expect(page.locator("#live-summary")).to_be_visible()
+    screenshot(page, shots, "live")
+    assert page.watch.predict_max_in_flight == 1
+
+    # leaving the view stops the camera and the requests
+    page.click("#tab-image")
+    expect(page.locator("#live-start")).to_be_enabled()
+    assert page.evaluate("document.getElementById('live-video').srcObject") is None
+    sent = int(page.locator("#live-count").inner_text())
+    page.wait_for_timeout(700)
+    assert int(page.locator("#live-count").inner_text()) == sent
+
+
+def test_loading_state_tabs_and_keyboard(page, server, shots):
+    """/readyz answers 503 twice (a model still loading): the page says so, then that it is ready."""
+    answered = {"n": 0}
+
+    def loading(route):
+        answered["n"] += 1
+        if answered["n"] <= 2:
+            route.fulfill(
+                status=503,
+                content_type="application/json",
+                body=json.dumps({"status": "not_ready", "detail": "loading"}),
+            )
+        else:
+            route.continue_()
+
+    page.route("**/readyz", loading)
+    page.watch.allow_console(r"status of 503")
+    page.goto("/")
+    expect(page.locator("#model-status")).to_have_attribute("data-state", "loading")
+    expect(page.locator("#loading-banner")).to_be_visible()
+    screenshot(page, shots, "loading")
+    expect(page.locator("#model-status")).to_have_attribute("data-state", "ready", timeout=10_000)
+    expect(page.locator("#loading-banner")).to_be_hidden()
+
+    # tabs: arrow keys move between the views; every control has a label
+    page.focus("#tab-image")
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#tab-live")).to_be_focused()
+    expect(page.locator("#tab-live")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#view-live")).to_be_visible()
+    expect(page.locator("#view-image")).to_be_hidden()
+    page.keyboard.press("End")
+    expect(page.locator("#view-retrieve")).to_be_visible()
+    unlabelled = page.evaluate(
+        """() => [...document.querySelectorAll('input, select, textarea, button')]
+            .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')
+                         && !e.textContent.trim())
+            .map(e => e.id || e.outerHTML)"""
+    )
+    assert unlabelled == []
+    assert page.evaluate("document.querySelectorAll('[onclick],[onchange],[oninput],[onsubmit]').length") == 0
