@@ -40,6 +40,33 @@ async def _prepare(runtime: Runtime, prepare, source: BinaryIO, options: Pipelin
         clock.mark_decoded()
 
 
+async def classify(
+    runtime: Runtime,
+    prepare: Callable,
+    score: Callable,
+    source: BinaryIO,
+    classes: tuple[str, ...],
+    prompt_set: str,
+    options: PipelineOptions,
+    max_items: int,
+    is_disconnected: Disconnected = None,
+):
+    """An input scored against a class list: `prepare` (a pipeline CPU stage) in the pool, the encoder
+    call through the batcher, the class list's text features (cached, or encoded on the device thread),
+    then `score(prepared, features, text)` in the pool. `max_items`: the most rows `prepare` can give
+    (faces, frames), the places taken before decoding."""
+    clock = Clock()
+    _, batcher = runtime.require()
+    texts = runtime.text_items(classes, prompt_set)
+    with runtime.admission.reserve(images=max_items, texts=texts) as places:
+        prepared = await _prepare(runtime, prepare, source, options, clock)
+        places.shrink(images=len(prepared.pixels))
+        features = await batcher.submit(prepared.pixels, is_disconnected)
+        text = await runtime.class_features(classes, prompt_set, is_disconnected)
+        result = await runtime.offload(score, prepared, features, text)
+    return result, clock
+
+
 async def predict_image(
     runtime: Runtime,
     source: BinaryIO,
@@ -48,20 +75,21 @@ async def predict_image(
     options: PipelineOptions,
     is_disconnected: Disconnected = None,
 ) -> tuple[pipeline.ImagePrediction, Clock]:
-    clock = Clock()
-    _, batcher = runtime.require()
-    texts = runtime.text_items(classes, prompt_set)
-    with runtime.admission.reserve(
-        images=options.max_faces if options.detect_faces else 1, texts=texts
-    ) as places:
-        prepared = await _prepare(runtime, pipeline.prepare_image, source, options, clock)
-        places.shrink(images=len(prepared.pixels))
-        features = await batcher.submit(prepared.pixels, is_disconnected)
-        text = await runtime.class_features(classes, prompt_set, is_disconnected)
-        result = await runtime.offload(
-            pipeline.predict_image, prepared, features, text, classes, prompt_set, options
-        )
-    return result, clock
+    def score(prepared, features, text):
+        return pipeline.predict_image(prepared, features, text, classes, prompt_set, options)
+
+    max_items = options.max_faces if options.detect_faces else 1
+    return await classify(
+        runtime,
+        pipeline.prepare_image,
+        score,
+        source,
+        classes,
+        prompt_set,
+        options,
+        max_items,
+        is_disconnected,
+    )
 
 
 async def predict_video(
@@ -73,17 +101,20 @@ async def predict_video(
     per_frame: bool,
     is_disconnected: Disconnected = None,
 ) -> tuple[pipeline.VideoPrediction, Clock]:
-    clock = Clock()
-    _, batcher = runtime.require()
-    texts = runtime.text_items(classes, prompt_set)
-    with runtime.admission.reserve(images=options.frames, texts=texts):
-        prepared = await _prepare(runtime, pipeline.prepare_video, source, options, clock)
-        features = await batcher.submit(prepared.pixels, is_disconnected)
-        text = await runtime.class_features(classes, prompt_set, is_disconnected)
-        result = await runtime.offload(
-            pipeline.predict_video, prepared, features, text, classes, prompt_set, per_frame
-        )
-    return result, clock
+    def score(prepared, features, text):
+        return pipeline.predict_video(prepared, features, text, classes, prompt_set, per_frame)
+
+    return await classify(
+        runtime,
+        pipeline.prepare_video,
+        score,
+        source,
+        classes,
+        prompt_set,
+        options,
+        options.frames,
+        is_disconnected,
+    )
 
 
 async def retrieve(

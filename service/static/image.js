@@ -1,9 +1,8 @@
 // Image view: a photo (picked, dropped, pasted or a webcam snapshot) -> POST /predict -> the photo
 // with every face's box and top label, and a bar chart per face.
 
-import { ApiError, postForm } from "./api.js";
 import * as settings from "./settings.js";
-import { afterReady, recheck } from "./status.js";
+import { viewRequests } from "./request.js";
 import {
   $,
   bars,
@@ -21,7 +20,7 @@ import {
 
 let file = null; // the photo being shown
 let previewUrl = null;
-let controller = null; // the request in flight
+const send = viewRequests("image-result", "image-message");
 let stream = null;
 let active = false;
 let ranWith = ""; // the settings of the last request, to re-run on return if they changed
@@ -38,43 +37,9 @@ function setFile(next) {
 
 async function run() {
   if (!file) return;
-  controller?.abort();
-  const mine = new AbortController();
-  controller = mine;
-  $("image-result").setAttribute("aria-busy", "true");
-  await afterReady(message(), `Analysing ${file.name || "the photo"}…`);
-  if (mine.signal.aborted) return;
-  const started = performance.now();
   const fields = settings.current();
   ranWith = JSON.stringify(fields);
-  try {
-    const body = await postForm(
-      "predict",
-      { file, ...fields },
-      { signal: mine.signal },
-    );
-    if (mine.signal.aborted) return;
-    await show(body, performance.now() - started);
-    say(message(), "");
-  } catch (error) {
-    if (error.name === "AbortError") return;
-    showError(error);
-  } finally {
-    if (controller === mine) {
-      controller = null;
-      $("image-result").removeAttribute("aria-busy");
-    }
-  }
-}
-
-function showError(error) {
-  if (error instanceof ApiError) {
-    say(message(), error.sentence, "error");
-    if (error.status === 503) recheck();
-  } else {
-    say(message(), `Something went wrong: ${error.message}`, "error");
-  }
-  $("image-result").hidden = true;
+  await send(`Analysing ${file.name || "the photo"}…`, "predict", { file, ...fields }, show);
 }
 
 async function show(body, roundTrip) {

@@ -1,14 +1,13 @@
 // Retrieve view: a clip (or an image) and descriptions, one a line -> POST /retrieve -> the
 // descriptions ranked by similarity, with their scores as bars.
 
-import { ApiError, postForm } from "./api.js";
 import * as settings from "./settings.js";
-import { afterReady, recheck } from "./status.js";
+import { viewRequests } from "./request.js";
 import { $, dropzone, el, filePicker, ms, say } from "./ui.js";
 
 let file = null;
 let mediaUrl = null;
-let controller = null;
+const send = viewRequests("retrieve-result", "retrieve-message");
 
 const message = () => $("retrieve-message");
 
@@ -42,42 +41,14 @@ async function run() {
     say(message(), "Write at least one description.", "error");
     return;
   }
-  controller?.abort();
-  const mine = new AbortController();
-  controller = mine;
-  $("retrieve-result").setAttribute("aria-busy", "true");
-  await afterReady(message(), `Ranking ${texts.length} description${texts.length === 1 ? "" : "s"}…`);
-  if (mine.signal.aborted) return;
-  const started = performance.now();
-  try {
-    const body = await postForm(
-      "retrieve",
-      {
-        file,
-        descriptions: JSON.stringify(texts),
-        top_k: texts.length,
-        detect_faces: settings.current().detect_faces,
-      },
-      { signal: mine.signal },
-    );
-    if (mine.signal.aborted) return;
-    show(body, performance.now() - started);
-    say(message(), "");
-  } catch (error) {
-    if (error.name === "AbortError") return;
-    $("retrieve-result").hidden = true;
-    if (error instanceof ApiError) {
-      say(message(), error.sentence, "error");
-      if (error.status === 503) recheck();
-    } else {
-      say(message(), `Something went wrong: ${error.message}`, "error");
-    }
-  } finally {
-    if (controller === mine) {
-      controller = null;
-      $("retrieve-result").removeAttribute("aria-busy");
-    }
-  }
+  const fields = {
+    file,
+    descriptions: JSON.stringify(texts),
+    top_k: texts.length,
+    detect_faces: settings.current().detect_faces,
+  };
+  const busy = `Ranking ${texts.length} description${texts.length === 1 ? "" : "s"}…`;
+  await send(busy, "retrieve", fields, show);
 }
 
 function show(body, roundTrip) {

@@ -1,20 +1,18 @@
 // Video view: a clip -> POST /predict-video (per_frame=true) -> clip-level bars, and a timeline of
 // every class's probability at each sampled frame; choosing a frame seeks the <video> there.
 
-import { ApiError, postForm } from "./api.js";
 import { timelineChart } from "./chart.js";
 import * as settings from "./settings.js";
-import { afterReady, recheck } from "./status.js";
-import { $, bars, colourFor, dropzone, el, filePicker, ms, percent, ranked, say, seconds } from "./ui.js";
+import { viewRequests } from "./request.js";
+import { $, bars, colourFor, dropzone, el, filePicker, ms, percent, ranked, seconds } from "./ui.js";
 
 let file = null;
 let clipUrl = null;
-let controller = null;
+const send = viewRequests("video-result", "video-message");
 let chart = null;
 let active = false;
 let ranWith = "";
 
-const message = () => $("video-message");
 
 function setFile(next) {
   file = next;
@@ -35,35 +33,9 @@ function frameCount() {
 
 async function run() {
   if (!file) return;
-  controller?.abort();
-  const mine = new AbortController();
-  controller = mine;
-  $("video-result").setAttribute("aria-busy", "true");
-  await afterReady(message(), `Analysing ${file.name || "the clip"}…`);
-  if (mine.signal.aborted) return;
   const fields = { ...settings.current(), frames: frameCount(), per_frame: true };
   ranWith = JSON.stringify(settings.current());
-  const started = performance.now();
-  try {
-    const body = await postForm("predict-video", { file, ...fields }, { signal: mine.signal });
-    if (mine.signal.aborted) return;
-    show(body, performance.now() - started);
-    say(message(), "");
-  } catch (error) {
-    if (error.name === "AbortError") return;
-    $("video-result").hidden = true;
-    if (error instanceof ApiError) {
-      say(message(), error.sentence, "error");
-      if (error.status === 503) recheck();
-    } else {
-      say(message(), `Something went wrong: ${error.message}`, "error");
-    }
-  } finally {
-    if (controller === mine) {
-      controller = null;
-      $("video-result").removeAttribute("aria-busy");
-    }
-  }
+  await send(`Analysing ${file.name || "the clip"}…`, "predict-video", { file, ...fields }, show);
 }
 
 function seek(t) {
