@@ -32,9 +32,11 @@ RUN --mount=type=cache,target=/root/.cache/pip sh docker/install.sh /opt/venv
 FROM ${CUDA_BASE}
 ENV DEBIAN_FRONTEND=noninteractive
 # The virtual environment's python is a link to this interpreter, so both stages install the same one.
+# libgl1, glib, libsm6, libxext6: what the opencv-python wheel links against (it is the one OpenCV the
+# face detector's package allows; the -headless build needs none of them).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 \
+    && apt-get install -y --no-install-recommends python3 libgl1 libglib2.0-0t64 libsm6 libxext6 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 fer \
     && useradd --create-home --uid 10001 --gid fer fer \

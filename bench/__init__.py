@@ -1,6 +1,12 @@
 """The service measured against the hardware's limit: `python -m bench.run [--quick]`.
 
 One run, one machine, one device: the raw encoder's throughput, the served throughput and latency under
-load (batching on and off), video latency for short and long clips, and the service's memory over a long
-run, with the issue's targets evaluated as ratios of figures from that same run.
+load (batching on and off), video latency for short and long clips with and without face detection,
+the service's memory over a long run, and the face detector's recall and speed (bench.faces), with the
+targets evaluated as ratios of figures from that same run.
 """
+
+from pathlib import Path
+
+# The development data beside the repository (never copied into it): the face detector's figures.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -166,12 +166,39 @@ def evaluate_targets(report: dict) -> list[dict]:
             0.10,
             "service RSS at the end of the long run / after its first 10% of requests, minus 1",
         ),
+        *face_targets(report.get("faces") or {}),
         target(
             "gpu_throughput",
             _find(report["points"], concurrency=GPU_CONCURRENCY).get("throughput") if gpu else None,
             ">=",
             5 * CLIP_AS_SERVICE_IMAGES_PER_S,
             f"images/s at concurrency {GPU_CONCURRENCY} on a GPU (5 x clip-as-service's 286 on a Titan RTX)",
+        ),
+    ]
+
+
+def face_targets(faces: dict) -> list[dict]:
+    """The face detector's targets, from bench.faces' figures (None without the development data)."""
+    name = faces.get("detector")
+    canvases, frames, timing = faces.get("canvases"), faces.get("mafw_frames"), faces.get("timing")
+    speed = timing and _ratio(timing[f"{name}_ms"], timing["haar_ms"])
+    return [
+        target(
+            "face_recall",
+            canvases and canvases[name]["recall"],
+            ">=",
+            0.95,
+            "faces found (IoU >= 0.3) on canvases of 1, 4 and 16 MAFW faces, 40-120 px, rotated or mirrored",
+        ),
+        target(
+            "face_in_video_frames",
+            frames and frames[name]["share"],
+            ">=",
+            0.99,
+            "MAFW frames with a face found",
+        ),
+        target(
+            "face_detector_speed", speed, "<=", 1.0, "ms per 640x480 image on one thread, detector / haar"
         ),
     ]
 

@@ -28,6 +28,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench import SHARED_DATA
 from bench.inputs import cached_clip, face_jpeg
 from bench.load import Upload, metric_delta, run_load
 from bench.report import TARGET_CONCURRENCY, evaluate_targets, format_table, median_raw, summarise_point
@@ -257,6 +258,11 @@ def run_benchmark(args: argparse.Namespace, checkpoint=lambda report: None) -> d
                 report["video"].append(bench.video(path, seconds, height, detect))
             checkpoint(report)
         report["memory"] = bench.memory()
+    if args.faces_data is not None:
+        from bench.faces import measure_faces
+
+        log.info("face detection on the development data in %s", args.faces_data)
+        report["faces"] = measure_faces(args.faces_data)
     report["machine"]["load_average_at_end"] = os.getloadavg()[0]
     report["targets"] = evaluate_targets(report)
     report["complete"] = True
@@ -297,7 +303,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--client-processes", type=int, help="load generator processes (default: 1 on CPU)")
     parser.add_argument("--out", type=Path, help="also write the JSON report here, rewritten after each step")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--faces-data",
+        type=Path,
+        default=SHARED_DATA if SHARED_DATA.is_dir() else None,
+        help="the development data for the face detector's figures (default ../shared/data when present)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.faces_data = None  # minutes of detection: not for the smoke run
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,18 +21,7 @@ from typing import TYPE_CHECKING, BinaryIO, Literal
 import torch
 import torch.nn.functional as F
 
-try:  # TEMPORARY until model.faces.align lands
-    from model.faces.align import crop_face
-except ImportError:
-
-    def crop_face(image, face, margin=0.25, align=True):
-        box = face.box
-        dx, dy = round(box.w * margin), round(box.h * margin)
-        left, top = max(0, box.x - dx), max(0, box.y - dy)
-        right, bottom = min(image.width, box.x + box.w + dx), min(image.height, box.y + box.h + dy)
-        return image.crop((left, top, right, bottom))
-
-
+from model.faces.align import crop_face
 from model.media import VideoFrames, decode_image, read_video
 from model.options import PipelineOptions
 
@@ -85,6 +74,19 @@ def prepare_image(
     return PreparedImage(engine.prepare_many(crops(image, faces, options)), faces)
 
 
+def largest_face_in_frame(
+    frame: Image.Image, detector: FaceDetector | None, options: PipelineOptions
+) -> list[Face]:
+    """A video frame's largest face, found on a copy scaled to `video_face_side`: only the largest face
+    is wanted, which is rarely small, and detection on 16 full frames would cost more than decoding
+    them. Boxes and landmarks are mapped back to the frame."""
+    scale = min(1.0, options.video_face_side / max(frame.size))
+    if scale == 1.0 or not options.detect_faces or detector is None:
+        return find_faces(frame, detector, options, max_faces=1)
+    small = frame.resize((max(1, round(frame.width * scale)), max(1, round(frame.height * scale))))
+    return [face.scaled(1 / scale) for face in find_faces(small, detector, options, max_faces=1)]
+
+
 def prepare_video(
     source: Source, engine: FerEngine, detector: FaceDetector | None, options: PipelineOptions
 ) -> PreparedVideo:
@@ -92,7 +94,7 @@ def prepare_video(
     clip = read_video(source, options.frames, options.limits)
     rows, found = [], []
     for frame in clip.frames:
-        faces = find_faces(frame, detector, options, max_faces=1)
+        faces = largest_face_in_frame(frame, detector, options)
         rows.extend(crops(frame, faces, options))
         found.append(bool(faces))
     # The decoded frames (up to ~100 MB at 1080p) are not kept while the request waits for the encoder.

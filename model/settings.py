@@ -57,10 +57,15 @@ class ModelSettings(BaseSettings):
         "for `fer weights download`",
     )
     face_detector: DetectorName = Field(
-        "haar", description="`retinaface` (5 landmarks, aligned crops), `haar` (OpenCV's cascade) or `none`"
+        "retinaface",
+        description="`retinaface` (RetinaFace-MobileNet0.25: 5 landmarks, aligned crops), `haar` (OpenCV's "
+        "frontal-face cascade) or `none` (whole images)",
     )
     face_threshold: float = Field(0.7, ge=0, le=1, description="smallest detector confidence kept as a face")
     align_faces: bool = Field(True, description="rotate each face so its eyes are level before the crop")
+    video_face_side: int = Field(
+        320, ge=32, le=4096, description="a video frame's long side when its largest face is looked for"
+    )
     max_faces: int = Field(10, ge=1, le=100, description="most faces classified in one image")
     face_margin: float = Field(0.25, ge=0, le=1, description="margin added around a face box, per side")
     max_image_pixels: int = Field(
@@ -107,6 +112,7 @@ class ModelSettings(BaseSettings):
             max_faces=self.max_faces,
             face_margin=self.face_margin,
             align_faces=self.align_faces,
+            video_face_side=self.video_face_side,
             limits=self.media_limits,
         )
         return options.replace(**overrides)

@@ -57,7 +57,14 @@ async def livez() -> Health:
 async def readyz(runtime: RuntimeDep):
     if runtime.ready:
         engine = runtime.engine
-        return Health(status="ready", model=engine.name, device=str(engine.device), dtype=engine.dtype_name)
+        detector = runtime.detector.name if runtime.detector else "none"
+        return Health(
+            status="ready",
+            model=engine.name,
+            device=str(engine.device),
+            dtype=engine.dtype_name,
+            face_detector=detector,
+        )
     detail = runtime.load_error or "loading"
     return JSONResponse(Health(status="not_ready", detail=detail).model_dump(), status_code=503)
 

@@ -90,6 +90,7 @@ class Health(BaseModel):
     model: str | None = None
     device: str | None = None  # where the encoders run, e.g. "cuda:0" or "cpu"
     dtype: str | None = None  # their precision (FER_DTYPE), e.g. "float16"
+    face_detector: str | None = None  # FER_FACE_DETECTOR's model, e.g. "retinaface-mnet0.25", or "none"
     detail: str | None = None
 
 

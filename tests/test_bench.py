@@ -89,6 +89,7 @@ def round_for(**overrides) -> dict:
 def report_for(device: str = "cpu", **overrides) -> dict:
     """A report (one round) whose figures pass every CPU target; `overrides` change one figure."""
     f = {"short": 1000.0, "faces": 1800.0, "long": 2500.0, "growth": 0.02, "c256": 2000.0}
+    f |= {"recall": 0.97, "frames": 1.0, "detector_ms": 20.0}
     per_round = {k: overrides.pop(k) for k in list(overrides) if k not in f}
     f.update(overrides)
     round_ = round_for(**per_round)
@@ -114,6 +115,12 @@ def report_for(device: str = "cpu", **overrides) -> dict:
             {"clip": "600 s 1080p", "detect_faces": False, "latency_ms": f["long"], "decode_ms": 900.0},
         ],
         "memory": {"growth": f["growth"], "peak_rss_mb": 900.0, "requests": 100, "failures": {}},
+        "faces": {
+            "detector": "det",
+            "canvases": {"det": {"recall": f["recall"]}, "haar": {"recall": 0.5}},
+            "mafw_frames": {"det": {"share": f["frames"]}, "haar": {"share": 0.8}},
+            "timing": {"det_ms": f["detector_ms"], "haar_ms": 60.0},
+        },
     }
 
 
@@ -129,6 +136,9 @@ def test_targets_pass_and_fail_on_their_own_figures():
         "long_video_latency": True,
         "video_face_detection": True,
         "memory_growth": True,
+        "face_recall": True,
+        "face_in_video_frames": True,
+        "face_detector_speed": True,
         "gpu_throughput": None,  # not applicable on a CPU
     }
     failing = {
@@ -138,6 +148,9 @@ def test_targets_pass_and_fail_on_their_own_figures():
         "long_video_latency": {"long": 3100.0},
         "video_face_detection": {"faces": 2100.0},  # 2.1 x the clip without detection
         "memory_growth": {"growth": 0.10},  # the target is strictly below 10%
+        "face_recall": {"recall": 0.94},
+        "face_in_video_frames": {"frames": 0.985},
+        "face_detector_speed": {"detector_ms": 61.0},  # slower than Haar's 60
     }
     for name, change in failing.items():
         result = verdicts(report_for(**change))
@@ -191,6 +204,9 @@ def test_missing_figures_are_not_a_pass():
     result = verdicts(report)
     assert result["batching_gain"] is None and result["long_video_latency"] is None  # one round lacks it
     assert result["video_face_detection"] is None and result["service_vs_raw_encoder"] is True
+    report["faces"] = {"detector": "det", "canvases": None, "mafw_frames": None, "timing": None}  # no data
+    result = verdicts(report)
+    assert result["face_recall"] is None and result["face_detector_speed"] is None
 
 
 def test_table_states_settings_and_verdicts():

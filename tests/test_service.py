@@ -121,6 +121,7 @@ def test_readiness_flips_after_warm_up(engine):
             "model": "custom",
             "device": "cpu",
             "dtype": "float32",
+            "face_detector": "haar",
             "detail": None,
         }
         assert post_image(client, png(face_image(0))).status_code == 200
@@ -223,6 +224,31 @@ def test_predict_equals_the_engine(client, engine, tmp_path):
         engine, encode_images(engine, [decode_image(path.read_bytes())]), tuple(body["classes"]), "P-4"
     )
     assert body["probabilities"] == pytest.approx(expected.as_dict(0), abs=1e-6)
+
+
+def test_the_default_detector_reports_landmarks_and_scores(engine):
+    app = create_app(settings(face_detector="retinaface"), engine_factory=lambda s: engine)
+    with TestClient(app) as client:
+        wait_ready(client)
+        assert client.get("/readyz").json()["face_detector"] == "retinaface-mnet0.25"
+        data, expected = two_faces()
+        body = client.post("/predict", files={"file": ("two.png", data, "image/png")}).json()
+    assert len(body["faces"]) == 2
+    for face, (x, y, side) in zip(body["faces"], expected, strict=True):
+        bx, by, bw, bh = face["box"]
+        assert abs(bx + bw / 2 - (x + side / 2)) < side / 3 and abs(by + bh / 2 - (y + side / 2)) < side / 3
+        assert 0.7 <= face["score"] <= 1
+        assert len(face["landmarks"]) == 5
+        assert all(bx <= px <= bx + bw and by <= py <= by + bh for px, py in face["landmarks"])
+
+
+def test_detection_can_be_turned_off_for_the_whole_service(engine):
+    app = create_app(settings(face_detector="none"), engine_factory=lambda s: engine)
+    with TestClient(app) as client:
+        wait_ready(client)
+        assert client.get("/readyz").json()["face_detector"] == "none"
+        body = client.post("/predict", files={"file": ("two.png", two_faces()[0], "image/png")}).json()
+    assert body["faces"] == [] and body["face_detected"] is False and body["note"] is None
 
 
 def test_no_face_classifies_the_whole_image_and_says_so(client):

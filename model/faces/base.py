@@ -38,6 +38,14 @@ class Face:
     score: float  # detector confidence in [0, 1]
     landmarks: tuple[Point, ...] | None = None
 
+    def scaled(self, factor: float) -> Face:
+        """The same face in an image `factor` times the size (boxes and landmarks map back)."""
+        x, y, w, h = (round(v * factor) for v in self.box.as_list())
+        landmarks = (
+            None if self.landmarks is None else tuple((px * factor, py * factor) for px, py in self.landmarks)
+        )
+        return Face(Box(x, y, w, h), self.score, landmarks)
+
 
 class FaceDetector(Protocol):
     """Finds faces in a PIL image. Implementations are safe to call from several threads at once."""
