@@ -45,22 +45,29 @@ def cmd_serve(args: argparse.Namespace, settings) -> int:
     from model.settings import device_for, dtype_for
 
     dtype_for(settings.dtype, device_for(settings.device))  # a device or dtype this machine cannot run
-    check_port_free(args.host, args.port)
+    for port in (args.port, settings.metrics_port):
+        if port is not None:
+            check_port_free(args.host, port)
 
     import uvicorn
 
     from service.app import create_app
+    from service.connections import uvicorn_options
+    from service.metrics import serve_metrics
     from service.process import configure_process
 
+    options = {"host": args.host, "port": args.port, "log_level": args.log_level, **uvicorn_options(settings)}
     if workers == 1:
         app = create_app(configure_process(settings))
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        if settings.metrics_port is not None:
+            serve_metrics(args.host, settings.metrics_port, app.state.runtime.metrics.registry)
+        uvicorn.run(app, **options)
         return 0
     # Several processes need an import string; each builds `service.app:app` from the same FER_* env,
     # and their metrics meet in a fresh directory (see service.metrics) unless the user names one.
     with tempfile.TemporaryDirectory(prefix="fer-metrics-") as fresh:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", fresh)
-        uvicorn.run(
-            "service.app:app", host=args.host, port=args.port, log_level=args.log_level, workers=workers
-        )
+        if settings.metrics_port is not None:
+            serve_metrics(args.host, settings.metrics_port)
+        uvicorn.run("service.app:app", workers=workers, **options)
     return 0

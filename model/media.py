@@ -7,8 +7,11 @@ from the key frame before it), so the work grows with the number of samples, not
 
 from __future__ import annotations
 
+import bisect
 import io
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -31,7 +34,7 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")  # JPEG cov
 # longer ones seek. Seeking costs a key-frame decode per sample, so it only pays off on long clips.
 SEQUENTIAL_MAX_FRAMES = 600
 # Two sampled frames closer than this are reached by decoding forward rather than seeking again.
-SEEK_MIN_GAP_S = 2.0
+SEEK_MIN_FRAMES = 50
 # Sampled frames are converted no larger than this (longest side): the encoder needs 224-336 px and face
 # detection 480, and 64 full 4K frames would hold ~1.8 GB per request.
 MAX_FRAME_SIDE = 960
@@ -64,6 +67,56 @@ class MediaLimits:
     max_video_pixels: int = 4096 * 2304  # per frame: 4K DCI-ish
     max_video_seconds: float = 4 * 3600
     max_video_frames: int = 1_000_000
+    # What one request's decoding may cost, whatever the file's size: a small file can describe a huge
+    # canvas or thousands of frames to decode before the sampled ones.
+    max_decode_frames: int = 5000
+    max_decode_megapixels: float = 10_000.0
+    max_decode_seconds: float = 60.0
+
+
+class DecodeStopped(Exception):
+    """Decoding was stopped from outside (the client left); nobody will read the frames."""
+
+
+class DecodeBudget:
+    """One request's decoding: frames and pixels counted against the limits as they are decoded, the
+    wall time against its deadline, and a stop signal checked on the way."""
+
+    def __init__(self, limits: MediaLimits, stop: threading.Event | None = None):
+        self.limits = limits
+        self.stop = stop
+        self.deadline = time.monotonic() + limits.max_decode_seconds
+        self.frames = 0
+        self.pixels = 0
+
+    def plan(self, frames: int, pixels_per_frame: int) -> None:
+        """Refuses, before decoding starts, a plan that would spend the budget."""
+        self._check(frames, frames * pixels_per_frame, planned=True)
+
+    def charge(self, pixels: int) -> None:
+        """One decoded frame."""
+        self.frames += 1
+        self.pixels += pixels
+        self._check(self.frames, self.pixels, planned=False)
+        if self.stop is not None and self.stop.is_set():
+            raise DecodeStopped()
+        if time.monotonic() > self.deadline:
+            raise MediaTooLarge(
+                f"decoding took longer than {self.limits.max_decode_seconds:g} s (FER_MAX_DECODE_SECONDS)"
+            )
+
+    def _check(self, frames: int, pixels: int, planned: bool) -> None:
+        verb = "needs" if planned else "took"
+        if frames > self.limits.max_decode_frames:
+            raise MediaTooLarge(
+                f"sampling this video {verb} decoding {frames:,} frames, over the limit of "
+                f"{self.limits.max_decode_frames:,} (FER_MAX_DECODE_FRAMES)"
+            )
+        if pixels > self.limits.max_decode_megapixels * 1e6:
+            raise MediaTooLarge(
+                f"sampling this video {verb} decoding {pixels / 1e6:,.0f} megapixels, over the limit of "
+                f"{self.limits.max_decode_megapixels:,.0f} (FER_MAX_DECODE_MEGAPIXELS)"
+            )
 
 
 DEFAULT_LIMITS = MediaLimits()
@@ -94,8 +147,8 @@ def decode_image(source: Source, limits: MediaLimits = DEFAULT_LIMITS) -> Image.
     EOFError, IndexError, NotImplementedError, ...): any of them is the file's fault, a MediaError."""
     try:
         image = open_image(source)
-    except Image.DecompressionBombError as exc:  # Pillow's own guard, for headers past ~179M pixels
-        raise MediaTooLarge(f"image is over the pixel limit: {exc}") from None
+    except Image.DecompressionBombError:  # Pillow's own guard, for headers past ~179M pixels
+        raise MediaTooLarge(f"the image is over the limit of {limits.max_image_pixels:,} pixels") from None
     except UnidentifiedImageError:
         if is_video(source):
             raise WrongMediaKind("video") from None
@@ -103,7 +156,7 @@ def decode_image(source: Source, limits: MediaLimits = DEFAULT_LIMITS) -> Image.
     except MemoryError:
         raise
     except Exception as exc:
-        raise MediaError(f"cannot read the image: {exc}") from None
+        raise MediaError("the image's header is corrupt") from exc  # the reader's own words: for the log
     width, height = image.size
     if width * height > limits.max_image_pixels:
         raise MediaTooLarge(
@@ -119,7 +172,7 @@ def decode_image(source: Source, limits: MediaLimits = DEFAULT_LIMITS) -> Image.
     except MemoryError:
         raise
     except Exception as exc:
-        raise MediaError(f"image data is truncated or corrupt: {exc}") from None
+        raise MediaError("the image data is truncated or corrupt") from exc
 
 
 def is_video(source: Source) -> bool:
@@ -205,15 +258,19 @@ class VideoFrames:
     decoded: int = 0  # frames the decoder produced: what the sampling cost
 
 
-def read_video(source: Source, count: int = 16, limits: MediaLimits = DEFAULT_LIMITS) -> VideoFrames:
+def read_video(
+    source: Source, count: int = 16, limits: MediaLimits = DEFAULT_LIMITS, stop: threading.Event | None = None
+) -> VideoFrames:
+    """`count` frames sampled by the middle-frame rule, within the decode budget of `limits`; `stop`
+    (set from another thread) ends the decoding early with DecodeStopped."""
     try:
         container = av.open(_open_bytes(source), mode="r", options={"protocol_whitelist": _protocols(source)})
     except (av.FFmpegError, OSError, ValueError) as exc:
-        raise MediaError(f"not a decodable video: {_first_line(exc)}") from None
+        raise MediaError("not a decodable video") from exc
     try:
-        return _read_frames(container, count, limits)
+        return _read_frames(container, count, limits, DecodeBudget(limits, stop))
     except av.FFmpegError as exc:
-        raise MediaError(f"video data is corrupt: {_first_line(exc)}") from None
+        raise MediaError("the video data is corrupt") from exc
     finally:
         container.close()
 
@@ -230,7 +287,7 @@ def _first_line(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def _read_frames(container, count: int, limits: MediaLimits) -> VideoFrames:
+def _read_frames(container, count: int, limits: MediaLimits, budget: DecodeBudget) -> VideoFrames:
     if not container.streams.video:
         raise MediaError("the file has no video stream")
     stream = container.streams.video[0]
@@ -249,20 +306,21 @@ def _read_frames(container, count: int, limits: MediaLimits) -> VideoFrames:
         raise MediaTooLarge(
             f"video lasts {duration:.0f} s, over the limit of {limits.max_video_seconds:.0f} s"
         )
-    n_frames = stream.frames or _count_packets(container, stream, limits.max_video_frames)
+    keyframes, n_frames = _index(container, stream, limits.max_video_frames)
     if n_frames > limits.max_video_frames:
         raise MediaTooLarge(f"video has {n_frames:,} frames, over the limit of {limits.max_video_frames:,}")
     if n_frames <= 0:
         raise MediaError("the video has no frames")
     indices = sample_frame_indices(n_frames, count)
-    if n_frames <= SEQUENTIAL_MAX_FRAMES or container.format.name == "gif":
-        picked, decoded = _decode_sequential(container, stream, set(indices))
-    else:
-        picked, decoded = _decode_seeking(container, stream, sorted(set(indices)), fps)
+    # A GIF's frames build on the ones before them: it is only decoded straight through.
+    seekable = container.format.name != "gif" and n_frames > SEQUENTIAL_MAX_FRAMES
+    spans = plan_decoding(sorted(set(indices)), keyframes if seekable else [0])
+    budget.plan(sum(stop - start + 1 for start, stop in spans), width * height)
+    picked = _decode(container, stream, spans, set(indices), fps, budget)
     if not picked:
         raise MediaError("no frame of the video could be decoded")
     frames, times = _fill(indices, picked)
-    return VideoFrames(frames, indices, times, n_frames, fps, duration, decoded)
+    return VideoFrames(frames, indices, times, n_frames, fps, duration, budget.frames)
 
 
 def _duration_s(container, stream) -> float:
@@ -273,49 +331,63 @@ def _duration_s(container, stream) -> float:
     return 0.0
 
 
-def _count_packets(container, stream, limit: int) -> int:
-    """Frame count for containers that do not store it (webm, some avi): demux only, no decoding."""
-    n = 0
+def _index(container, stream, limit: int) -> tuple[list[int], int]:
+    """The key frames' positions (frame indices, presentation order) and the frame count, from the
+    packets alone (demuxing, no decoding)."""
+    times, keys = [], []
     for packet in container.demux(stream):
         if packet.size:
-            n += 1
-            if n > limit:
+            times.append(packet.pts if packet.pts is not None else packet.dts or 0)
+            keys.append(packet.is_keyframe)
+            if len(times) > limit:
                 break
     container.seek(0)
-    return n
+    order = sorted(range(len(times)), key=times.__getitem__)  # decode order -> presentation order
+    keyframes = sorted({rank for rank, packet in enumerate(order) if keys[packet]} | {0})
+    return keyframes, len(times)
 
 
-def _decode_sequential(container, stream, wanted: set[int]) -> tuple[dict[int, tuple], int]:
-    picked, last = {}, max(wanted)
-    decoded = 0
-    for index, frame in enumerate(container.decode(stream)):
-        decoded += 1
-        if index in wanted:
-            picked[index] = (_to_image(frame), _time(frame, index, stream))
-        if index >= last:
-            break
-    return picked, decoded
-
-
-def _decode_seeking(container, stream, wanted: list[int], fps: float) -> tuple[dict[int, tuple], int]:
-    start = _start_s(stream)
-    picked, decoded = {}, 0
-    frames = None
-    position = None  # time of the last decoded frame
+def plan_decoding(wanted: list[int], keyframes: list[int]) -> list[tuple[int, int]]:
+    """Where decoding starts for each stretch and the last wanted frame it reaches: (start, stop) frame
+    indices, in order. The decoder moves forward only; it jumps to a key frame when one lies ahead of
+    where it is and before the next wanted frame (and far enough ahead to be worth the seek), so no
+    stretch is decoded twice, however sparse the key frames are."""
+    spans: list[list[int]] = []
+    position = -1  # the last frame decoded
     for index in wanted:
-        target = start + index / fps
-        if frames is None or position is None or target - position > SEEK_MIN_GAP_S or target < position:
-            container.seek(int(target / stream.time_base), stream=stream, backward=True, any_frame=False)
-            frames = container.decode(stream)
-        for frame in frames:
-            decoded += 1
-            position = frame.time if frame.time is not None else position
-            if position is not None and position >= target - 0.5 / fps:
-                picked[index] = (_to_image(frame), position - start)
-                break
+        key = keyframes[bisect.bisect_right(keyframes, index) - 1]
+        if not spans or (key > position + 1 and index - position > SEEK_MIN_FRAMES):
+            spans.append([key, index])
         else:
-            break  # past the end: the remaining indices are filled from the last frame found
-    return picked, decoded
+            spans[-1][1] = index
+        position = index
+    return [(start, stop) for start, stop in spans]
+
+
+def _decode(
+    container, stream, spans: list[tuple[int, int]], wanted: set[int], fps: float, budget: DecodeBudget
+) -> dict[int, tuple]:
+    """Decodes each planned stretch forward and keeps the wanted frames, as images. A stretch that
+    starts at a key frame counts its frames from the first one's timestamp; the first stretch starts
+    at the beginning and counts from 0, which needs no timestamps at all."""
+    origin = _start_s(stream)
+    pixels = stream.codec_context.width * stream.codec_context.height
+    picked: dict[int, tuple] = {}
+    for start, stop in spans:
+        if start > 0:
+            container.seek(int((origin + start / fps) / stream.time_base), stream=stream, backward=True)
+        index = None
+        for frame in container.decode(stream):
+            budget.charge(pixels)
+            if index is None:
+                index = round((frame.time - origin) * fps) if start > 0 and frame.time is not None else start
+            else:
+                index += 1
+            if index in wanted and index not in picked:
+                picked[index] = (_to_image(frame), _time(frame, index, stream))
+            if index >= stop:
+                break
+    return picked
 
 
 def _to_image(frame) -> Image.Image:

@@ -14,6 +14,7 @@ service's schemas and the CLI's JSON lines are built from, so both answer alike.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Literal
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from model.faces.align import crop_face
-from model.media import VideoFrames, decode_image, read_video
+from model.media import DecodeStopped, VideoFrames, decode_image, read_video
 from model.options import PipelineOptions
 
 if TYPE_CHECKING:
@@ -67,9 +68,16 @@ def crops(image: Image.Image, faces: Sequence[Face], options: PipelineOptions) -
 
 
 def prepare_image(
-    source: Source, engine: FerEngine, detector: FaceDetector | None, options: PipelineOptions
+    source: Source,
+    engine: FerEngine,
+    detector: FaceDetector | None,
+    options: PipelineOptions,
+    stop: threading.Event | None = None,
 ) -> PreparedImage:
+    """`stop`, set from another thread (the client left), ends the work before face detection."""
     image = decode_image(source, options.limits)
+    if stop is not None and stop.is_set():
+        raise DecodeStopped()
     faces = find_faces(image, detector, options)
     return PreparedImage(engine.prepare_many(crops(image, faces, options)), faces)
 
@@ -88,12 +96,19 @@ def largest_face_in_frame(
 
 
 def prepare_video(
-    source: Source, engine: FerEngine, detector: FaceDetector | None, options: PipelineOptions
+    source: Source,
+    engine: FerEngine,
+    detector: FaceDetector | None,
+    options: PipelineOptions,
+    stop: threading.Event | None = None,
 ) -> PreparedVideo:
-    """Each sampled frame becomes its largest face's crop, or the whole frame when none is found."""
-    clip = read_video(source, options.frames, options.limits)
+    """Each sampled frame becomes its largest face's crop, or the whole frame when none is found.
+    `stop`, set from another thread (the client left), ends decoding and detection early."""
+    clip = read_video(source, options.frames, options.limits, stop)
     rows, found = [], []
     for frame in clip.frames:
+        if stop is not None and stop.is_set():
+            raise DecodeStopped()
         faces = largest_face_in_frame(frame, detector, options)
         rows.extend(crops(frame, faces, options))
         found.append(bool(faces))
@@ -106,14 +121,15 @@ def prepare_clip(
     engine: FerEngine,
     detector: FaceDetector | None,
     options: PipelineOptions,
+    stop: threading.Event | None = None,
     *,
     still: bool,
 ) -> PreparedImage | PreparedVideo:
     """An input as a clip (retrieval, evaluation): a still image is a one-frame clip of its largest
     face (or of the whole image); a video gives its sampled frames."""
     if still:
-        return prepare_image(source, engine, detector, options.replace(max_faces=1))
-    return prepare_video(source, engine, detector, options)
+        return prepare_image(source, engine, detector, options.replace(max_faces=1), stop)
+    return prepare_video(source, engine, detector, options, stop)
 
 
 def open_source(path: str | Path) -> BinaryIO:

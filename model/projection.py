@@ -54,7 +54,7 @@ def _load_official(path: Path) -> ProjectionFile:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a non-pickle, a truncated file, or a pickle with code in it
-        raise ProjectionError(f"{path} is not a loadable weights-only torch checkpoint: {exc}") from exc
+        raise ProjectionError(f"{path} is not a loadable weights-only torch checkpoint") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

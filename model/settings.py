@@ -80,6 +80,15 @@ class ModelSettings(BaseSettings):
     max_video_frames: int = Field(
         DEFAULT_LIMITS.max_video_frames, ge=1, description="most frames a video may have"
     )
+    max_decode_frames: int = Field(
+        DEFAULT_LIMITS.max_decode_frames, ge=1, description="most frames one request may decode to sample a clip"
+    )
+    max_decode_megapixels: float = Field(
+        DEFAULT_LIMITS.max_decode_megapixels, gt=0, description="most pixels one request may decode, in millions"
+    )
+    max_decode_seconds: float = Field(
+        DEFAULT_LIMITS.max_decode_seconds, gt=0, description="longest one request's video decoding may take"
+    )
 
     @field_validator("preset")
     @classmethod
@@ -101,7 +110,13 @@ class ModelSettings(BaseSettings):
     @property
     def media_limits(self) -> MediaLimits:
         return MediaLimits(
-            self.max_image_pixels, self.max_video_pixels, self.max_video_seconds, self.max_video_frames
+            self.max_image_pixels,
+            self.max_video_pixels,
+            self.max_video_seconds,
+            self.max_video_frames,
+            self.max_decode_frames,
+            self.max_decode_megapixels,
+            self.max_decode_seconds,
         )
 
     def pipeline_options(self, **overrides) -> PipelineOptions:

@@ -1,19 +1,27 @@
-"""Admission: a request takes its places in the inference queue, counted in items (images, video
-frames, texts to encode), BEFORE any work is done for it, and keeps them until it has its answer.
-When there is no room it is refused at once (429) with a Retry-After estimated from the measured cost
-of what is admitted. The places a request asks for are an upper bound (an image may hold up to
-`max_faces` faces; the frames asked for), shrunk once decoding has counted the real items.
+"""Admission: a request takes its places in the inference queue, counted in items (images, video frames,
+texts to encode), BEFORE any work is done for it, and keeps them until it has its answer.
+
+When there is no room it is refused at once (429) with a Retry-After estimated from the measured cost of
+what is admitted. Room is shared fairly: one request may hold at most `request_share` items, and video
+frames and texts may each hold only their share of the queue, so a flood of either cannot take the
+places that plain images need. The places a request asks for are an upper bound (an image may hold up
+to `max_faces` faces; the frames asked for), shrunk once decoding has counted the real items.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 IMAGE, TEXT = "image", "text"
 DEFAULT_ITEM_S = {IMAGE: 0.05, TEXT: 0.05}  # until the first measurements arrive
 SMOOTHING = 0.2
+FULL = {
+    "queue": "the inference queue is full",
+    "video": "video frames have filled their share of the inference queue",
+    "text": "texts to encode have filled their share of the inference queue",
+}
 
 
 class QueueFull(Exception):
@@ -30,12 +38,19 @@ class TooLarge(Exception):
 
 @dataclass
 class Places:
-    images: int = 0
-    texts: int = 0
+    images: int = 0  # still images' rows (faces or whole images)
+    frames: int = 0  # video frames' rows
+    texts: int = 0  # texts to encode
 
     @property
     def total(self) -> int:
-        return self.images + self.texts
+        return self.images + self.frames + self.texts
+
+    def __add__(self, other: Places) -> Places:
+        return Places(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def __sub__(self, other: Places) -> Places:
+        return Places(*(getattr(self, f.name) - getattr(other, f.name) for f in fields(self)))
 
 
 class Admission:
@@ -44,15 +59,21 @@ class Admission:
         capacity: int,
         *,
         request_share: int | None = None,
+        video_share: float = 1.0,
+        text_share: float = 1.0,
         on_depth: Callable[[int], None] = lambda depth: None,
+        on_refused: Callable[[str], None] = lambda reason: None,
     ):
-        """`capacity`: items admitted at once. `request_share`: the most one request may hold (its
-        share of the queue), so that one client cannot fill it alone; default the whole capacity."""
+        """`capacity`: items admitted at once. `request_share`: the most one request may hold (default
+        the whole capacity). `video_share`, `text_share`: the fraction of the capacity that video frames
+        and texts may hold together."""
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self.request_share = min(request_share or capacity, capacity)
-        self.on_depth = on_depth
+        self.video_capacity = max(1, int(capacity * video_share))
+        self.text_capacity = max(1, int(capacity * text_share))
+        self.on_depth, self.on_refused = on_depth, on_refused
         self._held = Places()
         self._item_s = dict(DEFAULT_ITEM_S)
 
@@ -60,16 +81,26 @@ class Admission:
     def depth(self) -> int:
         return self._held.total
 
-    def reserve(self, images: int = 0, texts: int = 0) -> Reservation:
-        """Places for a request, or QueueFull (no room now) / TooLarge (never room)."""
-        asked = Places(images, texts)
-        if asked.total > self.request_share:
+    def reserve(self, images: int = 0, frames: int = 0, texts: int = 0, shared_texts: int = 0) -> Reservation:
+        """Places for a request, or QueueFull (no room now) / TooLarge (never room). `shared_texts`: texts
+        whose features every later request shares (a new class list's prompts): they take room in the
+        queue but not from the request's own share."""
+        if images + frames + texts > self.request_share:
+            self.on_refused("too_large")
             raise TooLarge(
-                f"the request needs {asked.total} items (images, frames and texts to encode); "
-                f"one request may hold at most {self.request_share}"
+                f"the request needs {images + frames + texts} items (faces or images, frames, and texts to "
+                f"encode); one request may hold at most {self.request_share} (FER_MAX_REQUEST_ITEMS)"
             )
-        if self._held.total + asked.total > self.capacity:
-            raise QueueFull(self.retry_after())
+        asked = Places(images, frames, texts + shared_texts)
+        after = self._held + asked
+        for kind, over in (
+            ("queue", after.total > self.capacity),
+            ("video", after.frames > self.video_capacity),
+            ("text", after.texts > self.text_capacity),
+        ):
+            if over:
+                self.on_refused(f"{kind}_full")
+                raise QueueFull(self.retry_after(), f"{FULL[kind]}, retry later")
         self._change(asked, +1)
         return Reservation(self, asked)
 
@@ -81,14 +112,14 @@ class Admission:
 
     def wait_s(self) -> float:
         """Seconds until what is admitted now has run, at the measured pace."""
-        return self._held.images * self._item_s[IMAGE] + self._held.texts * self._item_s[TEXT]
+        held = self._held
+        return (held.images + held.frames) * self._item_s[IMAGE] + held.texts * self._item_s[TEXT]
 
     def retry_after(self) -> int:
         return max(1, math.ceil(self.wait_s()))
 
     def _change(self, places: Places, sign: int) -> None:
-        self._held.images += sign * places.images
-        self._held.texts += sign * places.texts
+        self._held = self._held + places if sign > 0 else self._held - places
         self.on_depth(self._held.total)
 
 
@@ -100,12 +131,14 @@ class Reservation:
         self._admission = admission
         self._places = places
 
-    def shrink(self, images: int | None = None, texts: int | None = None) -> None:
+    def shrink(self, images: int | None = None, frames: int | None = None) -> None:
+        held = self._places
         new = Places(
-            self._places.images if images is None else min(images, self._places.images),
-            self._places.texts if texts is None else min(texts, self._places.texts),
+            held.images if images is None else min(images, held.images),
+            held.frames if frames is None else min(frames, held.frames),
+            held.texts,
         )
-        self._admission._change(Places(self._places.images - new.images, self._places.texts - new.texts), -1)
+        self._admission._change(held - new, -1)
         self._places = new
 
     def release(self) -> None:

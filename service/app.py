@@ -9,10 +9,13 @@ import contextlib
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from model.engine import create_engine
-from service.errors import UploadLimit, install_error_handlers
+from service.access import ApiKey, RequestId
+from service.errors import install_error_handlers
+from service.limits import UploadLimits
 from service.metrics import RequestMetrics
 from service.routes import STATIC_DIR, router
 from service.runtime import EngineFactory, Runtime
@@ -36,12 +39,32 @@ def create_app(settings: ServiceSettings, engine_factory: EngineFactory = create
         version="0.1.0",
         description="Facial-expression probabilities for images and clips, and description ranking, zero-shot.",
         lifespan=lifespan,
+        # The largest text field, /retrieve's descriptions, at its documented limits in any script:
+        # JSON may spell each character as a 6-byte \uXXXX escape.
+        form_limits={"max_part_size": 6 * settings.max_descriptions * (settings.max_description_chars + 8)},
     )
     app.state.runtime = runtime
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     install_error_handlers(app)
-    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
+    # Added innermost first: a request meets the metrics, its id, CORS, the key, then the body limits.
+    app.add_middleware(
+        UploadLimits,
+        max_bytes=settings.max_upload_bytes,
+        max_inflight_bytes=int(settings.max_uploads_mb * 2**20),
+        timeout_s=settings.body_timeout_s,
+    )
+    if settings.api_key is not None:
+        app.add_middleware(ApiKey, key=settings.api_key.get_secret_value())
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST"],
+            allow_headers=["X-API-Key", "Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(RequestId)
     endpoints = {route.path for route in router.routes}
     app.add_middleware(RequestMetrics, metrics=runtime.metrics, endpoints=endpoints)
     return app

@@ -1,4 +1,6 @@
-"""Every failure becomes a JSON body `{"error": code, "detail": sentence}`; no traceback reaches a client.
+"""Every failure becomes a JSON body `{"error": code, "detail": sentence, "request_id": id}` in the
+project's own words; a library's own error text (Pillow's, FFmpeg's, a parser's) and any traceback go to
+the log under the request id, never to the client.
 
 Domain exceptions (bad media, bad labels, queue full, ...) are raised where they happen and mapped to
 status codes here, in one table.
@@ -6,21 +8,22 @@ status codes here, in one table.
 
 from __future__ import annotations
 
-import json
 import logging
+from contextvars import ContextVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from model.media import MediaError, MediaTooLarge, WrongMediaKind
+from model.media import DecodeStopped, MediaError, MediaTooLarge, WrongMediaKind
 from model.prompts import LabelError
 from service.admission import QueueFull, TooLarge
 from service.batcher import BatchFailed, ClientGone
 
 log = logging.getLogger(__name__)
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("fer_request_id", default=None)  # set by service.access
 
 
 class UnsupportedMediaType(Exception):
@@ -29,6 +32,10 @@ class UnsupportedMediaType(Exception):
 
 class InvalidField(ValueError):
     """A form field with a bad value (the message names the field)."""
+
+
+class NotFound(Exception):
+    """A resource this service does not serve here (the message says where it is)."""
 
 
 class NotReady(Exception):
@@ -45,13 +52,15 @@ ERROR_TABLE: list[tuple[type[Exception], int, str]] = [
     (LabelError, 422, "invalid_field"),
     (InvalidField, 422, "invalid_field"),
     (NotReady, 503, "not_ready"),
+    (NotFound, 404, "not_found"),
     (BatchFailed, 500, "inference_failed"),
     (ClientGone, 499, "client_closed_request"),
+    (DecodeStopped, 499, "client_closed_request"),
 ]
 
 
 def error_body(code: str, detail: str) -> dict:
-    return {"error": code, "detail": detail}
+    return {"error": code, "detail": detail, "request_id": REQUEST_ID.get()}
 
 
 # Where a file of the other kind belongs, said in the service's terms.
@@ -63,7 +72,7 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(exc_class, _handler(status, code))
 
     @app.exception_handler(WrongMediaKind)
-    async def _wrong_kind(_: Request, exc: WrongMediaKind) -> JSONResponse:
+    async def _wrong_kind(_: Request, exc: WrongMediaKind) -> JSONResponse:  # where the file belongs
         return JSONResponse(
             error_body("wrong_endpoint", f"{exc}: send it to {OTHER_ENDPOINT[exc.kind]}"), 400
         )
@@ -82,72 +91,34 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=exc.headers)
+        code, detail = HTTP_ERRORS.get(exc.status_code, ("http_error", None))
+        if detail is None:  # a framework's text, e.g. the multipart parser's: for the log only
+            log.info("request %s: %d %s", REQUEST_ID.get(), exc.status_code, exc.detail)
+            detail = f"the request was refused ({exc.status_code})"
+        return JSONResponse(error_body(code, detail), exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
+        log.exception("request %s: unhandled error", REQUEST_ID.get())
         return JSONResponse(error_body("internal_error", "the server failed to handle this request"), 500)
+
+
+# Framework errors the project words itself.
+HTTP_ERRORS = {
+    400: (
+        "malformed_request",
+        "the request's form could not be read: a malformed multipart body or a field over its size",
+    ),
+    404: ("not_found", "no such endpoint"),
+    405: ("method_not_allowed", "the endpoint does not take this method"),
+}
 
 
 def _handler(status: int, code: str):
     async def handle(_: Request, exc: Exception) -> JSONResponse:
+        cause = exc.__cause__
+        if cause is not None:  # the library's own words behind the project's sentence
+            log.info("request %s: %s (%s: %s)", REQUEST_ID.get(), exc, type(cause).__name__, cause)
         return JSONResponse(error_body(code, str(exc)), status)
 
     return handle
-
-
-class UploadLimit:
-    """ASGI middleware: refuses a body over `max_bytes` while it streams in (413), from Content-Length
-    when the client sends one, else by counting chunks, so an oversized upload is never read whole."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers", ())).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
-            return
-        received, exceeded, started = 0, False, False
-
-        async def counting_receive() -> Message:
-            nonlocal received, exceeded
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    exceeded = True
-                    raise _BodyTooLarge()
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal started
-            if exceeded:
-                return  # the app's own answer to the broken body is replaced by the 413 below
-            started = True
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, guarded_send)
-        except Exception:
-            if not exceeded:
-                raise
-        if exceeded and not started:
-            await self._refuse(send)
-
-    async def _refuse(self, send: Send) -> None:
-        mb = self.max_bytes / (1024 * 1024)
-        body = json.dumps(error_body("upload_too_large", f"the upload is over the {mb:g} MB limit")).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _BodyTooLarge(Exception):
-    pass

@@ -1,21 +1,27 @@
-"""The request pipeline: a request's places are admitted first, then the pipeline's CPU stages run in
-the decode pool, the encoder call goes through the shared batcher, and scoring runs in the pool again.
-The stages are model.pipeline's, the same the `fer` commands call; this module only decides where
-each one runs."""
+"""The request pipeline: a request's places are admitted first, then the pipeline's CPU stages run in a
+decode pool (videos in their own), the encoder call goes through the shared batcher, and scoring runs
+in the pool again. The stages are model.pipeline's, the same the `fer` commands call; this module only
+decides where and when each one runs, and stops a decode whose client has left."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import BinaryIO
 
+import torch
+
 from model import pipeline
 from model.options import PipelineOptions
+from service.batcher import POLL_S
 from service.runtime import Runtime
 
 Disconnected = Callable[[], Awaitable[bool]] | None
+TEXT_CHUNK = 64  # descriptions encoded per device task: image batches get a turn between chunks
 
 
 @dataclass
@@ -25,19 +31,34 @@ class Clock:
     started: float = field(default_factory=time.perf_counter)
     decoded: float | None = None
 
-    def mark_decoded(self) -> None:
-        self.decoded = time.perf_counter()
 
-
-async def _prepare(runtime: Runtime, prepare, source: BinaryIO, options: PipelineOptions, clock: Clock):
-    """A CPU stage in the decode pool, announced to the batcher so it may wait for this request."""
+async def _prepare(
+    runtime: Runtime,
+    prepare: Callable,
+    source: BinaryIO,
+    options: PipelineOptions,
+    clock: Clock,
+    is_disconnected: Disconnected,
+    video: bool,
+):
+    """A CPU stage in its pool, announced to the batcher so it may wait for this request; while it
+    runs, the client is watched and the stage told to stop if it leaves."""
     engine, batcher = runtime.require()
     withdraw = batcher.expect()
+    stop = threading.Event()
+    pool = runtime.video_pool if video else runtime.decode_pool
+    work = asyncio.ensure_future(
+        runtime.offload(prepare, source, engine, runtime.detector, options, stop, pool=pool)
+    )
     try:
-        return await runtime.offload(prepare, source, engine, runtime.detector, options)
+        while is_disconnected is not None and not work.done():
+            await asyncio.wait({work}, timeout=POLL_S)
+            if not work.done() and await is_disconnected():
+                stop.set()  # the stage ends at its next check and raises DecodeStopped
+        return await work
     finally:
         withdraw()
-        clock.mark_decoded()
+        clock.decoded = time.perf_counter()
 
 
 async def classify(
@@ -48,19 +69,20 @@ async def classify(
     classes: tuple[str, ...],
     prompt_set: str,
     options: PipelineOptions,
-    max_items: int,
+    places: dict[str, int],
     is_disconnected: Disconnected = None,
 ):
-    """An input scored against a class list: `prepare` (a pipeline CPU stage) in the pool, the encoder
-    call through the batcher, the class list's text features (cached, or encoded on the device thread),
-    then `score(prepared, features, text)` in the pool. `max_items`: the most rows `prepare` can give
-    (faces, frames), the places taken before decoding."""
+    """An input scored against a class list: `prepare` (a pipeline CPU stage), the encoder call through
+    the batcher, the class list's text features (cached, or encoded on the device thread), then
+    `score(prepared, features, text)` in the pool. `places`: the most rows `prepare` can give, as
+    admission counts them ({"images": n} or {"frames": n}), taken before decoding."""
     clock = Clock()
     _, batcher = runtime.require()
     texts = runtime.text_items(classes, prompt_set)
-    with runtime.admission.reserve(images=max_items, texts=texts) as places:
-        prepared = await _prepare(runtime, prepare, source, options, clock)
-        places.shrink(images=len(prepared.pixels))
+    with runtime.admission.reserve(**places, shared_texts=texts) as reservation:
+        video = "frames" in places
+        prepared = await _prepare(runtime, prepare, source, options, clock, is_disconnected, video)
+        reservation.shrink(**{next(iter(places)): len(prepared.pixels)})
         features = await batcher.submit(prepared.pixels, is_disconnected)
         text = await runtime.class_features(classes, prompt_set, is_disconnected)
         result = await runtime.offload(score, prepared, features, text)
@@ -78,17 +100,9 @@ async def predict_image(
     def score(prepared, features, text):
         return pipeline.predict_image(prepared, features, text, classes, prompt_set, options)
 
-    max_items = options.max_faces if options.detect_faces else 1
+    places = {"images": options.max_faces if options.detect_faces else 1}
     return await classify(
-        runtime,
-        pipeline.prepare_image,
-        score,
-        source,
-        classes,
-        prompt_set,
-        options,
-        max_items,
-        is_disconnected,
+        runtime, pipeline.prepare_image, score, source, classes, prompt_set, options, places, is_disconnected
     )
 
 
@@ -104,16 +118,9 @@ async def predict_video(
     def score(prepared, features, text):
         return pipeline.predict_video(prepared, features, text, classes, prompt_set, per_frame)
 
+    places = {"frames": options.frames}
     return await classify(
-        runtime,
-        pipeline.prepare_video,
-        score,
-        source,
-        classes,
-        prompt_set,
-        options,
-        options.frames,
-        is_disconnected,
+        runtime, pipeline.prepare_video, score, source, classes, prompt_set, options, places, is_disconnected
     )
 
 
@@ -128,15 +135,23 @@ async def retrieve(
 ) -> tuple[pipeline.Ranking, Clock]:
     clock = Clock()
     engine, batcher = runtime.require()
-    with runtime.admission.reserve(images=1 if still else options.frames, texts=len(descriptions)):
+    places = {"images": 1} if still else {"frames": options.frames}
+    with runtime.admission.reserve(**places, texts=len(descriptions)):
         prepare = partial(pipeline.prepare_clip, still=still)
-        prepared = await _prepare(runtime, prepare, source, options, clock)
+        prepared = await _prepare(runtime, prepare, source, options, clock, is_disconnected, not still)
         features = await batcher.submit(prepared.pixels, is_disconnected)
-        text = await batcher.run(
-            _encode_texts, engine, descriptions, items=len(descriptions), is_disconnected=is_disconnected
-        )
+        chunks = [descriptions[i : i + TEXT_CHUNK] for i in range(0, len(descriptions), TEXT_CHUNK)]
+        text = [
+            await batcher.run(_encode_texts, engine, chunk, items=len(chunk), is_disconnected=is_disconnected)
+            for chunk in chunks
+        ]
         result = await runtime.offload(
-            pipeline.rank_descriptions, features, text, descriptions, top_k, pipeline.media_of(prepared)
+            pipeline.rank_descriptions,
+            features,
+            torch.cat(text),
+            descriptions,
+            top_k,
+            pipeline.media_of(prepared),
         )
     return result, clock
 

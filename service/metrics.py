@@ -8,6 +8,7 @@ over every process that has run, gauges (queue depth, ready) over the live ones.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
     multiprocess,
+    start_http_server,
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -51,6 +53,12 @@ class Metrics:
             "Items (images, frames, texts) admitted and not yet answered",
             registry=r,
             multiprocess_mode="livesum",  # several processes: their queues added up
+        )
+        self.refused = Counter(
+            "fer_refused",
+            "Requests refused by admission, by reason (queue_full, video_full, ...)",
+            ["reason"],
+            registry=r,
         )
         self.ready = Gauge(
             "fer_ready_processes",
@@ -101,22 +109,43 @@ class Metrics:
             on_wait=self.queue_wait.observe,
         )
 
+    def refuse(self, reason: str) -> None:
+        self.refused.labels(reason).inc()
+
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
         self.latency.labels(endpoint, str(status)).observe(seconds)
 
     def exposition(self) -> bytes:
         """The text a scrape gets: this app's registry, or every server process's metrics summed."""
-        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        if not directory:
-            return generate_latest(self.registry)
-        for path in Path(directory).glob("gauge_live*_*.db"):
+        return generate_latest(scraped(self.registry))
+
+
+class LiveProcesses(multiprocess.MultiProcessCollector):
+    """Every server process's metrics summed, with the gauges of processes that have exited dropped
+    first (however they ended: a crash, the OOM killer, uvicorn's restart)."""
+
+    def collect(self):
+        for path in Path(self._path).glob("gauge_live*_*.db"):
             pid = int(path.stem.rsplit("_", 1)[1])
-            if not _alive(pid):  # exited, cleanly or not (a crash, the OOM killer, uvicorn's restart)
-                multiprocess.mark_process_dead(pid, directory)
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry)
+            if not _alive(pid):
+                multiprocess.mark_process_dead(pid, self._path)
+        return super().collect()
+
+
+def scraped(own: CollectorRegistry) -> CollectorRegistry:
+    """What a scrape reads: `own` (one process), or all server processes' in multiprocess mode."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return own
+    registry = CollectorRegistry()
+    LiveProcesses(registry, directory)
+    return registry
+
+
+def serve_metrics(host: str, port: int, own: CollectorRegistry | None = None) -> None:
+    """/metrics on a port of its own (FER_METRICS_PORT), in a background thread of this process."""
+    start_http_server(port, addr=host, registry=scraped(own or CollectorRegistry()))
 
 
 def _alive(pid: int) -> bool:
@@ -149,6 +178,10 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, capture)
+        except asyncio.CancelledError:  # the server dropped the request (the client left): no answer
+            if status == 500:
+                status = 499
+            raise
         finally:
             endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
             self.metrics.observe_request(endpoint, status, time.perf_counter() - started)

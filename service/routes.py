@@ -24,7 +24,7 @@ from model.prompts import (
 )
 from service import inference
 from service.deps import DetectField, FramesField, LabelsDep, RuntimeDep
-from service.errors import InvalidField, UnsupportedMediaType
+from service.errors import InvalidField, NotFound, UnsupportedMediaType
 from service.schemas import (
     ErrorResponse,
     Health,
@@ -88,6 +88,8 @@ async def labels() -> LabelsResponse:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(runtime: RuntimeDep) -> Response:
+    if runtime.settings.metrics_port is not None:  # served on its own port instead (fer serve)
+        raise NotFound("/metrics is served on FER_METRICS_PORT")
     return Response(runtime.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -143,7 +145,9 @@ async def retrieve(
     request: Request,
     runtime: RuntimeDep,
     file: Annotated[UploadFile, File(description="a video (or an image)")],
-    descriptions: Annotated[str, Form(description='a JSON array of strings, e.g. ["smiles", "frowns"]')],
+    descriptions: Annotated[
+        str | None, Form(description='a JSON array of strings, e.g. ["smiles", "frowns"] (required)')
+    ] = None,
     top_k: Annotated[int, Form(ge=1, description="how many ranked descriptions to return")] = 10,
     frames: FramesField = 16,
     detect_faces: DetectField = True,
@@ -188,7 +192,11 @@ def _accept(
     raise UnsupportedMediaType(f"{declared} is not accepted here; send {' or '.join(prefixes)}")
 
 
-def _parse_descriptions(raw: str, max_count: int, max_chars: int) -> list[str]:
+def _parse_descriptions(raw: str | None, max_count: int, max_chars: int) -> list[str]:
+    if raw is None or not raw.strip():  # missing, or empty (the form parser makes that "missing")
+        raise InvalidField(
+            'descriptions: give a JSON array of at least one string, e.g. ["smiles", "frowns"]'
+        )
     try:
         texts = json.loads(raw)
     except (json.JSONDecodeError, RecursionError):  # RecursionError: thousands of nested brackets

@@ -4,6 +4,7 @@ decode pool, loaded in the background at start-up (so /livez answers at once) an
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Callable
@@ -16,7 +17,9 @@ from model.engine import FerEngine, create_engine
 from model.faces.base import FaceDetector
 from model.faces.factory import create_detector
 from model.options import PipelineOptions
-from model.prompts import CLASS_PRESETS, DEFAULT_CLASSES, DEFAULT_PROMPTS, PROMPT_SETS
+from model.projection import ProjectionError
+from model.prompts import CLASS_PRESETS, DEFAULT_CLASSES, DEFAULT_PROMPTS, PROMPT_SETS, LabelError
+from model.registry import MissingWeights
 from model.threads import pin_torch_threads
 from service.admission import IMAGE, TEXT, Admission
 from service.batcher import Batcher, BatchStats
@@ -38,16 +41,30 @@ class Runtime:
         self.engine_factory = engine_factory
         self.metrics = Metrics()
         self.options: PipelineOptions = settings.pipeline_options()
-        self.admission = Admission(settings.max_queue, on_depth=self.metrics.queue_depth.set)
+        self.admission = Admission(
+            settings.max_queue,
+            request_share=settings.max_request_items,
+            video_share=settings.video_share,
+            text_share=settings.text_share,
+            on_depth=self.metrics.queue_depth.set,
+            on_refused=self.metrics.refuse,
+        )
         self.engine: FerEngine | None = None
         self.detector: FaceDetector | None = None
         self.batcher: Batcher | None = None
         self.load_error: str | None = None
-        workers = settings.decode_workers or torch.get_num_threads()
+        cpus = torch.get_num_threads()
         # Decoding, face detection and scoring: each thread on one torch thread, so that the encoder's
-        # threads have the cores (see service.process).
+        # threads have the cores (see service.process). Videos decode in a pool of their own, so a run
+        # of long clips cannot keep images waiting for a decode thread.
         self.decode_pool = ThreadPoolExecutor(
-            workers, thread_name_prefix="fer-decode", initializer=pin_torch_threads, initargs=(1,)
+            settings.decode_workers or cpus, "fer-decode", initializer=pin_torch_threads, initargs=(1,)
+        )
+        self.video_pool = ThreadPoolExecutor(
+            settings.video_decode_workers or max(1, cpus // 2),
+            "fer-video",
+            initializer=pin_torch_threads,
+            initargs=(1,),
         )
 
     @property
@@ -61,9 +78,11 @@ class Runtime:
             )
         return self.engine, self.batcher
 
-    async def offload(self, fn, *args):
-        """Blocking CPU work (decode, face detection, preprocessing, scoring) off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, partial(fn, *args))
+    async def offload(self, fn, *args, pool: ThreadPoolExecutor | None = None, **kwargs):
+        """Blocking CPU work (decode, face detection, preprocessing, scoring) off the event loop, in the
+        request's context (its id reaches the log lines written there)."""
+        call = partial(contextvars.copy_context().run, partial(fn, *args, **kwargs))
+        return await asyncio.get_running_loop().run_in_executor(pool or self.decode_pool, call)
 
     def batch_stats(self, engine: FerEngine) -> BatchStats:
         """The batcher's measurements, to the metrics and to admission's wait estimates."""
@@ -109,8 +128,11 @@ class Runtime:
                 time.perf_counter() - started,
             )
         except Exception as exc:
-            self.load_error = f"the model failed to load: {exc}"
-            log.error("%s", self.load_error)
+            log.exception("the model failed to load")
+            # The project's own errors say what to do (download a preset, fix a path); a library's
+            # text stays in the log.
+            own = isinstance(exc, MissingWeights | ProjectionError | LabelError)
+            self.load_error = f"the model failed to load: {exc if own else 'see the server log'}"
             if batcher is not None:  # a failed warm-up: don't leave its task and thread running
                 await batcher.stop()
 
@@ -136,6 +158,7 @@ class Runtime:
         if self.batcher:
             await self.batcher.stop()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.video_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _default_text_features(engine: FerEngine) -> None:

@@ -1,39 +1,103 @@
-"""The service's settings: the model's (FER_*, model.settings) plus batching, queue, limits and workers."""
+"""The service's settings: the model's (FER_*, model.settings) plus batching, admission, connection limits,
+workers and access."""
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from model.settings import ModelSettings
 
 
 class ServiceSettings(ModelSettings):
+    # ---- batching and admission
     max_batch: int = Field(32, ge=1, le=4096, description="items (images or frames) per encoder call")
     max_wait_ms: float = Field(10.0, ge=0, le=1000, description="how long a batch waits for more items")
-    max_queue: int = Field(2048, ge=1, description="items waiting or decoding before requests get 429")
-    max_upload_mb: float = Field(50.0, gt=0, description="largest accepted upload, checked while streaming")
+    max_queue: int = Field(
+        2048, ge=1, description="items (images, frames, texts) admitted at once; beyond, requests get 429"
+    )
+    max_request_items: int = Field(
+        600, ge=1, description="most items one request may hold (its share of the queue)"
+    )
+    video_share: float = Field(
+        0.5, gt=0, le=1, description="share of the queue that video requests may hold together"
+    )
+    text_share: float = Field(
+        0.5, gt=0, le=1, description="share of the queue that texts to encode may hold together"
+    )
+    # ---- request limits
+    max_upload_mb: float = Field(50.0, gt=0, description="largest upload, checked while it streams in")
+    max_frames: int = Field(64, ge=1, le=512, description="largest `frames` a video request may ask for")
+    max_descriptions: int = Field(512, ge=1, description="most descriptions one /retrieve may rank")
+    max_description_chars: int = Field(1000, ge=1, description="longest description, in characters")
+    # ---- threads and processes
     workers: int = Field(1, ge=1, le=64, description="server processes, each with its own model and batcher")
     device_threads: int | None = Field(
         None, ge=1, description="torch threads of the encoder calls (default: the CPUs torch sees)"
     )
     decode_workers: int | None = Field(
-        None, ge=1, description="threads that decode, detect faces and score (default: the CPUs torch sees)"
+        None,
+        ge=1,
+        description="threads that decode images, detect faces and score (default: the CPUs torch sees)",
     )
-    max_frames: int = Field(64, ge=1, le=512, description="largest `frames` a video request may ask for")
-    max_descriptions: int = Field(512, ge=1, description="most descriptions one /retrieve may rank")
-    max_description_chars: int = Field(1000, ge=1, description="longest description, in characters")
+    video_decode_workers: int | None = Field(
+        None, ge=1, description="threads that decode videos, apart from images' (default: half the CPUs)"
+    )
+    # ---- connections (enforced by `fer serve`; behind another server, set them there)
+    keep_alive_s: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection whose request headers are not complete by then is closed"
+    )
+    body_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="an upload not received whole by then gets 408 (a 50 MB upload at ~3.5 Mbit/s)",
+    )
+    max_header_kb: int = Field(16, ge=1, description="largest request head (request line and headers)")
+    max_connections: int = Field(512, ge=1, description="open connections; more are refused (503 or closed)")
+    max_uploads_mb: float = Field(
+        200.0, gt=0, description="upload bytes being received at once, over all requests; beyond, 503"
+    )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long requests in flight may take to finish"
+    )
+    # ---- access
+    api_key: SecretStr | None = Field(
+        None, description="when set, every endpoint but /livez and the page needs `X-API-Key: <key>`"
+    )
+    cors_origins: str = Field(
+        "", description="comma-separated origins allowed to call the API from a browser (CORS); empty: none"
+    )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="serve /metrics on this port (same host) instead of the API's"
+    )
 
     @model_validator(mode="after")
-    def _queue_holds_a_request(self) -> ServiceSettings:
-        # A video request enqueues one item per sampled frame (its largest face), an image one per face.
-        largest = max(self.max_batch, self.max_frames, self.max_faces)
-        if self.max_queue < largest:
+    def _limits_fit_together(self) -> ServiceSettings:
+        # A video request holds one item per sampled frame (its largest face), an image one per face, a
+        # /retrieve its frames and its descriptions.
+        largest = max(self.max_frames, self.max_faces, self.max_frames + self.max_descriptions)
+        if self.max_request_items < largest:
+            raise ValueError(
+                "FER_MAX_REQUEST_ITEMS must hold the largest request: FER_MAX_FRAMES + FER_MAX_DESCRIPTIONS "
+                f"= {largest}"
+            )
+        if self.max_queue * self.video_share < self.max_frames:
+            raise ValueError("FER_MAX_QUEUE x FER_VIDEO_SHARE must hold one video of FER_MAX_FRAMES frames")
+        if self.max_queue * self.text_share < self.max_descriptions:
+            raise ValueError(
+                "FER_MAX_QUEUE x FER_TEXT_SHARE must hold one request's FER_MAX_DESCRIPTIONS texts"
+            )
+        if self.max_queue < max(self.max_batch, self.max_request_items):
             raise ValueError(
                 "FER_MAX_QUEUE must hold at least one batch and the largest request: "
-                f"max(FER_MAX_BATCH, FER_MAX_FRAMES, FER_MAX_FACES) = {largest}"
+                f"max(FER_MAX_BATCH, FER_MAX_REQUEST_ITEMS) = {max(self.max_batch, self.max_request_items)}"
             )
         return self
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]

@@ -53,3 +53,14 @@ def test_one_request_cannot_take_more_than_its_share():
     with pytest.raises(TooLarge, match="at most 25"):
         admission.reserve(images=16, texts=10)
     admission.reserve(images=16, texts=9).release()
+
+
+def test_a_new_class_list_takes_room_in_the_queue_but_not_from_the_request_s_share():
+    admission = Admission(1000, request_share=20, text_share=0.7)
+    held = admission.reserve(images=10, shared_texts=640)  # 64 classes x 10 prompts, encoded once for all
+    assert admission.depth == 650
+    with pytest.raises(QueueFull, match="texts to encode"):
+        admission.reserve(images=1, shared_texts=100)  # over the texts' 700 places
+    held.release()
+    with pytest.raises(TooLarge):
+        admission.reserve(images=10, texts=11)  # a request's own texts (descriptions) count

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -14,10 +15,13 @@ from PIL import Image, ImageFile
 
 from model.media import (
     MAX_FRAME_SIDE,
+    DecodeBudget,
+    DecodeStopped,
     MediaError,
     MediaLimits,
     MediaTooLarge,
     decode_image,
+    plan_decoding,
     read_video,
     sample_frame_indices,
 )
@@ -58,6 +62,53 @@ def test_long_video_is_sampled_without_decoding_it_all(tmp_path):
     assert [read_index(f) for f in clip.frames] == sample_frame_indices(3000)
     assert clip.decoded < 3000 / 4, f"decoded {clip.decoded} of 3000 frames"
     assert clip.timestamps[0] == pytest.approx(sample_frame_indices(3000)[0] / 25, abs=0.05)
+
+
+def test_a_clip_with_one_key_frame_is_decoded_forward_once(tmp_path):
+    """Every seek would land on the single key frame: the plan decodes forward instead, so no frame is
+    decoded twice (the old seeking decoded about count x n / 2 frames)."""
+    path = make_video(tmp_path / "one-key.mp4", 1200, fps=25, gop=100_000)
+    clip = read_video(str(path), 16)
+    assert [read_index(f) for f in clip.frames] == sample_frame_indices(1200)
+    assert clip.decoded <= sample_frame_indices(1200)[-1] + 1
+
+
+def test_the_decode_plan_never_goes_back():
+    assert plan_decoding([10, 300, 900], [0, 250, 500, 750]) == [(0, 10), (250, 300), (750, 900)]
+    assert plan_decoding([10, 300, 900], [0]) == [(0, 900)]  # one key frame: forward once
+    assert plan_decoding([10, 40, 900], [0, 25, 50]) == [(0, 40), (50, 900)]  # 40 is near: no seek
+
+
+def test_a_decode_bomb_is_refused_before_decoding(tmp_path):
+    """An animated GIF whose small frames sit on a large canvas: every decoded frame is the whole canvas."""
+    canvas = Image.new("P", (600, 600))
+    frames = [canvas] + [Image.new("P", (600, 600), color=i % 2) for i in range(1, 60)]
+    path = tmp_path / "bomb.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=20)
+    budget = MediaLimits(max_decode_megapixels=10)  # 60 frames of 0.36 MP = 21.6 MP to reach the last sample
+    with pytest.raises(MediaTooLarge, match=r"needs decoding .* megapixels, over the limit of 10"):
+        read_video(str(path), 16, budget)
+    with pytest.raises(MediaTooLarge, match=r"needs decoding .* frames, over the limit of 20"):
+        read_video(str(path), 16, MediaLimits(max_decode_frames=20))
+    assert len(read_video(str(path), 16).frames) == 16  # within the default budget
+
+
+def test_decoding_stops_when_told(tmp_path):
+    path = make_video(tmp_path / "c.mp4", 200)
+    stop = threading.Event()
+    stop.set()
+    charged = []
+    original = DecodeBudget.charge
+
+    def counting(self, pixels):
+        charged.append(pixels)
+        original(self, pixels)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DecodeBudget, "charge", counting)
+        with pytest.raises(DecodeStopped):
+            read_video(str(path), 16, stop=stop)
+    assert len(charged) == 1  # the first decoded frame sees the stop
 
 
 def test_video_from_bytes_and_limits(tmp_path):

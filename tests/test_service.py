@@ -24,7 +24,7 @@ from model.pipeline import classify, pool, prepare_video
 from model.prompts import BASIC7
 from model.registry import MissingWeights
 from service.app import create_app
-from service.errors import UploadLimit
+from service.limits import UploadLimits
 from service.settings import ServiceSettings
 from tests.conftest import encode_images, face_image, make_video, png, two_faces, wait_ready
 
@@ -506,7 +506,9 @@ def test_the_upload_limit_stops_reading_a_stream_without_content_length():
         sent.append(message)
 
     scope = {"type": "http", "method": "POST", "path": "/predict", "headers": []}
-    asyncio.run(UploadLimit(app, max_bytes=5 * 1024)(scope, receive, send))
+    asyncio.run(
+        UploadLimits(app, max_bytes=5 * 1024, max_inflight_bytes=10**9, timeout_s=60)(scope, receive, send)
+    )
     assert consumed == 6 and sent[0]["status"] == 413
     assert json.loads(sent[1]["body"])["error"] == "upload_too_large"
 
@@ -533,7 +535,10 @@ def test_concurrent_requests_share_encoder_calls(engine):
 def test_a_full_queue_answers_429_at_once_before_any_decoding(engine):
     gated = GatedEngine(engine)
     app = create_app(
-        settings(max_batch=1, max_queue=2, max_frames=1, max_faces=1), engine_factory=lambda s: gated
+        settings(
+            max_batch=1, max_queue=2, max_frames=1, max_faces=1, max_descriptions=1, max_request_items=2
+        ),
+        engine_factory=lambda s: gated,
     )
 
     async def main():

@@ -1,0 +1,112 @@
+"""Request bodies within bounds, as ASGI middleware in front of the app: one upload over `max_bytes` gets
+413 (from Content-Length, or counted while it streams, so it is never read whole); uploads being
+received at once are bounded in bytes over all requests (503 beyond), so held-open uploads cannot fill
+memory or the disk the form parser spools to; and a body not received whole within `timeout_s` gets
+408, so a trickling client cannot hold a request (and shutdown) open."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import error_body
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
+
+
+class UploadLimits:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, max_inflight_bytes: int, timeout_s: float):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.max_inflight_bytes = max_inflight_bytes
+        self.timeout_s = timeout_s
+        self.inflight = 0  # body bytes of the requests being handled now
+
+    def too_large(self) -> _Refused:
+        return _Refused(
+            413, "upload_too_large", f"the upload is over the {self.max_bytes / 2**20:g} MB limit"
+        )
+
+    def too_many(self) -> _Refused:
+        mb = self.max_inflight_bytes / 2**20
+        return _Refused(
+            503, "uploads_full", f"{mb:g} MB of uploads are being received; retry later", {"Retry-After": "1"}
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", ())).get(b"content-length", b"")
+        declared = int(declared) if declared.isdigit() else 0
+        if declared > self.max_bytes:
+            await _refuse(send, self.too_large())
+            return
+        if declared and self.inflight + declared > self.max_inflight_bytes:
+            await _refuse(send, self.too_many())
+            return
+        held = declared  # bytes this request counts towards `inflight`
+        self.inflight += held
+        received, body_done, refused, started = 0, False, None, False
+        deadline = time.monotonic() + self.timeout_s
+
+        async def limited_receive() -> Message:
+            nonlocal received, body_done, refused, held
+            if body_done:
+                return await receive()  # after the body: disconnect polling, no deadline
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                refused = _Refused(
+                    408, "upload_too_slow", f"the upload was not received within {self.timeout_s:g} s"
+                )
+                raise refused from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
+                if received > self.max_bytes:
+                    refused = self.too_large()
+                    raise refused
+                if received > held:  # no or a wrong Content-Length: count what arrives
+                    if self.inflight + received - held > self.max_inflight_bytes:
+                        refused = self.too_many()
+                        raise refused
+                    self.inflight += received - held
+                    held = received
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused is not None:
+                return  # the app's own answer to the broken body is replaced by the refusal below
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if refused is None:
+                raise
+        finally:
+            self.inflight -= held
+        if refused is not None and not started:
+            await _refuse(send, refused)
+
+
+async def _refuse(send: Send, refused: _Refused) -> None:
+    body = json.dumps(error_body(refused.code, refused.detail)).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),  # the rest of the body is not read
+        *((k.lower().encode(), v.encode()) for k, v in refused.headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": refused.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,351 @@
+"""The service bounded under abuse: decode budgets, admission and fair shares, connection and body
+limits, the API key, and error bodies in the project's own words. Timeouts are set short here, and
+counts (frames decoded, requests refused) are asserted rather than times."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from model.media import DecodeBudget
+from service.app import create_app
+from service.settings import ServiceSettings
+from tests.conftest import face_image, make_video, png, wait_ready
+
+
+def settings(**overrides) -> ServiceSettings:
+    return ServiceSettings(**{"device": "cpu", "max_wait_ms": 5, "face_detector": "none", **overrides})
+
+
+@pytest.fixture
+def client(engine):
+    with TestClient(create_app(settings(), engine_factory=lambda s: engine)) as c:
+        wait_ready(c)
+        yield c
+
+
+def post_image(client, data: bytes, **kwargs):
+    return client.post("/predict", files={"file": ("x.png", data, "image/png")}, **kwargs)
+
+
+# ---- decode budgets ---------------------------------------------------------------------------------
+def test_a_gif_canvas_bomb_is_refused_with_413_before_decoding(engine, monkeypatch):
+    decoded = []
+    original = DecodeBudget.charge
+    monkeypatch.setattr(DecodeBudget, "charge", lambda self, px: decoded.append(px) or original(self, px))
+    frames = [Image.new("P", (600, 600), color=i % 2) for i in range(60)]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=20)
+    app = create_app(settings(max_decode_megapixels=10), engine_factory=lambda s: engine)
+    with TestClient(app) as client:
+        wait_ready(client)
+        for path in ("/predict-video", "/retrieve"):
+            fields = {"descriptions": '["a"]'} if path == "/retrieve" else {}
+            answer = client.post(path, files={"file": ("b.gif", gif.getvalue(), "image/gif")}, data=fields)
+            assert answer.status_code == 413 and "megapixels" in answer.json()["detail"], answer.text
+    assert decoded == []  # refused from the plan: not one frame decoded
+
+
+def test_a_one_key_frame_clip_is_sampled_within_its_budget(client, tmp_path, monkeypatch):
+    decoded = []
+    original = DecodeBudget.charge
+    monkeypatch.setattr(DecodeBudget, "charge", lambda self, px: decoded.append(px) or original(self, px))
+    clip = make_video(tmp_path / "one-key.mp4", 1000, gop=100_000).read_bytes()
+    answer = client.post("/predict-video", files={"file": ("c.mp4", clip, "video/mp4")})
+    assert answer.status_code == 200
+    assert len(decoded) <= 1000  # forward once, never the same stretch twice
+
+
+def test_a_client_that_leaves_stops_its_decode(engine, tmp_path, monkeypatch):
+    """A slow decode (10 ms a frame here) of a clip whose client disconnects once it is decoding."""
+    decoded = []
+    original = DecodeBudget.charge
+
+    def slow(self, pixels):
+        decoded.append(pixels)
+        time.sleep(0.01)
+        original(self, pixels)
+
+    monkeypatch.setattr(DecodeBudget, "charge", slow)
+    app = create_app(settings(), engine_factory=lambda s: engine)
+    body = httpx.Request(
+        "POST",
+        "http://t/predict-video",
+        files={"file": ("c.mp4", make_video(tmp_path / "c.mp4", 500).read_bytes())},
+    )
+    content, content_type = body.read(), body.headers["content-type"]
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            while not app.state.runtime.ready:
+                await asyncio.sleep(0.05)
+            delivered = False
+
+            async def receive():
+                nonlocal delivered
+                if not delivered:
+                    delivered = True
+                    return {"type": "http.request", "body": content, "more_body": False}
+                while not decoded:  # the client leaves once decoding has started
+                    await asyncio.sleep(0.01)
+                return {"type": "http.disconnect"}
+
+            sent = []
+
+            async def send(message):
+                sent.append(message)
+
+            scope = {
+                "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                "scheme": "http", "path": "/predict-video", "raw_path": b"/predict-video", "query_string": b"",
+                "root_path": "", "server": ("t", 80), "client": ("127.0.0.1", 1),
+                "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(content)).encode())],
+            }  # fmt: skip
+            await app(scope, receive, send)
+            return sent
+
+    sent = asyncio.run(main())
+    assert sent[0]["status"] == 499
+    assert len(decoded) < 480  # stopped well before the last sampled frame (about 485)
+
+
+# ---- admission and fair shares ------------------------------------------------------------------------
+def test_video_frames_cannot_take_the_places_images_need(engine):
+    app = create_app(
+        settings(max_queue=1200, video_share=0.05, max_frames=16),
+        engine_factory=lambda s: engine,
+    )
+    with TestClient(app) as client:
+        wait_ready(client)
+        admission = app.state.runtime.admission
+        held = [admission.reserve(frames=16) for _ in range(3)]  # 48 of the 60 video places (5%)
+        refused = client.post(
+            "/predict-video", files={"file": ("c.mp4", b"x" * 100, "video/mp4")}, data={"frames": "16"}
+        )
+        assert refused.status_code == 429 and "video frames" in refused.json()["detail"]
+        assert post_image(client, png(face_image(0))).status_code == 200  # images still get in
+        assert 'fer_refused_total{reason="video_full"} 1.0' in client.get("/metrics").text
+        for places in held:
+            places.release()
+
+
+# ---- request bodies ---------------------------------------------------------------------------------
+def test_the_documented_text_limits_are_the_real_ones(client):
+    """512 descriptions of 1,000 characters in any script, however the client's JSON escapes them."""
+    cjk = "表情" * 500
+    for ensure_ascii in (False, True):  # 3 bytes a character, or a 6-byte \\uXXXX escape
+        texts = json.dumps([cjk] * 512, ensure_ascii=ensure_ascii)
+        answer = client.post(
+            "/retrieve",
+            files={"file": ("f.png", png(face_image(1)), "image/png")},
+            data={"descriptions": texts},
+        )
+        assert answer.status_code == 200, answer.text[:200]
+        assert len(answer.json()["ranking"]) == 10
+
+
+def test_an_empty_descriptions_field_says_what_it_needs(client):
+    for fields in ({"descriptions": ""}, {}):
+        answer = client.post(
+            "/retrieve", files={"file": ("f.png", png(face_image(1)), "image/png")}, data=fields
+        )
+        assert answer.status_code == 422
+        assert answer.json()["detail"].startswith("descriptions: give a JSON array of at least one string")
+
+
+def test_error_bodies_carry_a_request_id_and_no_library_text(client, caplog):
+    broken_png = png(face_image(0))[:60]
+    caplog.set_level("INFO", logger="service.errors")
+    for path, upload in (
+        ("/predict", ("a.jpg", b"\xff\xd8\xff\xe0garbage" * 10, "image/jpeg")),
+        ("/predict", ("a.png", broken_png, "image/png")),
+        ("/predict-video", ("a.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x01" * 500, "video/mp4")),
+    ):
+        answer = client.post(path, files={"file": upload}, headers={"X-Request-ID": "abc-123"})
+        body = answer.json()
+        assert answer.status_code == 400 and body["request_id"] == "abc-123", body
+        assert answer.headers["x-request-id"] == "abc-123"
+        for library_words in ("Errno", "avcodec", "cannot identify", "truncated PNG", "Invalid data", "PIL"):
+            assert library_words not in body["detail"], body
+    assert any("abc-123" in r.getMessage() for r in caplog.records)  # the library's words are in the log
+    generated = post_image(client, b"junk").json()["request_id"]
+    assert len(generated) == 32  # made for a request that brought none
+
+
+# ---- access -----------------------------------------------------------------------------------------
+def test_an_api_key_guards_everything_but_liveness_and_the_page(engine):
+    app = create_app(
+        settings(api_key="s3cret", cors_origins="https://app.example"), engine_factory=lambda s: engine
+    )
+    with TestClient(app) as client:
+        assert client.get("/livez").status_code == 200 and client.get("/").status_code == 200
+        for path in ("/readyz", "/metrics", "/labels", "/docs", "/openapi.json"):
+            answer = client.get(path)
+            assert answer.status_code == 401 and answer.json()["error"] == "unauthorized", path
+        assert post_image(client, png(face_image(0))).status_code == 401
+        assert post_image(client, png(face_image(0)), headers={"X-API-Key": "wrong"}).status_code == 401
+        for header in ({"X-API-Key": "s3cret"}, {"Authorization": "Bearer s3cret"}):
+            client.headers.update(header)
+            wait_ready(client)
+            assert post_image(client, png(face_image(0))).status_code == 200
+            client.headers.pop(next(iter(header)))
+        preflight = client.options(
+            "/predict",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+
+
+# ---- connections, through `fer serve` ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served():
+    """`fer serve` (demo) with short connection limits; yields (port, process)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "FER_PRESET": "demo",
+        "FER_FACE_DETECTOR": "none",
+        "FER_HEADER_TIMEOUT_S": "1",
+        "FER_KEEP_ALIVE_S": "1",
+        "FER_BODY_TIMEOUT_S": "1.5",
+        "FER_MAX_HEADER_KB": "4",
+        "FER_MAX_CONNECTIONS": "8",
+        "FER_MAX_UPLOADS_MB": "0.1",
+        "FER_SHUTDOWN_GRACE_S": "2",
+    }
+    command = [sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--log-level", "warning"]
+    server = subprocess.Popen(command, env=env)
+    try:
+        for _ in range(600):
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            assert server.poll() is None, "fer serve exited"
+            time.sleep(0.1)
+        yield port, server
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(30)
+
+
+def connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return sock
+
+
+def closed_by_server(sock: socket.socket) -> bytes:
+    """What the server sent before closing the connection (waits up to the socket's timeout)."""
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def test_an_idle_connection_and_a_slow_head_are_closed(served):
+    port, _ = served
+    with connect(port) as idle:
+        assert closed_by_server(idle) == b""  # nothing sent: closed at the head deadline
+    with connect(port) as slow:
+        slow.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n")
+        with contextlib.suppress(OSError):
+            for _ in range(30):  # a header line every 0.2 s: the head never completes in time
+                slow.sendall(b"X-Slow: 1\r\n")
+                time.sleep(0.2)
+        assert closed_by_server(slow) == b""
+
+
+def test_a_keep_alive_connection_idle_after_its_answer_is_closed(served):
+    port, _ = served
+    with connect(port) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = closed_by_server(sock)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1
+
+
+def test_a_head_over_its_size_is_refused(served):
+    port, _ = served
+    with connect(port) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8000)
+        assert closed_by_server(sock).startswith(b"HTTP/1.1 431")
+
+
+def test_connections_beyond_the_cap_are_refused(served):
+    port, _ = served
+    held = [connect(port) for _ in range(8 + 64)]  # at the cap, and the answered overflow
+    try:
+        extra = connect(port)
+        assert closed_by_server(extra) == b""  # closed at once, unanswered
+        held[-1].sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert held[-1].recv(100).startswith(b"HTTP/1.1 503")
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.5)  # the server notices the closed sockets
+    assert httpx.get(f"http://127.0.0.1:{port}/livez").status_code == 200
+
+
+def test_a_trickled_body_gets_408_and_uploads_in_flight_are_bounded(served):
+    port, _ = served
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    with connect(port) as slow, connect(port) as second:
+        part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+        slow.sendall(head + b"Content-Length: 80000\r\n\r\n" + part + b"x" * 100)  # 80 KB promised
+        time.sleep(0.3)
+        # 80 KB held by the first + 80 KB would pass the 0.1 MB bound: refused at once, not read
+        second.sendall(head + b"Content-Length: 80000\r\n\r\n")
+        refused = closed_by_server(second)
+        assert refused.startswith(b"HTTP/1.1 503") and b"uploads_full" in refused
+        assert closed_by_server(slow).startswith(b"HTTP/1.1 408")
+
+
+def test_shutdown_waits_no_longer_than_its_grace_for_a_held_upload():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "FER_PRESET": "demo", "FER_SHUTDOWN_GRACE_S": "1", "FER_BODY_TIMEOUT_S": "600"}
+    server = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(port)], env=env)
+    try:
+        for _ in range(600):
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/livez").status_code == 200:
+                    break
+            time.sleep(0.1)
+        with connect(port) as held:
+            held.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabc")
+            time.sleep(0.3)
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=20) is not None  # the held upload did not keep it past its grace
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_metrics_can_be_served_on_a_port_of_their_own(engine):
+    app = create_app(settings(metrics_port=9), engine_factory=lambda s: engine)
+    with TestClient(app) as client:
+        answer = client.get("/metrics")
+        assert answer.status_code == 404 and "FER_METRICS_PORT" in answer.json()["detail"]
+
+
+def test_the_settings_refuse_limits_that_do_not_fit_together():
+    with pytest.raises(ValueError, match="FER_MAX_REQUEST_ITEMS"):
+        ServiceSettings(max_request_items=100)  # below FER_MAX_FRAMES + FER_MAX_DESCRIPTIONS
+    with pytest.raises(ValueError, match="FER_VIDEO_SHARE"):
+        ServiceSettings(max_queue=600, video_share=0.05)
