@@ -9,6 +9,7 @@ FER_WEB_SCREENSHOTS, else a pytest temporary directory (its path is printed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -71,19 +72,16 @@ CUSTOM_CLASSES = ["calm", "amused", "furious"]
 
 
 # ---- fixtures -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server():
-    """The real app (demo model) under uvicorn in a thread, on a free 127.0.0.1 port."""
+@contextlib.contextmanager
+def running(**settings):
+    """The real app (demo model) under uvicorn in a thread, on a free 127.0.0.1 port; yields its URL
+    once it is up (ready, unless a key locks /readyz)."""
     import uvicorn
 
     from service.app import create_app
+    from service.settings import ServiceSettings
 
-    try:
-        from service.settings import ServiceSettings
-    except ImportError:  # the module's name before the settings refactor
-        from service.config import ServiceSettings
-
-    app = create_app(ServiceSettings(preset="demo", device="cpu", max_wait_ms=5))
+    app = create_app(ServiceSettings(preset="demo", device="cpu", max_wait_ms=5, **settings))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -91,20 +89,29 @@ def server():
     uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="web-test-server", daemon=True)
     thread.start()
+    headers = {"X-API-Key": settings["api_key"]} if "api_key" in settings else {}
     deadline = time.monotonic() + 90
     while True:
         try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{base}/readyz", timeout=2, headers=headers).status_code == 200:
                 break
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline or not thread.is_alive():
             raise AssertionError("the demo service never became ready")
         time.sleep(0.1)
-    yield base
-    uv.should_exit = True
-    thread.join(15)
-    sock.close()
+    try:
+        yield base
+    finally:
+        uv.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running() as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +214,7 @@ def screenshot(page, shots: Path, name: str) -> None:
 # ---- media --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def astronaut(tmp_path_factory) -> Path:
-    """scikit-image's astronaut photo: one face that the Haar detector finds."""
+    """scikit-image's astronaut photo: one face."""
     path = tmp_path_factory.mktemp("media") / "astronaut.jpg"
     Image.fromarray(skimage_data.astronaut()).save(path, "JPEG", quality=90)
     return path
@@ -225,7 +232,7 @@ def api(server: str, path: str, file: Path, mime: str, **fields) -> httpx.Respon
 # ---- tests --------------------------------------------------------------------------------------
 def test_image_view_draws_the_api_faces_and_follows_the_class_list(page, server, astronaut, shots):
     expected = api(server, "/predict", astronaut, "image/jpeg").json()
-    assert expected["faces"], "the Haar detector should find the astronaut's face"
+    assert expected["faces"], "the face detector should find the astronaut's face"
     open_page(page)
     page.set_input_files("#image-file", str(astronaut))
 
@@ -430,3 +437,20 @@ def test_loading_state_tabs_and_keyboard(page, server, shots):
     )
     assert unlabelled == []
     assert page.evaluate("document.querySelectorAll('[onclick],[onchange],[oninput],[onsubmit]').length") == 0
+
+
+def test_a_locked_service_asks_for_its_key_then_works(browser, astronaut, shots):
+    with running(api_key="s3cret") as base:
+        context = browser.new_context(viewport=DESKTOP, base_url=base)
+        context.set_default_timeout(TIMEOUT_MS)
+        tab = context.new_page()
+        tab.goto("/#image")
+        expect(tab.locator("#model-status")).to_have_text("API key needed")
+        expect(tab.locator("#api-key-field")).to_be_visible()
+        screenshot(tab, shots, "locked")
+        tab.locator("#api-key").fill("s3cret")
+        tab.locator("#api-key").dispatch_event("change")  # the page starts over with the key
+        expect(tab.locator("#model-status")).to_have_attribute("data-state", "ready")
+        tab.set_input_files("#image-file", str(astronaut))
+        expect(tab.locator("#image-overlay .face-box")).to_have_count(1)
+        context.close()

@@ -7,6 +7,7 @@ export const API_ROOT = new URL("../", import.meta.url);
 
 const STATUS_TEXT = {
   400: "Could not read the file",
+  401: "API key needed",
   413: "Too large",
   415: "Unsupported file type",
   422: "Invalid input",
@@ -34,6 +35,19 @@ export class ApiError extends Error {
   }
 }
 
+// A key this tab was given (FER_API_KEY on the server): kept for the tab only, sent with every call.
+const KEY = "fer-api-key";
+
+export function setApiKey(value) {
+  if (value) sessionStorage.setItem(KEY, value);
+  else sessionStorage.removeItem(KEY);
+}
+
+function withKey(headers = {}) {
+  const key = sessionStorage.getItem(KEY);
+  return key ? { ...headers, "X-API-Key": key } : headers;
+}
+
 export function url(path) {
   return new URL(path, API_ROOT);
 }
@@ -58,7 +72,7 @@ async function parse(response) {
 async function send(path, init) {
   let response;
   try {
-    response = await fetch(url(path), init);
+    response = await fetch(url(path), { ...init, headers: withKey(init.headers) });
   } catch (error) {
     if (error.name === "AbortError") throw error;
     throw new ApiError(0, "network", "the service could not be reached; is it running?");
@@ -74,10 +88,11 @@ export function getJSON(path, { signal } = {}) {
 export async function readiness() {
   let response;
   try {
-    response = await fetch(url("readyz"), { cache: "no-store" });
+    response = await fetch(url("readyz"), { cache: "no-store", headers: withKey() });
   } catch {
     return { ready: false, status: "unreachable", detail: "the service could not be reached" };
   }
+  if (response.status === 401) return { ready: false, status: "locked", detail: "this service needs an API key" };
   let body = {};
   try {
     body = await response.json();

@@ -1,7 +1,7 @@
 // Entry point: loads the settings (GET /labels), watches readiness (GET /readyz) and switches
 // between the four views (tabs, also reachable as #image, #live, #video, #retrieve).
 
-import { ApiError } from "./api.js";
+import { ApiError, setApiKey } from "./api.js";
 import { initImage } from "./image.js";
 import { initLive } from "./live.js";
 import { initRetrieve } from "./retrieve.js";
@@ -51,6 +51,11 @@ function initTabs() {
 }
 
 async function main() {
+  // A key entered for a locked service: kept for the tab, then the page starts over with it.
+  $("api-key").addEventListener("change", (event) => {
+    setApiKey(event.target.value.trim());
+    location.reload();
+  });
   startStatus();
   controllers.image = initImage();
   controllers.live = initLive();

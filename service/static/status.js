@@ -49,6 +49,12 @@ function render(body) {
     banner.hidden = true;
     const footer = $("footer-model");
     if (footer && body.model) footer.textContent = body.model;
+  } else if (body.status === "locked") {
+    status.textContent = "API key needed";
+    status.dataset.state = "error";
+    banner.hidden = false;
+    banner.textContent = "This service needs an API key: enter it under Settings.";
+    $("api-key-field").hidden = false;
   } else if (body.status === "unreachable") {
     status.textContent = "Service unreachable";
     status.dataset.state = "error";
