@@ -14,7 +14,7 @@ from service.errors import REQUEST_ID, error_body
 
 CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # a caller's own id is kept when it is this plain
 OPEN_PATHS = ("/livez", "/", "/favicon.ico")  # liveness and the page (its files ask for nothing secret)
-OPEN_PREFIX = "/static/"
+OPEN_PREFIXES = ("/static/", "/docs-assets/")  # the page's and the API docs' own files
 
 
 class RequestId:
@@ -56,7 +56,7 @@ class ApiKey:
 
     def allowed(self, scope: Scope) -> bool:
         path = scope.get("path", "")
-        if path in OPEN_PATHS or path.startswith(OPEN_PREFIX) or scope.get("method") == "OPTIONS":
+        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) or scope.get("method") == "OPTIONS":
             return True  # OPTIONS: CORS preflights carry no credentials
         headers = dict(scope.get("headers", ()))
         given = headers.get(b"x-api-key") or headers.get(b"authorization", b"").removeprefix(b"Bearer ")

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 from fastapi.staticfiles import StaticFiles
 
 from model.engine import create_engine
@@ -20,6 +21,8 @@ from service.metrics import RequestMetrics
 from service.routes import STATIC_DIR, router
 from service.runtime import EngineFactory, Runtime
 from service.settings import ServiceSettings
+
+DOCS_ASSETS = "/docs-assets"
 
 
 def create_app(settings: ServiceSettings, engine_factory: EngineFactory = create_engine) -> FastAPI:
@@ -34,7 +37,13 @@ def create_app(settings: ServiceSettings, engine_factory: EngineFactory = create
             await loading
         await runtime.close()
 
-    app = FastAPI(
+    # /docs with its scripts and styles from the installed package, not a CDN: it works on an
+    # air-gapped host (Swagger UI's validator badge, which calls out, is off; ReDoc, whose bundle
+    # fetches its logo from its CDN, is not served).
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS,
+        redoc_url=None,
+        swagger_ui_parameters={"validatorUrl": None},
         title="Zero-shot FER (Exp-CLIP)",
         version="0.1.0",
         description="Facial-expression probabilities for images and clips, and description ranking, zero-shot.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import os
 import threading
 import time
@@ -672,7 +673,9 @@ def test_labels_metrics_and_docs(client):
         assert name in text
     schema = client.get("/openapi.json").json()
     assert {"PredictResponse", "VideoResponse", "RetrieveResponse"} <= set(schema["components"]["schemas"])
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text
+    assert re.findall(r"https?://[^\s\"']+", docs.text) == []  # no CDN
     assert client.get("/nope").json()["error"] == "not_found"
 
 

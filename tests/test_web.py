@@ -454,3 +454,10 @@ def test_a_locked_service_asks_for_its_key_then_works(browser, astronaut, shots)
         tab.set_input_files("#image-file", str(astronaut))
         expect(tab.locator("#image-overlay .face-box")).to_have_count(1)
         context.close()
+
+
+def test_the_api_docs_load_without_a_request_off_the_host(page):
+    """Swagger UI's scripts and styles come from the installed package, not a CDN (air-gapped hosts)."""
+    page.goto("/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("Zero-shot FER")
+    expect(page.locator(".opblock-summary-path").first).to_be_visible()
