@@ -37,7 +37,7 @@ from service.schemas import (
 
 STATIC_DIR = Path(__file__).parent / "static"
 GENERIC_TYPES = {"", "application/octet-stream"}
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 429, 500, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 429, 499, 500, 503)}
 
 router = APIRouter()
 

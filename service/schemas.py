@@ -95,5 +95,6 @@ class Health(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    error: str
-    detail: str
+    error: str = Field(description="a stable code, e.g. `invalid_field`, `queue_full`, `media_too_large`")
+    detail: str = Field(description="one sentence for people: what was wrong and what is accepted")
+    request_id: str | None = Field(None, description="also in the X-Request-ID header and the server's log")

@@ -1,0 +1,175 @@
+"""`python -m tools.docs`: writes the pages generated from the code and from committed data, so they
+cannot drift: docs/configuration.md from the settings classes, docs/benchmarks.md from the reports in
+bench/results/. tests/test_docs.py fails when either is out of date."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from pydantic.fields import FieldInfo
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+# Every setting in exactly one group (the generator refuses to leave one out).
+GROUPS = {
+    "Model": [
+        "preset", "clip_model", "clip_weights", "projection", "preprocess", "device", "dtype", "weights_dir",
+        "weights_mirror",
+    ],
+    "Faces": ["face_detector", "face_threshold", "align_faces", "video_face_side", "max_faces", "face_margin"],
+    "Media limits and the decode budget": [
+        "max_image_pixels", "max_video_pixels", "max_video_seconds", "max_video_frames", "max_decode_frames",
+        "max_decode_megapixels", "max_decode_seconds",
+    ],
+    "Batching and admission (service)": [
+        "max_batch", "max_wait_ms", "max_queue", "max_request_items", "video_share", "text_share",
+    ],
+    "Request limits (service)": ["max_upload_mb", "max_frames", "max_descriptions", "max_description_chars"],
+    "Threads and processes (service)": ["workers", "device_threads", "decode_workers", "video_decode_workers"],
+    "Connections (`fer serve`)": [
+        "keep_alive_s", "header_timeout_s", "body_timeout_s", "max_header_kb", "max_connections",
+        "max_uploads_mb", "shutdown_grace_s",
+    ],
+    "Access (service)": ["api_key", "cors_origins", "metrics_port"],
+}  # fmt: skip
+
+CONFIGURATION_INTRO = """# Configuration
+
+Every setting is an environment variable. The `fer` commands and the service read the same ones, once per
+process; a value that cannot be used stops the process with one line naming the variable. The service's
+settings (marked "service") apply to `fer serve`, `uvicorn service.app:app` and the Ray deployment; the
+connection settings only to `fer serve`, which configures its HTTP server with them (behind another
+server, set the same limits there: [serving.md](serving.md)).
+
+Setting any of `FER_CLIP_MODEL`, `FER_CLIP_WEIGHTS`, `FER_PROJECTION` or `FER_PREPROCESS` makes the
+model `custom` in answers. Weights are never downloaded implicitly: a missing file is one error message
+naming the command that gets it ([weights.md](weights.md)).
+
+This page is generated from the settings classes (`python -m tools.docs`).
+"""
+
+
+def _default(field: FieldInfo) -> str:
+    value = field.default
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, str) and not value:
+        return "empty"
+    return f"`{value}`"
+
+
+def configuration() -> str:
+    from service.settings import ServiceSettings
+
+    fields = ServiceSettings.model_fields
+    grouped = [name for names in GROUPS.values() for name in names]
+    missing, unknown = set(fields) - set(grouped), set(grouped) - set(fields)
+    if missing or unknown or len(grouped) != len(set(grouped)):
+        raise SystemExit(f"tools/docs.py GROUPS: missing {sorted(missing)}, unknown {sorted(unknown)}")
+    lines = [CONFIGURATION_INTRO]
+    for title, names in GROUPS.items():
+        lines += [f"## {title}", "", "| variable | default | meaning |", "|---|---|---|"]
+        for name in names:
+            field = fields[name]
+            lines.append(f"| `FER_{name.upper()}` | {_default(field)} | {field.description} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _fmt(value, spec: str = ".3g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def benchmarks() -> str:
+    """docs/benchmarks.md: each committed report's machine, settings, figures and targets."""
+    lines = [
+        "# Benchmarks",
+        "",
+        "Every figure on this page comes from a JSON report committed in `bench/results/`, written by the",
+        "command it names; the page is generated from them (`python -m tools.docs`). Ratios are taken within",
+        "one run (the targets compare figures from the same run), because these machines are shared and their",
+        "speed drifts. How to run them: [serving.md](serving.md#benchmarks).",
+        "",
+    ]
+    for path in sorted(RESULTS.glob("*.json")):
+        report = json.loads(path.read_text())
+        lines += _report(path.name, report)
+    return "\n".join(lines) + "\n"
+
+
+def _report(name: str, r: dict) -> list[str]:
+    host = r.get("machine", {})
+    where = host.get("gpu") or f"{host.get('cpus')} CPU cores, no GPU"
+    lines = [
+        f"## {name}",
+        "",
+        f"`{r.get('command')}` on commit {r.get('commit')}, {r.get('date')}: {where}, {host.get('platform')}, "
+        f"torch {host.get('torch')}; load average {_fmt(host.get('load_average_at_start'), '.1f')} at the start.",
+        "",
+    ]
+    if "targets" in r and r.get("points"):
+        lines += [
+            f"Model: {r['model']['name']}, {r['dtype']}, device {r['device']}, max batch {r['settings']['max_batch']}.",
+            "",
+            "| concurrency | batching | images/s | p50 ms | p99 ms | mean batch |",
+            "|---|---|---|---|---|---|",
+        ]
+        for p in r["points"]:
+            lines.append(
+                f"| {p['concurrency']} | {'on' if p['batching'] else 'off'} | {_fmt(p['throughput'], '.1f')} | "
+                f"{_fmt(p['p50_ms'], '.0f')} | {_fmt(p['p99_ms'], '.0f')} | {_fmt(p['mean_batch'], '.1f')} |"
+            )
+        lines += ["", "| video | faces | latency ms | decode ms |", "|---|---|---|---|"]
+        for v in r.get("video", []):
+            lines.append(
+                f"| {v['clip']} | {'on' if v['detect_faces'] else 'off'} | {_fmt(v['latency_ms'], '.0f')} | "
+                f"{_fmt(v['decode_ms'], '.0f')} |"
+            )
+        m = r.get("memory", {})
+        lines += [
+            "",
+            f"Memory: peak RSS {_fmt(m.get('peak_rss_mb'), '.0f')} MiB, growth {_fmt(m.get('growth'), '.1%')} over {m.get('requests')} requests.",
+            "",
+        ]
+    if r.get("faces") and r["faces"].get("canvases"):
+        f = r["faces"]
+        name_ = f["detector"]
+        lines += [
+            "| face detector | canvas recall | MAFW frames with a face | ms a 640x480 image |",
+            "|---|---|---|---|",
+            f"| {name_} | {_fmt(f['canvases'][name_]['recall'])} | {_fmt(f['mafw_frames'][name_]['share'])} | "
+            f"{_fmt(f['timing'][name_ + '_ms'], '.1f')} |",
+            f"| haar | {_fmt(f['canvases']['haar']['recall'])} | {_fmt(f['mafw_frames']['haar']['share'])} | "
+            f"{_fmt(f['timing']['haar_ms'], '.1f')} |",
+            "",
+        ]
+    lines += _targets(r.get("targets", []))
+    return lines
+
+
+def _targets(targets: list[dict]) -> list[str]:
+    if not targets:
+        return []
+    lines = ["| target | value | passes when | verdict |", "|---|---|---|---|"]
+    for t in targets:
+        verdict = {True: "pass", False: "**fail**", None: "not measured"}[t["passed"]]
+        lines.append(f"| {t['detail']} | {_fmt(t['value'])} | {t['op']} {t['threshold']:g} | {verdict} |")
+    return [*lines, ""]
+
+
+PAGES = {"configuration.md": configuration, "benchmarks.md": benchmarks}
+
+
+def main() -> int:
+    for name, build in PAGES.items():
+        (ROOT / "docs" / name).write_text(build(), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
