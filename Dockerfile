@@ -26,6 +26,9 @@ COPY docker/ docker/
 COPY model/ model/
 COPY service/ service/
 COPY cli/ cli/
+# `--build-arg FER_EXTRAS=ray`: the image with Ray (docker compose --profile ray, deploy/kuberay.yaml);
+# empty by default, so the default image has no Ray. docker/install.sh reads it.
+ARG FER_EXTRAS=""
 # The one install command, shared with CI: .ci/run runs the same script in a fresh virtual environment.
 RUN --mount=type=cache,target=/root/.cache/pip sh docker/install.sh /opt/venv
 
@@ -51,6 +54,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     FER_WEIGHTS_DIR=/app/weights \
     FER_DEVICE=auto
 WORKDIR /app
+# The Ray Serve configs, for `serve run deploy/serve.yaml` in the image with Ray (docs/ray.md).
+COPY deploy/ deploy/
 # Numeric, so a host or an orchestrator can tell it is not root without reading /etc/passwd.
 USER 10001:10001
 VOLUME ["/app/weights"]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from cli.cluster import add_ray_options, ray_options
 from cli.predict import add_face_option
 from model.prompts import CLASS_PRESETS, PROMPT_SETS
 
@@ -55,6 +58,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="items per encoder batch (default 64)")
     p.add_argument("--frames", type=int, default=16, help="frames sampled per video (default 16)")
     add_face_option(p, EVAL_FACES)
+    add_ray_options(p, gpus_default="1")
 
 
 def _split(value: str) -> list[str]:
@@ -65,18 +69,20 @@ def cmd_eval(args: argparse.Namespace, settings) -> int:
     from model.evaluate.models import model_choices
     from model.evaluate.run import run_eval
 
-    metrics = run_eval(
-        args.data,
-        args.out,
-        model_choices(args.models, settings),
-        classes=args.classes,
-        prompt_sets=_split(args.prompts),
-        limit=args.limit,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        options=_options(args, settings),
-        detector=_detector(args, settings),
-    )
+    with _backend(args) as backend:
+        metrics = run_eval(
+            args.data,
+            args.out,
+            model_choices(args.models, settings),
+            classes=args.classes,
+            prompt_sets=_split(args.prompts),
+            limit=args.limit,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            options=_options(args, settings),
+            detector=_detector(args, settings),
+            backend=backend,
+        )
     print((args.out / "table.md").read_text(), end="")
     skipped = {f for m in metrics["models"].values() for f in m["skipped"]}
     if skipped:
@@ -95,6 +101,20 @@ def _options(args: argparse.Namespace, settings):
     return settings.pipeline_options(detect_faces=bool(args.detect_faces), frames=args.frames)
 
 
+@contextmanager
+def _backend(args: argparse.Namespace) -> Iterator:
+    """Where the encoders run: None (this process), or a Ray cluster's, connected for the command."""
+    options = ray_options(args)
+    if options is None:
+        yield None
+        return
+    from model.cluster import ray_session
+    from model.evaluate.distributed import RayEvalBackend
+
+    with ray_session(options):
+        yield RayEvalBackend(options)
+
+
 def _detector(args: argparse.Namespace, settings):
     from model.faces.factory import create_detector
 
@@ -109,17 +129,19 @@ def cmd_eval_retrieval(args: argparse.Namespace, settings) -> int:
         ks = [int(k) for k in _split(args.k)]
     except ValueError:
         raise ValueError(f"--k takes comma-separated integers, got {args.k!r}") from None
-    metrics = run_retrieval(
-        args.data,
-        args.out,
-        model_choices(args.models, settings),
-        ks=ks,
-        limit=args.limit,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        options=_options(args, settings),
-        detector=_detector(args, settings),
-    )
+    with _backend(args) as backend:
+        metrics = run_retrieval(
+            args.data,
+            args.out,
+            model_choices(args.models, settings),
+            ks=ks,
+            limit=args.limit,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            options=_options(args, settings),
+            detector=_detector(args, settings),
+            backend=backend,
+        )
     for name, result in metrics["models"].items():
         precision = ", ".join(f"P@{k} {v:.3f}" for k, v in result["precision_at_k"].items())
         print(f"{name}: {precision}, MRR {result['mrr']:.3f} ({result['n_items']} items)")

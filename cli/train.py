@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from cli.cluster import add_ray_options, ray_options
 from model.train.config import DEFAULT_INSTRUCTION, DEFAULT_TEACHER, INSTRUCTIONS, FitConfig
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -60,6 +61,7 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="teacher dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16",
     )
+    add_ray_options(p, gpus_default="0.5, a CLIP and a teacher actor share one")
 
 
 def _add_fit_options(p: argparse.ArgumentParser) -> None:
@@ -89,6 +91,11 @@ def cmd_extract(args: argparse.Namespace, settings) -> int:
     from model.train.teacher import Teacher
 
     images = list_images(args.images)
+    options = ray_options(args)
+    if options is not None:
+        summary = _extract_on_ray(args, settings, images, options)
+        print(json.dumps(dataclasses.asdict(summary)), flush=True)
+        return 0
     teacher = Teacher.load(args.teacher, args.instruction, _device(settings), args.dtype)
     summary = extract(
         images,
@@ -102,6 +109,23 @@ def cmd_extract(args: argparse.Namespace, settings) -> int:
     )
     print(json.dumps(dataclasses.asdict(summary)), flush=True)
     return 0
+
+
+def _extract_on_ray(args: argparse.Namespace, settings, images: list[str], options):
+    from model.cluster import for_workers
+    from model.train.distributed import TeacherChoice, extract_on_ray
+
+    # A local teacher folder by its absolute path: the actors do not run in this folder.
+    source = str(Path(args.teacher).resolve()) if Path(args.teacher).is_dir() else args.teacher
+    return extract_on_ray(
+        images,
+        args.cache,
+        for_workers(settings),
+        TeacherChoice(source, args.instruction, args.dtype),
+        batch_size=args.extract_batch_size,
+        shard_size=args.shard_size,
+        options=options,
+    )
 
 
 def cmd_fit(args: argparse.Namespace, settings) -> int:

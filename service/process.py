@@ -19,5 +19,6 @@ def configure_process(settings: ServiceSettings) -> ServiceSettings:
         update={
             "device_threads": settings.device_threads or cpus,
             "decode_workers": settings.decode_workers or cpus,
+            "video_decode_workers": settings.video_decode_workers or max(1, cpus // 2),
         }
     )

@@ -129,7 +129,7 @@ def test_image_asks_the_driver_for_its_cuda_major_release_only(dockerfile):
     major = base.split(":", 1)[1].split(".")[0]
     env = " ".join(args for kw, args in dockerfile if kw == "ENV").replace('"', "")
     assert f"NVIDIA_REQUIRE_CUDA=cuda>={major}.0 " in env + " "
-    assert "R580" in README.read_text()
+    assert "R580" in (ROOT / "docs" / "serving.md").read_text()
 
 
 def test_install_command_is_the_one_ci_runs(dockerfile):
@@ -224,3 +224,14 @@ def test_readme_documents_the_compose_commands(compose):
     cpu = next(iter(compose["services"]["fer-cpu"]["profiles"]))
     assert f"docker compose --profile {cpu} up fer-cpu" in readme
     assert shlex.join(["fer", "weights", "download"]) in readme
+
+
+def test_the_runtime_waits_longer_than_the_service_s_shutdown_grace(compose):
+    """SIGTERM lets requests in flight finish within FER_SHUTDOWN_GRACE_S; the container runtime must
+    not kill the process before that."""
+    from service.settings import ServiceSettings
+
+    grace = ServiceSettings.model_fields["shutdown_grace_s"].default
+    for name in ("fer", "fer-cpu"):
+        period = compose["services"][name]["stop_grace_period"]
+        assert period.endswith("s") and float(period[:-1]) > grace

@@ -172,7 +172,7 @@ def test_eval_encodes_each_item_once_for_all_prompt_sets(model_env, engine, tmp_
     encoded_items = []
     original = engine.clip.encode_image
     monkeypatch.setattr(engine.clip, "encode_image", lambda x: encoded_items.append(len(x)) or original(x))
-    monkeypatch.setattr("model.evaluate.run.create_engine", lambda settings: engine)
+    monkeypatch.setattr("model.evaluate.features.create_engine", lambda settings: engine)
     from model.evaluate.run import run_eval
 
     choices = model_choices(None, ModelSettings())

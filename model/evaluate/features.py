@@ -14,15 +14,19 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from tqdm import tqdm
 
-from model.engine import FerEngine
+from model.engine import FerEngine, create_engine
 from model.faces.base import FaceDetector
 from model.media import MediaError, is_video_path
 from model.options import PipelineOptions
 from model.pipeline import encode_in_batches, open_source, pool_groups, prepare_clip
+
+if TYPE_CHECKING:
+    from model.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,41 @@ class EncodedItems:
     features: torch.Tensor  # [n, feature_dim]: projected, pooled over frames, L2-normalised (CPU)
     clip_features: torch.Tensor  # [n, embed_dim]: the same before W (plain CLIP), pooled, L2 (CPU)
     failures: dict[int, str] = field(default_factory=dict)  # position -> why it could not be read
+
+
+class EncodeBackend(Protocol):
+    """Where an evaluation's encoders run when not in this process: `fer eval --ray` passes one
+    (model.evaluate.distributed). `engine` answers the text side and says where features are computed;
+    `encode` gives what `encode_items` gives, computed elsewhere from the model's settings."""
+
+    def engine(self, settings: ModelSettings) -> FerEngine: ...
+
+    def encode(
+        self,
+        settings: ModelSettings,
+        paths: Sequence[Path],
+        options: PipelineOptions,
+        *,
+        detector: FaceDetector | None,
+        batch_size: int,
+        desc: str,
+    ) -> EncodedItems: ...
+
+
+def encode_model(
+    settings: ModelSettings,
+    paths: Sequence[Path],
+    options: PipelineOptions,
+    backend: EncodeBackend | None = None,
+    **common,
+) -> tuple[FerEngine, EncodedItems]:
+    """One model's engine (for its text side) and its features of `paths`: here, or where `backend`
+    runs the encoders (a Ray cluster for `--ray`), with the same results. `common`: encode_items'
+    keywords."""
+    if backend is None:
+        engine = create_engine(settings)
+        return engine, encode_items(engine, paths, options, **common)
+    return backend.engine(settings), backend.encode(settings, paths, options, **common)
 
 
 def engine_fields(choice_entry: str, engine: FerEngine) -> dict:
@@ -69,7 +108,7 @@ def encode_items(
     with ThreadPoolExecutor(DECODE_THREADS) as pool, tqdm(total=len(paths), desc=desc, unit="item") as bar:
         for start in range(0, len(paths), batch_size):
             chunk = range(start, min(start + batch_size, len(paths)))
-            prepared = list(pool.map(lambda i: _prepare(engine, detector, paths[i], options), chunk))
+            prepared = list(pool.map(lambda i: prepare_item(engine, detector, paths[i], options), chunk))
             ok = []
             for i, result in zip(chunk, prepared, strict=True):
                 if isinstance(result, str):
@@ -78,22 +117,32 @@ def encode_items(
                 else:
                     ok.append((i, result))
             if ok:
-                raw = encode_in_batches(engine.embed_pixels, torch.cat([p.pixels for _, p in ok]), batch_size)
-                projected = engine.project(raw.to(engine.device)).cpu()
-                sizes = [
-                    len(p.pixels) for _, p in ok
-                ]  # both spaces pooled alike: mean of the frames, then L2
+                pixels = torch.cat([p.pixels for _, p in ok])
+                projected, plain = encode_chunk(engine, pixels, [len(p.pixels) for _, p in ok], batch_size)
                 kept.extend(i for i, _ in ok)
-                features.extend(pool_groups(projected, sizes))
-                clip_features.extend(pool_groups(raw, sizes))
+                features.extend(projected)
+                clip_features.extend(plain)
             bar.update(len(chunk))
     if not kept:
         raise MediaError(f"none of the {len(paths)} files could be read")
     return EncodedItems(kept, torch.stack(features), torch.stack(clip_features), failures)
 
 
-def _prepare(engine: FerEngine, detector: FaceDetector | None, path: Path, options: PipelineOptions):
-    """CPU stages, run in threads: a file -> its prepared clip, or the reason it failed."""
+def encode_chunk(
+    engine: FerEngine, pixels: torch.Tensor, sizes: Sequence[int], batch_size: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One chunk's items, their frames one after another in `pixels` (`sizes` rows each), through the
+    encoder in batches of `batch_size` rows -> per item, the projected and the plain-CLIP feature, both
+    pooled alike (mean of the frames, then L2), on the CPU. The Ray path (model.evaluate.distributed)
+    calls it on the same chunks, so both give the same features."""
+    raw = encode_in_batches(engine.embed_pixels, pixels, batch_size)
+    projected = engine.project(raw.to(engine.device)).cpu()
+    return pool_groups(projected, sizes), pool_groups(raw, sizes)
+
+
+def prepare_item(engine: FerEngine, detector: FaceDetector | None, path: Path, options: PipelineOptions):
+    """CPU stages, run in threads: a file -> its prepared clip, or the reason it failed. Only the
+    engine's `prepare_many` is used (the Ray path's decode actors pass a stand-in that has no model)."""
     try:
         with open_source(path) as source:
             return prepare_clip(source, engine, detector, options, still=not is_video_path(path))

@@ -13,9 +13,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from model.engine import create_engine
 from model.evaluate.data import read_retrieval, take_subset
-from model.evaluate.features import encode_items, engine_fields, free_memory
+from model.evaluate.features import EncodeBackend, encode_model, engine_fields, free_memory
 from model.evaluate.metrics import retrieval_metrics
 from model.evaluate.models import ModelChoice
 from model.evaluate.plots import plot_precision_at_k
@@ -38,9 +37,11 @@ def run_retrieval(
     batch_size: int = 64,
     options: PipelineOptions,
     detector: FaceDetector | None = None,
+    backend: EncodeBackend | None = None,
 ) -> dict:
     """`limit` samples items; every description stays a candidate. Writes metrics.json,
-    ranks.csv (each item's first relevant rank per model) and precision_at_k.png."""
+    ranks.csv (each item's first relevant rank per model) and precision_at_k.png. `backend`: where the
+    encoders run (default: here; `fer eval-retrieval --ray` passes a Ray cluster's)."""
     if not ks or min(ks) < 1:
         raise ValueError("--k needs positive integers")
     dataset = read_retrieval(data)
@@ -61,11 +62,12 @@ def run_retrieval(
         writer = csv.writer(f)
         writer.writerow(["file", "model", "first_relevant_rank", "n_relevant", "top_description"])
         for choice in models:
-            engine = create_engine(choice.settings)
-            encoded = encode_items(
-                engine,
-                [dataset.paths[i] for i in chosen],
+            paths = [dataset.paths[i] for i in chosen]
+            engine, encoded = encode_model(
+                choice.settings,
+                paths,
                 options,
+                backend,
                 detector=detector,
                 batch_size=batch_size,
                 desc=choice.name,

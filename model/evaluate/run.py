@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.engine import create_engine
 from model.evaluate.data import choose_classes, label_indices, read_labelled, take_subset
-from model.evaluate.features import encode_items, engine_fields, free_memory
+from model.evaluate.features import EncodeBackend, encode_model, engine_fields, free_memory
 from model.evaluate.metrics import classification_metrics, feature_variance
 from model.evaluate.models import ModelChoice, slug
 from model.evaluate.plots import plot_confusion, plot_feature_variance
@@ -49,8 +48,10 @@ def run_eval(
     batch_size: int = 64,
     options: PipelineOptions,
     detector: FaceDetector | None = None,
+    backend: EncodeBackend | None = None,
 ) -> dict:
-    """Returns the metrics.json content after writing every output under `out`."""
+    """Returns the metrics.json content after writing every output under `out`. `backend`: where the
+    encoders run (default: here; `fer eval --ray` passes a Ray cluster's)."""
     items = read_labelled(data)
     class_words = choose_classes((item.label for item in items), classes)  # from all items, not the subset
     items = take_subset(items, limit, seed)
@@ -75,11 +76,12 @@ def run_eval(
         writer = csv.writer(f)
         writer.writerow(["file", "label", "model", "prompts", "predicted", *(f"p_{c}" for c in class_words)])
         for choice in models:
-            engine = create_engine(choice.settings)
-            encoded = encode_items(
-                engine,
-                [item.path for item in items],
+            paths = [item.path for item in items]
+            engine, encoded = encode_model(
+                choice.settings,
+                paths,
                 options,
+                backend,
                 detector=detector,
                 batch_size=batch_size,
                 desc=choice.name,
