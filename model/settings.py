@@ -81,10 +81,14 @@ class ModelSettings(BaseSettings):
         DEFAULT_LIMITS.max_video_frames, ge=1, description="most frames a video may have"
     )
     max_decode_frames: int = Field(
-        DEFAULT_LIMITS.max_decode_frames, ge=1, description="most frames one request may decode to sample a clip"
+        DEFAULT_LIMITS.max_decode_frames,
+        ge=1,
+        description="most frames one request may decode to sample a clip",
     )
     max_decode_megapixels: float = Field(
-        DEFAULT_LIMITS.max_decode_megapixels, gt=0, description="most pixels one request may decode, in millions"
+        DEFAULT_LIMITS.max_decode_megapixels,
+        gt=0,
+        description="most pixels one request may decode, in millions",
     )
     max_decode_seconds: float = Field(
         DEFAULT_LIMITS.max_decode_seconds, gt=0, description="longest one request's video decoding may take"
