@@ -107,7 +107,9 @@ class Service:
         return sum(sum(p.cpu_times()[:2]) for p in process_tree(self.process.pid))
 
     def metrics(self) -> dict[str, float]:
-        answer = httpx.get(f"{self.base_url}/metrics", timeout=30.0)
+        """A scrape, from FER_METRICS_PORT when the service serves its metrics there."""
+        port = self.env.get("FER_METRICS_PORT") or self.port
+        answer = httpx.get(f"http://{LOOPBACK_HOST}:{port}/metrics", headers=self.headers, timeout=30.0)
         answer.raise_for_status()
         return parse_metrics(answer.text)
 
