@@ -1,9 +1,9 @@
 """Cross-request dynamic batching: one batcher owns the device.
 
 Requests submit preprocessed uint8 tensors (a video's frames are items too); the batcher takes up to
-`max_batch` items, waiting at most `max_wait_ms` after the first one while more work is on its way,
-runs ONE encoder call in its own thread (the event loop stays free), and routes each row back to its
-request, on the CPU. A job larger than a batch is split across batches. A failing call fails only the
+`max_batch` items, one from each waiting request in turn, waiting at most `max_wait_ms` after the first
+one while more work is on its way, runs ONE encoder call in its own thread (the event loop stays free),
+and routes each row back to its request, on the CPU. A job larger than a batch is split across batches. A failing call fails only the
 jobs that had rows in it; a cancelled job (client gone) is skipped. Other device work (text encoding)
 waits in its own queue and takes turns with the image batches, so neither can starve the other.
 
@@ -264,15 +264,25 @@ class Batcher:
                 return
 
     def _take(self) -> list[tuple[_Job, int, int]]:
-        taken, room = [], self.max_batch
-        while self._queue and room > 0:
-            job = self._queue[0]  # cancelled and failed jobs have already left the queue
-            count = min(room, job.remaining)
+        """Up to `max_batch` rows, one from each waiting job in turn: a one-face request gets into the
+        next batch however many clips' frames are queued before it, and a clip's frames share batches
+        with the others instead of holding them. Jobs served move to the back of the queue."""
+        counts: dict[_Job, int] = {}
+        room = self.max_batch
+        while room > 0:
+            before = room
+            for job in self._queue:
+                if room and job.remaining > counts.get(job, 0):
+                    counts[job] = counts.get(job, 0) + 1
+                    room -= 1
+            if room == before:  # every queued row is taken
+                break
+        taken = []
+        for job, count in counts.items():
             taken.append((job, job.taken, job.taken + count))
             job.taken += count
-            room -= count
-            if job.remaining == 0:
-                self._queue.popleft()
+        waiting = [job for job in self._queue if job not in counts]
+        self._queue = deque(waiting + [job for job in counts if job.remaining > 0])
         self._depth -= self.max_batch - room
         return taken
 

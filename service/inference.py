@@ -21,7 +21,7 @@ from service.batcher import POLL_S
 from service.runtime import Runtime
 
 Disconnected = Callable[[], Awaitable[bool]] | None
-TEXT_CHUNK = 64  # descriptions encoded per device task: image batches get a turn between chunks
+TEXT_CHUNK = 16  # descriptions encoded per device task: image batches get a turn between chunks
 
 
 @dataclass

@@ -229,3 +229,25 @@ def test_stop_fails_jobs_the_device_holds_as_well_as_queued_ones():
 
     outcomes = run(main())
     assert all(isinstance(o, BatchFailed) for o in outcomes)
+
+
+def test_a_small_request_does_not_wait_behind_every_queued_frame():
+    """Batches take one row from each waiting job in turn, the jobs served going to the back."""
+
+    async def main():
+        encoder, batcher, running = await held_device(items(0), max_batch=4)
+        clips = [asyncio.create_task(batcher.submit(items(*range(100 * c, 100 * c + 6)))) for c in (1, 2, 3)]
+        await queued(batcher, 18)
+        image = asyncio.create_task(batcher.submit(items(7)))
+        await queued(batcher, 19)
+        encoder.gate.set()
+        await asyncio.gather(running, image, *clips)
+        await batcher.stop()
+        return encoder
+
+    encoder = run(main())
+    assert encoder.batches[1] == [100, 200, 300, 7]  # the image in the first batch after the held one
+    assert encoder.batches[2] == [101, 102, 201, 301]  # then the clips in turn (a job's rows side by side)
+    assert sorted(v for b in encoder.batches[1:] for v in b) == sorted(
+        [7, *range(100, 106), *range(200, 206), *range(300, 306)]
+    )
