@@ -49,7 +49,6 @@ class FerEngine:
         self.dtype = dtype
         self.clip = clip.model.to(self.device, dtype)
         self.tokenizer = clip.tokenizer
-        self.preprocess_kind = preprocess
         self.image_size = clip.preprocess.image_size
         self.prepare_transform = pil_transform(preprocess, clip.preprocess)
         self.normaliser = Normaliser(preprocess, clip.preprocess).to(self.device)

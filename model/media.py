@@ -216,23 +216,6 @@ def _check_shape(what: str, width: int, height: int) -> None:
         raise MediaError(f"{what} is {width}x{height}: one side is over {MAX_ASPECT_RATIO} times the other")
 
 
-def existing_file(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise MediaError("no such file")
-    return path
-
-
-def read_frames(
-    path: str | Path, frames: int = 16, limits: MediaLimits = DEFAULT_LIMITS
-) -> list[Image.Image]:
-    """A video's sampled frames, or an image as a one-frame clip, chosen by the file's extension."""
-    path = existing_file(path)
-    if is_video_path(path):
-        return read_video(path, frames, limits).frames
-    return [decode_image(path, limits)]
-
-
 def sample_frame_indices(n_frames: int, count: int = 16) -> list[int]:
     """The official rule: `count` equal segments, the middle frame of each: int(tick/2 + tick*i).
 
@@ -281,10 +264,6 @@ def _protocols(source: Source) -> str:
     (bytes, a stream) may open nothing beyond itself ("none" names no protocol); a local path may be
     read from disk."""
     return "file" if isinstance(source, str | Path) else "none"
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _read_frames(container, count: int, limits: MediaLimits, budget: DecodeBudget) -> VideoFrames:

@@ -36,10 +36,6 @@ class ProjectionFile:
     def in_dim(self) -> int:
         return self.weight.shape[1]
 
-    @property
-    def out_dim(self) -> int:
-        return self.weight.shape[0]
-
 
 def load_projection(path: str | Path) -> ProjectionFile:
     path = Path(path)
