@@ -59,9 +59,8 @@ class Service:
             "--port",
             str(self.port),
         ]
-        log.info(
-            "starting %s with %s", " ".join(command[1:]), " ".join(f"{k}={v}" for k, v in self.env.items())
-        )
+        shown = {k: ("***" if k == "FER_API_KEY" else v) for k, v in self.env.items()}
+        log.info("starting %s with %s", " ".join(command[1:]), " ".join(f"{k}={v}" for k, v in shown.items()))
         # Not a caller's PROMETHEUS_MULTIPROC_DIR: two services would share one set of metrics.
         env = {**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}, **self.env}
         with self.log_path.open("wb") as log_file:
@@ -74,6 +73,12 @@ class Service:
             self.stop()
             raise
         return self
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What every request to this service carries: its API key, when it has one."""
+        key = self.env.get("FER_API_KEY")
+        return {"X-API-Key": key} if key else {}
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
