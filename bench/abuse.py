@@ -1,0 +1,589 @@
+"""`python -m bench.abuse [--quick] [--model vit-b-32|demo] [--api-key KEY] [--out FILE.json]`: a victim's
+/predict latency while each attack runs, on loopback.
+
+The victim sends ordinary `POST /predict` requests (bench.inputs' 640x480 JPEG with a face) at a steady
+pace, one at a time, each on a fresh connection. It runs first with no attack (the baseline), then
+beside each attack: decode bombs, a /predict-video flood, a /retrieve text flood, misbehaving
+connections, and uploads that disconnect midway. Every attack is bounded in count and time, targets
+127.0.0.1 only and closes every socket it opened when its window ends.
+
+Each scenario gets a fresh `fer serve` (stopped right after it), so one attack's aftermath cannot skew the
+next. A scenario: the attack starts, the victim joins after a short ramp, both stop at the window's end;
+then victim probes show whether the service recovered, and its RSS and open file descriptors are read.
+
+Targets (per attack, reported, never an exit code): the victim's worst latency <= 5 s and >= 90% of its
+requests succeed. Prints the JSON report on stdout (and to --out, rewritten after each scenario with
+`complete` false until the end) and a table on stderr. Exit code 1 when a scenario could not be measured
+(it failed, or the baseline got no answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import signal
+import struct
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from fractions import Fraction
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import av
+import httpx
+import numpy as np
+
+from bench.inputs import cached_clip, face_jpeg
+from bench.load import LOOPBACK_HOST, Upload, check_loopback
+from bench.report import COMPARE
+from bench.run import git_commit, model_env
+from bench.server import Service, process_tree
+from model.files import write_text_atomic
+
+log = logging.getLogger("bench.abuse")
+
+TARGET_WORST_LATENCY_S = 5.0
+TARGET_SUCCESS_SHARE = 0.9
+API_KEY_HEADER = "X-API-Key"
+CONNECT_TIMEOUT_S = 5.0
+MB = 2**20
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long each scenario runs and how much each attack sends: seconds and tens for CI's smoke run."""
+
+    window_s: float  # each scenario's, the baseline's included
+    ramp_s: float  # the attack runs alone this long before the victim starts
+    victim_rate_per_s: float
+    victim_timeout_s: float
+    recovery_s: float  # the longest the recovery probes go on
+    mp4_bomb: tuple[int, int, int]  # frames, width, height
+    clip: tuple[float, int]  # seconds, height: the video flood's clip
+    attacks: dict[str, dict]  # each attack's sizes: its keyword arguments
+
+
+FULL_PLAN = Plan(
+    window_s=30.0, ramp_s=2.0, victim_rate_per_s=2.0, victim_timeout_s=15.0, recovery_s=30.0,
+    mp4_bomb=(6000, 1280, 720), clip=(10, 360),
+    attacks={
+        "decode_bombs": {"clients": 3, "per_client": 6, "timeout_s": 10.0},
+        "video_flood": {"clients": 150, "per_client": 2},
+        "text_flood": {"clients": 3, "per_client": 10},
+        "connections": {"idle": 300, "slowloris": 50, "slow_bodies": 20, "held_uploads": 4,
+                        "held_upload_mb": 30, "huge_headers": 4, "huge_header_mb": 16, "interval_s": 1.0},
+        "disconnects": {"uploads": 120, "body_mb": 4},
+    },
+)  # fmt: skip
+QUICK_PLAN = Plan(
+    window_s=4.0, ramp_s=0.5, victim_rate_per_s=2.0, victim_timeout_s=6.0, recovery_s=5.0,
+    mp4_bomb=(3000, 320, 240), clip=(4, 240),
+    attacks={
+        "decode_bombs": {"clients": 2, "per_client": 3, "timeout_s": 3.0},
+        "video_flood": {"clients": 40, "per_client": 2},
+        "text_flood": {"clients": 2, "per_client": 5},
+        "connections": {"idle": 100, "slowloris": 10, "slow_bodies": 5, "held_uploads": 2,
+                        "held_upload_mb": 4, "huge_headers": 2, "huge_header_mb": 4, "interval_s": 0.5},
+        "disconnects": {"uploads": 20, "body_mb": 1},
+    },
+)  # fmt: skip
+
+
+# ---- inputs ------------------------------------------------------------------------------------------------
+def gif_canvas_bomb(width: int = 3000, height: int = 3000, frames: int = 20_000) -> bytes:
+    """An animated GIF whose frames are each one pixel of a `width` x `height` canvas, written block by
+    block (Pillow would diff whole canvases): a few hundred KB that cost a decoder `frames` compositions
+    of the whole canvas."""
+    out = bytearray(b"GIF89a" + struct.pack("<HHBBB", width, height, 0xF1, 0, 0))  # 4-colour global table
+    out += bytes([0, 0, 0, 255, 255, 255, 255, 0, 0, 0, 0, 255])
+    out += b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00"  # loop forever, as animations do
+    for i in range(frames):
+        out += b"\x21\xf9\x04\x04\x02\x00\x00\x00"  # leave in place, 20 ms (some decoders stretch 0 ms)
+        out += b"\x2c" + struct.pack("<HHHHB", (i * 37) % width, (i * 101) % height, 1, 1, 0)
+        code = 4 | ((1 + i % 3) << 3) | (5 << 6)  # LZW, 3-bit codes: clear, the pixel's colour, end
+        out += bytes([2, 2, code & 0xFF, code >> 8, 0])
+    return bytes(out + b"\x3b")
+
+
+def keyframe_mp4_bomb(path: Path, frames: int, width: int, height: int, fps: int = 25) -> Path:
+    """An H.264 mp4 of `frames` frames with a single key frame: a decoder that seeks to each sampled frame
+    lands on frame 0 every time and decodes forward again."""
+    cycle = []
+    for k in range(fps):  # a moving patch on a flat background: frames differ, and the file stays small
+        pixels = np.full((height, width, 3), 128, np.uint8)
+        x = k * max(0, width - 16) // fps
+        pixels[:16, x : x + 16] = 255
+        cycle.append(av.VideoFrame.from_ndarray(pixels, format="rgb24").reformat(format="yuv420p"))
+    keyint = frames + 1  # past the end, and no scene cuts: frame 0 is the only key frame
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.gop_size = keyint
+        stream.options = {"preset": "ultrafast", "x264-params": f"keyint={keyint}:scenecut=0"}
+        for i in range(frames):
+            frame = cycle[i % fps]
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def cached_mp4_bomb(cache_dir: Path, frames: int, width: int, height: int) -> bytes:
+    """`keyframe_mp4_bomb` once per size, since a large one takes a while to encode."""
+    path = cache_dir / f"abuse-bomb-{frames}f-{width}x{height}.mp4"
+    if not path.is_file():
+        log.info("encoding a one-key-frame mp4 into %s (cached for later runs)", path)
+        partial = path.with_suffix(f".{os.getpid()}.partial.mp4")
+        keyframe_mp4_bomb(partial, frames, width, height).replace(path)
+    return path.read_bytes()
+
+
+def descriptions(script: str, count: int = 512, chars: int = 1000) -> list[str]:
+    """`count` distinct descriptions of `chars` characters (the documented maximum), Latin or CJK; a CJK
+    character is three bytes in UTF-8, so the same texts make three times the upload."""
+    if script == "cjk":
+        return ["".join(chr(0x4E00 + (i * chars + k) % 0x5000) for k in range(chars)) for i in range(count)]
+    filler = "a person smiles widely while the eyebrows lift and the mouth opens " * (chars // 60 + 1)
+    return [f"{i}: {filler}"[: chars - 1] + "." for i in range(count)]  # no trailing space to strip
+
+
+@dataclass(frozen=True)
+class Inputs:
+    jpeg: bytes  # the victim's
+    gif_bomb: bytes
+    mp4_bomb: bytes
+    clip: bytes  # the video flood's
+
+
+def make_inputs(plan: Plan, cache_dir: Path) -> Inputs:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    clip = cached_clip(cache_dir, *plan.clip).read_bytes()
+    return Inputs(face_jpeg(), gif_canvas_bomb(), cached_mp4_bomb(cache_dir, *plan.mp4_bomb), clip)
+
+
+# ---- the service under attack ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """The service: only ever on 127.0.0.1; every request carries the API key when there is one."""
+
+    base_url: str
+    api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        check_loopback(self.base_url)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {API_KEY_HEADER: self.api_key} if self.api_key else {}
+
+    def head(self, method: str, path: str, content_type: str = "", length: int | None = None) -> bytes:
+        """A request's head, for the clients that misbehave below HTTP libraries."""
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {urlsplit(self.base_url).netloc}"]
+        lines += [f"{name}: {value}" for name, value in self.headers.items()]
+        lines += [f"Content-Type: {content_type}"] if content_type else []
+        lines += [f"Content-Length: {length}"] if length is not None else []
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            return await asyncio.open_connection(LOOPBACK_HOST, urlsplit(self.base_url).port)
+
+
+BOUNDARY = "abuse-boundary-0123456789"
+PART_START = (
+    f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="big.jpg"\r\n'
+    "Content-Type: image/jpeg\r\n\r\n\xff\xd8"
+).encode("latin-1")
+
+
+def upload_head(target: Target, length: int) -> bytes:
+    """A /predict upload's head announcing a `length`-byte body, and that body's first bytes."""
+    content_type = f"multipart/form-data; boundary={BOUNDARY}"
+    return target.head("POST", "/predict", content_type, length) + PART_START
+
+
+# ---- the attacks: each returns the attacker's outcomes, counted --------------------------------------------
+async def flood(target: Target, uploads: list[Upload], until: float, *, clients: int, per_client: int,
+                timeout_s: float) -> Counter:  # fmt: skip
+    """`clients` clients at once, each sending `per_client` of `uploads` in turn (client i from the i-th);
+    a request gives up after `timeout_s`, and one still in flight at `until` is abandoned."""
+    outcomes: Counter = Counter()
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(
+        base_url=target.base_url, headers=target.headers, limits=limits, timeout=timeout_s
+    ) as client:
+
+        async def one(i: int) -> None:
+            for j in range(per_client):
+                upload = uploads[(i + j) % len(uploads)]
+                try:
+                    answer = await client.post(
+                        upload.path, content=upload.body, headers={"content-type": upload.content_type}
+                    )
+                    outcomes[str(answer.status_code)] += 1
+                except httpx.HTTPError as exc:
+                    outcomes[type(exc).__name__] += 1
+                except asyncio.CancelledError:
+                    outcomes["abandoned"] += 1
+                    raise
+
+        tasks = [asyncio.create_task(one(i)) for i in range(clients)]
+        await asyncio.wait(tasks, timeout=max(0.0, until - time.monotonic()))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return outcomes
+
+
+RETRIEVE_FIELDS = {"descriptions": '["smiles", "frowns"]'}
+
+
+async def decode_bombs(target: Target, inputs: Inputs, until: float, **sizes) -> Counter:
+    """The GIF canvas bomb and the one-key-frame MP4, each to /predict, /predict-video and /retrieve."""
+    bombs = (("bomb.gif", inputs.gif_bomb, "image/gif"), ("bomb.mp4", inputs.mp4_bomb, "video/mp4"))
+    uploads = [
+        Upload.multipart(path, name, data, media_type, RETRIEVE_FIELDS if path == "/retrieve" else None)
+        for name, data, media_type in bombs
+        for path in ("/predict", "/predict-video", "/retrieve")
+    ]
+    return await flood(target, uploads, until, **sizes)
+
+
+async def video_flood(target: Target, inputs: Inputs, until: float, **sizes) -> Counter:
+    """Many ordinary short clips to /predict-video at once."""
+    upload = Upload.multipart("/predict-video", "clip.mp4", inputs.clip, "video/mp4")
+    return await flood(target, [upload], until, timeout_s=until - time.monotonic(), **sizes)
+
+
+async def text_flood(target: Target, inputs: Inputs, until: float, **sizes) -> Counter:
+    """/retrieve with 512 descriptions of 1,000 characters, Latin and CJK in turn."""
+    uploads = [
+        Upload.multipart(
+            "/retrieve", "face.jpg", inputs.jpeg, "image/jpeg",
+            {"descriptions": json.dumps(descriptions(script), ensure_ascii=False)},
+        )
+        for script in ("latin", "cjk")
+    ]  # fmt: skip
+    return await flood(target, uploads, until, timeout_s=until - time.monotonic(), **sizes)
+
+
+async def hold(target: Target, first: bytes, rest: bytes, step: int, interval_s: float, until: float) -> str:
+    """One connection that sends `first`, then `rest` `step` bytes every `interval_s`, held open until
+    `until`; how it ended: the server's status, "closed", "reset" or "held" (open to the end)."""
+    try:
+        reader, writer = await target.connect()
+    except OSError as exc:
+        return type(exc).__name__
+
+    async def feed() -> None:
+        writer.write(first)
+        view = memoryview(rest)  # slices without copies: held uploads and huge headers are megabytes
+        for i in range(0, len(rest), step):
+            await asyncio.sleep(interval_s)
+            writer.write(view[i : i + step])
+            await writer.drain()
+
+    feeding = asyncio.create_task(feed())
+    try:
+        async with asyncio.timeout(max(0.0, until - time.monotonic())):
+            line = await reader.readline()
+        status = line.split()[1:2]
+        return status[0].decode("latin-1") if status else "closed"
+    except TimeoutError:
+        return "held"
+    except (OSError, ValueError):  # ValueError: an answer line over the reader's limit
+        return "reset"
+    finally:
+        feeding.cancel()
+        await asyncio.gather(feeding, return_exceptions=True)
+        writer.transport.abort()
+
+
+async def connections(target: Target, inputs: Inputs, until: float, *, idle: int, slowloris: int,
+                      slow_bodies: int, held_uploads: int, held_upload_mb: float, huge_headers: int,
+                      huge_header_mb: float, interval_s: float) -> Counter:  # fmt: skip
+    """Connections opened together and held for the window: idle ones; slowloris (headers a byte at a
+    time); slow bodies (a 1 MB upload 1 KB at a time); held uploads (all but the last KB at once); and
+    one unterminated header of `huge_header_mb`."""
+    unfinished_head = target.head("POST", "/predict")[:-2]  # without the blank line that ends a head
+    slow_headers = b"".join(f"X-Slow-{n}: {n}\r\n".encode() for n in range(1000))
+    held = int(held_upload_mb * MB)
+    kinds = [
+        (idle, b"", b"", 1, 0.0),
+        (slowloris, unfinished_head, slow_headers, 1, interval_s),
+        (slow_bodies, upload_head(target, MB), bytes(MB - len(PART_START)), 1024, interval_s),
+        (held_uploads, upload_head(target, held), bytes(held - len(PART_START) - 1024), MB, 0.0),
+        (huge_headers, target.head("GET", "/livez")[:-2] + b"X-Filler: ", b"a" * int(huge_header_mb * MB),
+         MB, 0.0),
+    ]  # fmt: skip
+    ends = await asyncio.gather(*(hold(target, *kind, until) for count, *kind in kinds for _ in range(count)))
+    return Counter(ends)
+
+
+async def disconnects(
+    target: Target, inputs: Inputs, until: float, *, uploads: int, body_mb: float
+) -> Counter:
+    """`uploads` /predict uploads spread over the window (on loopback they would all be done at once),
+    each dropped with a reset after 10-90% of its body, as a crashed client's."""
+    length = int(body_mb * MB)
+    body = bytes(length)
+    outcomes: Counter = Counter()
+    start = time.monotonic()
+    spacing = (until - start) / uploads
+    for i in range(uploads):
+        await asyncio.sleep(max(0.0, start + i * spacing - time.monotonic()))
+        writer = None
+        try:
+            async with asyncio.timeout(max(0.001, until - time.monotonic())):
+                _, writer = await target.connect()
+                writer.write(upload_head(target, length) + body[: length * (1 + i % 9) // 10])
+                await writer.drain()
+            outcomes["dropped"] += 1
+        except OSError as exc:  # TimeoutError included
+            outcomes[type(exc).__name__] += 1
+        finally:
+            if writer is not None:
+                writer.transport.abort()
+    return outcomes
+
+
+ATTACKS = {f.__name__: f for f in (decode_bombs, video_flood, text_flood, connections, disconnects)}
+
+
+# ---- the victim --------------------------------------------------------------------------------------------
+class Victim:
+    """An ordinary client: `POST /predict`, one request at a time, each on a fresh connection (so a
+    connection cap or a full accept queue shows); latency is the whole wait, failed or not."""
+
+    def __init__(self, target: Target, jpeg: bytes, timeout_s: float):
+        self.upload = Upload.multipart("/predict", "face.jpg", jpeg, "image/jpeg")
+        self.client = httpx.Client(
+            base_url=target.base_url,
+            headers={**target.headers, "content-type": self.upload.content_type},
+            timeout=timeout_s,
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )
+
+    def ask(self) -> tuple[str, float]:
+        """One request: its status (or what went wrong) and its latency."""
+        start = time.perf_counter()
+        try:
+            label = str(self.client.post(self.upload.path, content=self.upload.body).status_code)
+        except httpx.HTTPError as exc:
+            label = type(exc).__name__
+        return label, time.perf_counter() - start
+
+    def run(self, start_at: float, until: float, rate_per_s: float) -> list[tuple[str, float]]:
+        """Requests `rate_per_s` a second from `start_at` to `until`; a late answer delays the next
+        request rather than piling them up."""
+        answers, next_at = [], start_at
+        while True:
+            time.sleep(max(0.0, next_at - time.monotonic()))
+            if time.monotonic() >= until:
+                return answers
+            answers.append(self.ask())
+            next_at = max(next_at + 1 / rate_per_s, time.monotonic())
+
+    def recover(self, limit_s: float) -> dict:
+        """Requests every half second until one succeeds within the latency target, or `limit_s`."""
+        start, probes = time.monotonic(), 0
+        while True:
+            label, seconds = self.ask()
+            probes += 1
+            if label == "200" and seconds <= TARGET_WORST_LATENCY_S:
+                return {"recovered": True, "after_s": time.monotonic() - start, "probes": probes}
+            if time.monotonic() - start >= limit_s:
+                return {"recovered": False, "after_s": None, "probes": probes}
+            time.sleep(0.5)
+
+
+def summarise_victim(answers: list[tuple[str, float]]) -> dict:
+    """Requests, success share and latency quantiles over every request (a timeout counts its whole wait)."""
+    ms = [1000 * seconds for _, seconds in answers]
+    ok = sum(label == "200" for label, _ in answers)
+    quantile = {f"{name}_ms": float(np.percentile(ms, q)) if ms else None for name, q in
+                (("p50", 50), ("p95", 95), ("max", 100))}  # fmt: skip
+    return {
+        "requests": len(answers),
+        "ok": ok,
+        "success_share": ok / len(answers) if answers else None,
+        **quantile,
+        "outcomes": dict(Counter(label for label, _ in answers)),
+    }
+
+
+# ---- one scenario ------------------------------------------------------------------------------------------
+def run_scenario(name: str, service: Service, inputs: Inputs, plan: Plan, api_key: str | None) -> dict:
+    """The attack `name` (none for the baseline) with the victim beside it, then the recovery probes and
+    the service's readings."""
+    result: dict = {"name": name}
+    try:
+        target = Target(service.base_url, api_key)
+        victim = Victim(target, inputs.jpeg, plan.victim_timeout_s)
+        with victim.client:
+            if "200" not in [victim.ask()[0] for _ in range(2)]:  # also pays for first-call allocations
+                raise RuntimeError(f"no warm-up request succeeded; service log:\n{service.log_tail()}")
+            start = time.monotonic()
+            until = start + plan.window_s
+            # The victim's own thread: the attackers' busy event loop adds nothing to its latencies.
+            with ThreadPoolExecutor(1) as pool:
+                answers = pool.submit(victim.run, start + plan.ramp_s, until, plan.victim_rate_per_s)
+                if name in ATTACKS:
+                    attack = ATTACKS[name](target, inputs, until, **plan.attacks[name])
+                    result["attacker"] = dict(asyncio.run(attack))
+                result["victim"] = summarise_victim(answers.result())
+            result["recovery"] = victim.recover(plan.recovery_s)
+        fds = sum(p.num_fds() for p in process_tree(service.process.pid))
+        result["service"] = {"rss_mb": service.rss_mb(), "fds": fds}
+    except Exception as exc:
+        log.exception("the scenario %s failed", name)
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+# ---- the report --------------------------------------------------------------------------------------------
+def evaluate_targets(attacks: list[dict]) -> list[dict]:
+    """Per attack, the victim's worst latency and success share; a missing figure (no victim request, a
+    scenario that failed) is None: not a pass."""
+    targets = []
+    for attack in attacks:
+        victim = {} if "error" in attack else attack.get("victim") or {}
+        worst = victim.get("max_ms")
+        for name, value, op, threshold in (
+            ("victim_worst_latency_s", None if worst is None else worst / 1000, "<=", TARGET_WORST_LATENCY_S),
+            ("victim_success_share", victim.get("success_share"), ">=", TARGET_SUCCESS_SHARE),
+        ):
+            passed = None if value is None else COMPARE[op](value, threshold)
+            targets.append({"attack": attack["name"], "name": name, "value": value, "op": op,
+                            "threshold": threshold, "passed": passed})  # fmt: skip
+    return targets
+
+
+def _number(value: float | None, scale: float = 1.0) -> str:
+    return "-" if value is None else f"{scale * value:.0f}"
+
+
+ROW = "{:<14} {:>5} {:>5} {:>7} {:>7} {:>7} {:>10} {:>7} {:>5}  {}"
+
+
+def format_table(report: dict) -> str:
+    settings, machine = report["settings"], report["machine"]
+    lines = [
+        f"abuse run: {settings['model']}, {machine['cpus']} CPUs, commit {report['commit']}",
+        ROW.format(
+            "scenario", "sent", "ok%", "p50 ms", "p95 ms", "max ms", "recovered", "RSS MB", "fds", "attacker"
+        ),
+    ]
+    for row in [r for r in (report["baseline"], *report["attacks"]) if r]:
+        victim, service, recovery = (row.get(k) or {} for k in ("victim", "service", "recovery"))
+        recovered = "-" if not recovery else f"{recovery['after_s']:.1f} s" if recovery["recovered"] else "no"
+        lines.append(ROW.format(
+            row["name"], victim.get("requests", 0), _number(victim.get("success_share"), 100),
+            *(_number(victim.get(f"{q}_ms")) for q in ("p50", "p95", "max")),
+            recovered, _number(service.get("rss_mb")), service.get("fds", "-"),
+            row.get("error") or json.dumps(row.get("attacker", {})),
+        ))  # fmt: skip
+    if report["settings"]["quick"]:
+        lines.append("(--quick: a smoke run with windows of seconds; its verdicts are not the benchmark's)")
+    for t in report.get("targets", []):
+        verdict = {True: "PASS", False: "FAIL", None: "n/a "}[t["passed"]]
+        value = "missing" if t["value"] is None else f"{t['value']:.3g}"
+        lines.append(f"{verdict} {t['attack']} {t['name']}: {value} {t['op']} {t['threshold']:g}")
+    return "\n".join(lines)
+
+
+def run_abuse(args: argparse.Namespace, checkpoint=lambda report: None) -> dict:
+    """The whole run; `checkpoint(report)` gets the report after each scenario."""
+    plan = QUICK_PLAN if args.quick else FULL_PLAN
+    model = args.model or ("demo" if args.quick else "vit-b-32")
+    env = {**model_env(model)[0], "FER_WORKERS": "1"}  # not a FER_WORKERS from the caller's environment
+    if args.api_key:
+        env["FER_API_KEY"] = args.api_key
+    log.info("making the inputs (decode bombs, a clip) in %s", args.cache_dir)
+    inputs = make_inputs(plan, args.cache_dir)
+    report: dict = {
+        "benchmark": "exp-clip-fer under abuse: a victim's /predict beside each attack",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "command": " ".join(["python -m bench.abuse", *sys.argv[1:]]),
+        "complete": False,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_at_start": os.getloadavg()[0],  # other work on the machine skews every figure
+        },
+        "settings": {
+            "quick": args.quick,
+            "model": model,
+            "service_env": {k: "<set>" if k == "FER_API_KEY" else v for k, v in env.items()},
+            "plan": asdict(plan),
+            "inputs_kb": {k: round(len(v) / 1024) for k, v in asdict(inputs).items()},
+        },
+        "baseline": None,
+        "attacks": [],
+    }
+    for name in ["baseline", *(args.only or ATTACKS)]:
+        log.info("%s: starting a fresh service", name)
+        with Service(env, args.cache_dir / f"abuse-{name}.log") as service:
+            result = run_scenario(name, service, inputs, plan, args.api_key)
+        if name == "baseline":
+            report["baseline"] = result
+        else:
+            report["attacks"].append(result)
+        report["targets"] = evaluate_targets(report["attacks"])
+        checkpoint(report)
+    report["machine"]["load_average_at_end"] = os.getloadavg()[0]
+    report["targets_met"] = all(t["passed"] for t in report["targets"])
+    report["complete"] = True
+    checkpoint(report)
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.abuse", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI smoke run: demo model, windows of seconds")
+    parser.add_argument(
+        "--model", choices=("vit-b-32", "demo"), help="default: demo with --quick, else vit-b-32"
+    )
+    parser.add_argument("--api-key", help="FER_API_KEY for the service; every client sends it as X-API-Key")
+    parser.add_argument("--only", action="append", choices=tuple(ATTACKS), help="run only this attack")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "fer-bench", help="inputs and logs"
+    )
+    parser.add_argument("--out", type=Path, help="also write the JSON report here, rewritten after each step")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress
+
+    def save(report: dict) -> None:
+        if args.out:  # whole or not at all: a stop mid-write leaves the last whole report
+            write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
+
+    report = run_abuse(args, save)
+    print(json.dumps(report, indent=2))
+    print(format_table(report), file=sys.stderr)
+    failed = [r["name"] for r in (report["baseline"], *report["attacks"]) if "error" in r]
+    if failed or not report["baseline"]["victim"]["ok"]:
+        log.error("not measured: %s", ", ".join(failed) or "the baseline got no answer")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    # A time limit's SIGTERM unwinds like Ctrl-C: the service is stopped, not left running.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    sys.exit(main())
