@@ -82,11 +82,20 @@ class UploadLimits:
                     held = received
             return message
 
+        def release() -> None:
+            nonlocal held
+            self.inflight -= held
+            held = 0
+
         async def guarded_send(message: Message) -> None:
             nonlocal started
             if refused is not None:
                 return  # the app's own answer to the broken body is replaced by the refusal below
             started = True
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Released before the client sees the end of its answer: its next upload may follow at once,
+                # while the app is still cleaning up (the form's spooled files).
+                release()
             await send(message)
 
         try:
@@ -95,7 +104,7 @@ class UploadLimits:
             if refused is None:
                 raise
         finally:
-            self.inflight -= held
+            release()
         if refused is not None and not started:
             await _refuse(send, refused)
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from model.media import DecodeBudget
 from service.app import create_app
+from service.limits import UploadLimits
 from service.settings import ServiceSettings
 from tests.conftest import face_image, make_video, png, wait_ready
 
@@ -312,6 +313,46 @@ def test_a_trickled_body_gets_408_and_uploads_in_flight_are_bounded(served):
         refused = closed_by_server(second)
         assert refused.startswith(b"HTTP/1.1 503") and b"uploads_full" in refused
         assert closed_by_server(slow).startswith(b"HTTP/1.1 408")
+
+
+def test_an_upload_stops_counting_once_its_answer_is_sent():
+    """A client that sends large uploads one after another is not refused because the previous request is
+    still cleaning up after its answer."""
+    cleaning_up = asyncio.Event()
+    limits = None
+
+    async def app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        assert limits.inflight == 600
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+        assert limits.inflight == 0  # the answer is out; the next upload fits
+        await cleaning_up.wait()
+
+    limits = UploadLimits(app, max_bytes=1000, max_inflight_bytes=1000, timeout_s=5)
+    chunks = [{"type": "http.request", "body": b"x" * 300, "more_body": True},
+              {"type": "http.request", "body": b"x" * 300, "more_body": False}]  # fmt: skip
+    sent = []
+
+    async def receive():
+        return chunks.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    async def one_request():
+        scope = {"type": "http", "headers": [(b"content-length", b"600")]}
+        request = asyncio.create_task(limits(scope, receive, send))
+        while len(sent) < 2:
+            await asyncio.sleep(0.01)
+        assert limits.inflight == 0 and not request.done()
+        cleaning_up.set()
+        await request
+        assert limits.inflight == 0  # released once, not twice
+
+    asyncio.run(one_request())
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
 
 
 def test_shutdown_waits_no_longer_than_its_grace_for_a_held_upload():
