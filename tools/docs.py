@@ -81,6 +81,12 @@ def configuration() -> str:
     return "\n".join(lines)
 
 
+def _answered(row: dict) -> str:
+    """`ok/requests`, and what went wrong with the rest."""
+    failures = ", ".join(f"{k}: {n}" for k, n in sorted((row.get("failures") or {}).items()))
+    return f"{row.get('ok')}/{row.get('requests')}" + (f" ({failures})" if failures else "")
+
+
 def _fmt(value, spec: str = ".3g") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -103,6 +109,8 @@ def benchmarks() -> str:
 
 
 def _report(name: str, r: dict) -> list[str]:
+    if "baseline" in r:
+        return _abuse_report(name, r)
     host = r.get("machine", {})
     where = host.get("gpu") or f"{host.get('cpus')} CPU cores, no GPU"
     lines = [
@@ -116,18 +124,18 @@ def _report(name: str, r: dict) -> list[str]:
         lines += [
             f"Model: {r['model']['name']}, {r['dtype']}, device {r['device']}, max batch {r['settings']['max_batch']}.",
             "",
-            "| concurrency | batching | images/s | p50 ms | p99 ms | mean batch |",
-            "|---|---|---|---|---|---|",
+            "| concurrency | batching | answered | images/s | p50 ms | p99 ms | mean batch |",
+            "|---|---|---|---|---|---|---|",
         ]
         for p in r["points"]:
             lines.append(
-                f"| {p['concurrency']} | {'on' if p['batching'] else 'off'} | {_fmt(p['throughput'], '.1f')} | "
+                f"| {p['concurrency']} | {'on' if p['batching'] else 'off'} | {_answered(p)} | {_fmt(p['throughput'], '.1f')} | "
                 f"{_fmt(p['p50_ms'], '.0f')} | {_fmt(p['p99_ms'], '.0f')} | {_fmt(p['mean_batch'], '.1f')} |"
             )
-        lines += ["", "| video | faces | latency ms | decode ms |", "|---|---|---|---|"]
+        lines += ["", "| video | faces | answered | latency ms | decode ms |", "|---|---|---|---|---|"]
         for v in r.get("video", []):
             lines.append(
-                f"| {v['clip']} | {'on' if v['detect_faces'] else 'off'} | {_fmt(v['latency_ms'], '.0f')} | "
+                f"| {v['clip']} | {'on' if v['detect_faces'] else 'off'} | {_answered(v)} | {_fmt(v['latency_ms'], '.0f')} | "
                 f"{_fmt(v['decode_ms'], '.0f')} |"
             )
         m = r.get("memory", {})
@@ -150,6 +158,43 @@ def _report(name: str, r: dict) -> list[str]:
         ]
     lines += _targets(r.get("targets", []))
     return lines
+
+
+def _abuse_report(name: str, r: dict) -> list[str]:
+    """A bench.abuse report: the victim's figures in each scenario, then the per-attack targets."""
+    host, settings = r.get("machine", {}), r.get("settings", {})
+    window = settings.get("plan", {}).get("window_s")
+    lines = [
+        f"## {name}",
+        "",
+        f"`{r.get('command')}` on commit {r.get('commit')}, {r.get('date')}: {host.get('cpus')} CPU cores, "
+        f"{host.get('platform')}; load average {_fmt(host.get('load_average_at_start'), '.1f')} at the start.",
+        "",
+        f"Model: {settings.get('model')}. Each scenario is a fresh service and a {_fmt(window, 'g')} s window; "
+        "the victim sends one `POST /predict` at a time on a fresh connection. Recovery: how long after the "
+        "window until a victim request succeeds within the latency target.",
+        "",
+        "| scenario | victim requests | succeeded | p50 ms | p95 ms | max ms | recovered after | attacker's outcomes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in [x for x in (r.get("baseline"), *r.get("attacks", [])) if x]:
+        v, rec = row.get("victim") or {}, row.get("recovery") or {}
+        recovered = "-" if not rec else f"{rec['after_s']:.1f} s" if rec.get("recovered") else "**no**"
+        outcomes = row.get("error") or ", ".join(
+            f"{k}: {n}" for k, n in sorted(row.get("attacker", {}).items())
+        )
+        lines.append(
+            f"| {row['name']} | {v.get('requests', '-')} | {_fmt(v.get('success_share'), '.0%')} | "
+            f"{_fmt(v.get('p50_ms'), '.0f')} | {_fmt(v.get('p95_ms'), '.0f')} | {_fmt(v.get('max_ms'), '.0f')} | "
+            f"{recovered} | {outcomes or '-'} |"
+        )
+    lines += ["", "| attack | target | value | passes when | verdict |", "|---|---|---|---|---|"]
+    for t in r.get("targets", []):
+        verdict = {True: "pass", False: "**fail**", None: "not measured"}[t["passed"]]
+        lines.append(
+            f"| {t['attack']} | {t['name']} | {_fmt(t['value'])} | {t['op']} {t['threshold']:g} | {verdict} |"
+        )
+    return [*lines, ""]
 
 
 def _targets(targets: list[dict]) -> list[str]:
