@@ -45,9 +45,8 @@ import numpy as np
 from bench.inputs import cached_clip, face_jpeg
 from bench.load import LOOPBACK_HOST, Upload, check_loopback
 from bench.report import COMPARE
-from bench.run import git_commit, model_env
+from bench.run import git_commit, model_env, run_reported
 from bench.server import Service, process_tree
-from model.files import write_text_atomic
 
 log = logging.getLogger("bench.abuse")
 
@@ -565,17 +564,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress
-
-    def save(report: dict) -> None:
-        if args.out:  # whole or not at all: a stop mid-write leaves the last whole report
-            write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
-
-    report = run_abuse(args, save)
-    print(json.dumps(report, indent=2))
-    print(format_table(report), file=sys.stderr)
+    report = run_reported(parse_args(argv), run_abuse, format_table)
     failed = [r["name"] for r in (report["baseline"], *report["attacks"]) if "error" in r]
     if failed or not report["baseline"]["victim"]["ok"]:
         log.error("not measured: %s", ", ".join(failed) or "the baseline got no answer")

@@ -315,9 +315,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPIN_COUNT)  # the raw encoder runs torch as `fer serve` does
+def run_reported(args: argparse.Namespace, run, table) -> dict:
+    """A benchmark's command-line run: progress logged on stderr, the report saved to `args.out` after
+    each step, then printed on stdout and as `table(report)` on stderr."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress
 
@@ -325,9 +325,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:  # whole or not at all: a stop mid-write leaves the last whole report
             write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
 
-    report = run_benchmark(args, save)
+    report = run(args, save)
     print(json.dumps(report, indent=2))
-    print(format_table(report), file=sys.stderr)
+    print(table(report), file=sys.stderr)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPIN_COUNT)  # the raw encoder runs torch as `fer serve` does
+    report = run_reported(args, run_benchmark, format_table)
     problems = incomplete(report)
     for problem in problems:
         log.error("requests failed or did not finish: %s", problem)

@@ -190,15 +190,7 @@ def extract_on_ray(
                         bar.update(len(row["index"]) + len(row["failed"]))
                         if len(arrived[shard]) == expected[shard]:
                             _write(writer, shard, arrived.pop(shard), images, described)
-    shards = writer.index["shards"]
-    return ExtractSummary(
-        cache=str(out_dir),
-        images=len(images),
-        pairs=sum(s["rows"] for s in shards),
-        failed=sum(len(s["failed"]) for s in shards),
-        shards=len(shards),
-        shards_skipped=skipped,
-    )
+    return ExtractSummary.of(writer, out_dir, len(images), skipped)
 
 
 def _pipeline(ray, batches, settings, teacher, described, options: RayOptions, gpus: float):

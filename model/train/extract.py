@@ -35,6 +35,19 @@ class ExtractSummary:
     shards: int
     shards_skipped: int  # already on disk from an earlier, interrupted run
 
+    @classmethod
+    def of(cls, writer: CacheWriter, out_dir: Path, images: int, skipped: int) -> ExtractSummary:
+        """What a finished extraction wrote, from its cache's index."""
+        shards = writer.index["shards"]
+        return cls(
+            cache=str(out_dir),
+            images=images,
+            pairs=sum(s["rows"] for s in shards),
+            failed=sum(len(s["failed"]) for s in shards),
+            shards=len(shards),
+            shards_skipped=skipped,
+        )
+
 
 def list_images(source: Path) -> list[str]:
     """A folder (searched recursively for image files, sorted) or a text file with one path a line
@@ -146,12 +159,4 @@ def extract(
                 torch.cat(index) if index else torch.empty(0, dtype=torch.long),
                 failed,
             )
-    shards = writer.index["shards"]
-    return ExtractSummary(
-        cache=str(out_dir),
-        images=len(images),
-        pairs=sum(s["rows"] for s in shards),
-        failed=sum(len(s["failed"]) for s in shards),
-        shards=len(shards),
-        shards_skipped=skipped,
-    )
+    return ExtractSummary.of(writer, out_dir, len(images), skipped)
