@@ -4,13 +4,12 @@ answer, in every error body and in the log lines about the request) and for the 
 from __future__ import annotations
 
 import hmac
-import json
 import re
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import REQUEST_ID, error_body
+from service.errors import REQUEST_ID, send_error
 
 CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # a caller's own id is kept when it is this plain
 OPEN_PATHS = ("/livez", "/", "/favicon.ico")  # liveness and the page (its files ask for nothing secret)
@@ -66,13 +65,10 @@ class ApiKey:
         if scope["type"] != "http" or self.allowed(scope):
             await self.app(scope, receive, send)
             return
-        body = json.dumps(
-            error_body("unauthorized", "this service needs an API key: send X-API-Key")
-        ).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b'ApiKey header="X-API-Key"'),
-        ]
-        await send({"type": "http.response.start", "status": 401, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(
+            send,
+            401,
+            "unauthorized",
+            "this service needs an API key: send X-API-Key",
+            {"www-authenticate": 'ApiKey header="X-API-Key"'},
+        )

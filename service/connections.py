@@ -14,12 +14,14 @@ from functools import partial
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.errors import error_bytes
 from service.settings import ServiceSettings
 
+_HEAD_TOO_LARGE_BODY = error_bytes("header_too_large", "the request head is over its size limit")
 HEAD_TOO_LARGE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-    b'connection: close\r\ncontent-length: 86\r\n\r\n{"error": "header_too_large", '
-    b'"detail": "the request head is over its size limit"}'
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    + f"content-length: {len(_HEAD_TOO_LARGE_BODY)}\r\n\r\n".encode()
+    + _HEAD_TOO_LARGE_BODY
 )
 # Connections above the cap that still get uvicorn's 503 answer before further ones are closed unanswered.
 ANSWERED_OVERFLOW = 64

@@ -8,6 +8,7 @@ status codes here, in one table.
 
 from __future__ import annotations
 
+import json
 import logging
 from contextvars import ContextVar
 
@@ -15,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from model.media import DecodeStopped, MediaError, MediaTooLarge, WrongMediaKind
 from model.prompts import LabelError
@@ -61,6 +63,22 @@ ERROR_TABLE: list[tuple[type[Exception], int, str]] = [
 
 def error_body(code: str, detail: str) -> dict:
     return {"error": code, "detail": detail, "request_id": REQUEST_ID.get()}
+
+
+def error_bytes(code: str, detail: str) -> bytes:
+    return json.dumps(error_body(code, detail)).encode()
+
+
+async def send_error(send: Send, status: int, code: str, detail: str, headers: dict[str, str]) -> None:
+    """The JSON error answer from ASGI middleware, which runs outside FastAPI's exception handlers."""
+    body = error_bytes(code, detail)
+    head = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode(), v.encode()) for k, v in headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
 
 
 # Where a file of the other kind belongs, said in the service's terms.

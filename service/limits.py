@@ -7,12 +7,11 @@ memory or the disk the form parser spools to; and a body not received whole with
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_body
+from service.errors import send_error
 
 
 class _Refused(Exception):
@@ -110,12 +109,7 @@ class UploadLimits:
 
 
 async def _refuse(send: Send, refused: _Refused) -> None:
-    body = json.dumps(error_body(refused.code, refused.detail)).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),  # the rest of the body is not read
-        *((k.lower().encode(), v.encode()) for k, v in refused.headers.items()),
-    ]
-    await send({"type": "http.response.start", "status": refused.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    # connection: close, since the rest of the body is not read
+    await send_error(
+        send, refused.status, refused.code, refused.detail, {"connection": "close", **refused.headers}
+    )

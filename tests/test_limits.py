@@ -283,7 +283,11 @@ def test_a_head_over_its_size_is_refused(served):
     port, _ = served
     with connect(port) as sock:
         sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8000)
-        assert closed_by_server(sock).startswith(b"HTTP/1.1 431")
+        answer = closed_by_server(sock)
+    assert answer.startswith(b"HTTP/1.1 431")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert f"content-length: {len(body)}".encode() in head.lower()  # the whole body, as announced
+    assert json.loads(body)["error"] == "header_too_large"
 
 
 def test_connections_beyond_the_cap_are_refused(served):
