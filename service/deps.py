@@ -8,11 +8,11 @@ from typing import Annotated, Literal
 
 from fastapi import Depends, Form, Request
 
-from model.prompts import CLASS_PRESETS, resolve_classes, resolve_prompt_set
+from model.prompts import CLASS_PRESETS, PROMPT_SET_NAMES, resolve_classes, resolve_prompt_set
 from service.errors import InvalidField
 from service.runtime import Runtime
 
-PromptSetName = Literal["P-1", "P-2", "P-3", "P-4", "P-5"]
+PromptSetName = Literal[PROMPT_SET_NAMES]  # the schema lists the allowed names
 
 
 async def get_runtime(request: Request) -> Runtime:

@@ -17,6 +17,7 @@ import torch
 
 from model import pipeline
 from model.options import PipelineOptions
+from service.admission import Reservation
 from service.batcher import POLL_S
 from service.runtime import Runtime
 
@@ -61,6 +62,24 @@ async def _prepare(
         clock.decoded = time.perf_counter()
 
 
+async def _encode(
+    runtime: Runtime,
+    reservation: Reservation,
+    kind: str,
+    prepare: Callable,
+    source: BinaryIO,
+    options: PipelineOptions,
+    clock: Clock,
+    is_disconnected: Disconnected,
+):
+    """The input's rows through `prepare` and the batcher; `kind` ("images" or "frames") is what the
+    reservation counts them as, and it shrinks to the rows `prepare` gave (a short clip, fewer faces)."""
+    prepared = await _prepare(runtime, prepare, source, options, clock, is_disconnected, kind == "frames")
+    reservation.shrink(**{kind: len(prepared.pixels)})
+    features = await runtime.batcher.submit(prepared.pixels, is_disconnected)
+    return prepared, features
+
+
 async def classify(
     runtime: Runtime,
     prepare: Callable,
@@ -69,21 +88,20 @@ async def classify(
     classes: tuple[str, ...],
     prompt_set: str,
     options: PipelineOptions,
-    places: dict[str, int],
+    kind: str,
+    most: int,
     is_disconnected: Disconnected = None,
 ):
     """An input scored against a class list: `prepare` (a pipeline CPU stage), the encoder call through
     the batcher, the class list's text features (cached, or encoded on the device thread), then
-    `score(prepared, features, text)` in the pool. `places`: the most rows `prepare` can give, as
-    admission counts them ({"images": n} or {"frames": n}), taken before decoding."""
+    `score(prepared, features, text)` in the pool. `most`: the most rows `prepare` can give, as
+    admission counts them (`kind`: "images" or "frames"), taken before decoding."""
     clock = Clock()
-    _, batcher = runtime.require()
     texts = runtime.text_items(classes, prompt_set)
-    with runtime.admission.reserve(**places, shared_texts=texts) as reservation:
-        video = "frames" in places
-        prepared = await _prepare(runtime, prepare, source, options, clock, is_disconnected, video)
-        reservation.shrink(**{next(iter(places)): len(prepared.pixels)})
-        features = await batcher.submit(prepared.pixels, is_disconnected)
+    with runtime.admission.reserve(**{kind: most}, shared_texts=texts) as reservation:
+        prepared, features = await _encode(
+            runtime, reservation, kind, prepare, source, options, clock, is_disconnected
+        )
         text = await runtime.class_features(classes, prompt_set, is_disconnected)
         result = await runtime.offload(score, prepared, features, text)
     return result, clock
@@ -100,10 +118,11 @@ async def predict_image(
     def score(prepared, features, text):
         return pipeline.predict_image(prepared, features, text, classes, prompt_set, options)
 
-    places = {"images": options.max_faces if options.detect_faces else 1}
+    most = options.max_faces if options.detect_faces else 1
     return await classify(
-        runtime, pipeline.prepare_image, score, source, classes, prompt_set, options, places, is_disconnected
-    )
+        runtime, pipeline.prepare_image, score, source, classes, prompt_set, options, "images", most,
+        is_disconnected,
+    )  # fmt: skip
 
 
 async def predict_video(
@@ -118,10 +137,10 @@ async def predict_video(
     def score(prepared, features, text):
         return pipeline.predict_video(prepared, features, text, classes, prompt_set, per_frame)
 
-    places = {"frames": options.frames}
     return await classify(
-        runtime, pipeline.prepare_video, score, source, classes, prompt_set, options, places, is_disconnected
-    )
+        runtime, pipeline.prepare_video, score, source, classes, prompt_set, options, "frames", options.frames,
+        is_disconnected,
+    )  # fmt: skip
 
 
 async def retrieve(
@@ -135,11 +154,12 @@ async def retrieve(
 ) -> tuple[pipeline.Ranking, Clock]:
     clock = Clock()
     engine, batcher = runtime.require()
-    places = {"images": 1} if still else {"frames": options.frames}
-    with runtime.admission.reserve(**places, texts=len(descriptions)):
+    kind, most = ("images", 1) if still else ("frames", options.frames)
+    with runtime.admission.reserve(**{kind: most}, texts=len(descriptions)) as reservation:
         prepare = partial(pipeline.prepare_clip, still=still)
-        prepared = await _prepare(runtime, prepare, source, options, clock, is_disconnected, not still)
-        features = await batcher.submit(prepared.pixels, is_disconnected)
+        prepared, features = await _encode(
+            runtime, reservation, kind, prepare, source, options, clock, is_disconnected
+        )
         chunks = [descriptions[i : i + TEXT_CHUNK] for i in range(0, len(descriptions), TEXT_CHUNK)]
         text = [
             await batcher.run(_encode_texts, engine, chunk, items=len(chunk), is_disconnected=is_disconnected)

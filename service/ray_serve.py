@@ -63,13 +63,7 @@ def replica_settings(settings: ServiceSettings) -> ServiceSettings:
     (torch would otherwise see every GPU of the node and share GPU 0 with replicas that own it) or
     when the GPU it gave is not usable by torch."""
     cpus = replica_cpus()
-    update: dict = {
-        "device_threads": settings.device_threads or cpus,
-        "decode_workers": settings.decode_workers or cpus,
-        # The runtime's default (half the CPUs), from the replica's: it would read torch's count after
-        # configure_process has pinned this thread to one.
-        "video_decode_workers": settings.video_decode_workers or max(1, cpus // 2),
-    }
+    update: dict = {}
     if settings.device == "auto":
         gpus = ray.get_gpu_ids()
         if not gpus:
@@ -87,7 +81,7 @@ def replica_settings(settings: ServiceSettings) -> ServiceSettings:
                 cpus,
             )
             update["device"] = "cpu"
-    return configure_process(settings.model_copy(update=update))
+    return configure_process(settings.model_copy(update=update), cpus)
 
 
 def log_through_serve() -> None:

@@ -18,7 +18,14 @@ from model.faces.base import FaceDetector
 from model.faces.factory import create_detector
 from model.options import PipelineOptions
 from model.projection import ProjectionError
-from model.prompts import CLASS_PRESETS, DEFAULT_CLASSES, DEFAULT_PROMPTS, PROMPT_SETS, LabelError
+from model.prompts import (
+    CLASS_PRESETS,
+    DEFAULT_CLASSES,
+    DEFAULT_PROMPTS,
+    PROMPT_SETS,
+    LabelError,
+    prompt_texts,
+)
 from model.registry import MissingWeights
 from model.threads import pin_torch_threads
 from service.admission import IMAGE, TEXT, Admission
@@ -53,18 +60,15 @@ class Runtime:
         self.detector: FaceDetector | None = None
         self.batcher: Batcher | None = None
         self.load_error: str | None = None
-        cpus = torch.get_num_threads()
-        # Decoding, face detection and scoring: each thread on one torch thread, so that the encoder's
-        # threads have the cores (see service.process). Videos decode in a pool of their own, so a run
-        # of long clips cannot keep images waiting for a decode thread.
+        # Decoding, face detection and scoring: each thread on one torch thread, for the reason in
+        # service.process. Videos decode in a pool of their own, so a run of long clips cannot keep images
+        # waiting for a decode thread.
+        threads = settings.with_threads(torch.get_num_threads())
         self.decode_pool = ThreadPoolExecutor(
-            settings.decode_workers or cpus, "fer-decode", initializer=pin_torch_threads, initargs=(1,)
+            threads.decode_workers, "fer-decode", initializer=pin_torch_threads, initargs=(1,)
         )
         self.video_pool = ThreadPoolExecutor(
-            settings.video_decode_workers or max(1, cpus // 2),
-            "fer-video",
-            initializer=pin_torch_threads,
-            initargs=(1,),
+            threads.video_decode_workers, "fer-video", initializer=pin_torch_threads, initargs=(1,)
         )
 
     @property
@@ -142,9 +146,12 @@ class Runtime:
         engine, batcher = self.require()
         text = engine.cached_class_features(classes, prompt_set)
         if text is None:
-            items = len(classes) * len(PROMPT_SETS[prompt_set])
             text = await batcher.run(
-                engine.class_features, classes, prompt_set, items=items, is_disconnected=is_disconnected
+                engine.class_features,
+                classes,
+                prompt_set,
+                items=len(prompt_texts(classes, prompt_set)),
+                is_disconnected=is_disconnected,
             )
         return text
 
@@ -152,7 +159,7 @@ class Runtime:
         """Texts a request must encode for its class list: none when they are cached."""
         engine, _ = self.require()
         cached = engine.cached_class_features(classes, prompt_set) is not None
-        return 0 if cached else len(classes) * len(PROMPT_SETS[prompt_set])
+        return 0 if cached else len(prompt_texts(classes, prompt_set))
 
     async def close(self) -> None:
         if self.batcher:

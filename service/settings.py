@@ -101,3 +101,13 @@ class ServiceSettings(ModelSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+
+    def with_threads(self, cpus: int) -> ServiceSettings:
+        """The thread counts left unset, resolved for a process given `cpus` CPUs (the field defaults)."""
+        return self.model_copy(
+            update={
+                "device_threads": self.device_threads or cpus,
+                "decode_workers": self.decode_workers or cpus,
+                "video_decode_workers": self.video_decode_workers or max(1, cpus // 2),
+            }
+        )
