@@ -65,23 +65,41 @@ def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def cmd_eval(args: argparse.Namespace, settings) -> int:
+def _common(args: argparse.Namespace, settings) -> dict:
+    """What both evaluations take from the command line, checked before a cluster is started (a typo in
+    --models or --frames is one line, not a Ray start-up first)."""
+    from cli.predict import check_frames
     from model.evaluate.models import model_choices
+    from model.faces.factory import create_detector
+
+    check_frames(args.frames)
+    options = settings.pipeline_options(detect_faces=bool(args.detect_faces), frames=args.frames)
+    # Under --ray the decode actors make their own detector.
+    local_detector = options.detect_faces and ray_options(args) is None
+    return {
+        "models": model_choices(args.models, settings),
+        "limit": args.limit,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "options": options,
+        "detector": create_detector(settings.face_detector, settings.face_threshold)
+        if local_detector
+        else None,
+    }
+
+
+def cmd_eval(args: argparse.Namespace, settings) -> int:
     from model.evaluate.run import run_eval
 
+    common = _common(args, settings)
     with _backend(args) as backend:
         metrics = run_eval(
             args.data,
             args.out,
-            model_choices(args.models, settings),
             classes=args.classes,
             prompt_sets=_split(args.prompts),
-            limit=args.limit,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            options=_options(args, settings),
-            detector=_detector(args, settings),
             backend=backend,
+            **common,
         )
     print((args.out / "table.md").read_text(), end="")
     skipped = {f for m in metrics["models"].values() for f in m["skipped"]}
@@ -92,13 +110,6 @@ def cmd_eval(args: argparse.Namespace, settings) -> int:
         "feature_variance.png"
     )
     return 0
-
-
-def _options(args: argparse.Namespace, settings):
-    from cli.predict import check_frames
-
-    check_frames(args.frames)
-    return settings.pipeline_options(detect_faces=bool(args.detect_faces), frames=args.frames)
 
 
 @contextmanager
@@ -115,33 +126,16 @@ def _backend(args: argparse.Namespace) -> Iterator:
         yield RayEvalBackend(options)
 
 
-def _detector(args: argparse.Namespace, settings):
-    from model.faces.factory import create_detector
-
-    return create_detector(settings.face_detector, settings.face_threshold) if args.detect_faces else None
-
-
 def cmd_eval_retrieval(args: argparse.Namespace, settings) -> int:
-    from model.evaluate.models import model_choices
     from model.evaluate.retrieval import run_retrieval
 
     try:
         ks = [int(k) for k in _split(args.k)]
     except ValueError:
         raise ValueError(f"--k takes comma-separated integers, got {args.k!r}") from None
+    common = _common(args, settings)
     with _backend(args) as backend:
-        metrics = run_retrieval(
-            args.data,
-            args.out,
-            model_choices(args.models, settings),
-            ks=ks,
-            limit=args.limit,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            options=_options(args, settings),
-            detector=_detector(args, settings),
-            backend=backend,
-        )
+        metrics = run_retrieval(args.data, args.out, ks=ks, backend=backend, **common)
     for name, result in metrics["models"].items():
         precision = ", ".join(f"P@{k} {v:.3f}" for k, v in result["precision_at_k"].items())
         print(f"{name}: {precision}, MRR {result['mrr']:.3f} ({result['n_items']} items)")

@@ -79,9 +79,8 @@ class Runner:
         from model.faces.factory import create_detector
 
         self.detector = create_detector(settings.face_detector, settings.face_threshold)
-        detect = args.detect_faces if args.detect_faces is not None else True
         self.options = settings.pipeline_options(
-            detect_faces=detect and self.detector is not None, frames=getattr(args, "frames", None)
+            detect_faces=args.detect_faces, frames=getattr(args, "frames", None)
         )
         self.engine = create_engine(settings)
 

@@ -125,7 +125,8 @@ class ModelSettings(BaseSettings):
 
     def pipeline_options(self, **overrides) -> PipelineOptions:
         """The options that travel together through the pipeline, as configured (`overrides`: a
-        request's or a command's own choices, e.g. detect_faces or frames)."""
+        request's or a command's own choices, e.g. detect_faces or frames). With FER_FACE_DETECTOR=none
+        nothing detects faces, whatever a request or command asks."""
         options = PipelineOptions(
             detect_faces=self.face_detector != "none",
             max_faces=self.max_faces,
@@ -134,7 +135,8 @@ class ModelSettings(BaseSettings):
             video_face_side=self.video_face_side,
             limits=self.media_limits,
         )
-        return options.replace(**overrides)
+        options = options.replace(**overrides)
+        return options.replace(detect_faces=False) if self.face_detector == "none" else options
 
 
 def device_for(choice: str) -> str:

@@ -171,7 +171,7 @@ async def retrieve(
 
 # ---- field checks -------------------------------------------------------------------------------
 def _options(runtime, detect_faces: bool, frames: int | None = None):
-    return runtime.options.replace(detect_faces=detect_faces and runtime.detector is not None, frames=frames)
+    return runtime.settings.pipeline_options(detect_faces=detect_faces, frames=frames)
 
 
 def _check_frames(frames: int, max_frames: int) -> None:

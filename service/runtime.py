@@ -16,7 +16,6 @@ import torch
 from model.engine import FerEngine, create_engine
 from model.faces.base import FaceDetector
 from model.faces.factory import create_detector
-from model.options import PipelineOptions
 from model.projection import ProjectionError
 from model.prompts import (
     CLASS_PRESETS,
@@ -47,7 +46,6 @@ class Runtime:
         self.settings = settings
         self.engine_factory = engine_factory
         self.metrics = Metrics()
-        self.options: PipelineOptions = settings.pipeline_options()
         self.admission = Admission(
             settings.max_queue,
             request_share=settings.max_request_items,

@@ -65,15 +65,19 @@ def encode_model(
     paths: Sequence[Path],
     options: PipelineOptions,
     backend: EncodeBackend | None = None,
+    *,
+    batch_size: int,
     **common,
 ) -> tuple[FerEngine, EncodedItems]:
     """One model's engine (for its text side) and its features of `paths`: here, or where `backend`
     runs the encoders (a Ray cluster for `--ray`), with the same results. `common`: encode_items'
-    keywords."""
+    other keywords."""
+    if batch_size < 1:  # before a model loads or a cluster starts work
+        raise ValueError("--batch-size must be at least 1")
     if backend is None:
         engine = create_engine(settings)
-        return engine, encode_items(engine, paths, options, **common)
-    return backend.engine(settings), backend.encode(settings, paths, options, **common)
+        return engine, encode_items(engine, paths, options, batch_size=batch_size, **common)
+    return backend.engine(settings), backend.encode(settings, paths, options, batch_size=batch_size, **common)
 
 
 def engine_fields(choice_entry: str, engine: FerEngine) -> dict:
@@ -102,8 +106,6 @@ def encode_items(
     the mean of its frame features, L2-normalised, for the projected and the plain-CLIP feature alike.
     Unreadable files are skipped and reported in `failures` (the evaluation lists them), not fatal: one
     corrupt file should not end a long run."""
-    if batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
     kept, features, clip_features, failures = [], [], [], {}
     with ThreadPoolExecutor(DECODE_THREADS) as pool, tqdm(total=len(paths), desc=desc, unit="item") as bar:
         for start in range(0, len(paths), batch_size):

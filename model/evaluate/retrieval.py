@@ -61,8 +61,8 @@ def run_retrieval(
     with (out / "ranks.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "model", "first_relevant_rank", "n_relevant", "top_description"])
+        paths = [dataset.paths[i] for i in chosen]
         for choice in models:
-            paths = [dataset.paths[i] for i in chosen]
             engine, encoded = encode_model(
                 choice.settings,
                 paths,

@@ -23,11 +23,10 @@ from model.evaluate.plots import plot_confusion, plot_feature_variance
 from model.faces.base import FaceDetector
 from model.options import PipelineOptions
 from model.pipeline import classify
-from model.prompts import PROMPT_SETS, prompt_table, resolve_prompt_set
+from model.prompts import PROMPT_SET_NAMES, prompt_table, resolve_prompt_set
 
 log = logging.getLogger(__name__)
 
-ALL_PROMPT_SETS = tuple(PROMPT_SETS)
 VARIANCE_DEFINITION = (
     "per class: mean squared distance of the class's L2-normalised features to their mean "
     "(= sum over dimensions of the per-dimension variance, in [0, 1] for any dimension); "
@@ -42,7 +41,7 @@ def run_eval(
     models: Sequence[ModelChoice],
     *,
     classes: str | None = None,
-    prompt_sets: Sequence[str] = ALL_PROMPT_SETS,
+    prompt_sets: Sequence[str] = PROMPT_SET_NAMES,
     limit: int | None = None,
     seed: int = 0,
     batch_size: int = 64,
@@ -75,8 +74,8 @@ def run_eval(
     with (out / "predictions.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "label", "model", "prompts", "predicted", *(f"p_{c}" for c in class_words)])
+        paths = [item.path for item in items]
         for choice in models:
-            paths = [item.path for item in items]
             engine, encoded = encode_model(
                 choice.settings,
                 paths,
