@@ -58,6 +58,19 @@ def load_clip(spec: ModelSpec) -> LoadedClip:
     )
 
 
+def preprocess_config(spec: ModelSpec) -> PreprocessConfig:
+    """What `load_clip` gives as `preprocess`, from the architecture's config alone: for processes that
+    prepare pixels without holding the model (Ray's decode actors)."""
+    size = open_clip_models().get_model_config(spec.clip_model)["vision_cfg"]["image_size"]
+    size = size[0] if isinstance(size, tuple | list) else size
+    return PreprocessConfig(int(size), spec.mean, spec.std, spec.interpolation)
+
+
+def clip_transform(spec: ModelSpec) -> T.Compose:
+    """The engine's `prepare_transform` for `spec`, without loading any weights."""
+    return pil_transform(spec.preprocess, preprocess_config(spec))
+
+
 def pil_transform(kind: str, cfg: PreprocessConfig) -> T.Compose:
     """The CPU half of preprocessing: PIL image -> uint8 [3, S, S]. The float conversion and the
     optional mean/std run on the device (see `Normaliser`) so uploads to the GPU stay uint8.

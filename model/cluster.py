@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     from model.settings import ModelSettings
 
@@ -114,3 +116,15 @@ def for_workers(settings: ModelSettings) -> ModelSettings:
         if value and Path(value).is_file():
             update[name] = str(Path(value).resolve())
     return settings.model_copy(update=update)
+
+
+def ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """One array per row, of different lengths: a column Ray Data keeps as variable-shaped tensors."""
+    column = np.empty(len(arrays), dtype=object)
+    column[:] = arrays
+    return column
+
+
+def block_rows(columns: dict[str, np.ndarray]) -> list[dict]:
+    """A block from `iter_batches(batch_format="numpy")` as one dict per row."""
+    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
+from model.clip import clip_transform, load_clip, preprocess_config
 from model.engine import create_engine
 from model.pipeline import classify, pool, pool_groups, rank_descriptions
 from model.projection import ProjectionError, load_projection, save_projection
@@ -200,6 +201,24 @@ def test_clip_preprocessing_equals_open_clip_transform(tiny_clip_path):
     image = face_image(3, size=(120, 90))
     ours = plain.normaliser(plain.prepare(image).unsqueeze(0))[0]
     torch.testing.assert_close(ours, val_transform(image), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preprocess", ["exp-clip", "clip"])
+def test_the_weightless_transform_is_the_engine_s(tiny_clip_path, preprocess):
+    """Ray's decode actors prepare pixels from the architecture's config, without the model."""
+    settings = tiny_settings(tiny_clip_path, "none", preprocess=preprocess)
+    spec = settings.resolve()
+    assert preprocess_config(spec) == load_clip(spec).preprocess
+    image = face_image(3, size=(120, 90))
+    assert torch.equal(clip_transform(spec)(image), create_engine(settings).prepare(image))
+    vit = ModelSettings(preset="clip-b32", clip_weights="random", device="cpu").resolve()
+    assert preprocess_config(vit).image_size == 224
+
+
+def test_no_face_detector_means_no_detection_whatever_is_asked():
+    assert ModelSettings(face_detector="none").pipeline_options(detect_faces=True).detect_faces is False
+    assert ModelSettings(face_detector="haar").pipeline_options(detect_faces=False).detect_faces is False
+    assert ModelSettings(face_detector="haar").pipeline_options().detect_faces is True
 
 
 def test_official_checkpoint_loads_with_any_prefix(tmp_path):

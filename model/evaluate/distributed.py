@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from model.cluster import RayOptions, chunk_ranges, for_workers, import_ray, run_remote
+from model.clip import clip_transform
+from model.cluster import RayOptions, block_rows, chunk_ranges, for_workers, import_ray, ragged, run_remote
 from model.engine import FerEngine, create_engine
 from model.evaluate.features import EncodedItems, encode_chunk, prepare_item
 from model.faces.base import FaceDetector
@@ -47,19 +48,20 @@ class _Preparer:
 
 
 def _transform(settings: ModelSettings):
-    """The engine's own CPU transform, for the decode actors. It does not depend on the device, so the
-    engine is built on the CPU, in a CPU task (Ray keeps such workers for the next model)."""
-    return FerEngine.from_spec(settings.resolve(), "cpu", "float32").prepare_transform
+    """The engine's own CPU transform, for the decode actors: resolved where the actors run, so a model
+    file missing there is one error here, but built from the architecture's config, not its weights."""
+    return clip_transform(settings.resolve())
 
 
 class _Decode:
     """CPU stage: a chunk's files -> the frames of those that decode, one item after another, and why
     the others did not."""
 
-    def __init__(self, transform, options: PipelineOptions, detect: bool, settings: ModelSettings):
+    def __init__(self, transform, options: PipelineOptions, settings: ModelSettings):
         self.preparer = _Preparer(transform)
         self.options = options
         # As `fer eval` makes its detector (cli/evaluate.py): the configured one, when faces are asked for.
+        detect = options.detect_faces
         self.detector = create_detector(settings.face_detector, settings.face_threshold) if detect else None
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -79,10 +81,10 @@ class _Decode:
             pixels.append(torch.cat(frames).numpy() if frames else np.zeros((0, 0, 0, 0), np.uint8))
         return {
             "first": rows["first"],
-            "kept": _ragged(kept),
+            "kept": ragged(kept),
             "failures": np.array(failures, dtype=object),
-            "sizes": _ragged(sizes),
-            "pixels": _ragged(pixels),
+            "sizes": ragged(sizes),
+            "pixels": ragged(pixels),
         }
 
 
@@ -105,13 +107,7 @@ class _Encode:
             else:
                 features.append(np.zeros((0, self.engine.feature_dim), np.float32))
                 plain.append(np.zeros((0, self.engine.embed_dim), np.float32))
-        return {**rows, "features": _ragged(features), "clip_features": _ragged(plain)}
-
-
-def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
-    column = np.empty(len(arrays), dtype=object)
-    column[:] = arrays
-    return column
+        return {**rows, "features": ragged(features), "clip_features": ragged(plain)}
 
 
 class _TextEngine:
@@ -186,10 +182,8 @@ class RayEvalBackend:
         batch_size: int,
         desc: str,
     ) -> EncodedItems:
-        """`encode_items` on the cluster. The decode actors make their own detector from the settings
-        (FER_FACE_DETECTOR, FER_FACE_THRESHOLD) when `detector` is given, as `fer eval` makes it."""
-        if batch_size < 1:
-            raise ValueError("--batch-size must be at least 1")
+        """`encode_items` on the cluster. `detector` is not used: the decode actors make their own from the
+        settings (FER_FACE_DETECTOR, FER_FACE_THRESHOLD) when `options.detect_faces`, as `fer eval` does."""
         ray = import_ray()
         settings = for_workers(settings)
         gpus = self.options.gpus(1.0)
@@ -208,7 +202,6 @@ class RayEvalBackend:
             fn_constructor_kwargs={
                 "transform": transform,
                 "options": options,
-                "detect": detector is not None,
                 "settings": settings,
             },
             batch_size=1,
@@ -226,8 +219,7 @@ class RayEvalBackend:
         results = []
         with tqdm(total=len(paths), desc=desc, unit="item") as bar:
             for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                for values in zip(*block.values(), strict=True):
-                    row = dict(zip(block, values, strict=True))
+                for row in block_rows(block):
                     results.append(row)
                     bar.update(len(row["kept"]) + len(json.loads(row["failures"])))
         return _collect(results, paths)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,8 @@ import torch
 from safetensors.torch import save
 
 from model.files import write_bytes_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 FORMAT = "exp-clip-fer/train-cache"
 FORMAT_VERSION = "1"
@@ -98,6 +101,14 @@ class CacheWriter:
     def done(self, number: int) -> bool:
         name = shard_name(number)
         return any(s["file"] == name for s in self.index["shards"]) and (self.root / name).is_file()
+
+    def pending(self) -> list[int]:
+        """The shards still to write; those an earlier, interrupted run finished are said in the log."""
+        todo = [k for k in range(self.n_shards) if not self.done(k)]
+        if len(todo) < self.n_shards:
+            done = self.n_shards - len(todo)
+            log.info("%s: %d of %d shards already done, resuming", self.root, done, self.n_shards)
+        return todo
 
     def write_shard(
         self,

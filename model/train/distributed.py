@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.cluster import RayOptions, chunk_ranges, import_ray, ray_session, run_remote
+from model.cluster import RayOptions, block_rows, chunk_ranges, import_ray, ragged, ray_session, run_remote
 from model.engine import FerEngine
 from model.media import MediaError, decode_image
 from model.settings import ModelSettings, device_for
@@ -100,6 +100,16 @@ class _Decode:
         return {"shard": rows["shard"], "first": rows["first"], **_columns(out)}
 
 
+def _encode_column(rows: dict[str, np.ndarray], source: str, target: str, encode, dim: int) -> dict:
+    """`rows` with the pixel column `source` replaced by `encode`'s features in `target` (an empty batch,
+    every image failed, gets an empty [0, dim] array)."""
+    features = [
+        encode(torch.from_numpy(pixels)).cpu().numpy() if len(pixels) else np.zeros((0, dim), np.float32)
+        for pixels in rows.pop(source)
+    ]
+    return {**rows, target: ragged(features)}
+
+
 class _ClipStage:
     """GPU stage: CLIP's raw image embedding (before W), as the single-process extraction computes it."""
 
@@ -108,13 +118,7 @@ class _ClipStage:
         self.engine = FerEngine.from_spec(spec, device_for(settings.device), settings.dtype)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        features = []
-        for pixels in rows.pop("clip_pixels"):
-            if len(pixels):
-                features.append(self.engine.embed_pixels(torch.from_numpy(pixels)).cpu().numpy())
-            else:
-                features.append(np.zeros((0, self.engine.embed_dim), np.float32))
-        return {**rows, "clip": _ragged(features)}
+        return _encode_column(rows, "clip_pixels", "clip", self.engine.embed_pixels, self.engine.embed_dim)
 
 
 class _TeacherStage:
@@ -125,25 +129,12 @@ class _TeacherStage:
         self.teacher = Teacher.load(teacher.source, teacher.instruction, device, teacher.dtype)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        features = []
-        for pixels in rows.pop("teacher_pixels"):
-            if len(pixels):
-                features.append(self.teacher.features(torch.from_numpy(pixels)).cpu().numpy())
-            else:
-                features.append(np.zeros((0, self.teacher.dim), np.float32))
-        return {**rows, "teacher": _ragged(features)}
-
-
-def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
-    """One array per row, of different lengths: a column Ray Data keeps as variable-shaped tensors."""
-    column = np.empty(len(arrays), dtype=object)
-    column[:] = arrays
-    return column
+        return _encode_column(rows, "teacher_pixels", "teacher", self.teacher.features, self.teacher.dim)
 
 
 def _columns(out: dict[str, list]) -> dict[str, np.ndarray]:
     return {
-        name: np.array(values, dtype=object) if name == "failed" else _ragged(values)
+        name: np.array(values, dtype=object) if name == "failed" else ragged(values)
         for name, values in out.items()
     }
 
@@ -168,10 +159,7 @@ def extract_on_ray(
         gpus = options.gpus(GPU_SHARE)
         described = run_remote(_describe, settings, teacher, num_gpus=gpus, num_cpus=options.cpus_per_actor)
         writer = CacheWriter(out_dir, described.settings, images, shard_size)
-        todo = [k for k in range(writer.n_shards) if not writer.done(k)]
-        skipped = writer.n_shards - len(todo)
-        if skipped:
-            log.info("%s: %d of %d shards already done, resuming", out_dir, skipped, writer.n_shards)
+        todo = writer.pending()
         batches = [
             {"shard": k, "first": start, "paths": list(images[start:stop])}
             for k in todo
@@ -190,7 +178,7 @@ def extract_on_ray(
                         bar.update(len(row["index"]) + len(row["failed"]))
                         if len(arrived[shard]) == expected[shard]:
                             _write(writer, shard, arrived.pop(shard), images, described)
-    return ExtractSummary.of(writer, out_dir, len(images), skipped)
+    return ExtractSummary.of(writer, shards_skipped=writer.n_shards - len(todo))
 
 
 def _pipeline(ray, batches, settings, teacher, described, options: RayOptions, gpus: float):
@@ -226,7 +214,7 @@ def _pipeline(ray, batches, settings, teacher, described, options: RayOptions, g
 
 def _rows(columns: dict[str, np.ndarray]) -> list[dict]:
     """A block of results as one dict per encoder batch, its failures decoded."""
-    rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+    rows = block_rows(columns)
     for row in rows:
         row["failed"] = json.loads(row["failed"])
     return rows

@@ -36,16 +36,16 @@ class ExtractSummary:
     shards_skipped: int  # already on disk from an earlier, interrupted run
 
     @classmethod
-    def of(cls, writer: CacheWriter, out_dir: Path, images: int, skipped: int) -> ExtractSummary:
+    def of(cls, writer: CacheWriter, shards_skipped: int) -> ExtractSummary:
         """What a finished extraction wrote, from its cache's index."""
         shards = writer.index["shards"]
         return cls(
-            cache=str(out_dir),
-            images=images,
+            cache=str(writer.root),
+            images=writer.n_images,
             pairs=sum(s["rows"] for s in shards),
             failed=sum(len(s["failed"]) for s in shards),
             shards=len(shards),
-            shards_skipped=skipped,
+            shards_skipped=shards_skipped,
         )
 
 
@@ -128,10 +128,7 @@ def extract(
     settings = {"clip": clip_settings(spec, engine), "teacher": teacher.metadata()}
     writer = CacheWriter(out_dir, settings, images, shard_size)
     collate = _Collate(engine, teacher)
-    todo = [k for k in range(writer.n_shards) if not writer.done(k)]
-    skipped = writer.n_shards - len(todo)
-    if skipped:
-        log.info("%s: %d of %d shards already done, resuming", out_dir, skipped, writer.n_shards)
+    todo = writer.pending()
     remaining = sum(writer.shard_range(k)[1] - writer.shard_range(k)[0] for k in todo)
     with tqdm(total=len(images), initial=len(images) - remaining, desc="extract", unit="img") as bar:
         for number in todo:
@@ -159,4 +156,4 @@ def extract(
                 torch.cat(index) if index else torch.empty(0, dtype=torch.long),
                 failed,
             )
-    return ExtractSummary.of(writer, out_dir, len(images), skipped)
+    return ExtractSummary.of(writer, shards_skipped=writer.n_shards - len(todo))
