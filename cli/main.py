@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 COMMAND_MODULES: tuple[str, ...] = ("cli.predict", "cli.serve", "cli.evaluate", "cli.train", "cli.weights")
 # Which settings a command reads: the service's (a superset) only where it runs the service, so a
-# service-only setting cannot stop `fer predict`. Imported lazily: they import torch.
+# service-only setting cannot stop `fer predict`. Imported lazily: they import av, PIL and
+# pydantic-settings, which `fer --help` does without.
 SETTINGS = {"model": ("model.settings", "ModelSettings"), "service": ("service.settings", "ServiceSettings")}
 
 

@@ -94,19 +94,17 @@ def cmd_extract(args: argparse.Namespace, settings) -> int:
     options = ray_options(args)
     if options is not None:
         summary = _extract_on_ray(args, settings, images, options)
-        print(json.dumps(dataclasses.asdict(summary)), flush=True)
-        return 0
-    teacher = Teacher.load(args.teacher, args.instruction, _device(settings), args.dtype)
-    summary = extract(
-        images,
-        args.cache,
-        settings.model_copy(update={"projection": "none"}).resolve(),  # W is what gets trained
-        teacher,
-        batch_size=args.extract_batch_size,
-        shard_size=args.shard_size,
-        workers=args.workers,
-        clip_dtype=settings.dtype,
-    )
+    else:
+        summary = extract(
+            images,
+            args.cache,
+            settings.model_copy(update={"projection": "none"}).resolve(),  # W is what gets trained
+            Teacher.load(args.teacher, args.instruction, _device(settings), args.dtype),
+            batch_size=args.extract_batch_size,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            clip_dtype=settings.dtype,
+        )
     print(json.dumps(dataclasses.asdict(summary)), flush=True)
     return 0
 

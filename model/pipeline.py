@@ -273,10 +273,10 @@ def predict_video(
     per_frame: bool,
 ) -> VideoPrediction:
     clip_scores = classify(pool(features).unsqueeze(0), text, classes)
+    clip = prepared.clip
     timeline = None
     if per_frame:
         frame_scores = classify(features, text, classes)
-        clip = prepared.clip
         timeline = [
             FramePrediction(
                 index=index,
@@ -289,7 +289,6 @@ def predict_video(
                 zip(clip.indices, clip.timestamps, prepared.face_found, strict=True)
             )
         ]
-    clip = prepared.clip
     return VideoPrediction(
         label=clip_scores.label(0),
         probabilities=clip_scores.as_dict(0),

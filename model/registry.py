@@ -54,13 +54,9 @@ class Preset:
     summary: str
 
 
-def _release(filename: str, blob_sha1: str) -> ProjectionRelease:
-    return ProjectionRelease(filename, blob_sha1)
-
-
-B32 = _release("ExpCLIP_B32_model.pth", "c7d28eb6c9665e709d9d6a422864a9d5713432f3")
-B16 = _release("ExpCLIP_B16_model.pth", "6f2b877fec83699e17283a511002376d117ce45f")
-L14 = _release("ExpCLIP_L14_model.pth", "febcf3447362f5b3654de12f89b2185414d62ec8")
+B32 = ProjectionRelease("ExpCLIP_B32_model.pth", "c7d28eb6c9665e709d9d6a422864a9d5713432f3")
+B16 = ProjectionRelease("ExpCLIP_B16_model.pth", "6f2b877fec83699e17283a511002376d117ce45f")
+L14 = ProjectionRelease("ExpCLIP_L14_model.pth", "febcf3447362f5b3654de12f89b2185414d62ec8")
 
 PRESETS: dict[str, Preset] = {
     p.name: p
