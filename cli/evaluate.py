@@ -73,9 +73,10 @@ def _common(args: argparse.Namespace, settings) -> dict:
     from model.faces.factory import create_detector
 
     check_frames(args.frames)
+    on_ray = ray_options(args) is not None
     options = settings.pipeline_options(detect_faces=bool(args.detect_faces), frames=args.frames)
     # Under --ray the decode actors make their own detector.
-    local_detector = options.detect_faces and ray_options(args) is None
+    local_detector = options.detect_faces and not on_ray
     return {
         "models": model_choices(args.models, settings),
         "limit": args.limit,
