@@ -3,14 +3,22 @@ through the same code a real checkpoint takes; synthetic images and videos made 
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 from typing import ClassVar
 
 import av
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -136,6 +144,55 @@ class DeviceFeatures(torch.Tensor):
     def cpu(self, *args, **kwargs):
         DeviceFeatures.copied_in.append(threading.current_thread().name)
         return self.as_subclass(torch.Tensor).clone()
+
+
+def run_bounded(coro: Coroutine, seconds: float = 60.0):
+    """`asyncio.run` with a deadline: a test that waits on the app's state fails instead of hanging."""
+    return asyncio.run(asyncio.wait_for(coro, seconds))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def fer_serve(
+    env: dict, *args: str, ready_path: str = "/readyz"
+) -> Iterator[tuple[httpx.Client, subprocess.Popen]]:
+    """`fer serve` in a subprocess on a free loopback port, with `env` over this process's environment;
+    yields (httpx client, process) once `ready_path` answers 200, and fails if it never does."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *args,
+    ]
+    server = subprocess.Popen(command, env={**os.environ, **env})
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            for _ in range(600):
+                try:
+                    if http.get(ready_path).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert server.poll() is None, "fer serve exited"
+                time.sleep(0.2)
+            else:
+                raise AssertionError(f"fer serve was not ready within 120 s ({ready_path})")
+            yield http, server
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(30)
 
 
 def face_image(seed: int = 0, size: tuple[int, int] = (96, 80)) -> Image.Image:

@@ -10,7 +10,7 @@ import torch
 
 import service.batcher
 from service.batcher import Batcher, BatchFailed, BatchStats, ClientGone
-from tests.conftest import DeviceFeatures
+from tests.conftest import DeviceFeatures, run_bounded
 
 
 def items(*values: int) -> torch.Tensor:
@@ -55,7 +55,7 @@ async def queued(batcher: Batcher, rows: int) -> None:
 
 
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 20))
+    return run_bounded(coro, 20)
 
 
 def test_concurrent_requests_share_encoder_calls_and_get_their_own_rows():

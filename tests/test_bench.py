@@ -367,7 +367,10 @@ def test_a_service_s_memory_and_cpu_are_summed_over_its_processes(tmp_path):
         tree = process_tree(service.process.pid)
         assert len(tree) == 2 and service.cpu_seconds() >= 0.3
         assert service.rss_mb() >= sum(p.memory_info().rss for p in tree) / 2**20 - 5
-        assert service.peak_rss_mb >= service.rss_mb() - 5
+        readings = [service.rss_mb() for _ in range(3)]
+        own = psutil.Process(service.process.pid).memory_info().rss / 2**20
+        assert min(readings) > own + 5  # the child counts too (a Python process is well over 5 MiB)
+        assert service.peak_rss_mb >= max(readings)  # every reading is kept in the peak
     finally:
         service.stop()
     gone = [not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in tree[1:]]

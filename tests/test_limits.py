@@ -8,11 +8,8 @@ import asyncio
 import contextlib
 import io
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -24,7 +21,7 @@ from model.media import DecodeBudget
 from service.app import create_app
 from service.limits import UploadLimits
 from service.settings import ServiceSettings
-from tests.conftest import face_image, make_video, png, wait_ready
+from tests.conftest import face_image, fer_serve, make_video, png, run_bounded, wait_ready
 
 
 def settings(**overrides) -> ServiceSettings:
@@ -118,7 +115,7 @@ def test_a_client_that_leaves_stops_its_decode(engine, tmp_path, monkeypatch):
             await app(scope, receive, send)
             return sent
 
-    sent = asyncio.run(main())
+    sent = run_bounded(main())
     assert sent[0]["status"] == 499
     assert len(decoded) < 480  # stopped well before the last sampled frame (about 485)
 
@@ -214,11 +211,7 @@ def test_an_api_key_guards_everything_but_liveness_and_the_page(engine):
 @pytest.fixture(scope="module")
 def served():
     """`fer serve` (demo) with short connection limits; yields (port, process)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     env = {
-        **os.environ,
         "FER_PRESET": "demo",
         "FER_FACE_DETECTOR": "none",
         "FER_HEADER_TIMEOUT_S": "1",
@@ -229,20 +222,8 @@ def served():
         "FER_MAX_UPLOADS_MB": "0.1",
         "FER_SHUTDOWN_GRACE_S": "2",
     }
-    command = [sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--log-level", "warning"]
-    server = subprocess.Popen(command, env=env)
-    try:
-        for _ in range(600):
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            assert server.poll() is None, "fer serve exited"
-            time.sleep(0.1)
-        yield port, server
-    finally:
-        if server.poll() is None:
-            server.terminate()
-            server.wait(30)
+    with fer_serve(env) as (http, server):
+        yield http.base_url.port, server
 
 
 def connect(port: int) -> socket.socket:
@@ -342,44 +323,34 @@ def test_an_upload_stops_counting_once_its_answer_is_sent():
     async def receive():
         return chunks.pop(0)
 
+    answered = asyncio.Event()
+
     async def send(message):
         sent.append(message)
+        if message["type"] == "http.response.body":
+            answered.set()
 
     async def one_request():
         scope = {"type": "http", "headers": [(b"content-length", b"600")]}
         request = asyncio.create_task(limits(scope, receive, send))
-        while len(sent) < 2:
-            await asyncio.sleep(0.01)
+        await answered.wait()
         assert limits.inflight == 0 and not request.done()
         cleaning_up.set()
         await request
         assert limits.inflight == 0  # released once, not twice
 
-    asyncio.run(one_request())
+    run_bounded(one_request(), 10)
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
 
 
 def test_shutdown_waits_no_longer_than_its_grace_for_a_held_upload():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "FER_PRESET": "demo", "FER_SHUTDOWN_GRACE_S": "1", "FER_BODY_TIMEOUT_S": "600"}
-    server = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(port)], env=env)
-    try:
-        for _ in range(600):
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"http://127.0.0.1:{port}/livez").status_code == 200:
-                    break
-            time.sleep(0.1)
-        with connect(port) as held:
-            held.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabc")
-            time.sleep(0.3)
-            server.send_signal(signal.SIGTERM)
-            assert server.wait(timeout=20) is not None  # the held upload did not keep it past its grace
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+    env = {"FER_PRESET": "demo", "FER_SHUTDOWN_GRACE_S": "1", "FER_BODY_TIMEOUT_S": "600"}
+    with fer_serve(env, ready_path="/livez") as (http, server), connect(http.base_url.port) as held:
+        held.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabc")
+        time.sleep(0.3)
+        server.send_signal(signal.SIGTERM)
+        # TimeoutExpired if the held upload (600 s of body timeout) kept it past its 1 s grace
+        server.wait(timeout=20)
 
 
 def test_metrics_can_be_served_on_a_port_of_their_own(engine):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import tempfile
 import time
 from contextlib import contextmanager
@@ -35,7 +34,7 @@ from cli.main import main  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.settings import ServiceSettings  # noqa: E402
 from tests import test_train  # noqa: E402
-from tests.conftest import make_video, two_faces, wait_ready  # noqa: E402
+from tests.conftest import free_port, make_video, two_faces, wait_ready  # noqa: E402
 from tests.test_eval import make_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,12 +52,6 @@ NO_GPU_LINE = "FER_DEVICE=auto: Ray gave this replica no GPU"
 # The training tests' tiny BLIP-2 teacher and image folder, as fixtures of this module too.
 teacher_dir = test_train.teacher_dir
 image_dir = test_train.image_dir
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass

@@ -76,6 +76,8 @@ def served(workdir):
                     break
             assert server.poll() is None, "the README's serve command exited"
             time.sleep(0.1)
+        else:
+            raise AssertionError("the README's serve command was not ready within 90 s")
         yield port
     finally:
         os.killpg(server.pid, 15)

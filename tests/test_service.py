@@ -9,7 +9,7 @@ import os
 import re
 import threading
 import time
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 
 import anyio.to_thread
 import httpx
@@ -27,7 +27,17 @@ from model.registry import MissingWeights
 from service.app import create_app
 from service.limits import UploadLimits
 from service.settings import ServiceSettings
-from tests.conftest import encode_images, face_image, make_video, png, two_faces, wait_ready
+from tests.conftest import (
+    encode_images,
+    face_image,
+    fer_serve,
+    free_port,
+    make_video,
+    png,
+    run_bounded,
+    two_faces,
+    wait_ready,
+)
 
 
 class GatedEngine:
@@ -528,7 +538,7 @@ def test_concurrent_requests_share_encoder_calls(engine):
             )
             return answers, gated.calls[before:]
 
-    answers, calls = asyncio.run(main())
+    answers, calls = run_bounded(main())
     assert all(a.status_code == 200 for a in answers)
     assert sum(calls) == 8 and len(calls) < 8, calls
 
@@ -565,7 +575,7 @@ def test_a_full_queue_answers_429_at_once_before_any_decoding(engine):
             gated.gate.set()
             return await first, await second, third, await send(), expected
 
-    first, second, third, after, expected = asyncio.run(main())
+    first, second, third, after, expected = run_bounded(main())
     assert third.status_code == 429 and third.json()["error"] == "queue_full"
     assert int(third.headers["retry-after"]) == expected and expected >= 15  # 2 items at ~10 s each
     assert first.status_code == second.status_code == after.status_code == 200
@@ -648,7 +658,7 @@ def test_a_client_that_disconnects_is_dropped_from_the_queue(engine):
             assert (await send()).status_code == 200  # the batcher has served on past the dropped job
             return gated.calls[calls_before:]
 
-    later_calls = asyncio.run(main())
+    later_calls = run_bounded(main())
     assert later_calls == [1, 1], "only the busy request's and the next one's items reached the encoder"
 
 
@@ -685,14 +695,6 @@ def test_service_settings_are_validated():
 
 
 # ---- fer serve ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_fer_serve_on_a_port_in_use_fails_at_once(monkeypatch, capsys):
     import socket
 
@@ -744,43 +746,6 @@ def test_fer_serve_sets_the_openmp_spin_count_unless_the_user_did(model_env, mon
     monkeypatch.setattr(service.process, "pin_torch_threads", lambda n: None)  # this thread is the test's
     assert main(["serve", "--port", str(free_port())]) == 0
     assert seen == {"spin": expected}
-
-
-@contextmanager
-def fer_serve(env: dict, *args: str):
-    """`fer serve` in a subprocess on a free loopback port; yields (httpx client, process) once /readyz is 200."""
-    import subprocess
-    import sys
-
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "cli.main",
-        "serve",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        *args,
-    ]
-    server = subprocess.Popen(command, env={**os.environ, **env})
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-            for _ in range(600):
-                try:
-                    if http.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert server.poll() is None, "fer serve exited"
-                time.sleep(0.2)
-            else:
-                raise AssertionError("fer serve was not ready within 120 s")
-            yield http, server
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 @pytest.mark.slow
