@@ -188,7 +188,7 @@ def face_targets(faces: dict) -> list[dict]:
             canvases and canvases[name]["recall"],
             ">=",
             0.95,
-            "faces found (IoU >= 0.3) on canvases of 1, 4 and 16 MAFW faces, 40-120 px, rotated or mirrored",
+            "faces found (IoU >= 0.3) on canvases of 1, 4 and 16 MAFW faces, 36-44 or 70-120 px wide, rotated or mirrored",
         ),
         target(
             "face_in_video_frames",

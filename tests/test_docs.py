@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.errors import HTTP_ERRORS
 from service.settings import ServiceSettings
 from tools import docs
 
@@ -115,3 +116,5 @@ def test_the_api_page_documents_every_endpoint_field_and_error(schema):
         assert re.search(rf"^\| {status} \|", errors, flags=re.M), (
             f"status {status} is not in the errors table"
         )
+    for status, (code, _) in HTTP_ERRORS.items():  # the framework's errors, worded by the project
+        assert f"| {status} | `{code}` |" in errors, f"{status} {code} is not in the errors table"

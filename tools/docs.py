@@ -108,6 +108,32 @@ def benchmarks() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rounds(rounds: list[dict]) -> list[str]:
+    """The interleaved rounds behind the ratio targets, batching off included (the point table above
+    keeps one figure a load point)."""
+    if not rounds:
+        return []
+    lines = [
+        "",
+        "Interleaved rounds (images/s; the targets take the median of the per-round ratios):",
+        "",
+        "| round | "
+        + " | ".join(
+            f"c{p['concurrency']} batching {'on' if p['batching'] else 'off'}" for p in rounds[0]["points"]
+        )
+        + " | raw encoder batch 1 | raw encoder max batch |",
+        "|---" * (len(rounds[0]["points"]) + 3) + "|",
+    ]
+    for i, rd in enumerate(rounds, 1):
+        encoder = rd["raw"]["encoder"]
+        lines.append(
+            f"| {i} | "
+            + " | ".join(_fmt(p["throughput"], ".1f") for p in rd["points"])
+            + f" | {_fmt(encoder[0]['images_per_s'], '.1f')} | {_fmt(encoder[-1]['images_per_s'], '.1f')} |"
+        )
+    return lines
+
+
 def _report(name: str, r: dict) -> list[str]:
     if "baseline" in r:
         return _abuse_report(name, r)
@@ -132,6 +158,7 @@ def _report(name: str, r: dict) -> list[str]:
                 f"| {p['concurrency']} | {'on' if p['batching'] else 'off'} | {_answered(p)} | {_fmt(p['throughput'], '.1f')} | "
                 f"{_fmt(p['p50_ms'], '.0f')} | {_fmt(p['p99_ms'], '.0f')} | {_fmt(p['mean_batch'], '.1f')} |"
             )
+        lines += _rounds(r.get("rounds", []))
         lines += ["", "| video | faces | answered | latency ms | decode ms |", "|---|---|---|---|---|"]
         for v in r.get("video", []):
             lines.append(
