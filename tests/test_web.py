@@ -279,6 +279,13 @@ def test_image_view_draws_the_api_faces_and_follows_the_class_list(page, server,
     expect(page.locator("#image-note")).to_be_visible()
     expect(page.locator("#image-faces .bar-row")).to_have_count(len(CUSTOM_CLASSES))
 
+    # a change made while another view is shown is applied when the image view is back
+    page.click("#tab-retrieve")
+    page.check("#detect-faces")
+    page.click("#tab-image")
+    expect(boxes).to_have_count(len(custom["faces"]))
+    expect(page.locator("#image-faces .face-card")).to_have_count(len(custom["faces"]))
+
 
 def test_two_faces_with_landmarks(page, server, astronaut, tmp_path, shots):
     """Every face gets its box; landmarks (when the detector gives them) are drawn as dots."""

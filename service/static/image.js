@@ -5,10 +5,9 @@ import * as settings from "./settings.js";
 import { viewRequests } from "./request.js";
 import {
   $,
-  bars,
   drawFaces,
   dropzone,
-  faceCards,
+  faceResults,
   filePicker,
   grabFrame,
   ms,
@@ -22,8 +21,7 @@ let file = null; // the photo being shown
 let previewUrl = null;
 const send = viewRequests("image-result", "image-message");
 let stream = null;
-let active = false;
-let ranWith = ""; // the settings of the last request, to re-run on return if they changed
+const following = settings.follow(run);
 
 const message = () => $("image-message");
 
@@ -37,9 +35,8 @@ function setFile(next) {
 
 async function run() {
   if (!file) return;
-  const fields = settings.current();
-  ranWith = JSON.stringify(fields);
-  await send(`Analysing ${file.name || "the photo"}…`, "predict", { file, ...fields }, show);
+  following.ran();
+  await send(`Analysing ${file.name || "the photo"}…`, "predict", { file, ...settings.current() }, show);
 }
 
 async function show(body, roundTrip) {
@@ -65,12 +62,7 @@ async function show(body, roundTrip) {
   note.hidden = !(body.note || !faces.length);
   note.textContent =
     body.note || (faces.length ? "" : "Face detection is off: the whole photo was classified.");
-  const container = $("image-faces");
-  if (faces.length) {
-    faceCards(container, faces, body.classes);
-  } else {
-    container.replaceChildren(bars(body.probabilities, { order: body.classes, caption: "Whole photo" }));
-  }
+  faceResults($("image-faces"), body, "Whole photo");
   const t = body.timing || {};
   $("image-meta").textContent = [
     img.naturalWidth ? `${img.naturalWidth}×${img.naturalHeight} px` : null,
@@ -121,11 +113,8 @@ export function initImage() {
     $("image-camera-open").focus();
   });
   $("image-camera-snap").addEventListener("click", snapshot);
-  settings.subscribe(() => {
-    if (active && file) run();
-  });
   document.addEventListener("paste", (event) => {
-    if (!active) return;
+    if (!following.shown) return;
     const item = [...(event.clipboardData?.files || [])][0];
     if (item) {
       event.preventDefault();
@@ -134,11 +123,10 @@ export function initImage() {
   });
   return {
     show() {
-      active = true;
-      if (file && ranWith !== JSON.stringify(settings.current())) run();
+      following.show();
     },
     hide() {
-      active = false;
+      following.hide();
       closeCamera();
     },
   };

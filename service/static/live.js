@@ -6,9 +6,8 @@ import * as settings from "./settings.js";
 import { recheck, whenReady } from "./status.js";
 import {
   $,
-  bars,
   drawFaces,
-  faceCards,
+  faceResults,
   grabFrame,
   ms,
   percent,
@@ -131,9 +130,7 @@ function render(body, frame, roundTrip) {
   summary.textContent = faces.length
     ? `${faces.length === 1 ? "1 face" : `${faces.length} faces`} · ${body.label} (${percent(body.probabilities[body.label])})`
     : `No face found · whole frame: ${body.label} (${percent(body.probabilities[body.label])})`;
-  const container = $("live-faces");
-  if (faces.length) faceCards(container, faces, body.classes);
-  else container.replaceChildren(bars(body.probabilities, { order: body.classes, caption: "Whole frame" }));
+  faceResults($("live-faces"), body, "Whole frame");
 }
 
 export function initLive() {

@@ -42,6 +42,33 @@ export function subscribe(fn) {
   return () => listeners.delete(fn);
 }
 
+/**
+ * Keeps a view's result in step with the settings: `run` is called again when they change while the
+ * view is shown, or when it is shown again after they changed. The view calls `ran()` as it sends.
+ */
+export function follow(run) {
+  let shown = false;
+  let ranWith = ""; // the settings of the last request; empty until the view has one
+  subscribe(() => {
+    if (shown && ranWith) run();
+  });
+  return {
+    ran() {
+      ranWith = JSON.stringify(current());
+    },
+    show() {
+      shown = true;
+      if (ranWith && ranWith !== JSON.stringify(current())) run();
+    },
+    hide() {
+      shown = false;
+    },
+    get shown() {
+      return shown;
+    },
+  };
+}
+
 function changed() {
   renderHints();
   const settings = current();

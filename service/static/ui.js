@@ -127,8 +127,17 @@ export function drawFaces(overlay, faces, width, height) {
   });
 }
 
-/** One card per face: heading with the top label, detector score if any, and the bars. */
-export function faceCards(container, faces, classes) {
+/**
+ * A /predict answer's results in `container`: a card per face (heading with its top label, the detector's
+ * score if any, and the bars), or the whole image's bars when no face was found.
+ */
+export function faceResults(container, body, wholeCaption) {
+  const faces = body.faces || [];
+  const classes = body.classes;
+  if (!faces.length) {
+    container.replaceChildren(bars(body.probabilities, { order: classes, caption: wholeCaption }));
+    return;
+  }
   container.replaceChildren(
     ...faces.map((face, i) => {
       const heading = `Face ${i + 1}: ${face.label} (${percent(face.probabilities[face.label] ?? 0)})`;

@@ -10,8 +10,7 @@ let file = null;
 let clipUrl = null;
 const send = viewRequests("video-result", "video-message");
 let chart = null;
-let active = false;
-let ranWith = "";
+const following = settings.follow(run);
 
 
 function setFile(next) {
@@ -34,7 +33,7 @@ function frameCount() {
 async function run() {
   if (!file) return;
   const fields = { ...settings.current(), frames: frameCount(), per_frame: true };
-  ranWith = JSON.stringify(settings.current());
+  following.ran();
   await send(`Analysing ${file.name || "the clip"}…`, "predict-video", { file, ...fields }, show);
 }
 
@@ -135,16 +134,12 @@ export function initVideo() {
   $("video-player").addEventListener("loadedmetadata", () => {
     $("video-playback-note").hidden = true;
   });
-  settings.subscribe(() => {
-    if (active && file) run();
-  });
   return {
     show() {
-      active = true;
-      if (file && ranWith !== JSON.stringify(settings.current())) run();
+      following.show();
     },
     hide() {
-      active = false;
+      following.hide();
       $("video-player").pause();
     },
   };
