@@ -3,6 +3,7 @@ and builds the response schema from the result; nothing else happens here."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict
@@ -71,6 +72,11 @@ async def readyz(runtime: RuntimeDep):
 
 @router.get("/labels", response_model=LabelsResponse)
 async def labels() -> LabelsResponse:
+    return _labels()
+
+
+@functools.cache  # built from constants: the same answer for the process's life
+def _labels() -> LabelsResponse:
     official = {}
     for name, templates in PROMPT_SETS.items():
         differs = {w: list(class_prompts(w, name)) for w in CLASS_WORDS}
@@ -102,7 +108,7 @@ async def predict(
     file: Annotated[UploadFile, File(description="an image")],
     detect_faces: DetectField = True,
 ) -> PredictResponse:
-    runtime.require()
+    runtime.require()  # "still loading" comes before any complaint about the upload
     _accept(file, "image/", other="video/", other_kind="video")
     result, clock = await inference.predict_image(
         runtime,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +17,8 @@ from bench.faces import SourceFace, background, iou, match, measure_faces, paste
 from model.faces.align import crop_face, eye_angle, landmarks_reliable, plain_crop
 from model.faces.base import Box, Face
 from model.faces.retinaface import WEIGHTS_SHA256, RetinaFaceDetector, model_bytes
+from tests.conftest import SHARED_DATA
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # as in conftest, without its imports
 # The astronaut's face in skimage.data.astronaut() (512x512), as [x, y, w, h].
 ASTRONAUT_FACE = Box(178, 57, 95, 120)
 
