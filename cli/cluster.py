@@ -46,9 +46,8 @@ def ray_options(args: argparse.Namespace):
     """The command's RayOptions (model.cluster), or None without --ray."""
     if not args.ray:
         return None
-    from model.cluster import RayOptions, import_ray
+    from model.cluster import RayOptions
 
-    import_ray()  # a missing extra is the first error, before weights or data are checked
     return RayOptions(
         address=args.ray_address,
         actors=args.ray_actors,

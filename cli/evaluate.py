@@ -69,11 +69,14 @@ def _common(args: argparse.Namespace, settings) -> dict:
     """What both evaluations take from the command line, checked before a cluster is started (a typo in
     --models or --frames is one line, not a Ray start-up first)."""
     from cli.predict import check_frames
+    from model.cluster import import_ray
     from model.evaluate.models import model_choices
     from model.faces.factory import create_detector
 
     check_frames(args.frames)
     on_ray = ray_options(args) is not None
+    if on_ray:
+        import_ray()  # a missing extra is the first error, before weights or data are checked
     options = settings.pipeline_options(detect_faces=bool(args.detect_faces), frames=args.frames)
     # Under --ray the decode actors make their own detector.
     local_detector = options.detect_faces and not on_ray
