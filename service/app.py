@@ -60,7 +60,7 @@ def create_app(settings: ServiceSettings, engine_factory: EngineFactory = create
     app.add_middleware(
         UploadLimits,
         max_bytes=settings.max_upload_bytes,
-        max_inflight_bytes=int(settings.max_uploads_mb * 2**20),
+        max_inflight_bytes=settings.max_uploads_bytes,
         timeout_s=settings.body_timeout_s,
     )
     if settings.api_key is not None:

@@ -155,7 +155,7 @@ class Batcher:
         self._depth += job.remaining
         self._wakeup.set()
         try:
-            return await _wait(job.future, is_disconnected)
+            return await wait_watched(job.future, is_disconnected)
         except (ClientGone, asyncio.CancelledError):
             self._cancel(job)  # nobody will read the rows: don't spend the device on them
             raise
@@ -169,7 +169,7 @@ class Batcher:
         self._tasks.append(task)
         self._wakeup.set()
         try:
-            return await _wait(task.future, is_disconnected)
+            return await wait_watched(task.future, is_disconnected)
         except (ClientGone, asyncio.CancelledError):
             with contextlib.suppress(ValueError):
                 self._tasks.remove(task)  # not started yet: drop it
@@ -272,7 +272,9 @@ class Batcher:
         while room > 0:
             before = room
             for job in self._queue:
-                if room and job.remaining > counts.get(job, 0):
+                if not room:  # the batch is full: the rest of a long queue need not be walked
+                    break
+                if job.remaining > counts.get(job, 0):
                     counts[job] = counts.get(job, 0) + 1
                     room -= 1
             if room == before:  # every queued row is taken
@@ -303,7 +305,7 @@ class Batcher:
             job.future.set_exception(BatchFailed(str(exc) or type(exc).__name__))
 
 
-async def _wait(future: asyncio.Future, is_disconnected: Disconnected | None):
+async def wait_watched(future: asyncio.Future, is_disconnected: Disconnected | None):
     """The future's result; with `is_disconnected`, ClientGone as soon as the client has left."""
     while True:
         done, _ = await asyncio.wait({future}, timeout=POLL_S if is_disconnected else None)

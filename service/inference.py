@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import BinaryIO
@@ -18,10 +18,9 @@ import torch
 from model import pipeline
 from model.options import PipelineOptions
 from service.admission import Reservation
-from service.batcher import POLL_S
+from service.batcher import ClientGone, Disconnected, wait_watched
 from service.runtime import Runtime
 
-Disconnected = Callable[[], Awaitable[bool]] | None
 TEXT_CHUNK = 16  # descriptions encoded per device task: image batches get a turn between chunks
 
 
@@ -39,7 +38,7 @@ async def _prepare(
     source: BinaryIO,
     options: PipelineOptions,
     clock: Clock,
-    is_disconnected: Disconnected,
+    is_disconnected: Disconnected | None,
     video: bool,
 ):
     """A CPU stage in its pool, announced to the batcher so it may wait for this request; while it
@@ -52,10 +51,9 @@ async def _prepare(
         runtime.offload(prepare, source, engine, runtime.detector, options, stop, pool=pool)
     )
     try:
-        while is_disconnected is not None and not work.done():
-            await asyncio.wait({work}, timeout=POLL_S)
-            if not work.done() and await is_disconnected():
-                stop.set()  # the stage ends at its next check and raises DecodeStopped
+        return await wait_watched(work, is_disconnected)
+    except ClientGone:
+        stop.set()  # the stage ends at its next check and raises DecodeStopped
         return await work
     finally:
         withdraw()
@@ -70,7 +68,7 @@ async def _encode(
     source: BinaryIO,
     options: PipelineOptions,
     clock: Clock,
-    is_disconnected: Disconnected,
+    is_disconnected: Disconnected | None,
 ):
     """The input's rows through `prepare` and the batcher; `kind` ("images" or "frames") is what the
     reservation counts them as, and it shrinks to the rows `prepare` gave (a short clip, fewer faces)."""
@@ -90,7 +88,7 @@ async def classify(
     options: PipelineOptions,
     kind: str,
     most: int,
-    is_disconnected: Disconnected = None,
+    is_disconnected: Disconnected | None = None,
 ):
     """An input scored against a class list: `prepare` (a pipeline CPU stage), the encoder call through
     the batcher, the class list's text features (cached, or encoded on the device thread), then
@@ -113,7 +111,7 @@ async def predict_image(
     classes: tuple[str, ...],
     prompt_set: str,
     options: PipelineOptions,
-    is_disconnected: Disconnected = None,
+    is_disconnected: Disconnected | None = None,
 ) -> tuple[pipeline.ImagePrediction, Clock]:
     def score(prepared, features, text):
         return pipeline.predict_image(prepared, features, text, classes, prompt_set, options)
@@ -132,7 +130,7 @@ async def predict_video(
     prompt_set: str,
     options: PipelineOptions,
     per_frame: bool,
-    is_disconnected: Disconnected = None,
+    is_disconnected: Disconnected | None = None,
 ) -> tuple[pipeline.VideoPrediction, Clock]:
     def score(prepared, features, text):
         return pipeline.predict_video(prepared, features, text, classes, prompt_set, per_frame)
@@ -150,7 +148,7 @@ async def retrieve(
     descriptions: list[str],
     top_k: int,
     options: PipelineOptions,
-    is_disconnected: Disconnected = None,
+    is_disconnected: Disconnected | None = None,
 ) -> tuple[pipeline.Ranking, Clock]:
     clock = Clock()
     engine, batcher = runtime.require()

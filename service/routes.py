@@ -21,7 +21,7 @@ from model.prompts import (
     DEFAULT_CLASSES,
     DEFAULT_PROMPTS,
     PROMPT_SETS,
-    class_prompts,
+    prompt_table,
 )
 from service import inference
 from service.deps import DetectField, FramesField, LabelsDep, RuntimeDep
@@ -79,9 +79,10 @@ async def labels() -> LabelsResponse:
 def _labels() -> LabelsResponse:
     official = {}
     for name, templates in PROMPT_SETS.items():
-        differs = {w: list(class_prompts(w, name)) for w in CLASS_WORDS}
         official[name] = {
-            w: prompts for w, prompts in differs.items() if prompts != [t.format(w) for t in templates]
+            w: prompts
+            for w, prompts in prompt_table(CLASS_WORDS, name).items()
+            if prompts != [t.format(w) for t in templates]
         }
     return LabelsResponse(
         class_presets={name: list(words) for name, words in CLASS_PRESETS.items()},
@@ -166,7 +167,7 @@ async def retrieve(
     result, clock = await inference.retrieve(
         runtime,
         file.file,
-        is_still_image(file.file, file.content_type),
+        await runtime.offload(is_still_image, file.file, file.content_type),  # reads the file's head
         texts,
         top_k,
         _options(runtime, detect_faces, frames),

@@ -135,7 +135,8 @@ class Runtime:
             # text stays in the log.
             own = isinstance(exc, MissingWeights | ProjectionError | LabelError)
             self.load_error = f"the model failed to load: {exc if own else 'see the server log'}"
-            if batcher is not None:  # a failed warm-up: don't leave its task and thread running
+        finally:
+            if batcher is not None and self.batcher is not batcher:  # a failed or cancelled warm-up
                 await batcher.stop()
 
     async def class_features(self, classes: tuple[str, ...], prompt_set: str, is_disconnected=None):
@@ -168,10 +169,12 @@ class Runtime:
 
 def _default_text_features(engine: FerEngine) -> None:
     """Every prompt set of the default classes, and the other class presets with the default prompts."""
+    default = CLASS_PRESETS[DEFAULT_CLASSES]
     for prompt_set in PROMPT_SETS:
-        engine.class_features(CLASS_PRESETS[DEFAULT_CLASSES], prompt_set)
-    for preset in ("basic8", "all11"):
-        engine.class_features(CLASS_PRESETS[preset], DEFAULT_PROMPTS)
+        engine.class_features(default, prompt_set)
+    for classes in dict.fromkeys(CLASS_PRESETS.values()):  # datasets' presets repeat the basic lists
+        if classes != default:
+            engine.class_features(classes, DEFAULT_PROMPTS)
 
 
 def _device_peak_bytes(device: torch.device):

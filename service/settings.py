@@ -75,11 +75,11 @@ class ServiceSettings(ModelSettings):
     def _limits_fit_together(self) -> ServiceSettings:
         # A video request holds one item per sampled frame (its largest face), an image one per face, a
         # /retrieve its frames and its descriptions.
-        largest = max(self.max_frames, self.max_faces, self.max_frames + self.max_descriptions)
+        largest = max(self.max_faces, self.max_frames + self.max_descriptions)
         if self.max_request_items < largest:
             raise ValueError(
-                "FER_MAX_REQUEST_ITEMS must hold the largest request: FER_MAX_FRAMES + FER_MAX_DESCRIPTIONS "
-                f"= {largest}"
+                "FER_MAX_REQUEST_ITEMS must hold the largest request: the larger of FER_MAX_FACES and "
+                f"FER_MAX_FRAMES + FER_MAX_DESCRIPTIONS, {largest}"
             )
         if self.max_queue * self.video_share < self.max_frames:
             raise ValueError("FER_MAX_QUEUE x FER_VIDEO_SHARE must hold one video of FER_MAX_FRAMES frames")
@@ -96,7 +96,11 @@ class ServiceSettings(ModelSettings):
 
     @property
     def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
+        return int(self.max_upload_mb * 2**20)
+
+    @property
+    def max_uploads_bytes(self) -> int:
+        return int(self.max_uploads_mb * 2**20)
 
     @property
     def cors_origin_list(self) -> list[str]:
