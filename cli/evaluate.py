@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cli.cluster import add_ray_options, ray_options
-from cli.predict import add_face_option
+from cli.predict import add_face_option, add_frames_option
 from model.prompts import CLASS_PRESETS, PROMPT_SETS
 
 # Evaluation sets are usually face crops already (RAF-DB, FERPlus, AffectNet): detecting again would
@@ -56,7 +56,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate a seeded random subset of N items")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="items per encoder batch (default 64)")
-    p.add_argument("--frames", type=int, default=16, help="frames sampled per video (default 16)")
+    add_frames_option(p)
     add_face_option(p, EVAL_FACES)
     add_ray_options(p, gpus_default="1")
 

@@ -78,9 +78,13 @@ class Runner:
         from model.engine import create_engine
         from model.faces.factory import create_detector
 
-        self.detector = create_detector(settings.face_detector, settings.face_threshold)
         self.options = settings.pipeline_options(
             detect_faces=args.detect_faces, frames=getattr(args, "frames", None)
+        )
+        self.detector = (
+            create_detector(settings.face_detector, settings.face_threshold)
+            if self.options.detect_faces
+            else None
         )
         self.engine = create_engine(settings)
 

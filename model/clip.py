@@ -48,13 +48,11 @@ def load_clip(spec: ModelSpec) -> LoadedClip:
         load_weights=True,
     )
     model.eval().requires_grad_(False)
-    image_size = model.visual.image_size
-    image_size = image_size[0] if isinstance(image_size, tuple | list) else image_size
     return LoadedClip(
         model=model,
         tokenizer=open_clip.get_tokenizer(spec.clip_model),
         embed_dim=int(model.visual.output_dim),
-        preprocess=PreprocessConfig(int(image_size), spec.mean, spec.std, spec.interpolation),
+        preprocess=preprocess_config(spec),
     )
 
 

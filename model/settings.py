@@ -3,6 +3,7 @@ app, a Ray replica) builds one settings object and passes it down; library code 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -10,7 +11,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.faces.factory import DetectorName
-from model.media import MediaLimits
+from model.media import DEFAULT_LIMITS, MediaLimits
 from model.options import PipelineOptions
 from model.registry import DEFAULT_PRESET, ModelSpec, Preprocess, get_preset, resolve_model
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 Device = Literal["auto", "cuda", "cpu"]
-DEFAULT_LIMITS = MediaLimits()
+DEFAULT_OPTIONS = PipelineOptions()
 
 
 class ModelSettings(BaseSettings):
@@ -62,12 +63,21 @@ class ModelSettings(BaseSettings):
         "frontal-face cascade) or `none` (whole images)",
     )
     face_threshold: float = Field(0.7, ge=0, le=1, description="smallest detector confidence kept as a face")
-    align_faces: bool = Field(True, description="rotate each face so its eyes are level before the crop")
-    video_face_side: int = Field(
-        320, ge=32, le=4096, description="a video frame's long side when its largest face is looked for"
+    align_faces: bool = Field(
+        DEFAULT_OPTIONS.align_faces, description="rotate each face so its eyes are level before the crop"
     )
-    max_faces: int = Field(10, ge=1, le=100, description="most faces classified in one image")
-    face_margin: float = Field(0.25, ge=0, le=1, description="margin added around a face box, per side")
+    video_face_side: int = Field(
+        DEFAULT_OPTIONS.video_face_side,
+        ge=32,
+        le=4096,
+        description="a video frame's long side when its largest face is looked for",
+    )
+    max_faces: int = Field(
+        DEFAULT_OPTIONS.max_faces, ge=1, le=100, description="most faces classified in one image"
+    )
+    face_margin: float = Field(
+        DEFAULT_OPTIONS.face_margin, ge=0, le=1, description="margin added around a face box, per side"
+    )
     max_image_pixels: int = Field(
         DEFAULT_LIMITS.max_image_pixels, ge=1, description="largest image, in pixels"
     )
@@ -113,15 +123,7 @@ class ModelSettings(BaseSettings):
 
     @property
     def media_limits(self) -> MediaLimits:
-        return MediaLimits(
-            self.max_image_pixels,
-            self.max_video_pixels,
-            self.max_video_seconds,
-            self.max_video_frames,
-            self.max_decode_frames,
-            self.max_decode_megapixels,
-            self.max_decode_seconds,
-        )
+        return MediaLimits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MediaLimits)})
 
     def pipeline_options(self, **overrides) -> PipelineOptions:
         """The options that travel together through the pipeline, as configured (`overrides`: a

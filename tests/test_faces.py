@@ -329,7 +329,15 @@ def test_a_video_frame_is_searched_small_and_its_face_mapped_back(detector, astr
     from model.pipeline import largest_face_in_frame
 
     big = astronaut.resize((2048, 2048))  # 4x: the frame is searched at 320 px, 0.156 of its size
-    (face,) = largest_face_in_frame(big, detector, PipelineOptions(video_face_side=320))
+    searched = []
+
+    class Spy:
+        def detect(self, image, *args, **kwargs):
+            searched.append(max(image.size))
+            return detector.detect(image, *args, **kwargs)
+
+    (face,) = largest_face_in_frame(big, Spy(), PipelineOptions(video_face_side=320))
+    assert searched == [320]
     assert iou(face.box, Box(*(4 * v for v in ASTRONAUT_FACE.as_list()))) >= 0.5
     assert all(face.box.x <= x <= face.box.x + face.box.w for x, _ in face.landmarks)
     scaled = Face(Box(10, 20, 30, 40), 0.9, ((1.0, 2.0),) * 5).scaled(2.0)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from tqdm import tqdm
 
+from model.cluster import chunk_ranges
 from model.engine import FerEngine, create_engine
 from model.faces.base import FaceDetector
 from model.media import MediaError, is_video_path
@@ -108,8 +109,8 @@ def encode_items(
     corrupt file should not end a long run."""
     kept, features, clip_features, failures = [], [], [], {}
     with ThreadPoolExecutor(DECODE_THREADS) as pool, tqdm(total=len(paths), desc=desc, unit="item") as bar:
-        for start in range(0, len(paths), batch_size):
-            chunk = range(start, min(start + batch_size, len(paths)))
+        for start, stop in chunk_ranges(0, len(paths), batch_size):  # the chunks the Ray path cuts
+            chunk = range(start, stop)
             prepared = list(pool.map(lambda i: prepare_item(engine, detector, paths[i], options), chunk))
             ok = []
             for i, result in zip(chunk, prepared, strict=True):

@@ -27,12 +27,11 @@ import torch
 from tqdm import tqdm
 
 from model.cluster import RayOptions, block_rows, chunk_ranges, import_ray, ragged, ray_session, run_remote
-from model.engine import FerEngine
-from model.media import MediaError, decode_image
+from model.engine import FerEngine, create_engine
 from model.settings import ModelSettings, device_for
 from model.train.cache import CacheWriter
-from model.train.extract import ExtractSummary, clip_settings
-from model.train.teacher import Teacher, blip_pixel_values
+from model.train.extract import CollatePairs, ExtractSummary, ImagePairs, clip_settings
+from model.train.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ def _describe(settings: ModelSettings, teacher: TeacherChoice) -> _Description:
     device = device_for(settings.device)
     loaded = Teacher.load(teacher.source, teacher.instruction, device, teacher.dtype)
     spec = settings.resolve()
-    engine = FerEngine.from_spec(spec.without_projection(), device, settings.dtype)
+    engine = FerEngine.from_spec(spec, device, settings.dtype)
     return _Description(
         settings={"clip": clip_settings(spec, engine), "teacher": loaded.metadata()},
         clip_transform=engine.prepare_transform,
@@ -77,23 +76,18 @@ class _Decode:
     images that decode; the others are reported (the shard lists them as failed)."""
 
     def __init__(self, clip_transform, teacher_processor):
-        self.clip_transform, self.teacher_processor = clip_transform, teacher_processor
+        self.collate = CollatePairs(clip_transform, teacher_processor)  # the single-process extraction's
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {"index": [], "failed": [], "clip_pixels": [], "teacher_pixels": []}
         for first, paths in zip(rows["first"], rows["paths"], strict=True):
-            index, images, failed = [], [], []
-            for i, path in enumerate(paths, start=int(first)):
-                try:
-                    images.append(decode_image(Path(path)))
-                    index.append(i)
-                except (MediaError, OSError) as exc:
-                    failed.append([i, str(exc)])
-            out["index"].append(np.array(index, dtype=np.int64))
+            pairs = ImagePairs(paths, int(first))
+            index, clip_pixels, teacher_pixels, failed = self.collate([pairs[i] for i in range(len(pairs))])
+            out["index"].append(index.numpy())
             out["failed"].append(json.dumps(failed))
-            if images:
-                out["clip_pixels"].append(torch.stack([self.clip_transform(im) for im in images]).numpy())
-                out["teacher_pixels"].append(blip_pixel_values(self.teacher_processor, images).numpy())
+            if clip_pixels is not None:
+                out["clip_pixels"].append(clip_pixels.numpy())
+                out["teacher_pixels"].append(teacher_pixels.numpy())
             else:
                 out["clip_pixels"].append(np.zeros((0, 0, 0, 0), np.uint8))
                 out["teacher_pixels"].append(np.zeros((0, 0, 0, 0), np.float32))
@@ -114,8 +108,7 @@ class _ClipStage:
     """GPU stage: CLIP's raw image embedding (before W), as the single-process extraction computes it."""
 
     def __init__(self, settings: ModelSettings):
-        spec = settings.resolve().without_projection()
-        self.engine = FerEngine.from_spec(spec, device_for(settings.device), settings.dtype)
+        self.engine = create_engine(settings)  # `settings` without W: see extract_on_ray
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _encode_column(rows, "clip_pixels", "clip", self.engine.embed_pixels, self.engine.embed_dim)

@@ -67,7 +67,7 @@ def list_images(source: Path) -> list[str]:
     return [str(p.resolve()) for p in paths]
 
 
-class _ImagePairs(torch.utils.data.Dataset):
+class ImagePairs(torch.utils.data.Dataset):
     """Decodes one image; a bad file becomes its error message, not an exception that kills workers."""
 
     def __init__(self, paths: Sequence[str], first: int):
@@ -83,11 +83,11 @@ class _ImagePairs(torch.utils.data.Dataset):
             return self.first + i, str(exc)
 
 
-class _Collate:
+class CollatePairs:
     """Both models' CPU preprocessing of a batch (a class, so DataLoader workers can pickle it)."""
 
-    def __init__(self, engine: FerEngine, teacher: Teacher):
-        self.clip_transform, self.teacher_processor = engine.prepare_transform, teacher.image_processor
+    def __init__(self, clip_transform, teacher_processor):
+        self.clip_transform, self.teacher_processor = clip_transform, teacher_processor
 
     def __call__(self, items):
         good = [(i, im) for i, im in items if not isinstance(im, str)]
@@ -127,14 +127,14 @@ def extract(
     engine = FerEngine.from_spec(spec.without_projection(), str(teacher.device), clip_dtype)
     settings = {"clip": clip_settings(spec, engine), "teacher": teacher.metadata()}
     writer = CacheWriter(out_dir, settings, images, shard_size)
-    collate = _Collate(engine, teacher)
+    collate = CollatePairs(engine.prepare_transform, teacher.image_processor)
     todo = writer.pending()
     remaining = sum(writer.shard_range(k)[1] - writer.shard_range(k)[0] for k in todo)
     with tqdm(total=len(images), initial=len(images) - remaining, desc="extract", unit="img") as bar:
         for number in todo:
             start, stop = writer.shard_range(number)
             loader = torch.utils.data.DataLoader(
-                _ImagePairs(images[start:stop], start),
+                ImagePairs(images[start:stop], start),
                 batch_size=batch_size,
                 num_workers=workers,
                 collate_fn=collate,
