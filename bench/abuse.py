@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
@@ -44,7 +44,7 @@ import numpy as np
 
 from bench.inputs import cached_clip, face_jpeg
 from bench.load import LOOPBACK_HOST, Upload, check_loopback
-from bench.report import COMPARE
+from bench.report import COMPARE, fmt, verdict
 from bench.run import git_commit, model_env, run_reported
 from bench.server import Service, process_tree
 
@@ -52,7 +52,6 @@ log = logging.getLogger("bench.abuse")
 
 TARGET_WORST_LATENCY_S = 5.0
 TARGET_SUCCESS_SHARE = 0.9
-API_KEY_HEADER = "X-API-Key"
 CONNECT_TIMEOUT_S = 5.0
 MB = 2**20
 
@@ -172,17 +171,14 @@ def make_inputs(plan: Plan, cache_dir: Path) -> Inputs:
 # ---- the service under attack ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Target:
-    """The service: only ever on 127.0.0.1; every request carries the API key when there is one."""
+    """The service: only ever on 127.0.0.1; every request carries `headers` (a Service's: its API key,
+    when it has one)."""
 
     base_url: str
-    api_key: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_loopback(self.base_url)
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {API_KEY_HEADER: self.api_key} if self.api_key else {}
 
     def head(self, method: str, path: str, content_type: str = "", length: int | None = None) -> bytes:
         """A request's head, for the clients that misbehave below HTTP libraries."""
@@ -421,12 +417,12 @@ def summarise_victim(answers: list[tuple[str, float]]) -> dict:
 
 
 # ---- one scenario ------------------------------------------------------------------------------------------
-def run_scenario(name: str, service: Service, inputs: Inputs, plan: Plan, api_key: str | None) -> dict:
+def run_scenario(name: str, service: Service, inputs: Inputs, plan: Plan) -> dict:
     """The attack `name` (none for the baseline) with the victim beside it, then the recovery probes and
     the service's readings."""
     result: dict = {"name": name}
     try:
-        target = Target(service.base_url, api_key)
+        target = Target(service.base_url, service.headers)
         victim = Victim(target, inputs.jpeg, plan.victim_timeout_s)
         with victim.client:
             if "200" not in [victim.ask()[0] for _ in range(2)]:  # also pays for first-call allocations
@@ -467,8 +463,8 @@ def evaluate_targets(attacks: list[dict]) -> list[dict]:
     return targets
 
 
-def _number(value: float | None, scale: float = 1.0) -> str:
-    return "-" if value is None else f"{scale * value:.0f}"
+def _percent(share: float | None) -> float | None:
+    return None if share is None else 100 * share
 
 
 ROW = "{:<14} {:>5} {:>5} {:>7} {:>7} {:>7} {:>10} {:>7} {:>5}  {}"
@@ -486,17 +482,18 @@ def format_table(report: dict) -> str:
         victim, service, recovery = (row.get(k) or {} for k in ("victim", "service", "recovery"))
         recovered = "-" if not recovery else f"{recovery['after_s']:.1f} s" if recovery["recovered"] else "no"
         lines.append(ROW.format(
-            row["name"], victim.get("requests", 0), _number(victim.get("success_share"), 100),
-            *(_number(victim.get(f"{q}_ms")) for q in ("p50", "p95", "max")),
-            recovered, _number(service.get("rss_mb")), service.get("fds", "-"),
+            row["name"], victim.get("requests", 0), fmt(_percent(victim.get("success_share")), ".0f"),
+            *(fmt(victim.get(f"{q}_ms"), ".0f") for q in ("p50", "p95", "max")),
+            recovered, fmt(service.get("rss_mb"), ".0f"), service.get("fds", "-"),
             row.get("error") or json.dumps(row.get("attacker", {})),
         ))  # fmt: skip
     if report["settings"]["quick"]:
         lines.append("(--quick: a smoke run with windows of seconds; its verdicts are not the benchmark's)")
     for t in report.get("targets", []):
-        verdict = {True: "PASS", False: "FAIL", None: "n/a "}[t["passed"]]
-        value = "missing" if t["value"] is None else f"{t['value']:.3g}"
-        lines.append(f"{verdict} {t['attack']} {t['name']}: {value} {t['op']} {t['threshold']:g}")
+        value = "missing" if t["value"] is None else fmt(t["value"])
+        lines.append(
+            f"{verdict(t['passed']).upper()} {t['attack']} {t['name']}: {value} {t['op']} {t['threshold']:g}"
+        )
     return "\n".join(lines)
 
 
@@ -534,7 +531,7 @@ def run_abuse(args: argparse.Namespace, checkpoint=lambda report: None) -> dict:
     for name in ["baseline", *(args.only or ATTACKS)]:
         log.info("%s: starting a fresh service", name)
         with Service(env, args.cache_dir / f"abuse-{name}.log") as service:
-            result = run_scenario(name, service, inputs, plan, args.api_key)
+            result = run_scenario(name, service, inputs, plan)
         if name == "baseline":
             report["baseline"] = result
         else:

@@ -40,6 +40,7 @@ from model.faces.align import crop_face, eye_angle, landmarks_reliable
 from model.faces.base import Box, Face, FaceDetector
 from model.faces.haar import HaarDetector
 from model.faces.retinaface import RetinaFaceDetector
+from model.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -407,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     report = measure_faces(args.data if args.data.is_dir() else None, args.seed)
     text = json.dumps(report, indent=2)
     sys.stdout.write(text + "\n")
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    if args.out:  # whole or not at all: a stop mid-write leaves the last whole report
+        write_text_atomic(args.out, text + "\n")
     return 0
 
 

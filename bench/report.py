@@ -20,6 +20,17 @@ CLIP_AS_SERVICE_IMAGES_PER_S = 286.0  # ViT-B/32 image embedding, one Titan RTX 
 TARGET_CONCURRENCY = 32
 GPU_CONCURRENCY = 256
 COMPARE = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
+# A target's verdict; a missing figure is not measured, never a pass.
+VERDICTS = {True: "pass", False: "fail", None: "not measured"}
+
+
+def fmt(value: float | None, spec: str = ".3g") -> str:
+    """A figure for a table; "-" when it is missing."""
+    return "-" if value is None else format(value, spec)
+
+
+def verdict(passed: bool | None) -> str:
+    return VERDICTS[passed]
 
 
 def histogram_mean(delta: dict[str, float], name: str, scale: float = 1.0) -> float | None:
@@ -203,10 +214,6 @@ def face_targets(faces: dict) -> list[dict]:
     ]
 
 
-def _fmt(value: float | None, spec: str = ".1f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def format_table(report: dict) -> str:
     """The human-readable summary printed after the JSON."""
     host, s = report["machine"], report["settings"]
@@ -224,24 +231,23 @@ def format_table(report: dict) -> str:
     for p in report["points"]:
         lines.append(
             f"{p['concurrency']:>5} {'on' if p['batching'] else 'off':>8} {p['ok']:>4}/{p['requests']:<4} "
-            f"{p['throughput']:>8.1f} {_fmt(p['p50_ms']):>8} {_fmt(p['p99_ms']):>8} {_fmt(p['mean_batch']):>6} "
-            f"{_fmt(p['encoder_busy'], '.2f'):>5}"
+            f"{p['throughput']:>8.1f} {fmt(p['p50_ms'], '.1f'):>8} {fmt(p['p99_ms'], '.1f'):>8} {fmt(p['mean_batch'], '.1f'):>6} "
+            f"{fmt(p['encoder_busy'], '.2f'):>5}"
         )
     for v in report["video"]:
         faces = "faces" if v["detect_faces"] else "no faces"
         lines.append(
-            f"video {v['clip']} ({faces}): {_fmt(v['latency_ms'], '.0f')} ms, decode {_fmt(v['decode_ms'], '.0f')} ms"
+            f"video {v['clip']} ({faces}): {fmt(v['latency_ms'], '.0f')} ms, decode {fmt(v['decode_ms'], '.0f')} ms"
         )
     m = report["memory"]
     growth = None if m.get("growth") is None else 100 * m["growth"]
     lines += [
-        f"memory: peak RSS {_fmt(m.get('peak_rss_mb'), '.0f')} MiB, growth {_fmt(growth)}% over {m['requests']} requests",
+        f"memory: peak RSS {fmt(m.get('peak_rss_mb'), '.0f')} MiB, growth {fmt(growth, '.1f')}% over {m['requests']} requests",
         "",
     ]
     for t in report["targets"]:
-        verdict = {True: "PASS", False: "FAIL", None: "n/a "}[t["passed"]]
-        rounds = f"; rounds {' '.join(_fmt(v, '.3g') for v in t['rounds'])}" if t["rounds"] else ""
+        rounds = f"; rounds {' '.join(fmt(v) for v in t['rounds'])}" if t["rounds"] else ""
         lines.append(
-            f"{verdict} {t['name']}: {_fmt(t['value'], '.3g')} {t['op']} {t['threshold']:g}  ({t['detail']}{rounds})"
+            f"{verdict(t['passed']).upper()} {t['name']}: {fmt(t['value'])} {t['op']} {t['threshold']:g}  ({t['detail']}{rounds})"
         )
     return "\n".join(lines)

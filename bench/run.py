@@ -62,7 +62,7 @@ class Plan:
 
 # Tens of images/s on a CPU: 8 requests per worker keep a concurrency-32 point to about 16 batches.
 CPU_PLAN = Plan((1, 8, TARGET_CONCURRENCY), 8, 32, 1000, ((10, 1080), (600, 1080)), 3, 300, 3.0, 5)
-# About a thousand images/s on a GPU: 32 requests per worker keep a point to seconds, not a fraction.
+# A GPU's higher rate would end a point too soon to measure well: 32 requests per worker make it last.
 GPU_PLAN = dataclasses.replace(
     CPU_PLAN, concurrency=(1, 8, 32, 128, 256), requests_per_worker=32, long_requests=5000
 )

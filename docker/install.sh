@@ -3,9 +3,5 @@
 # The Dockerfile and CI (.ci/run) both run this one script, so the image installs what CI checked.
 set -eu
 python3 -m venv "$1"
-# FER_EXTRAS (the Dockerfile's build argument, e.g. `ray`): the project with those extras first; the line
-# below then finds everything installed.
-if [ -n "${FER_EXTRAS:-}" ]; then
-  "$1/bin/pip" install --disable-pip-version-check -c docker/constraints.txt ".[$FER_EXTRAS]"
-fi
-"$1/bin/pip" install --disable-pip-version-check -c docker/constraints.txt .
+# FER_EXTRAS (the Dockerfile's build argument, e.g. `ray`): the project's extras to install with it.
+"$1/bin/pip" install --disable-pip-version-check -c docker/constraints.txt ".${FER_EXTRAS:+[$FER_EXTRAS]}"

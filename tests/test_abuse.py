@@ -31,6 +31,7 @@ from bench.abuse import (
     summarise_victim,
     video_flood,
 )
+from bench.server import Service
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,15 +113,17 @@ def test_targets_pass_and_fail_and_missing_figures_are_not_a_pass():
     }
     table = format_table(report)
     assert "FAIL slow victim_worst_latency_s: 5 <= 5" in table
-    assert "n/a  silent victim_success_share: missing >= 0.9" in table
+    assert "NOT MEASURED silent victim_success_share: missing >= 0.9" in table
     assert "no warm-up request succeeded" in table
 
 
-def test_targets_are_loopback_only():
+def test_targets_are_loopback_only_and_carry_the_service_s_key(tmp_path):
     for url in ("http://example.com:80", "http://10.0.0.1:80", "http://0.0.0.0:80", "http://[::1]:80"):
         with pytest.raises(ValueError, match=r"only targets 127\.0\.0\.1"):
             Target(url)
-    assert Target("http://127.0.0.1:8123", "k").headers == {"X-API-Key": "k"}
+    service = Service({"FER_API_KEY": "k"}, tmp_path / "service.log")  # not started
+    assert Target(service.base_url, service.headers).headers == {"X-API-Key": "k"}
+    assert Service({}, tmp_path / "service.log").headers == {}
 
 
 class StandIn:
@@ -168,7 +171,7 @@ def test_clients_stay_on_loopback_send_the_key_and_close_every_socket(monkeypatc
     async def scenario():
         server = await asyncio.start_server(stand_in.handle, "127.0.0.1", 0, limit=2 * 2**20)
         async with server:
-            target = Target(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "k")
+            target = Target(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", {"X-API-Key": "k"})
             start = time.monotonic()
             results = await asyncio.gather(
                 connections(target, inputs, start + 1.0, **held),

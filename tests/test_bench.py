@@ -214,7 +214,7 @@ def test_table_states_settings_and_verdicts():
     report["targets"] = evaluate_targets(report)
     table = format_table(report)
     assert "FAIL batching_gain: 1.8 >= 2" in table and "PASS memory_growth" in table
-    assert "n/a  gpu_throughput" in table and "max batch 32" in table and "float32" in table
+    assert "NOT MEASURED gpu_throughput" in table and "max batch 32" in table and "float32" in table
     assert "video 10 s 1080p (faces): 1800 ms" in table
 
 

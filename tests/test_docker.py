@@ -27,10 +27,12 @@ README = ROOT / "README.md"
 WEIGHTS_MOUNT = "/app/weights"
 
 
-def _tool(name: str) -> str | None:
+def _tool(name: str) -> str:
     """A console script of this environment (CI installs them with the dev extra), else one on PATH."""
     local = Path(sys.executable).parent / name
-    return str(local) if local.is_file() else shutil.which(name)
+    found = str(local) if local.is_file() else shutil.which(name)
+    assert found, f"{name} is a [dev] dependency: pip install -e '.[dev]'"
+    return found
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
@@ -77,16 +79,12 @@ def _healthcheck_command(dockerfile) -> list[str]:
 # ---- linters ------------------------------------------------------------------------------------------
 def test_hadolint_passes():
     hadolint = _tool("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint is not installed (pip install -e '.[dev]' brings it)")
     result = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_compose_file_matches_the_compose_specification_schema():
     checker = _tool("check-jsonschema")
-    if checker is None:
-        pytest.skip("check-jsonschema is not installed (pip install -e '.[dev]' brings it)")
     command = [checker, "--builtin-schema", "vendor.compose-spec"]
     result = subprocess.run([*command, str(COMPOSE)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -94,8 +92,6 @@ def test_compose_file_matches_the_compose_specification_schema():
 
 def test_the_schema_check_can_fail(tmp_path, compose):
     checker = _tool("check-jsonschema")
-    if checker is None:
-        pytest.skip("check-jsonschema is not installed")
     broken = dict(compose, services={**compose["services"], "fer": {**compose["services"]["fer"], "gpus": 3}})
     path = tmp_path / "compose.yml"
     path.write_text(yaml.safe_dump(broken))
@@ -140,7 +136,15 @@ def test_install_command_is_the_one_ci_runs(dockerfile):
     ci = (ROOT / ".ci" / "run").read_text()
     assert "sh docker/install.sh " in ci
     script = (ROOT / "docker" / "install.sh").read_text().split()
-    assert script[-3:] == ["-c", "docker/constraints.txt", "."] and "-e" not in script  # as the image has it
+    assert script[-3:-1] == ["-c", "docker/constraints.txt"] and "-e" not in script  # as the image has it
+    for extras, project in (("", "."), ("ray", ".[ray]")):  # the project, with FER_EXTRAS when set
+        expanded = subprocess.run(
+            [shutil.which("sh"), "-euc", f"printf %s {script[-1]}"],
+            env={"FER_EXTRAS": extras},
+            capture_output=True,
+            text=True,
+        )
+        assert expanded.stdout == project, expanded.stderr
 
 
 def test_image_copies_every_package_the_project_ships(dockerfile):

@@ -25,12 +25,6 @@ def test_generated_pages_are_current(page):
     )
 
 
-def test_every_setting_is_on_the_configuration_page():
-    text = (DOCS / "configuration.md").read_text()
-    for name in ServiceSettings.model_fields:
-        assert f"| `FER_{name.upper()}` |" in text
-
-
 def test_the_docs_point_at_nothing_outside_the_repository():
     for page in DOCS.glob("*.md"):
         text = page.read_text()

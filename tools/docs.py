@@ -10,6 +10,8 @@ from pathlib import Path
 
 from pydantic.fields import FieldInfo
 
+from bench.report import fmt, verdict
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
@@ -87,10 +89,6 @@ def _answered(row: dict) -> str:
     return f"{row.get('ok')}/{row.get('requests')}" + (f" ({failures})" if failures else "")
 
 
-def _fmt(value, spec: str = ".3g") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def benchmarks() -> str:
     """docs/benchmarks.md: each committed report's machine, settings, figures and targets."""
     lines = [
@@ -128,8 +126,8 @@ def _rounds(rounds: list[dict]) -> list[str]:
         encoder = rd["raw"]["encoder"]
         lines.append(
             f"| {i} | "
-            + " | ".join(_fmt(p["throughput"], ".1f") for p in rd["points"])
-            + f" | {_fmt(encoder[0]['images_per_s'], '.1f')} | {_fmt(encoder[-1]['images_per_s'], '.1f')} |"
+            + " | ".join(fmt(p["throughput"], ".1f") for p in rd["points"])
+            + f" | {fmt(encoder[0]['images_per_s'], '.1f')} | {fmt(encoder[-1]['images_per_s'], '.1f')} |"
         )
     return lines
 
@@ -143,7 +141,7 @@ def _report(name: str, r: dict) -> list[str]:
         f"## {name}",
         "",
         f"`{r.get('command')}` on commit {r.get('commit')}, {r.get('date')}: {where}, {host.get('platform')}, "
-        f"torch {host.get('torch')}; load average {_fmt(host.get('load_average_at_start'), '.1f')} at the start.",
+        f"torch {host.get('torch')}; load average {fmt(host.get('load_average_at_start'), '.1f')} at the start.",
         "",
     ]
     if "targets" in r and r.get("points"):
@@ -155,20 +153,20 @@ def _report(name: str, r: dict) -> list[str]:
         ]
         for p in r["points"]:
             lines.append(
-                f"| {p['concurrency']} | {'on' if p['batching'] else 'off'} | {_answered(p)} | {_fmt(p['throughput'], '.1f')} | "
-                f"{_fmt(p['p50_ms'], '.0f')} | {_fmt(p['p99_ms'], '.0f')} | {_fmt(p['mean_batch'], '.1f')} |"
+                f"| {p['concurrency']} | {'on' if p['batching'] else 'off'} | {_answered(p)} | {fmt(p['throughput'], '.1f')} | "
+                f"{fmt(p['p50_ms'], '.0f')} | {fmt(p['p99_ms'], '.0f')} | {fmt(p['mean_batch'], '.1f')} |"
             )
         lines += _rounds(r.get("rounds", []))
         lines += ["", "| video | faces | answered | latency ms | decode ms |", "|---|---|---|---|---|"]
         for v in r.get("video", []):
             lines.append(
-                f"| {v['clip']} | {'on' if v['detect_faces'] else 'off'} | {_answered(v)} | {_fmt(v['latency_ms'], '.0f')} | "
-                f"{_fmt(v['decode_ms'], '.0f')} |"
+                f"| {v['clip']} | {'on' if v['detect_faces'] else 'off'} | {_answered(v)} | {fmt(v['latency_ms'], '.0f')} | "
+                f"{fmt(v['decode_ms'], '.0f')} |"
             )
         m = r.get("memory", {})
         lines += [
             "",
-            f"Memory: peak RSS {_fmt(m.get('peak_rss_mb'), '.0f')} MiB, growth {_fmt(m.get('growth'), '.1%')} over {m.get('requests')} requests.",
+            f"Memory: peak RSS {fmt(m.get('peak_rss_mb'), '.0f')} MiB, growth {fmt(m.get('growth'), '.1%')} over {m.get('requests')} requests.",
             "",
         ]
     if r.get("faces") and r["faces"].get("canvases"):
@@ -177,14 +175,56 @@ def _report(name: str, r: dict) -> list[str]:
         lines += [
             "| face detector | canvas recall | MAFW frames with a face | ms a 640x480 image |",
             "|---|---|---|---|",
-            f"| {name_} | {_fmt(f['canvases'][name_]['recall'])} | {_fmt(f['mafw_frames'][name_]['share'])} | "
-            f"{_fmt(f['timing'][name_ + '_ms'], '.1f')} |",
-            f"| haar | {_fmt(f['canvases']['haar']['recall'])} | {_fmt(f['mafw_frames']['haar']['share'])} | "
-            f"{_fmt(f['timing']['haar_ms'], '.1f')} |",
+            f"| {name_} | {fmt(f['canvases'][name_]['recall'])} | {fmt(f['mafw_frames'][name_]['share'])} | "
+            f"{fmt(f['timing'][name_ + '_ms'], '.1f')} |",
+            f"| haar | {fmt(f['canvases']['haar']['recall'])} | {fmt(f['mafw_frames']['haar']['share'])} | "
+            f"{fmt(f['timing']['haar_ms'], '.1f')} |",
             "",
         ]
+    lines += _ferplus(r.get("faces") or {})
+    lines += _alignment(r.get("faces") or {})
     lines += _targets(r.get("targets", []))
     return lines
+
+
+def _ferplus(faces: dict) -> list[str]:
+    """The share of FER+ images in which a face is found: each is one 48x48 face, what scaling small
+    images up is for."""
+    f = faces.get("ferplus")
+    if not f:
+        return []
+    name = faces["detector"]
+    return [
+        f"| detector on {f['images']} FER+ validation images (one 48x48 face each) | share with a face found |",
+        "|---|---|",
+        f"| {name} | {fmt(f['found'])} |",
+        f"| {name}, small images not scaled up | {fmt(f['found_without_small_input_handling'])} |",
+        f"| haar | {fmt(f['haar_found'])} |",
+        "",
+    ]
+
+
+def _alignment(faces: dict) -> list[str]:
+    """What an aligned crop costs over a plain one, and how level it leaves the eyes."""
+    a = faces.get("alignment")
+    if not a:
+        return []
+    turned = fmt(a["turned_degrees"], "g")
+    lines = [
+        f"Alignment, on {a['faces']} faces in the MAFW frames: median {fmt(a['aligned_ms'], '.2f')} ms a face "
+        f"for an aligned crop, {fmt(a['plain_ms'], '.2f')} ms for a plain one. How level the eyes are after "
+        f"it: each frame turned by {turned} degrees about the face, the eye line's angle measured again by "
+        "the detector on each crop:",
+        "",
+        "| crop | faces measured | median degrees | p90 degrees |",
+        "|---|---|---|---|",
+    ]
+    for crop in ("aligned", "plain"):
+        spread = a[f"eye_line_degrees_{crop}"]
+        lines.append(
+            f"| {crop} | {spread['faces']} | {fmt(spread.get('median'), '.1f')} | {fmt(spread.get('p90'), '.1f')} |"
+        )
+    return [*lines, ""]
 
 
 def _abuse_report(name: str, r: dict) -> list[str]:
@@ -195,9 +235,9 @@ def _abuse_report(name: str, r: dict) -> list[str]:
         f"## {name}",
         "",
         f"`{r.get('command')}` on commit {r.get('commit')}, {r.get('date')}: {host.get('cpus')} CPU cores, "
-        f"{host.get('platform')}; load average {_fmt(host.get('load_average_at_start'), '.1f')} at the start.",
+        f"{host.get('platform')}; load average {fmt(host.get('load_average_at_start'), '.1f')} at the start.",
         "",
-        f"Model: {settings.get('model')}. Each scenario is a fresh service and a {_fmt(window, 'g')} s window; "
+        f"Model: {settings.get('model')}. Each scenario is a fresh service and a {fmt(window, 'g')} s window; "
         "the victim sends one `POST /predict` at a time on a fresh connection. Recovery: how long after the "
         "window until a victim request succeeds within the latency target.",
         "",
@@ -211,15 +251,14 @@ def _abuse_report(name: str, r: dict) -> list[str]:
             f"{k}: {n}" for k, n in sorted(row.get("attacker", {}).items())
         )
         lines.append(
-            f"| {row['name']} | {v.get('requests', '-')} | {_fmt(v.get('success_share'), '.0%')} | "
-            f"{_fmt(v.get('p50_ms'), '.0f')} | {_fmt(v.get('p95_ms'), '.0f')} | {_fmt(v.get('max_ms'), '.0f')} | "
+            f"| {row['name']} | {v.get('requests', '-')} | {fmt(v.get('success_share'), '.0%')} | "
+            f"{fmt(v.get('p50_ms'), '.0f')} | {fmt(v.get('p95_ms'), '.0f')} | {fmt(v.get('max_ms'), '.0f')} | "
             f"{recovered} | {outcomes or '-'} |"
         )
     lines += ["", "| attack | target | value | passes when | verdict |", "|---|---|---|---|---|"]
     for t in r.get("targets", []):
-        verdict = {True: "pass", False: "**fail**", None: "not measured"}[t["passed"]]
         lines.append(
-            f"| {t['attack']} | {t['name']} | {_fmt(t['value'])} | {t['op']} {t['threshold']:g} | {verdict} |"
+            f"| {t['attack']} | {t['name']} | {fmt(t['value'])} | {t['op']} {t['threshold']:g} | {_verdict(t)} |"
         )
     return [*lines, ""]
 
@@ -229,9 +268,14 @@ def _targets(targets: list[dict]) -> list[str]:
         return []
     lines = ["| target | value | passes when | verdict |", "|---|---|---|---|"]
     for t in targets:
-        verdict = {True: "pass", False: "**fail**", None: "not measured"}[t["passed"]]
-        lines.append(f"| {t['detail']} | {_fmt(t['value'])} | {t['op']} {t['threshold']:g} | {verdict} |")
+        lines.append(f"| {t['detail']} | {fmt(t['value'])} | {t['op']} {t['threshold']:g} | {_verdict(t)} |")
     return [*lines, ""]
+
+
+def _verdict(target: dict) -> str:
+    """A failed target stands out on the page."""
+    word = verdict(target["passed"])
+    return f"**{word}**" if target["passed"] is False else word
 
 
 PAGES = {"configuration.md": configuration, "benchmarks.md": benchmarks}
