@@ -204,7 +204,15 @@ def screenshot(page, shots: Path, name: str) -> None:
     """A desktop and a phone-width full-page screenshot, then back to desktop."""
     page.screenshot(path=shots / f"{name}-desktop.png", full_page=True)
     page.set_viewport_size(PHONE)
-    page.wait_for_timeout(150)  # the timeline redraws at the new width
+    # a shown timeline redraws at its container's new width (chart.js: never under 280 px)
+    page.wait_for_function(
+        """() => {
+            const chart = document.getElementById('video-chart');
+            const drawn = chart.querySelector('svg');
+            const wanted = Math.max(280, Math.floor(chart.clientWidth));
+            return !drawn || Math.abs(drawn.width.baseVal.value - wanted) < 2;
+        }"""
+    )
     width = page.evaluate("document.documentElement.scrollWidth")
     page.screenshot(path=shots / f"{name}-phone.png", full_page=True)
     page.set_viewport_size(DESKTOP)
@@ -388,7 +396,7 @@ def test_webcam_snapshot_and_live_view_with_the_fake_camera(page, server, shots)
 
     page.click("#tab-live")
     page.click("#live-start")
-    page.wait_for_function("() => Number(document.getElementById('live-stats').dataset.roundTrips || 0) >= 2")
+    page.wait_for_function("() => Number(document.getElementById('live-count').textContent) >= 2")
     expect(page.locator("#live-rtt")).to_have_text(re.compile(r"^\d+ ms$|^\d+\.\d+ s$"))
     expect(page.locator("#live-summary")).to_be_visible()
     screenshot(page, shots, "live")
@@ -421,6 +429,8 @@ def test_loading_state_tabs_and_keyboard(page, server, shots):
     page.route("**/readyz", loading)
     page.watch.allow_console(r"status of 503")
     page.goto("/")
+    # text only the loading branch of status.js sets: the page starts as "Checking the model…"
+    expect(page.locator("#model-status")).to_have_text("Model loading…")
     expect(page.locator("#model-status")).to_have_attribute("data-state", "loading")
     expect(page.locator("#loading-banner")).to_be_visible()
     screenshot(page, shots, "loading")

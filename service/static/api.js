@@ -3,7 +3,7 @@
 
 // The service's root: this module lives at <root>/static/api.js, so this works behind a path prefix
 // and whatever URL the page itself was opened at.
-export const API_ROOT = new URL("../", import.meta.url);
+const API_ROOT = new URL("../", import.meta.url);
 
 const STATUS_TEXT = {
   400: "Could not read the file",
@@ -35,6 +35,11 @@ export class ApiError extends Error {
   }
 }
 
+/** The sentence to show for a failed call: an ApiError's own sentence, else the error's message. */
+export function describe(error) {
+  return error instanceof ApiError ? error.sentence : error.message;
+}
+
 // A key this tab was given (FER_API_KEY on the server): kept for the tab only, sent with every call.
 const KEY = "fer-api-key";
 
@@ -48,7 +53,7 @@ function withKey(headers = {}) {
   return key ? { ...headers, "X-API-Key": key } : headers;
 }
 
-export function url(path) {
+function url(path) {
   return new URL(path, API_ROOT);
 }
 

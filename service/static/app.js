@@ -1,7 +1,7 @@
 // Entry point: loads the settings (GET /labels), watches readiness (GET /readyz) and switches
 // between the four views (tabs, also reachable as #image, #live, #video, #retrieve).
 
-import { ApiError, setApiKey } from "./api.js";
+import { describe, setApiKey } from "./api.js";
 import { initImage } from "./image.js";
 import { initLive } from "./live.js";
 import { initRetrieve } from "./retrieve.js";
@@ -66,8 +66,7 @@ async function main() {
   try {
     await loadSettings();
   } catch (error) {
-    const why = error instanceof ApiError ? error.sentence : error.message;
-    say($("image-message"), `The class presets could not be loaded: ${why}`, "error");
+    say($("image-message"), `The class presets could not be loaded: ${describe(error)}`, "error");
   }
   document.body.dataset.ready = "true";
 }

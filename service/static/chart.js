@@ -13,7 +13,8 @@ const MARGIN = { top: 12, right: 16, bottom: 34, left: 44 };
  * Returns {setTime(t), destroy()}.
  */
 export function timelineChart(container, timeline, classes, { duration, onSeek, onFocusFrame }) {
-  let selected = 0;
+  let selected = 0; // the frame that takes the focus
+  let chosen = false; // whether a frame was chosen; until then none is marked selected
   let playhead = null;
   let x = null;
   let width = 0;
@@ -54,7 +55,7 @@ export function timelineChart(container, timeline, classes, { duration, onSeek, 
       const px = x(f.timestamp);
       axis.append(svg("line", { class: "tick", x1: px, x2: px, y1: y(0), y2: y(0) + 5 }));
       const isLast = i === timeline.length - 1;
-      if (px - lastLabel >= 52 && (isLast || x(timeline.at(-1).timestamp) - px >= 52 || timeline.length === 1)) {
+      if (px - lastLabel >= 52 && (isLast || x(timeline.at(-1).timestamp) - px >= 52)) {
         axis.append(svg("text", { x: px, y: y(0) + 18, "text-anchor": "middle", text: seconds(f.timestamp) }));
         lastLabel = px;
       }
@@ -80,7 +81,7 @@ export function timelineChart(container, timeline, classes, { duration, onSeek, 
       const px = x(f.timestamp);
       const top = ranked(f.probabilities)[0];
       const group = svg("g", {
-        class: "frame-point",
+        class: chosen && i === selected ? "frame-point selected" : "frame-point",
         role: "button",
         tabindex: i === selected ? 0 : -1,
         "data-index": i,
@@ -133,6 +134,7 @@ export function timelineChart(container, timeline, classes, { duration, onSeek, 
     groups[selected]?.setAttribute("tabindex", "-1");
     groups[selected]?.classList.remove("selected");
     selected = i;
+    chosen = true;
     groups[i].setAttribute("tabindex", "0");
     groups[i].classList.add("selected");
     if (focus) groups[i].focus();
@@ -142,7 +144,6 @@ export function timelineChart(container, timeline, classes, { duration, onSeek, 
 
   function setTime(t) {
     now = t;
-    if (!playhead || !x) return;
     const px = x(Math.min(Math.max(t, 0), end));
     playhead.setAttribute("x1", px);
     playhead.setAttribute("x2", px);
@@ -157,7 +158,6 @@ export function timelineChart(container, timeline, classes, { duration, onSeek, 
       pending = false;
       if (!container.isConnected || Math.abs(Math.floor(container.clientWidth) - width) < 2) return;
       draw();
-      frame.querySelectorAll(".frame-point")[selected]?.classList.add("selected");
     });
   });
   observer.observe(container);

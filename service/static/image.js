@@ -21,6 +21,7 @@ let file = null; // the photo being shown
 let previewUrl = null;
 const send = viewRequests("image-result", "image-message");
 let stream = null;
+let starting = null; // the AbortController of a webcam start in progress
 const following = settings.follow(run);
 
 const message = () => $("image-message");
@@ -76,19 +77,30 @@ async function show(body, roundTrip) {
 }
 
 async function openCamera() {
+  if (stream || starting) return;
+  const controller = new AbortController();
+  starting = controller;
   say(message(), "Starting the webcam…");
   try {
     $("image-camera").hidden = false;
-    stream = await startCamera($("image-camera-video"));
+    stream = await startCamera($("image-camera-video"), { signal: controller.signal });
     say(message(), "");
     $("image-camera-snap").focus();
   } catch (error) {
+    if (error.name === "AbortError") {
+      if (!starting) say(message(), ""); // closed while starting, and not opened again since
+      return;
+    }
     closeCamera();
     say(message(), `Webcam: ${error.message}.`, "error");
+  } finally {
+    if (starting === controller) starting = null;
   }
 }
 
 function closeCamera() {
+  starting?.abort();
+  starting = null;
   stopCamera(stream, $("image-camera-video"));
   stream = null;
   $("image-camera").hidden = true;

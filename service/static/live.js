@@ -1,7 +1,7 @@
 // Live view: webcam frames -> POST /predict a few times a second, never more than one request in
 // flight, with the boxes and labels drawn over the video and the measured round-trip time shown.
 
-import { ApiError, postForm } from "./api.js";
+import { ApiError, describe, postForm } from "./api.js";
 import * as settings from "./settings.js";
 import { recheck, whenReady } from "./status.js";
 import {
@@ -19,6 +19,7 @@ import {
 const MAX_SIDE = 640; // frames are scaled down before sending: faster, and plenty for detection
 const canvas = document.createElement("canvas");
 let stream = null;
+let starting = null; // the AbortController of a webcam start in progress
 let session = 0; // bumped by stop(), so a running loop knows it is over
 let controller = null;
 let trips = [];
@@ -28,23 +29,22 @@ const message = () => $("live-message");
 const sleep = (ms_) => new Promise((resolve) => setTimeout(resolve, ms_));
 
 async function start() {
-  if (stream) return;
-  const mine = ++session;
+  if (stream || starting) return;
+  const mine = new AbortController();
+  starting = mine;
   $("live-start").disabled = true;
   say(message(), "Starting the webcam…");
   try {
     $("live-stage").hidden = false;
-    const s = await startCamera($("live-video"));
-    if (mine !== session) {
-      stopCamera(s);
-      return;
-    }
-    stream = s;
+    stream = await startCamera($("live-video"), { signal: mine.signal });
   } catch (error) {
+    if (error.name === "AbortError") return; // stop() has reset the view
     $("live-stage").hidden = true;
     $("live-start").disabled = false;
     say(message(), `Webcam: ${error.message}.`, "error");
     return;
+  } finally {
+    if (starting === mine) starting = null;
   }
   trips = [];
   count = 0;
@@ -56,12 +56,14 @@ async function start() {
   $("live-stop").disabled = false;
   $("live-stop").focus();
   say(message(), "Live: sending frames.");
-  loop(mine);
+  loop(session);
 }
 
 function stop(reason = "Stopped.", kind = "info") {
-  const wasRunning = Boolean(stream);
+  const wasRunning = Boolean(stream || starting);
   session += 1;
+  starting?.abort();
+  starting = null;
   controller?.abort();
   controller = null;
   stopCamera(stream, $("live-video"));
@@ -100,8 +102,7 @@ async function loop(mine) {
         await sleep(1000 * (Number(error.retryAfter) || 1));
         continue;
       }
-      const why = error instanceof ApiError ? error.sentence : error.message;
-      stop(`Live stopped. ${why}`, "error");
+      stop(`Live stopped. ${describe(error)}`, "error");
       return;
     } finally {
       controller = null;
@@ -120,7 +121,6 @@ function render(body, frame, roundTrip) {
   $("live-avg").textContent = ms(average);
   $("live-server").textContent = ms(body.timing?.total_ms);
   $("live-count").textContent = String(count);
-  $("live-stats").dataset.roundTrips = String(count);
   if (message().dataset.kind === "error") say(message(), "Live: sending frames.");
 
   const faces = body.faces || [];

@@ -1,5 +1,5 @@
 // The settings shared by the views: class list (a preset or the user's own words), prompt set and
-// face detection. Filled from GET /labels; views read `current()` and subscribe to changes.
+// face detection. Filled from GET /labels; views read `current()` and `follow()` its changes.
 
 import { getJSON } from "./api.js";
 import { $, el } from "./ui.js";
@@ -31,13 +31,13 @@ export function current() {
   };
 }
 
-/** The class words the current settings stand for (for ordering bars before a response arrives). */
-export function currentClassWords() {
+/** The class words the current settings stand for (shown in the hints and the exact prompts). */
+function currentClassWords() {
   if (preset().value === CUSTOM) return customWords();
   return labels?.class_presets?.[preset().value] || [];
 }
 
-export function subscribe(fn) {
+function subscribe(fn) {
   listeners.add(fn);
   return () => listeners.delete(fn);
 }
@@ -171,9 +171,4 @@ export async function loadSettings() {
     changed();
   };
   custom().addEventListener("change", commit);
-  $("settings").addEventListener("submit", (event) => {
-    event.preventDefault();
-    commit();
-  });
-  return labels;
 }

@@ -11,7 +11,7 @@ let delay = 1000;
 let polling = false;
 
 /** Calls fn(ready) now and on every change. */
-export function onReadiness(fn) {
+function onReadiness(fn) {
   listeners.add(fn);
   fn(ready);
   return () => listeners.delete(fn);

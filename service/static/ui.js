@@ -19,14 +19,13 @@ export function el(tag, props = {}, ...children) {
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 
-export function svg(tag, attrs = {}, ...children) {
+export function svg(tag, attrs = {}) {
   const node = document.createElementNS(SVG_NS, tag);
   for (const [key, value] of Object.entries(attrs)) {
     if (value === undefined || value === null) continue;
     if (key === "text") node.textContent = value;
     else node.setAttribute(key, String(value));
   }
-  node.append(...children.filter(Boolean));
   return node;
 }
 
@@ -52,7 +51,7 @@ export function ranked(probabilities) {
 
 // Distinct hues (Okabe-Ito first), each at least 3:1 against the white page, so lines and swatches
 // stay visible.
-export const PALETTE = [
+const PALETTE = [
   "#0072B2", "#D55E00", "#009E73", "#CC79A7", "#8C6D00", "#6A5ACD",
   "#333333", "#007C89", "#C0392B", "#B8860B", "#882255", "#5B6B00",
 ];
@@ -188,8 +187,11 @@ export function filePicker(input, onFile) {
   });
 }
 
-/** Starts the webcam into `video`; resolves to the MediaStream, or throws an Error with a sentence. */
-export async function startCamera(video) {
+/**
+ * Starts the webcam into `video`; resolves to the MediaStream, or throws an Error with a sentence.
+ * Aborting `signal` cancels the start: the camera is released and an AbortError thrown.
+ */
+export async function startCamera(video, { signal } = {}) {
   if (!navigator.mediaDevices?.getUserMedia) {
     throw new Error(
       "this browser gives no camera access here (a camera needs https or http://localhost)",
@@ -209,11 +211,23 @@ export async function startCamera(video) {
     };
     throw new Error(reasons[error.name] || `the camera could not be started (${error.message})`);
   }
+  // the caller holds no stream until this returns, so a cancelled start must release the camera here
+  const cancelled = () => {
+    stream.getTracks().forEach((track) => track.stop());
+    if (video.srcObject === stream) video.srcObject = null; // a newer start may own the video by now
+    return new DOMException("the webcam start was cancelled", "AbortError");
+  };
+  if (signal?.aborted) throw cancelled();
   video.srcObject = stream;
   await video.play().catch(() => {});
-  if (!video.videoWidth) {
-    await new Promise((resolve) => video.addEventListener("loadedmetadata", resolve, { once: true }));
+  if (!video.videoWidth && !signal?.aborted) {
+    // an abort ends the wait too: a cleared video never loads its metadata
+    await new Promise((resolve) => {
+      video.addEventListener("loadedmetadata", resolve, { once: true });
+      signal?.addEventListener("abort", resolve, { once: true });
+    });
   }
+  if (signal?.aborted) throw cancelled();
   return stream;
 }
 

@@ -97,10 +97,7 @@ function renderTable(timeline, classes) {
   const rows = timeline.map((f, i) => {
     const button = el("button", { type: "button", className: "link-button", text: seconds(f.timestamp) });
     button.setAttribute("aria-label", `Seek to ${seconds(f.timestamp)}`);
-    button.addEventListener("click", () => {
-      seek(f.timestamp);
-      chart?.select(i);
-    });
+    button.addEventListener("click", () => chart?.select(i)); // the chart seeks the clip as it selects
     return el(
       "tr",
       {},
