@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -24,11 +23,12 @@ import pytest
 import torch
 from PIL import Image
 
+from bench import SHARED_DATA
+from bench.server import free_port
 from model.registry import open_clip_models
 
 open_clip = open_clip_models()  # with the bundled fer-tiny architecture registered
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHARED_DOCS = SHARED_DATA.parent / "docs"
 TINY_MODEL = "fer-tiny"
 PROJECTION_DIM = 4096
@@ -149,12 +149,6 @@ class DeviceFeatures(torch.Tensor):
 def run_bounded(coro: Coroutine, seconds: float = 60.0):
     """`asyncio.run` with a deadline: a test that waits on the app's state fails instead of hanging."""
     return asyncio.run(asyncio.wait_for(coro, seconds))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextmanager

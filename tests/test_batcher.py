@@ -133,7 +133,7 @@ def test_text_work_runs_on_the_device_thread_taking_turns_with_image_batches():
     async def main():
         done = []
         tasks = []
-        encoder, batcher, running = await held_device(items(0), max_batch=1, stats=BatchStats())
+        encoder, batcher, running = await held_device(items(0), max_batch=1)
         for i in range(3):  # while the device is held, three texts and three images wait
             tasks.append(
                 asyncio.create_task(
