@@ -1,38 +1,23 @@
 """Shared fixtures: tiny random CLIP + random official-format projection, saved to files and loaded
-through the same code a real checkpoint takes; synthetic images and videos made with PIL and PyAV."""
+through the same code a real checkpoint takes, and the team's development data where it is present.
+Helpers that are not fixtures are in tests/support.py."""
 
 from __future__ import annotations
 
-import asyncio
-import io
-import os
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager
-from fractions import Fraction
 from pathlib import Path
-from typing import ClassVar
 
-import av
-import httpx
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from bench import SHARED_DATA
-from bench.server import free_port
 from model.registry import open_clip_models
+from tests.support import TINY_MODEL, service_settings, tiny_settings, wait_ready
 
 open_clip = open_clip_models()  # with the bundled fer-tiny architecture registered
 
-SHARED_DOCS = SHARED_DATA.parent / "docs"
-TINY_MODEL = "fer-tiny"
 PROJECTION_DIM = 4096
-INDEX_BITS = 12  # frame index written as 12 black/white cells, robust to lossy codecs
+# The team's shared folder beside this checkout: development data and the official code's prompt lists,
+# never copied into the repository.
+SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -42,6 +27,25 @@ def float32_encoders():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FER_DTYPE", "float32")
         yield
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The development data set (FER+ validation images, MAFW clips); a test that needs it is skipped,
+    saying so, on a machine without it."""
+    if not all((SHARED / "data" / name).is_dir() for name in ("ferplus_valid", "mafw_samples")):
+        pytest.skip(
+            "the development data set (FER images and clips, ../shared/data beside the checkout) "
+            "is not on this machine"
+        )
+    return SHARED / "data"
+
+
+@pytest.fixture(scope="session")
+def official_prompts_file() -> Path | None:
+    """The official code's prompt lists as extracted from it (../shared/docs), or None where absent."""
+    path = SHARED / "docs" / "official_prompts.json"
+    return path if path.is_file() else None
 
 
 @pytest.fixture(scope="session")
@@ -92,20 +96,6 @@ def model_env(monkeypatch, tiny_clip_path, official_projection_path, tmp_path):
     return env
 
 
-def tiny_settings(clip_path: Path, projection_path: Path | str, **fields):
-    """ModelSettings for the tiny model files on the CPU, exp-clip preprocessing (`fields` override;
-    FER_DTYPE from the environment unless given). `projection_path` may be "none"."""
-    from model.settings import ModelSettings
-
-    defaults = {"preprocess": "exp-clip", "device": "cpu"}
-    return ModelSettings(
-        clip_model=TINY_MODEL,
-        clip_weights=str(clip_path),
-        projection=str(projection_path),
-        **defaults | fields,
-    )
-
-
 @pytest.fixture(scope="session")
 def engine(tiny_clip_path, official_projection_path):
     from model.engine import create_engine
@@ -113,149 +103,13 @@ def engine(tiny_clip_path, official_projection_path):
     return create_engine(tiny_settings(tiny_clip_path, official_projection_path))
 
 
-def encode_images(engine, images) -> torch.Tensor:
-    """Projected features of whole images, through the pipeline's prepare and direct-encode stages."""
-    from model.pipeline import encode_in_batches
+@pytest.fixture
+def client(engine):
+    """The service's app on the tiny model, ready, through a TestClient."""
+    from fastapi.testclient import TestClient
 
-    return encode_in_batches(engine.encode_pixels, engine.prepare_many(images), 64)
+    from service.app import create_app
 
-
-def encode_clip(engine, frames) -> torch.Tensor:
-    """A clip's pooled feature from its frames."""
-    from model.pipeline import pool
-
-    return pool(encode_images(engine, frames))
-
-
-def wait_ready(client) -> None:
-    """Polls /readyz of a (TestClient) app until the background load is done; fails if it never is."""
-    for _ in range(200):
-        if client.get("/readyz").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"never ready: {client.get('/readyz').json()}")
-
-
-class DeviceFeatures(torch.Tensor):
-    """Stands for a tensor on a GPU (none here): records the threads that copy it to the CPU."""
-
-    copied_in: ClassVar[list[str]] = []
-
-    def cpu(self, *args, **kwargs):
-        DeviceFeatures.copied_in.append(threading.current_thread().name)
-        return self.as_subclass(torch.Tensor).clone()
-
-
-def run_bounded(coro: Coroutine, seconds: float = 60.0):
-    """`asyncio.run` with a deadline: a test that waits on the app's state fails instead of hanging."""
-    return asyncio.run(asyncio.wait_for(coro, seconds))
-
-
-@contextmanager
-def fer_serve(
-    env: dict, *args: str, ready_path: str = "/readyz"
-) -> Iterator[tuple[httpx.Client, subprocess.Popen]]:
-    """`fer serve` in a subprocess on a free loopback port, with `env` over this process's environment;
-    yields (httpx client, process) once `ready_path` answers 200, and fails if it never does."""
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "cli.main",
-        "serve",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        *args,
-    ]
-    server = subprocess.Popen(command, env={**os.environ, **env})
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-            for _ in range(600):
-                try:
-                    if http.get(ready_path).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert server.poll() is None, "fer serve exited"
-                time.sleep(0.2)
-            else:
-                raise AssertionError(f"fer serve was not ready within 120 s ({ready_path})")
-            yield http, server
-    finally:
-        if server.poll() is None:
-            server.terminate()
-            server.wait(30)
-
-
-def face_image(seed: int = 0, size: tuple[int, int] = (96, 80)) -> Image.Image:
-    """A random colour image; content does not matter to a random model, determinism does."""
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def index_frame(index: int, size: int = 64) -> np.ndarray:
-    """An RGB frame whose pixels spell `index` in binary: one 16x16 cell per bit."""
-    frame = np.zeros((size, size, 3), dtype=np.uint8)
-    cell = size // 4
-    for bit in range(INDEX_BITS):
-        if index >> bit & 1:
-            row, col = divmod(bit, 4)
-            frame[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell] = 255
-    return frame
-
-
-def read_index(image: Image.Image) -> int:
-    pixels = np.asarray(image.convert("L").resize((64, 64)), dtype=np.float32)
-    value = 0
-    for bit in range(INDEX_BITS):
-        row, col = divmod(bit, 4)
-        if pixels[row * 16 + 4 : row * 16 + 12, col * 16 + 4 : col * 16 + 12].mean() > 127:
-            value |= 1 << bit
-    return value
-
-
-def make_video(
-    path: Path, n_frames: int, *, fps: int = 25, codec: str = "libx264", gop: int = 25, size: int = 64
-) -> Path:
-    """A clip whose frame i shows i in binary (see `index_frame`)."""
-    pix_fmt = {"gif": "rgb8", "mpeg4": "yuv420p"}.get(codec, "yuv420p")
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps, 1))
-        stream.width = stream.height = size
-        stream.pix_fmt = pix_fmt
-        if codec not in ("gif",):
-            stream.codec_context.gop_size = gop
-        if codec == "libx264":
-            stream.options = {"preset": "ultrafast", "crf": "18"}
-        for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(index_frame(i, size), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def two_faces() -> tuple[bytes, list[list[int]]]:
-    """The astronaut photo (a real face shipped with scikit-image) pasted twice at known places: PNG
-    bytes and each face's expected [x, y, side], largest first."""
-    from skimage import data as skimage_data
-
-    face = Image.fromarray(skimage_data.astronaut())
-    canvas = Image.new("RGB", (1000, 560), "gray")
-    canvas.paste(face.resize((420, 420)), (20, 60))
-    canvas.paste(face.resize((500, 500)), (480, 30))
-    # astronaut's face is near (177, 67, 93, 93) in the 512 px original
-    expected = [
-        [480 + 177 * 500 // 512, 30 + 67 * 500 // 512, 91],
-        [20 + 177 * 420 // 512, 60 + 67 * 420 // 512, 76],
-    ]
-    return png(canvas), expected
+    with TestClient(create_app(service_settings(), engine_factory=lambda s: engine)) as c:
+        wait_ready(c)
+        yield c

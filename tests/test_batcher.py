@@ -10,7 +10,7 @@ import torch
 
 import service.batcher
 from service.batcher import Batcher, BatchFailed, BatchStats, ClientGone
-from tests.conftest import DeviceFeatures, run_bounded
+from tests.support import DeviceFeatures, run_bounded
 
 
 def items(*values: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import pytest
 from cli.main import main
 from model.pipeline import classify, pool
 from model.prompts import BASIC7
-from tests.conftest import SHARED_DATA, encode_images, face_image, make_video
+from tests.support import encode_images, face_image, make_video
 
 
 def run_cli(capsys, *argv):
@@ -120,12 +120,11 @@ def test_retrieve_ranks_every_description(model_env, tmp_path, capsys):
     assert {r["text"] for r in ranking} <= {"smiles", "frowns deeply", "raises eyebrows"}
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not here")
-def test_cli_on_shared_data(model_env, capsys):
-    images = sorted((SHARED_DATA / "ferplus_valid" / "images").glob("*.png"))[:4]
+def test_cli_on_shared_data(model_env, capsys, shared_data):
+    images = sorted((shared_data / "ferplus_valid" / "images").glob("*.png"))[:4]
     code, rows, _ = run_cli(capsys, "predict", "--classes", "ferplus", *map(str, images))
     assert code == 0 and len(rows) == 4 and all(len(r["probabilities"]) == 8 for r in rows)
-    clips = sorted((SHARED_DATA / "mafw_samples" / "clips").glob("*.gif"))[:2]
+    clips = sorted((shared_data / "mafw_samples" / "clips").glob("*.gif"))[:2]
     code, rows, _ = run_cli(capsys, "predict-video", "--classes", "mafw", *map(str, clips))
     assert code == 0 and len(rows) == 2 and all(len(r["probabilities"]) == 11 for r in rows)
 

@@ -17,8 +17,7 @@ from model.pipeline import classify, pool, pool_groups, rank_descriptions
 from model.projection import ProjectionError, load_projection, save_projection
 from model.prompts import BASIC7, CLASS_PRESETS, PROMPT_SETS, LabelError, resolve_classes, resolve_prompt_set
 from model.settings import ModelSettings, dtype_for
-from tests.conftest import (
-    SHARED_DOCS,
+from tests.support import (
     TINY_MODEL,
     DeviceFeatures,
     encode_clip,
@@ -27,11 +26,8 @@ from tests.conftest import (
     tiny_settings,
 )
 
-OFFICIAL_SOURCE = (
-    SHARED_DOCS / "official_prompts.json"
-    if (SHARED_DOCS / "official_prompts.json").is_file()
-    else resources.files("model") / "data" / "official_prompts.json"
-)
+# The package's copy of the official lists (test_prompts checks it against the official code's).
+OFFICIAL_SOURCE = resources.files("model") / "data" / "official_prompts.json"
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +80,7 @@ def score_with(engine, features, classes, prompt_set):
 
 
 def official_lists(classes, prompt_set):
-    """The official lists as the test's own copy holds them: ../shared/docs when present, else the
-    package's data file (which test_prompts checks against ../shared and against pinned prompts)."""
+    """The official lists as the package's data file holds them."""
     lists = json.loads(OFFICIAL_SOURCE.read_text())[prompt_set]
     return [lists[c] for c in classes]
 

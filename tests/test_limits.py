@@ -21,7 +21,16 @@ from model.media import DecodeBudget
 from service.app import create_app
 from service.limits import UploadLimits
 from service.settings import ServiceSettings
-from tests.conftest import face_image, fer_serve, make_video, png, run_bounded, wait_ready
+from tests.support import (
+    asgi_request,
+    face_image,
+    fer_serve,
+    make_video,
+    png,
+    run_bounded,
+    until,
+    wait_ready,
+)
 
 
 def settings(**overrides) -> ServiceSettings:
@@ -79,41 +88,17 @@ def test_a_client_that_leaves_stops_its_decode(engine, tmp_path, monkeypatch):
 
     monkeypatch.setattr(DecodeBudget, "charge", slow)
     app = create_app(settings(), engine_factory=lambda s: engine)
-    body = httpx.Request(
+    request = httpx.Request(
         "POST",
         "http://t/predict-video",
         files={"file": ("c.mp4", make_video(tmp_path / "c.mp4", 500).read_bytes())},
     )
-    content, content_type = body.read(), body.headers["content-type"]
 
     async def main():
         async with app.router.lifespan_context(app):
-            while not app.state.runtime.ready:
-                await asyncio.sleep(0.05)
-            delivered = False
-
-            async def receive():
-                nonlocal delivered
-                if not delivered:
-                    delivered = True
-                    return {"type": "http.request", "body": content, "more_body": False}
-                while not decoded:  # the client leaves once decoding has started
-                    await asyncio.sleep(0.01)
-                return {"type": "http.disconnect"}
-
-            sent = []
-
-            async def send(message):
-                sent.append(message)
-
-            scope = {
-                "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                "scheme": "http", "path": "/predict-video", "raw_path": b"/predict-video", "query_string": b"",
-                "root_path": "", "server": ("t", 80), "client": ("127.0.0.1", 1),
-                "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(content)).encode())],
-            }  # fmt: skip
-            await app(scope, receive, send)
-            return sent
+            await until(lambda: app.state.runtime.ready, "the model's load")
+            # The client leaves once decoding has started.
+            return await asgi_request(app, request, lambda: until(lambda: decoded, "the first decoded frame"))
 
     sent = run_bounded(main())
     assert sent[0]["status"] == 499

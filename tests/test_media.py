@@ -25,7 +25,7 @@ from model.media import (
     read_video,
     sample_frame_indices,
 )
-from tests.conftest import make_video, read_index
+from tests.support import make_video, read_index
 
 
 def test_sampling_rule_on_reference_lengths():

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from cli.main import main
 from service.app import create_app
 from service.settings import ServiceSettings
-from tests.conftest import face_image, make_video, png, two_faces, wait_ready
+from tests.support import face_image, make_video, png, two_faces, wait_ready
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from cli.main import main  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.settings import ServiceSettings  # noqa: E402
 from tests import test_train  # noqa: E402
-from tests.conftest import free_port, make_video, two_faces, wait_ready  # noqa: E402
+from tests.support import free_port, make_video, two_faces, wait_ready  # noqa: E402
 from tests.test_eval import make_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

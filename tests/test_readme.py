@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -20,7 +19,7 @@ import pytest
 from PIL import Image
 from skimage import data as skimage_data
 
-from tests.conftest import make_video
+from tests.support import make_video, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -70,14 +69,14 @@ def served(workdir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FER_")}
     server = subprocess.Popen(command, shell=True, cwd=workdir, env=env, start_new_session=True)
     try:
-        for _ in range(900):
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
+
+        def ready() -> bool:
             assert server.poll() is None, "the README's serve command exited"
-            time.sleep(0.1)
-        else:
-            raise AssertionError("the README's serve command was not ready within 90 s")
+            with contextlib.suppress(httpx.TransportError):
+                return httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
+            return False
+
+        wait_until(ready, "the README's serve command answering /readyz", seconds=90, every=0.1)
         yield port
     finally:
         os.killpg(server.pid, 15)

@@ -23,7 +23,7 @@ from model.train.config import INSTRUCTIONS, FitConfig
 from model.train.extract import extract, list_images
 from model.train.fit import fit, symmetric_infonce
 from model.train.teacher import Teacher
-from tests.conftest import TINY_MODEL, encode_images, face_image, tiny_settings, wait_ready
+from tests.support import TINY_MODEL, encode_images, face_image, tiny_settings, wait_ready
 
 TEACHER_IMAGE_SIZE = 32  # not BlipImageProcessor's default (384): proves the saved processor is used
 T5_DIM = 24

@@ -16,7 +16,6 @@ import re
 import shutil
 import socket
 import threading
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -25,7 +24,7 @@ import pytest
 from PIL import Image
 from skimage import data as skimage_data
 
-from tests.conftest import make_video
+from tests.support import make_video, wait_until
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)"
@@ -90,16 +89,15 @@ def running(**settings):
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="web-test-server", daemon=True)
     thread.start()
     headers = {"X-API-Key": settings["api_key"]} if "api_key" in settings else {}
-    deadline = time.monotonic() + 90
-    while True:
+
+    def ready() -> bool:
+        assert thread.is_alive(), "the demo service's server thread ended"
         try:
-            if httpx.get(f"{base}/readyz", timeout=2, headers=headers).status_code == 200:
-                break
+            return httpx.get(f"{base}/readyz", timeout=2, headers=headers).status_code == 200
         except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise AssertionError("the demo service never became ready")
-        time.sleep(0.1)
+            return False
+
+    wait_until(ready, "the demo service's readiness", seconds=90, every=0.1)
     try:
         yield base
     finally:

@@ -25,7 +25,7 @@ from model import registry as presets
 from model.registry import Preset, ProjectionRelease
 from model.weights import download
 from model.weights import store as weights
-from tests.conftest import TINY_MODEL
+from tests.support import TINY_MODEL
 
 MIRROR_SETTING = "FER_WEIGHTS_MIRROR"
 
