@@ -92,7 +92,7 @@ class Runner:
         from model.pipeline import open_source
 
         with open_source(path) as source:
-            return prepare(source, self.engine, self.detector, self.options)
+            return prepare(source, self.engine.prepare_many, self.detector, self.options)
 
     def encode(self, prepared: Sequence) -> list:
         import torch

@@ -6,6 +6,7 @@ Nothing here downloads or looks for files: `model.registry.resolve_model` has fo
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,18 @@ def preprocess_config(spec: ModelSpec) -> PreprocessConfig:
 def clip_transform(spec: ModelSpec) -> T.Compose:
     """The engine's `prepare_transform` for `spec`, without loading any weights."""
     return pil_transform(spec.preprocess, preprocess_config(spec))
+
+
+@dataclass(frozen=True)
+class ToPixels:
+    """PIL images -> the encoder's uint8 input [N, 3, S, S]: the preprocessing that the pipeline's CPU
+    stages (model.pipeline) and training's loaders take. A plain picklable value, so DataLoader workers
+    and Ray's decode actors hold it without the model."""
+
+    transform: Callable[[Image.Image], torch.Tensor]  # one image (`pil_transform`)
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.stack([self.transform(image) for image in images])
 
 
 def pil_transform(kind: str, cfg: PreprocessConfig) -> T.Compose:

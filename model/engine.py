@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.clip import LoadedClip, Normaliser, load_clip, pil_transform
+from model.clip import LoadedClip, Normaliser, ToPixels, load_clip, pil_transform
 from model.projection import check_compatible, load_projection
 from model.prompts import prompt_texts
 from model.registry import RANDOM, ModelSpec
@@ -51,6 +51,7 @@ class FerEngine:
         self.tokenizer = clip.tokenizer
         self.image_size = clip.preprocess.image_size
         self.prepare_transform = pil_transform(preprocess, clip.preprocess)
+        self.to_pixels = ToPixels(self.prepare_transform)  # what the CPU stages and loaders take
         self.normaliser = Normaliser(preprocess, clip.preprocess).to(self.device)
         self.embed_dim = clip.embed_dim
         self.projection = None if projection is None else projection.float().to(self.device)
@@ -93,7 +94,7 @@ class FerEngine:
         return self.prepare_transform(image)
 
     def prepare_many(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return torch.stack([self.prepare(im) for im in images])
+        return self.to_pixels(images)
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:

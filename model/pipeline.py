@@ -4,7 +4,9 @@ commands, `fer eval`, training's CLIP side):
     decode (model.media) -> find faces -> crop -> prepare (uint8 pixels) -> encode -> project -> score
 
 The CPU stages (`prepare_image`, `prepare_video`, `prepare_clip`) turn a file into the encoder's uint8
-input plus what the answer needs to say about it (faces, sampled frames). Encoding is the caller's
+input plus what the answer needs to say about it (faces, sampled frames). They take the preprocessing
+itself (`Preprocess`: the engine's `prepare_many`, or a `model.clip.ToPixels` where no model is loaded),
+a face detector and the options, never the engine. Encoding is the caller's
 choice of encoder (`encode_in_batches` on the engine, or the service's cross-request batcher), since
 only the caller knows what else shares the device. The score stage (`predict_image`, `predict_video`,
 `rank_descriptions`) turns projected features and class text features into result objects that the
@@ -31,13 +33,13 @@ if TYPE_CHECKING:
 
     from PIL import Image
 
-    from model.engine import FerEngine
     from model.faces.base import Face, FaceDetector
 
 LOGIT_SCALE = 100.0  # CLIP's logit scale (exp of the stored value), as the official scoring uses
 NO_FACE_NOTE = "no face found: the whole image was classified"
 Source = BinaryIO | bytes | str
 Encode = Callable[[torch.Tensor], torch.Tensor]
+Preprocess = Callable[[Sequence["Image.Image"]], torch.Tensor]  # images -> uint8 [N, 3, S, S]
 
 
 # ---- CPU stages: decode -> faces -> crop -> prepare --------------------------------------------------
@@ -69,7 +71,7 @@ def crops(image: Image.Image, faces: Sequence[Face], options: PipelineOptions) -
 
 def prepare_image(
     source: Source,
-    engine: FerEngine,
+    to_pixels: Preprocess,
     detector: FaceDetector | None,
     options: PipelineOptions,
     stop: threading.Event | None = None,
@@ -79,7 +81,7 @@ def prepare_image(
     if stop is not None and stop.is_set():
         raise DecodeStopped()
     faces = find_faces(image, detector, options)
-    return PreparedImage(engine.prepare_many(crops(image, faces, options)), faces)
+    return PreparedImage(to_pixels(crops(image, faces, options)), faces)
 
 
 def largest_face_in_frame(
@@ -97,7 +99,7 @@ def largest_face_in_frame(
 
 def prepare_video(
     source: Source,
-    engine: FerEngine,
+    to_pixels: Preprocess,
     detector: FaceDetector | None,
     options: PipelineOptions,
     stop: threading.Event | None = None,
@@ -113,12 +115,12 @@ def prepare_video(
         rows.extend(crops(frame, faces, options))
         found.append(bool(faces))
     # The decoded frames (up to ~100 MB at 1080p) are not kept while the request waits for the encoder.
-    return PreparedVideo(engine.prepare_many(rows), dataclasses.replace(clip, frames=[]), found)
+    return PreparedVideo(to_pixels(rows), dataclasses.replace(clip, frames=[]), found)
 
 
 def prepare_clip(
     source: Source,
-    engine: FerEngine,
+    to_pixels: Preprocess,
     detector: FaceDetector | None,
     options: PipelineOptions,
     stop: threading.Event | None = None,
@@ -128,8 +130,8 @@ def prepare_clip(
     """An input as a clip (retrieval, evaluation): a still image is a one-frame clip of its largest
     face (or of the whole image); a video gives its sampled frames."""
     if still:
-        return prepare_image(source, engine, detector, options.replace(max_faces=1), stop)
-    return prepare_video(source, engine, detector, options, stop)
+        return prepare_image(source, to_pixels, detector, options.replace(max_faces=1), stop)
+    return prepare_video(source, to_pixels, detector, options, stop)
 
 
 def open_source(path: str | Path) -> BinaryIO:

@@ -42,7 +42,11 @@ class ClientGone(Exception):
 
 
 class BatchFailed(Exception):
-    """The encoder call that held this job's rows raised."""
+    """The encoder call that held this job's rows raised. The message is for clients, in the project's
+    words; the device's own error (a CUDA message, a shape) is in the log line of the failed call."""
+
+    def __init__(self, detail: str = "the model failed on the batch that held this request's rows"):
+        super().__init__(detail)
 
 
 @dataclass
@@ -59,6 +63,7 @@ class _Job:
     pixels: torch.Tensor
     future: asyncio.Future
     enqueued: float
+    on_wait: Callable[[float], None] | None = None  # the request's own queue wait
     taken: int = 0  # rows handed to batches so far
     parts: list[torch.Tensor] = field(default_factory=list)
     cancelled: bool = False
@@ -146,11 +151,17 @@ class Batcher:
 
         return withdraw
 
-    async def submit(self, pixels: torch.Tensor, is_disconnected: Disconnected | None = None) -> torch.Tensor:
-        """Queue `pixels` [k, ...] and wait for the encoder's k rows, in order."""
+    async def submit(
+        self,
+        pixels: torch.Tensor,
+        is_disconnected: Disconnected | None = None,
+        on_wait: Callable[[float], None] | None = None,
+    ) -> torch.Tensor:
+        """Queue `pixels` [k, ...] and wait for the encoder's k rows, in order. `on_wait` is told how
+        long the first rows waited for an encoder call (the response's timing)."""
         if pixels.shape[0] == 0:
             raise ValueError("nothing to encode")
-        job = _Job(pixels, asyncio.get_running_loop().create_future(), time.monotonic())
+        job = _Job(pixels, asyncio.get_running_loop().create_future(), time.monotonic(), on_wait)
         self._queue.append(job)
         self._depth += job.remaining
         self._wakeup.set()
@@ -222,6 +233,8 @@ class Batcher:
         for job, start, _ in taken:
             if start == 0:
                 self.stats.on_wait(started - job.enqueued)
+                if job.on_wait is not None:
+                    job.on_wait(started - job.enqueued)
         self._in_flight = [job for job, _, _ in taken]
         try:
             # The concatenation runs in the device thread too: no work proportional to the batch
@@ -231,10 +244,10 @@ class Batcher:
             )
             if features.shape[0] != n_rows:
                 raise RuntimeError(f"encoder returned {features.shape[0]} rows for {n_rows} inputs")
-        except Exception as exc:  # one bad batch fails its own jobs; the loop serves on
-            log.exception("encoder call on %d items failed", n_rows)
+        except Exception:  # one bad batch fails its own jobs; the loop serves on
+            log.exception("encoder call on %d items failed", n_rows)  # the cause, for the operator
             for job, _, _ in taken:
-                self._fail(job, exc)
+                self._fail(job)
             return
         finally:
             self.calls += 1
@@ -299,10 +312,10 @@ class Batcher:
             if stop == job.pixels.shape[0]:
                 job.future.set_result(job.parts[0] if len(job.parts) == 1 else torch.cat(job.parts))
 
-    def _fail(self, job: _Job, exc: Exception) -> None:
+    def _fail(self, job: _Job) -> None:
         self._dequeue(job)  # a split job: drop its remaining rows too
         if not job.future.done():
-            job.future.set_exception(BatchFailed(str(exc) or type(exc).__name__))
+            job.future.set_exception(BatchFailed())
 
 
 async def wait_watched(future: asyncio.Future, is_disconnected: Disconnected | None):

@@ -1,179 +1,252 @@
-"""The request pipeline: a request's places are admitted first, then the pipeline's CPU stages run in a
-decode pool (videos in their own), the encoder call goes through the shared batcher, and scoring runs
-in the pool again. The stages are model.pipeline's, the same the `fer` commands call; this module only
-decides where and when each one runs, and stops a decode whose client has left."""
+"""The request path, as named stages that one runner takes a request through (LitServe's hooks: decode,
+batch, predict, unbatch, encode):
+
+    admission -> decode pool (a model.pipeline CPU stage) -> batcher (the encoder) -> text features
+      -> scoring (decode pool) -> the response schema
+
+Two small values carry what the stages need. A `Work`, one per endpoint and made by one small function
+(`predict_image`, `predict_video`, `retrieve`), says which encoder rows its input may give (as admission
+counts them: a still image's or a clip's frames), how to prepare it, which texts it is scored against,
+how to score it and which response to build. A `Call`, one per request, holds the loaded model (taken
+once), the upload, the options, the client's disconnect check and the clock. `run(call, work)` goes
+through the stages. They are model.pipeline's, the same the `fer` commands call; this module decides
+where and when each one runs, and stops a decode whose client has left.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import torch
+from pydantic import BaseModel
 
 from model import pipeline
+from model.engine import FerEngine
+from model.media import is_still_image
 from model.options import PipelineOptions
-from service.admission import Reservation
+from model.prompts import prompt_texts
+from service.admission import Places
 from service.batcher import ClientGone, Disconnected, wait_watched
-from service.runtime import Runtime
+from service.runtime import Loaded, Runtime
+from service.schemas import PredictResponse, RetrieveResponse, Timing, VideoResponse
 
 TEXT_CHUNK = 16  # descriptions encoded per device task: image batches get a turn between chunks
 
 
+# ---- a request --------------------------------------------------------------------------------------
 @dataclass
 class Clock:
-    """When a request started and when its decoding ended (the response's `timing`)."""
+    """When a request started, when its decoding ended and how long its rows waited for the encoder
+    (the batcher says): the response's `timing`."""
 
     started: float = field(default_factory=time.perf_counter)
     decoded: float | None = None
+    queued_s: float = 0.0
 
+    def waited(self, seconds: float) -> None:
+        self.queued_s = seconds
 
-async def _prepare(
-    runtime: Runtime,
-    prepare: Callable,
-    source: BinaryIO,
-    options: PipelineOptions,
-    clock: Clock,
-    is_disconnected: Disconnected | None,
-    video: bool,
-):
-    """A CPU stage in its pool, announced to the batcher so it may wait for this request; while it
-    runs, the client is watched and the stage told to stop if it leaves."""
-    engine, batcher = runtime.require()
-    withdraw = batcher.expect()
-    stop = threading.Event()
-    pool = runtime.video_pool if video else runtime.decode_pool
-    work = asyncio.ensure_future(
-        runtime.offload(prepare, source, engine, runtime.detector, options, stop, pool=pool)
-    )
-    try:
-        return await wait_watched(work, is_disconnected)
-    except ClientGone:
-        stop.set()  # the stage ends at its next check and raises DecodeStopped
-        return await work
-    finally:
-        withdraw()
-        clock.decoded = time.perf_counter()
-
-
-async def _encode(
-    runtime: Runtime,
-    reservation: Reservation,
-    kind: str,
-    prepare: Callable,
-    source: BinaryIO,
-    options: PipelineOptions,
-    clock: Clock,
-    is_disconnected: Disconnected | None,
-):
-    """The input's rows through `prepare` and the batcher; `kind` ("images" or "frames") is what the
-    reservation counts them as, and it shrinks to the rows `prepare` gave (a short clip, fewer faces)."""
-    prepared = await _prepare(runtime, prepare, source, options, clock, is_disconnected, kind == "frames")
-    reservation.shrink(**{kind: len(prepared.pixels)})
-    features = await runtime.batcher.submit(prepared.pixels, is_disconnected)
-    return prepared, features
-
-
-async def classify(
-    runtime: Runtime,
-    prepare: Callable,
-    score: Callable,
-    source: BinaryIO,
-    classes: tuple[str, ...],
-    prompt_set: str,
-    options: PipelineOptions,
-    kind: str,
-    most: int,
-    is_disconnected: Disconnected | None = None,
-):
-    """An input scored against a class list: `prepare` (a pipeline CPU stage), the encoder call through
-    the batcher, the class list's text features (cached, or encoded on the device thread), then
-    `score(prepared, features, text)` in the pool. `most`: the most rows `prepare` can give, as
-    admission counts them (`kind`: "images" or "frames"), taken before decoding."""
-    clock = Clock()
-    texts = runtime.text_items(classes, prompt_set)
-    with runtime.admission.reserve(**{kind: most}, shared_texts=texts) as reservation:
-        prepared, features = await _encode(
-            runtime, reservation, kind, prepare, source, options, clock, is_disconnected
+    def timing(self) -> Timing:
+        now = time.perf_counter()
+        decoded = self.decoded or now
+        return Timing(
+            decode_ms=_ms(decoded - self.started),
+            queue_ms=_ms(self.queued_s),
+            inference_ms=_ms(now - decoded - self.queued_s),
+            total_ms=_ms(now - self.started),
         )
-        text = await runtime.class_features(classes, prompt_set, is_disconnected)
-        result = await runtime.offload(score, prepared, features, text)
-    return result, clock
 
 
-async def predict_image(
-    runtime: Runtime,
-    source: BinaryIO,
-    classes: tuple[str, ...],
-    prompt_set: str,
-    options: PipelineOptions,
-    is_disconnected: Disconnected | None = None,
-) -> tuple[pipeline.ImagePrediction, Clock]:
-    def score(prepared, features, text):
-        return pipeline.predict_image(prepared, features, text, classes, prompt_set, options)
-
-    most = options.max_faces if options.detect_faces else 1
-    return await classify(
-        runtime, pipeline.prepare_image, score, source, classes, prompt_set, options, "images", most,
-        is_disconnected,
-    )  # fmt: skip
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
 
 
-async def predict_video(
-    runtime: Runtime,
-    source: BinaryIO,
-    classes: tuple[str, ...],
-    prompt_set: str,
-    options: PipelineOptions,
-    per_frame: bool,
-    is_disconnected: Disconnected | None = None,
-) -> tuple[pipeline.VideoPrediction, Clock]:
-    def score(prepared, features, text):
-        return pipeline.predict_video(prepared, features, text, classes, prompt_set, per_frame)
+@dataclass
+class Call:
+    """One request, as its stages use it."""
 
-    return await classify(
-        runtime, pipeline.prepare_video, score, source, classes, prompt_set, options, "frames", options.frames,
-        is_disconnected,
-    )  # fmt: skip
+    runtime: Runtime  # the pools and admission
+    model: Loaded  # taken once, when the request starts
+    source: BinaryIO  # the upload
+    media_type: str | None  # as the client declared it
+    options: PipelineOptions
+    is_disconnected: Disconnected | None = None
+    clock: Clock = field(default_factory=Clock)
 
 
-async def retrieve(
-    runtime: Runtime,
-    source: BinaryIO,
-    still: bool,
-    descriptions: list[str],
-    top_k: int,
-    options: PipelineOptions,
-    is_disconnected: Disconnected | None = None,
-) -> tuple[pipeline.Ranking, Clock]:
-    clock = Clock()
-    engine, batcher = runtime.require()
-    kind, most = ("images", 1) if still else ("frames", options.frames)
-    with runtime.admission.reserve(**{kind: most}, texts=len(descriptions)) as reservation:
-        prepare = partial(pipeline.prepare_clip, still=still)
-        prepared, features = await _encode(
-            runtime, reservation, kind, prepare, source, options, clock, is_disconnected
+# ---- what an endpoint asks for ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class TextPlaces:
+    """The texts a request has encoded, as admission counts them."""
+
+    own: int = 0  # encoded for this request alone: from its own share of the queue
+    shared: int = 0  # encoded once and then used by every later request (a new class list's prompts)
+
+
+class Texts(Protocol):
+    """A request's text side: what admission must count, and the features it is scored against."""
+
+    def places(self, engine: FerEngine) -> TextPlaces: ...
+
+    async def features(self, model: Loaded, is_disconnected: Disconnected | None) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class ClassPrompts:
+    """A class list's prompt features [C, P, D]: from the engine's cache, or encoded on the device thread
+    once, then cached for every later request."""
+
+    classes: tuple[str, ...]
+    prompt_set: str
+
+    def places(self, engine: FerEngine) -> TextPlaces:
+        cached = engine.cached_class_features(self.classes, self.prompt_set) is not None
+        return TextPlaces(shared=0 if cached else self._count())
+
+    async def features(self, model: Loaded, is_disconnected: Disconnected | None) -> torch.Tensor:
+        text = model.engine.cached_class_features(self.classes, self.prompt_set)
+        if text is None:
+            text = await model.batcher.run(
+                model.engine.class_features,
+                self.classes,
+                self.prompt_set,
+                items=self._count(),
+                is_disconnected=is_disconnected,
+            )
+        return text
+
+    def _count(self) -> int:
+        return len(prompt_texts(self.classes, self.prompt_set))
+
+
+@dataclass(frozen=True)
+class Descriptions:
+    """Free-text descriptions' features [T, D], encoded for this request alone on the device thread."""
+
+    texts: list[str]
+
+    def places(self, engine: FerEngine) -> TextPlaces:
+        return TextPlaces(own=len(self.texts))
+
+    async def features(self, model: Loaded, is_disconnected: Disconnected | None) -> torch.Tensor:
+        chunks = [self.texts[i : i + TEXT_CHUNK] for i in range(0, len(self.texts), TEXT_CHUNK)]
+        return torch.cat(
+            [
+                await model.batcher.run(
+                    _encode_texts, model.engine, chunk, items=len(chunk), is_disconnected=is_disconnected
+                )
+                for chunk in chunks
+            ]
         )
-        chunks = [descriptions[i : i + TEXT_CHUNK] for i in range(0, len(descriptions), TEXT_CHUNK)]
-        text = [
-            await batcher.run(_encode_texts, engine, chunk, items=len(chunk), is_disconnected=is_disconnected)
-            for chunk in chunks
-        ]
-        result = await runtime.offload(
-            pipeline.rank_descriptions,
-            features,
-            torch.cat(text),
-            descriptions,
-            top_k,
-            pipeline.media_of(prepared),
-        )
-    return result, clock
 
 
-def _encode_texts(engine, texts: list[str]):
+def _encode_texts(engine: FerEngine, texts: list[str]) -> torch.Tensor:
     """On the device thread, back on the CPU before the thread takes its next work (see the batcher)."""
     return engine.encode_texts(texts).cpu()
+
+
+@dataclass(frozen=True)
+class Work:
+    """What an endpoint asks of the request path."""
+
+    # The most encoder rows the input can give, as admission counts them: `images` (faces, or the whole
+    # image) or `frames` (a clip's sampled frames, decoded in the video pool).
+    rows: Places
+    prepare: Callable[..., Any]  # a model.pipeline CPU stage: (source, to_pixels, detector, options, stop)
+    texts: Texts
+    score: Callable[[Any, torch.Tensor, torch.Tensor], Any]  # (prepared, features, text) -> a result
+    response: type[BaseModel]  # built from the result's fields, the model's name and the timing
+
+
+def predict_image(call: Call, prompts: ClassPrompts) -> Work:
+    """POST /predict: each face (or the whole image) scored against a class list."""
+    options = call.options
+
+    def score(prepared, features, text):
+        return pipeline.predict_image(prepared, features, text, prompts.classes, prompts.prompt_set, options)
+
+    faces = options.max_faces if options.detect_faces else 1
+    return Work(Places(images=faces), pipeline.prepare_image, prompts, score, PredictResponse)
+
+
+def predict_video(call: Call, prompts: ClassPrompts, per_frame: bool) -> Work:
+    """POST /predict-video: a clip's sampled frames pooled and scored against a class list."""
+
+    def score(prepared, features, text):
+        return pipeline.predict_video(
+            prepared, features, text, prompts.classes, prompts.prompt_set, per_frame
+        )
+
+    return Work(Places(frames=call.options.frames), pipeline.prepare_video, prompts, score, VideoResponse)
+
+
+async def retrieve(call: Call, descriptions: list[str], top_k: int) -> Work:
+    """POST /retrieve: a clip (or a still image, a one-frame clip) ranking descriptions. Which of the two
+    the upload is, its head says (read in the decode pool), before admission counts its rows."""
+    still = await call.runtime.offload(is_still_image, call.source, call.media_type)
+
+    def score(prepared, features, text):
+        return pipeline.rank_descriptions(features, text, descriptions, top_k, pipeline.media_of(prepared))
+
+    rows = Places(images=1) if still else Places(frames=call.options.frames)
+    prepare = partial(pipeline.prepare_clip, still=still)
+    return Work(rows, prepare, Descriptions(descriptions), score, RetrieveResponse)
+
+
+# ---- the runner ---------------------------------------------------------------------------------------
+async def run(call: Call, work: Work) -> BaseModel:
+    """The request through every stage. Its places are admitted before any work (429 at once when there
+    is no room) and held until it is scored."""
+    model, rows = call.model, work.rows
+    texts = work.texts.places(model.engine)
+    with call.runtime.admission.reserve(
+        images=rows.images, frames=rows.frames, texts=texts.own, shared_texts=texts.shared
+    ) as reservation:
+        prepared = await _decode(call, work)
+        given = len(prepared.pixels)
+        reservation.shrink(images=given, frames=given)  # the rows it gave; a count it does not hold stays 0
+        features = await model.batcher.submit(
+            prepared.pixels, call.is_disconnected, on_wait=call.clock.waited
+        )
+        text = await work.texts.features(model, call.is_disconnected)
+        result = await call.runtime.offload(work.score, prepared, features, text)
+    return work.response(**asdict(result), model=model.engine.name, timing=call.clock.timing())
+
+
+async def _decode(call: Call, work: Work):
+    """The CPU stage in its pool, announced to the batcher so that it may wait for these rows. The client
+    is watched meanwhile: when it leaves, or the request is cancelled (Ray Serve cancels a request whose
+    client has gone), the stage is told to stop and the request goes no further, even where the stage
+    had already finished."""
+    model, runtime = call.model, call.runtime
+    withdraw = model.batcher.expect()
+    stop = threading.Event()
+    pool = runtime.video_pool if work.rows.frames else runtime.decode_pool
+    decoding = asyncio.ensure_future(
+        runtime.offload(
+            work.prepare,
+            call.source,
+            model.engine.prepare_many,
+            model.detector,
+            call.options,
+            stop,
+            pool=pool,
+        )
+    )
+    try:
+        return await wait_watched(decoding, call.is_disconnected)
+    except (ClientGone, asyncio.CancelledError):
+        stop.set()  # the stage ends at its next check (DecodeStopped)
+        with contextlib.suppress(Exception):
+            await decoding  # its thread is done with the upload before the request lets go of it
+        raise
+    finally:
+        withdraw()
+        call.clock.decoded = time.perf_counter()

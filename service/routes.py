@@ -1,12 +1,12 @@
-"""HTTP endpoints. A handler parses its fields, hands them to the request pipeline (service.inference)
-and builds the response schema from the result; nothing else happens here."""
+"""HTTP endpoints. An inference handler takes the loaded model for its request first (so "still loading"
+comes before any complaint about the upload), checks its fields, and runs its endpoint's work through
+the request path (service.inference), which answers with the response schema; nothing else happens
+here."""
 
 from __future__ import annotations
 
 import functools
 import json
-import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +14,7 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from model.media import WrongMediaKind, is_still_image
+from model.media import WrongMediaKind
 from model.prompts import (
     CLASS_PRESETS,
     CLASS_WORDS,
@@ -24,15 +24,15 @@ from model.prompts import (
     prompt_table,
 )
 from service import inference
-from service.deps import DetectField, FramesField, LabelsDep, RuntimeDep
+from service.deps import DetectField, FramesField, Labels, LabelsDep, RuntimeDep
 from service.errors import InvalidField, NotFound, UnsupportedMediaType
+from service.runtime import Runtime
 from service.schemas import (
     ErrorResponse,
     Health,
     LabelsResponse,
     PredictResponse,
     RetrieveResponse,
-    Timing,
     VideoResponse,
 )
 
@@ -109,17 +109,9 @@ async def predict(
     file: Annotated[UploadFile, File(description="an image")],
     detect_faces: DetectField = True,
 ) -> PredictResponse:
-    runtime.require()  # "still loading" comes before any complaint about the upload
+    call = _call(runtime, request, file, detect_faces)
     _accept(file, "image/", other="video/", other_kind="video")
-    result, clock = await inference.predict_image(
-        runtime,
-        file.file,
-        labels.classes,
-        labels.prompt_set,
-        _options(runtime, detect_faces),
-        request.is_disconnected,
-    )
-    return PredictResponse(**asdict(result), model=runtime.engine.name, timing=_timing(clock))
+    return await inference.run(call, inference.predict_image(call, _prompts(labels)))
 
 
 @router.post("/predict-video", response_model=VideoResponse, responses=ERRORS)
@@ -132,19 +124,10 @@ async def predict_video(
     frames: FramesField = 16,
     per_frame: Annotated[bool, Form(description="add a per-frame timeline")] = False,
 ) -> VideoResponse:
-    runtime.require()
+    call = _call(runtime, request, file, detect_faces, frames)
     _check_frames(frames, runtime.settings.max_frames)
     _accept(file, "video/", "image/gif", other="image/", other_kind="image")
-    result, clock = await inference.predict_video(
-        runtime,
-        file.file,
-        labels.classes,
-        labels.prompt_set,
-        _options(runtime, detect_faces, frames),
-        per_frame,
-        request.is_disconnected,
-    )
-    return VideoResponse(**asdict(result), model=runtime.engine.name, timing=_timing(clock))
+    return await inference.run(call, inference.predict_video(call, _prompts(labels), per_frame))
 
 
 @router.post("/retrieve", response_model=RetrieveResponse, responses=ERRORS)
@@ -159,26 +142,29 @@ async def retrieve(
     frames: FramesField = 16,
     detect_faces: DetectField = True,
 ) -> RetrieveResponse:
-    runtime.require()
+    call = _call(runtime, request, file, detect_faces, frames)
     s = runtime.settings
     texts = _parse_descriptions(descriptions, s.max_descriptions, s.max_description_chars)
     _check_frames(frames, s.max_frames)
     _accept(file, "video/", "image/")
-    result, clock = await inference.retrieve(
-        runtime,
-        file.file,
-        await runtime.offload(is_still_image, file.file, file.content_type),  # reads the file's head
-        texts,
-        top_k,
-        _options(runtime, detect_faces, frames),
-        request.is_disconnected,
+    return await inference.run(call, await inference.retrieve(call, texts, top_k))
+
+
+def _call(
+    runtime: Runtime, request: Request, file: UploadFile, detect_faces: bool, frames: int | None = None
+) -> inference.Call:
+    """The request as the request path takes it, with the loaded model: NotReady (503) while loading."""
+    options = runtime.settings.pipeline_options(detect_faces=detect_faces, frames=frames)
+    return inference.Call(
+        runtime, runtime.require(), file.file, file.content_type, options, request.is_disconnected
     )
-    return RetrieveResponse(**asdict(result), model=runtime.engine.name, timing=_timing(clock))
+
+
+def _prompts(labels: Labels) -> inference.ClassPrompts:
+    return inference.ClassPrompts(labels.classes, labels.prompt_set)
 
 
 # ---- field checks -------------------------------------------------------------------------------
-def _options(runtime, detect_faces: bool, frames: int | None = None):
-    return runtime.settings.pipeline_options(detect_faces=detect_faces, frames=frames)
 
 
 def _check_frames(frames: int, max_frames: int) -> None:
@@ -231,13 +217,3 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _timing(clock: inference.Clock) -> Timing:
-    now = time.perf_counter()
-    decoded = clock.decoded or now
-    return Timing(
-        decode_ms=round((decoded - clock.started) * 1000, 2),
-        inference_ms=round((now - decoded) * 1000, 2),
-        total_ms=round((now - clock.started) * 1000, 2),
-    )

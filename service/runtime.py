@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -17,14 +18,7 @@ from model.engine import FerEngine, create_engine
 from model.faces.base import FaceDetector
 from model.faces.factory import create_detector
 from model.projection import ProjectionError
-from model.prompts import (
-    CLASS_PRESETS,
-    DEFAULT_CLASSES,
-    DEFAULT_PROMPTS,
-    PROMPT_SETS,
-    LabelError,
-    prompt_texts,
-)
+from model.prompts import CLASS_PRESETS, DEFAULT_CLASSES, DEFAULT_PROMPTS, PROMPT_SETS, LabelError
 from model.registry import MissingWeights
 from model.threads import pin_torch_threads
 from service.admission import IMAGE, TEXT, Admission
@@ -39,13 +33,29 @@ EngineFactory = Callable[[ServiceSettings], FerEngine]
 WARMUP_ITEMS = 4
 
 
-class Runtime:
-    """Everything a request needs, kept on `app.state.runtime`."""
+@dataclass(frozen=True)
+class Loaded:
+    """The loaded model as one request uses it, taken once when the request starts (`require`)."""
 
-    def __init__(self, settings: ServiceSettings, engine_factory: EngineFactory = create_engine):
+    engine: FerEngine
+    batcher: Batcher
+    detector: FaceDetector | None
+
+
+class Runtime:
+    """Everything a request needs, kept on `app.state.runtime`. `metrics`: where the service's
+    measurements go (default: its own Prometheus registry; service.ray_serve passes one that also
+    reports to Ray)."""
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        engine_factory: EngineFactory = create_engine,
+        metrics: Metrics | None = None,
+    ):
         self.settings = settings
         self.engine_factory = engine_factory
-        self.metrics = Metrics()
+        self.metrics = metrics or Metrics()
         self.admission = Admission(
             settings.max_queue,
             request_share=settings.max_request_items,
@@ -73,12 +83,12 @@ class Runtime:
     def ready(self) -> bool:
         return self.engine is not None and self.batcher is not None
 
-    def require(self) -> tuple[FerEngine, Batcher]:
+    def require(self) -> Loaded:
         if not self.ready:
             raise NotReady(
                 self.load_error or "the model is still loading; retry when GET /readyz answers 200"
             )
-        return self.engine, self.batcher
+        return Loaded(self.engine, self.batcher, self.detector)
 
     async def offload(self, fn, *args, pool: ThreadPoolExecutor | None = None, **kwargs):
         """Blocking CPU work (decode, face detection, preprocessing, scoring) off the event loop, in the
@@ -138,27 +148,6 @@ class Runtime:
         finally:
             if batcher is not None and self.batcher is not batcher:  # a failed or cancelled warm-up
                 await batcher.stop()
-
-    async def class_features(self, classes: tuple[str, ...], prompt_set: str, is_disconnected=None):
-        """A class list's text features: from the cache, else encoded on the device thread (the
-        request has admitted the texts, see `text_items`)."""
-        engine, batcher = self.require()
-        text = engine.cached_class_features(classes, prompt_set)
-        if text is None:
-            text = await batcher.run(
-                engine.class_features,
-                classes,
-                prompt_set,
-                items=len(prompt_texts(classes, prompt_set)),
-                is_disconnected=is_disconnected,
-            )
-        return text
-
-    def text_items(self, classes: tuple[str, ...], prompt_set: str) -> int:
-        """Texts a request must encode for its class list: none when they are cached."""
-        engine, _ = self.require()
-        cached = engine.cached_class_features(classes, prompt_set) is not None
-        return 0 if cached else len(prompt_texts(classes, prompt_set))
 
     async def close(self) -> None:
         if self.batcher:

@@ -9,7 +9,8 @@ from pydantic import BaseModel, Field
 
 class Timing(BaseModel):
     decode_ms: float = Field(description="decoding, face detection and preprocessing (thread pool)")
-    inference_ms: float = Field(description="queue wait + the shared encoder call + scoring")
+    queue_ms: float = Field(description="waiting for the shared encoder, until a call took the first rows")
+    inference_ms: float = Field(description="the shared encoder call(s), the text features and scoring")
     total_ms: float
 
 

@@ -128,7 +128,8 @@ def test_predict_reports_every_face_largest_first(client):
         assert sum(face["probabilities"].values()) == pytest.approx(1, abs=1e-5)
     assert body["probabilities"] == body["faces"][0]["probabilities"]
     assert body["label"] == body["faces"][0]["label"]
-    assert set(body["timing"]) == {"decode_ms", "inference_ms", "total_ms"} and body["model"] == "custom"
+    assert set(body["timing"]) == {"decode_ms", "queue_ms", "inference_ms", "total_ms"}
+    assert body["model"] == "custom"
 
 
 def test_predict_equals_the_engine(client, engine, tmp_path):
@@ -175,6 +176,22 @@ def test_no_face_classifies_the_whole_image_and_says_so(client):
     assert list(body["probabilities"]) == ["calm", "angry"]
 
 
+def test_the_answer_s_queue_wait_is_the_batcher_s_own_measurement(client):
+    """`timing` splits the request into its stages; the queue wait is the one the batcher measured (its
+    /metrics histogram), not a guess from the outside."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def waited_s() -> float:
+        families = text_string_to_metric_families(client.get("/metrics").text)
+        return sum(s.value for f in families for s in f.samples if s.name == "fer_queue_wait_seconds_sum")
+
+    before = waited_s()
+    timing = post_image(client, png(face_image(0)), detect_faces="false").json()["timing"]
+    assert timing["queue_ms"] == pytest.approx((waited_s() - before) * 1000, abs=0.01)
+    parts = timing["decode_ms"] + timing["queue_ms"] + timing["inference_ms"]
+    assert parts == pytest.approx(timing["total_ms"], abs=0.03)
+
+
 # ---- /predict-video and /retrieve ----------------------------------------------------------------
 def test_predict_video_with_timeline_equals_the_engine(client, engine, tmp_path):
     clip = make_video(tmp_path / "c.mp4", 40).read_bytes()
@@ -197,7 +214,7 @@ def test_predict_video_with_timeline_equals_the_engine(client, engine, tmp_path)
 def test_a_prepared_video_does_not_keep_its_decoded_frames(engine, tmp_path):
     """Only the encoder's uint8 pixels wait in the queue, not the decoded PIL frames beside them."""
     with (make_video(tmp_path / "c.mp4", 40)).open("rb") as f:
-        prepared = prepare_video(f, engine, None, PipelineOptions(detect_faces=False, frames=8))
+        prepared = prepare_video(f, engine.prepare_many, None, PipelineOptions(detect_faces=False, frames=8))
     assert prepared.pixels.shape[0] == 8 and len(prepared.clip.indices) == 8
     assert prepared.clip.frames == []
 

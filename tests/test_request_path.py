@@ -5,6 +5,8 @@ leaves costs no more work."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import threading
 
 import httpx
@@ -14,6 +16,7 @@ from service.app import create_app
 from tests.support import (
     asgi_request,
     face_image,
+    make_video,
     png,
     post_image,
     run_bounded,
@@ -52,6 +55,23 @@ class GatedEngine:
             self.fail_next = False
             raise RuntimeError("simulated device failure")
         return self._engine.encode_pixels(pixels)
+
+
+class GatedDetector:
+    """A face detector that finds nothing and holds every call until `gate` is set, counting its calls."""
+
+    name = "gated"
+
+    def __init__(self):
+        self.gate = threading.Event()
+        self.entered = threading.Event()  # set when a call starts
+        self.calls = 0
+
+    def detect(self, image, max_faces):
+        self.calls += 1
+        self.entered.set()
+        self.gate.wait(10)
+        return []
 
 
 # ---- batching, back-pressure, failures -------------------------------------------------------------
@@ -153,3 +173,78 @@ def test_a_client_that_disconnects_is_dropped_from_the_queue(engine):
 
     later_calls = run_bounded(main())
     assert later_calls == [1, 1], "only the busy request's and the next one's items reached the encoder"
+
+
+def test_a_device_failure_is_logged_and_the_client_gets_a_sentence_of_ours(engine, caplog):
+    """The device's own error text (a CUDA message, a shape) is for the operator, not the client."""
+    gated = GatedEngine(engine)
+    with TestClient(create_app(service_settings(), engine_factory=lambda s: gated)) as client:
+        wait_ready(client)
+        gated.fail_next = True
+        with caplog.at_level(logging.ERROR, logger="service"):
+            failed = post_image(client, png(face_image(0)))
+    assert failed.status_code == 500 and failed.json()["error"] == "inference_failed"
+    assert "simulated device failure" not in failed.text and failed.json()["detail"]
+    assert "simulated device failure" in caplog.text
+
+
+# ---- a client that leaves -----------------------------------------------------------------------
+def test_a_decode_that_ends_after_its_client_left_goes_no_further(engine):
+    """The client leaves while its image's faces are searched (past the decode's last stop check):
+    the finished decode must not reach the encoder, whose rows nobody would read."""
+    gated = GatedEngine(engine)
+    app = create_app(service_settings(), engine_factory=lambda s: gated)
+    request = httpx.Request(
+        "POST", "http://test/predict", files={"file": ("x.png", png(face_image(3)), "image/png")}
+    )
+
+    async def main():
+        async with serving(app):
+            detector = app.state.runtime.detector = GatedDetector()
+            calls_before = len(gated.calls)
+            leave, told = asyncio.Event(), asyncio.Event()
+
+            async def leaves():
+                await leave.wait()
+                told.set()
+
+            gone = asyncio.create_task(asgi_request(app, request, leaves))
+            assert await asyncio.to_thread(detector.entered.wait, 10)  # the decode is in face detection
+            leave.set()
+            await told.wait()  # the request has been told its client left
+            detector.gate.set()
+            sent = await gone
+            return sent[0]["status"], gated.calls[calls_before:]
+
+    status, calls = run_bounded(main())
+    assert status == 499 and calls == []
+
+
+def test_a_cancelled_request_stops_its_decode(engine, tmp_path):
+    """Ray Serve cancels a request's task when its client disconnects: the decode stops at its next
+    check, as it does for a client that leaves under uvicorn."""
+    app = create_app(service_settings(video_decode_workers=1), engine_factory=lambda s: engine)
+    clip = make_video(tmp_path / "c.mp4", 40).read_bytes()
+    request = httpx.Request(
+        "POST",
+        "http://test/predict-video",
+        files={"file": ("c.mp4", clip, "video/mp4")},
+        data={"frames": "8"},
+    )
+
+    async def main():
+        async with serving(app):
+            runtime = app.state.runtime
+            detector = runtime.detector = GatedDetector()
+            task = asyncio.create_task(asgi_request(app, request))
+            assert await asyncio.to_thread(detector.entered.wait, 10)  # the first sampled frame's faces
+            task.cancel()
+            for _ in range(3):  # the cancellation reaches the request's code, which runs until it waits
+                await asyncio.sleep(0)
+            detector.gate.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await runtime.offload(lambda: None, pool=runtime.video_pool)  # its one thread: the decode ended
+            return detector.calls
+
+    assert run_bounded(main()) == 1  # of the 8 sampled frames, only the one searched when it was cancelled

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from model.clip import clip_transform
+from model.clip import ToPixels, clip_transform
 from model.cluster import RayOptions, block_rows, chunk_ranges, for_workers, import_ray, ragged, run_remote
-from model.engine import FerEngine, create_engine
-from model.evaluate.features import EncodedItems, encode_chunk, prepare_item
+from model.engine import create_engine
+from model.evaluate.features import EncodedItems, Unreadable, encode_chunk, prepare_item
 from model.faces.base import FaceDetector
 from model.faces.factory import create_detector
 from model.media import MediaError
@@ -36,29 +35,19 @@ from model.settings import ModelSettings
 log = logging.getLogger(__name__)
 
 
-class _Preparer:
-    """What the pipeline's CPU stages use of an engine, its `prepare_many`, without the model: the
-    decode actors hold no CLIP weights."""
-
-    def __init__(self, transform):
-        self.prepare_transform = transform
-
-    def prepare_many(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return torch.stack([self.prepare_transform(im) for im in images])
-
-
-def _transform(settings: ModelSettings):
-    """The engine's own CPU transform, for the decode actors: resolved where the actors run, so a model
-    file missing there is one error here, but built from the architecture's config, not its weights."""
-    return clip_transform(settings.resolve())
+def _to_pixels(settings: ModelSettings) -> ToPixels:
+    """The engine's own preprocessing, for the decode actors, which hold no CLIP weights: resolved where
+    the actors run, so a model file missing there is one error here, but built from the architecture's
+    config, not its weights."""
+    return ToPixels(clip_transform(settings.resolve()))
 
 
 class _Decode:
     """CPU stage: a chunk's files -> the frames of those that decode, one item after another, and why
     the others did not."""
 
-    def __init__(self, transform, options: PipelineOptions, settings: ModelSettings):
-        self.preparer = _Preparer(transform)
+    def __init__(self, to_pixels: ToPixels, options: PipelineOptions, settings: ModelSettings):
+        self.to_pixels = to_pixels
         self.options = options
         # As `fer eval` makes its detector (cli/evaluate.py): the configured one, when faces are asked for.
         detect = options.detect_faces
@@ -69,9 +58,9 @@ class _Decode:
         for first, paths in zip(rows["first"], rows["paths"], strict=True):
             positions, failed, frames = [], {}, []
             for i, path in enumerate(paths, start=int(first)):
-                result = prepare_item(self.preparer, self.detector, Path(path), self.options)
-                if isinstance(result, str):
-                    failed[i] = result
+                result = prepare_item(self.to_pixels, self.detector, Path(path), self.options)
+                if isinstance(result, Unreadable):
+                    failed[i] = result.reason
                 else:
                     positions.append(i)
                     frames.append(result.pixels)
@@ -168,9 +157,9 @@ class RayEvalBackend:
     def __init__(self, options: RayOptions | None = None):
         self.options = options or RayOptions()
 
-    def engine(self, settings: ModelSettings) -> FerEngine:
+    def engine(self, settings: ModelSettings) -> RemoteEngine:
         gpus = self.options.gpus(1.0)
-        return RemoteEngine(for_workers(settings), gpus, self.options.cpus_per_actor)  # type: ignore[return-value]
+        return RemoteEngine(for_workers(settings), gpus, self.options.cpus_per_actor)
 
     def encode(
         self,
@@ -187,7 +176,7 @@ class RayEvalBackend:
         ray = import_ray()
         settings = for_workers(settings)
         gpus = self.options.gpus(1.0)
-        transform = run_remote(_transform, settings)
+        to_pixels = run_remote(_to_pixels, settings)
         chunks = [
             {"first": start, "paths": [str(Path(p).resolve()) for p in paths[start:stop]]}
             for start, stop in chunk_ranges(0, len(paths), batch_size)
@@ -200,7 +189,7 @@ class RayEvalBackend:
         dataset = dataset.map_batches(
             _Decode,
             fn_constructor_kwargs={
-                "transform": transform,
+                "to_pixels": to_pixels,
                 "options": options,
                 "settings": settings,
             },

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +24,31 @@ from model.engine import FerEngine, create_engine
 from model.faces.base import FaceDetector
 from model.media import MediaError, is_video_path
 from model.options import PipelineOptions
-from model.pipeline import encode_in_batches, open_source, pool_groups, prepare_clip
+from model.pipeline import (
+    PreparedImage,
+    PreparedVideo,
+    Preprocess,
+    encode_in_batches,
+    open_source,
+    pool_groups,
+    prepare_clip,
+)
 
 if TYPE_CHECKING:
+    from model.evaluate.models import ModelChoice
     from model.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 
 DECODE_THREADS = min(8, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """An item that could not be read, and why: the evaluation lists it and goes on, since one corrupt
+    file should not end a long run."""
+
+    reason: str
 
 
 @dataclass
@@ -42,12 +59,27 @@ class EncodedItems:
     failures: dict[int, str] = field(default_factory=dict)  # position -> why it could not be read
 
 
+class TextSide(Protocol):
+    """What an evaluation asks of a model besides its image features: text features, and where and in
+    what precision it computes (a FerEngine, or model.evaluate.distributed's actor that holds one)."""
+
+    @property
+    def device(self) -> object: ...
+
+    @property
+    def dtype_name(self) -> str: ...
+
+    def class_features(self, classes: tuple[str, ...], prompt_set: str) -> torch.Tensor: ...
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor: ...
+
+
 class EncodeBackend(Protocol):
     """Where an evaluation's encoders run when not in this process: `fer eval --ray` passes one
     (model.evaluate.distributed). `engine` answers the text side and says where features are computed;
     `encode` gives what `encode_items` gives, computed elsewhere from the model's settings."""
 
-    def engine(self, settings: ModelSettings) -> FerEngine: ...
+    def engine(self, settings: ModelSettings) -> TextSide: ...
 
     def encode(
         self,
@@ -61,27 +93,35 @@ class EncodeBackend(Protocol):
     ) -> EncodedItems: ...
 
 
-def encode_model(
-    settings: ModelSettings,
+def encode_each_model(
+    models: Sequence[ModelChoice],
     paths: Sequence[Path],
     options: PipelineOptions,
-    backend: EncodeBackend | None = None,
+    backend: EncodeBackend | None,
+    score: Callable[[ModelChoice, TextSide, EncodedItems], None],
     *,
     batch_size: int,
-    **common,
-) -> tuple[FerEngine, EncodedItems]:
-    """One model's engine (for its text side) and its features of `paths`: here, or where `backend`
-    runs the encoders (a Ray cluster for `--ray`), with the same results. `common`: encode_items'
-    other keywords."""
+    detector: FaceDetector | None,
+) -> None:
+    """Each model's text side and features of `paths`, computed here or where `backend` runs the
+    encoders (a Ray cluster for `--ray`, with the same results), handed to `score`; then freed, so the
+    next model loads into the memory this one held."""
     if batch_size < 1:  # before a model loads or a cluster starts work
         raise ValueError("--batch-size must be at least 1")
-    if backend is None:
-        engine = create_engine(settings)
-        return engine, encode_items(engine, paths, options, batch_size=batch_size, **common)
-    return backend.engine(settings), backend.encode(settings, paths, options, batch_size=batch_size, **common)
+    common = {"detector": detector, "batch_size": batch_size}
+    for choice in models:
+        if backend is None:
+            engine = create_engine(choice.settings)
+            encoded = encode_items(engine, paths, options, desc=choice.name, **common)
+        else:
+            engine = backend.engine(choice.settings)
+            encoded = backend.encode(choice.settings, paths, options, desc=choice.name, **common)
+        score(choice, engine, encoded)
+        del engine, encoded
+        free_memory()
 
 
-def engine_fields(choice_entry: str, engine: FerEngine) -> dict:
+def engine_fields(choice_entry: str, engine: TextSide) -> dict:
     """What every per-model result records about how it was computed."""
     return {"entry": choice_entry, "device": str(engine.device), "dtype": engine.dtype_name}
 
@@ -108,15 +148,16 @@ def encode_items(
     Unreadable files are skipped and reported in `failures` (the evaluation lists them), not fatal: one
     corrupt file should not end a long run."""
     kept, features, clip_features, failures = [], [], [], {}
+    to_pixels = engine.prepare_many
     with ThreadPoolExecutor(DECODE_THREADS) as pool, tqdm(total=len(paths), desc=desc, unit="item") as bar:
         for start, stop in chunk_ranges(0, len(paths), batch_size):  # the chunks the Ray path cuts
             chunk = range(start, stop)
-            prepared = list(pool.map(lambda i: prepare_item(engine, detector, paths[i], options), chunk))
+            prepared = list(pool.map(lambda i: prepare_item(to_pixels, detector, paths[i], options), chunk))
             ok = []
             for i, result in zip(chunk, prepared, strict=True):
-                if isinstance(result, str):
-                    failures[i] = result
-                    log.warning("%s: %s (skipped)", paths[i], result)
+                if isinstance(result, Unreadable):
+                    failures[i] = result.reason
+                    log.warning("%s: %s (skipped)", paths[i], result.reason)
                 else:
                     ok.append((i, result))
             if ok:
@@ -143,11 +184,13 @@ def encode_chunk(
     return pool_groups(projected, sizes), pool_groups(raw, sizes)
 
 
-def prepare_item(engine: FerEngine, detector: FaceDetector | None, path: Path, options: PipelineOptions):
-    """CPU stages, run in threads: a file -> its prepared clip, or the reason it failed. Only the
-    engine's `prepare_many` is used (the Ray path's decode actors pass a stand-in that has no model)."""
+def prepare_item(
+    to_pixels: Preprocess, detector: FaceDetector | None, path: Path, options: PipelineOptions
+) -> PreparedImage | PreparedVideo | Unreadable:
+    """CPU stages, run in threads (or Ray's decode actors, which hold no model): a file -> its prepared
+    clip, or why it could not be read."""
     try:
         with open_source(path) as source:
-            return prepare_clip(source, engine, detector, options, still=not is_video_path(path))
+            return prepare_clip(source, to_pixels, detector, options, still=not is_video_path(path))
     except (MediaError, OSError) as exc:
-        return str(exc)
+        return Unreadable(str(exc))

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from model.evaluate.data import read_retrieval, take_subset
-from model.evaluate.features import EncodeBackend, encode_model, engine_fields, free_memory
+from model.evaluate.features import EncodeBackend, EncodedItems, TextSide, encode_each_model, engine_fields
 from model.evaluate.metrics import retrieval_metrics
 from model.evaluate.models import ModelChoice
 from model.evaluate.plots import plot_precision_at_k
@@ -61,17 +61,8 @@ def run_retrieval(
     with (out / "ranks.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "model", "first_relevant_rank", "n_relevant", "top_description"])
-        paths = [dataset.paths[i] for i in chosen]
-        for choice in models:
-            engine, encoded = encode_model(
-                choice.settings,
-                paths,
-                options,
-                backend,
-                detector=detector,
-                batch_size=batch_size,
-                desc=choice.name,
-            )
+
+        def score(choice: ModelChoice, engine: TextSide, encoded: EncodedItems) -> None:
             kept = [chosen[i] for i in encoded.kept]
             text = engine.encode_texts(dataset.descriptions).float().cpu()
             scores = (encoded.features @ text.T).numpy()
@@ -90,8 +81,9 @@ def run_retrieval(
             result.update(engine_fields(choice.entry, engine))
             result["skipped"] = {dataset.files[chosen[i]]: why for i, why in encoded.failures.items()}
             metrics["models"][choice.name] = result
-            del engine, encoded
-            free_memory()
+
+        paths = [dataset.paths[i] for i in chosen]
+        encode_each_model(models, paths, options, backend, score, batch_size=batch_size, detector=detector)
     first = next(iter(metrics["models"].values()))
     plot_precision_at_k(
         {name: r["precision_at_k"] for name, r in metrics["models"].items()},

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from model.evaluate.data import choose_classes, label_indices, read_labelled, take_subset
-from model.evaluate.features import EncodeBackend, encode_model, engine_fields, free_memory
+from model.evaluate.features import EncodeBackend, EncodedItems, TextSide, encode_each_model, engine_fields
 from model.evaluate.metrics import classification_metrics, feature_variance
 from model.evaluate.models import ModelChoice, slug
 from model.evaluate.plots import plot_confusion, plot_feature_variance
@@ -74,17 +74,8 @@ def run_eval(
     with (out / "predictions.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "label", "model", "prompts", "predicted", *(f"p_{c}" for c in class_words)])
-        paths = [item.path for item in items]
-        for choice in models:
-            engine, encoded = encode_model(
-                choice.settings,
-                paths,
-                options,
-                backend,
-                detector=detector,
-                batch_size=batch_size,
-                desc=choice.name,
-            )
+
+        def score(choice: ModelChoice, engine: TextSide, encoded: EncodedItems) -> None:
             y = labels[encoded.kept]
             result = {
                 **engine_fields(choice.entry, engine),  # dtype: FER_DTYPE=float32 for a float32 reference
@@ -123,8 +114,9 @@ def run_eval(
             result["feature_variance"] = variance[choice.name]
             metrics["models"][choice.name] = result
             log.info("%s: %s", choice.name, {p: round(s["uar"], 2) for p, s in result["prompts"].items()})
-            del engine, encoded
-            free_memory()
+
+        paths = [item.path for item in items]
+        encode_each_model(models, paths, options, backend, score, batch_size=batch_size, detector=detector)
     plot_feature_variance(variance, class_words, out / "feature_variance.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "table.md").write_text(results_table(metrics))

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model.clip import ToPixels
 from model.cluster import RayOptions, block_rows, chunk_ranges, import_ray, ragged, ray_session, run_remote
 from model.engine import FerEngine, create_engine
 from model.settings import ModelSettings, device_for
@@ -50,7 +51,7 @@ class TeacherChoice:
 @dataclass
 class _Description:
     settings: dict  # the cache's settings, as the single-process command records them
-    clip_transform: object
+    to_pixels: ToPixels
     teacher_processor: object
     embed_dim: int
     teacher_dim: int
@@ -64,7 +65,7 @@ def _describe(settings: ModelSettings, teacher: TeacherChoice) -> _Description:
     engine = FerEngine.from_spec(spec, device, settings.dtype)
     return _Description(
         settings={"clip": clip_settings(spec, engine), "teacher": loaded.metadata()},
-        clip_transform=engine.prepare_transform,
+        to_pixels=engine.to_pixels,
         teacher_processor=loaded.image_processor,
         embed_dim=engine.embed_dim,
         teacher_dim=loaded.dim,
@@ -75,8 +76,8 @@ class _Decode:
     """CPU stage: a batch's image files -> CLIP's uint8 pixels and the teacher's pixel values of the
     images that decode; the others are reported (the shard lists them as failed)."""
 
-    def __init__(self, clip_transform, teacher_processor):
-        self.collate = CollatePairs(clip_transform, teacher_processor)  # the single-process extraction's
+    def __init__(self, to_pixels: ToPixels, teacher_processor):
+        self.collate = CollatePairs(to_pixels, teacher_processor)  # the single-process extraction's
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {"index": [], "failed": [], "clip_pixels": [], "teacher_pixels": []}
@@ -182,7 +183,7 @@ def _pipeline(ray, batches, settings, teacher, described, options: RayOptions, g
     dataset = dataset.map_batches(
         _Decode,
         fn_constructor_kwargs={
-            "clip_transform": described.clip_transform,
+            "to_pixels": described.to_pixels,
             "teacher_processor": described.teacher_processor,
         },
         batch_size=1,

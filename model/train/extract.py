@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from model.clip import ToPixels
 from model.engine import FerEngine
 from model.media import IMAGE_EXTENSIONS, MediaError, decode_image
 from model.registry import ModelSpec
@@ -86,8 +87,8 @@ class ImagePairs(torch.utils.data.Dataset):
 class CollatePairs:
     """Both models' CPU preprocessing of a batch (a class, so DataLoader workers can pickle it)."""
 
-    def __init__(self, clip_transform, teacher_processor):
-        self.clip_transform, self.teacher_processor = clip_transform, teacher_processor
+    def __init__(self, to_pixels: ToPixels, teacher_processor):
+        self.to_pixels, self.teacher_processor = to_pixels, teacher_processor
 
     def __call__(self, items):
         good = [(i, im) for i, im in items if not isinstance(im, str)]
@@ -96,8 +97,7 @@ class CollatePairs:
         if not images:
             return torch.empty(0, dtype=torch.long), None, None, failed
         index = torch.tensor([i for i, _ in good], dtype=torch.long)
-        clip_pixels = torch.stack([self.clip_transform(im) for im in images])
-        return index, clip_pixels, blip_pixel_values(self.teacher_processor, images), failed
+        return index, self.to_pixels(images), blip_pixel_values(self.teacher_processor, images), failed
 
 
 def clip_settings(spec: ModelSpec, engine: FerEngine) -> dict:
@@ -127,7 +127,7 @@ def extract(
     engine = FerEngine.from_spec(spec.without_projection(), str(teacher.device), clip_dtype)
     settings = {"clip": clip_settings(spec, engine), "teacher": teacher.metadata()}
     writer = CacheWriter(out_dir, settings, images, shard_size)
-    collate = CollatePairs(engine.prepare_transform, teacher.image_processor)
+    collate = CollatePairs(engine.to_pixels, teacher.image_processor)
     todo = writer.pending()
     remaining = sum(writer.shard_range(k)[1] - writer.shard_range(k)[0] for k in todo)
     with tqdm(total=len(images), initial=len(images) - remaining, desc="extract", unit="img") as bar:
