@@ -12,12 +12,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from prometheus_client import disable_created_metrics
 
 from model.engine import create_engine
 from service.access import ApiKey, RequestId
 from service.errors import install_error_handlers
 from service.limits import UploadLimits
-from service.metrics import RequestMetrics
+from service.metrics import Metrics, RequestMetrics
 from service.routes import STATIC_DIR, router
 from service.runtime import EngineFactory, Runtime
 from service.settings import ServiceSettings
@@ -25,8 +26,15 @@ from service.settings import ServiceSettings
 DOCS_ASSETS = "/docs-assets"
 
 
-def create_app(settings: ServiceSettings, engine_factory: EngineFactory = create_engine) -> FastAPI:
-    runtime = Runtime(settings, engine_factory)
+def create_app(
+    settings: ServiceSettings,
+    engine_factory: EngineFactory = create_engine,
+    metrics: Metrics | None = None,
+) -> FastAPI:
+    """`metrics`: where the app's measurements go (default: a Prometheus registry of its own;
+    service.ray_serve passes one that also reports them to Ray Serve)."""
+    disable_created_metrics()  # prometheus_client's *_created series (process-wide) only add noise to scrapes
+    runtime = Runtime(settings, engine_factory, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -12,6 +12,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import (
@@ -19,7 +20,6 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    disable_created_metrics,
     generate_latest,
     multiprocess,
     start_http_server,
@@ -29,36 +29,55 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.batcher import BatchStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-disable_created_metrics()  # the *_created series only add noise to scrapes
-
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+@dataclass(frozen=True)
+class Family:
+    """A counter or a histogram, as plain data: this module builds the Prometheus metric from it, and
+    service.ray_serve a Ray Serve metric alike."""
+
+    name: str
+    documentation: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] | None = None  # a histogram's upper bounds; None: a counter
+
+
+REQUESTS = Family("fer_requests", "Requests by endpoint and status", ("endpoint", "status"))
+LATENCY = Family("fer_request_seconds", "Request latency", ("endpoint", "status"), LATENCY_BUCKETS)
+REFUSED = Family(
+    "fer_refused", "Requests refused by admission, by reason (queue_full, video_full, ...)", ("reason",)
+)
+BATCH_SIZE = Family("fer_batch_size", "Items per encoder call", buckets=BATCH_BUCKETS)
+QUEUE_WAIT = Family(
+    "fer_queue_wait_seconds", "Time a job waited before its first encoder call", buckets=LATENCY_BUCKETS
+)
+MODEL_TIME = Family("fer_model_seconds", "Time of one encoder call", buckets=LATENCY_BUCKETS)
+TEXT_TIME = Family(
+    "fer_text_seconds", "Time of one text-encoding task on the device", buckets=LATENCY_BUCKETS
+)
+RECORDED = (REQUESTS, LATENCY, REFUSED, BATCH_SIZE, QUEUE_WAIT, MODEL_TIME, TEXT_TIME)
+
+
 class Metrics:
+    """The service's measurements. Every counter increment and histogram observation goes through
+    `record`: a subclass that also sends them elsewhere overrides it (service.ray_serve's, to Ray
+    Serve). Gauges are set here and read from `registry`."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "fer_requests", "Requests by endpoint and status", ["endpoint", "status"], registry=r
-        )
-        self.latency = Histogram(
-            "fer_request_seconds",
-            "Request latency",
-            ["endpoint", "status"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        self._recorded = {
+            f: Counter(f.name, f.documentation, f.labels, registry=r)
+            if f.buckets is None
+            else Histogram(f.name, f.documentation, f.labels, buckets=f.buckets, registry=r)
+            for f in RECORDED
+        }
         self.queue_depth = Gauge(
             "fer_queue_depth",
             "Items (images, frames, texts) admitted and not yet answered",
             registry=r,
             multiprocess_mode="livesum",  # several processes: their queues added up
-        )
-        self.refused = Counter(
-            "fer_refused",
-            "Requests refused by admission, by reason (queue_full, video_full, ...)",
-            ["reason"],
-            registry=r,
         )
         self.ready = Gauge(
             "fer_ready_processes",
@@ -66,24 +85,17 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
-        self.batch_size = Histogram(
-            "fer_batch_size", "Items per encoder call", buckets=BATCH_BUCKETS, registry=r
-        )
-        self.queue_wait = Histogram(
-            "fer_queue_wait_seconds",
-            "Time a job waited before its first encoder call",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.model_time = Histogram(
-            "fer_model_seconds", "Time of one encoder call", buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.text_time = Histogram(
-            "fer_text_seconds",
-            "Time of one text-encoding task on the device",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+
+    def record(self, family: Family, value: float, *labels: str) -> None:
+        """A counter's increment by `value`, or a histogram's observation of it; `labels` in the order
+        of `family.labels`."""
+        metric = self._recorded[family]
+        if labels:
+            metric = metric.labels(*labels)
+        if family.buckets is None:
+            metric.inc(value)
+        else:
+            metric.observe(value)
 
     def batch_stats(self, device_peak_bytes: Callable[[], int] | None = None) -> BatchStats:
         """The batcher's hooks. `device_peak_bytes` (a GPU's peak allocation, read after each encoder
@@ -98,23 +110,23 @@ class Metrics:
             )
 
         def on_batch(size: int, seconds: float) -> None:
-            self.batch_size.observe(size)
-            self.model_time.observe(seconds)
+            self.record(BATCH_SIZE, size)
+            self.record(MODEL_TIME, seconds)
             if peak is not None:
                 peak.set(device_peak_bytes())
 
         return BatchStats(
             on_batch=on_batch,
-            on_task=lambda items, seconds: self.text_time.observe(seconds),
-            on_wait=self.queue_wait.observe,
+            on_task=lambda items, seconds: self.record(TEXT_TIME, seconds),
+            on_wait=lambda seconds: self.record(QUEUE_WAIT, seconds),
         )
 
     def refuse(self, reason: str) -> None:
-        self.refused.labels(reason).inc()
+        self.record(REFUSED, 1, reason)
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint, str(status)).inc()
-        self.latency.labels(endpoint, str(status)).observe(seconds)
+        self.record(REQUESTS, 1, endpoint, str(status))
+        self.record(LATENCY, seconds, endpoint, str(status))
 
     def exposition(self) -> bytes:
         """The text a scrape gets: this app's registry, or every server process's metrics summed."""

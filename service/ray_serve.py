@@ -28,7 +28,6 @@ from model.threads import GOMP_SPIN_COUNT
 # the import path alone (a user's value wins).
 os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPIN_COUNT)
 
-import prometheus_client
 import ray
 import torch
 from fastapi import FastAPI
@@ -37,7 +36,7 @@ from ray.serve import metrics as serve_metrics
 
 from model.settings import device_for, dtype_for
 from service.app import create_app
-from service.metrics import Metrics
+from service.metrics import RECORDED, Family, Metrics
 from service.process import configure_process
 from service.settings import ServiceSettings
 
@@ -97,77 +96,51 @@ def log_through_serve() -> None:
         logger.propagate = False  # the root logger would print each line a second time
 
 
-class _Tee:
-    """A prometheus_client counter or histogram (or one labelled child) that also records each
-    increment or observation in a Ray Serve metric, with its labels as tags."""
-
-    def __init__(self, metric, mirror, labelnames: tuple[str, ...], tags: dict[str, str] | None = None):
-        self._metric, self._mirror, self._labelnames, self._tags = metric, mirror, labelnames, tags
-
-    def labels(self, *values, **named) -> _Tee:
-        tags = dict(zip(self._labelnames, map(str, values), strict=True)) if values else {}
-        tags.update({key: str(value) for key, value in named.items()})
-        return _Tee(self._metric.labels(*values, **named), self._mirror, self._labelnames, tags)
-
-    def inc(self, amount: float = 1.0) -> None:
-        self._metric.inc(amount)
-        self._mirror.inc(amount, tags=self._tags)
-
-    def observe(self, value: float) -> None:
-        self._metric.observe(value)
-        self._mirror.observe(value, tags=self._tags)
-
-    def __getattr__(self, name: str):
-        return getattr(self._metric, name)
-
-
-class MetricsBridge:
+class RayMetrics(Metrics):
     """The app's fer_* metrics, also through Ray Serve's metrics API: Serve tags them with the
     application, deployment and replica, and the node's metrics export port serves them as ray_fer_*.
 
-    Counters and histograms are teed as they are recorded (Metrics looks its metric attributes up on
-    every call, so replacing them takes). Gauges are copied from the app's registry on each health
-    check instead: a gauge can be bound before the bridge exists (the admission's depth callback), and
-    a Ray gauge set once at start-up is not reliably exported, one set periodically is."""
+    Counters and histograms are recorded in both as they happen (`record`). Gauges are copied from the
+    app's registry on each health check instead: a Ray gauge set once at start-up is not reliably
+    exported, one set periodically is."""
 
-    def __init__(self, metrics: Metrics):
-        self.metrics = metrics
-        self.gauges: dict[str, serve_metrics.Gauge] = {}
-        for attribute, metric in list(vars(metrics).items()):
-            mirror = _mirror_of(metric)
-            if mirror is not None:
-                setattr(metrics, attribute, _Tee(metric, mirror, tuple(metric._labelnames)))
+    def __init__(self) -> None:
+        super().__init__()
+        self._mirrors = {family: _mirror_of(family) for family in RECORDED}
+        self._gauges: dict[str, serve_metrics.Gauge] = {}
+
+    def record(self, family: Family, value: float, *labels: str) -> None:
+        super().record(family, value, *labels)
+        tags = dict(zip(family.labels, labels, strict=True)) or None
+        if family.buckets is None:
+            self._mirrors[family].inc(value, tags=tags)
+        else:
+            self._mirrors[family].observe(value, tags=tags)
 
     def copy_gauges(self) -> None:
-        for family in self.metrics.registry.collect():
+        for family in self.registry.collect():
             if family.type != "gauge":
                 continue
             for sample in family.samples:
-                gauge = self.gauges.get(family.name)
+                gauge = self._gauges.get(family.name)
                 if gauge is None:
                     gauge = serve_metrics.Gauge(
                         family.name, description=family.documentation, tag_keys=tuple(sample.labels)
                     )
-                    self.gauges[family.name] = gauge
+                    self._gauges[family.name] = gauge
                 gauge.set(sample.value, tags=dict(sample.labels) or None)
 
 
-def _mirror_of(metric):
-    """A Ray Serve metric defined like `metric` (prometheus_client keeps a metric's definition in
-    these attributes and has no public accessor for them), or None for what is not teed."""
-    if isinstance(metric, prometheus_client.Counter):
-        return serve_metrics.Counter(
-            metric._name, description=metric._documentation, tag_keys=tuple(metric._labelnames)
-        )
-    if isinstance(metric, prometheus_client.Histogram):
-        bounds = [b for b in metric._upper_bounds if b != float("inf")]
-        return serve_metrics.Histogram(
-            metric._name,
-            description=metric._documentation,
-            boundaries=bounds,
-            tag_keys=tuple(metric._labelnames),
-        )
-    return None
+def _mirror_of(family: Family):
+    """A Ray Serve metric defined as `family` is."""
+    if family.buckets is None:
+        return serve_metrics.Counter(family.name, description=family.documentation, tag_keys=family.labels)
+    return serve_metrics.Histogram(
+        family.name,
+        description=family.documentation,
+        boundaries=[float(b) for b in family.buckets],
+        tag_keys=family.labels,
+    )
 
 
 # The config file (deploy/serve.yaml) overrides these, except max_constructor_retry_count, which Serve's
@@ -187,9 +160,9 @@ class FerReplica:
         settings.resolve()
         dtype_for(settings.dtype, device_for(settings.device))
         # Not `self.app`: Serve's ingress wrapper has a property of that name.
-        self.fastapi = create_app(settings)
+        self.metrics = RayMetrics()
+        self.fastapi = create_app(settings, metrics=self.metrics)
         self.runtime = self.fastapi.state.runtime
-        self.metrics_bridge = MetricsBridge(self.runtime.metrics)
         log.info(
             "replica on %s; threads: encoder %d, decode %d, video decode %d; Ray resources %s",
             settings.device,
@@ -210,7 +183,7 @@ class FerReplica:
             await asyncio.sleep(LOAD_POLL_S)
         if runtime.load_error is not None:
             raise RuntimeError(runtime.load_error)
-        self.metrics_bridge.copy_gauges()
+        self.metrics.copy_gauges()
 
 
 app = FerReplica.bind()
