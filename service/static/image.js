@@ -3,25 +3,12 @@
 
 import * as settings from "./settings.js";
 import { viewRequests } from "./request.js";
-import {
-  $,
-  drawFaces,
-  dropzone,
-  faceResults,
-  filePicker,
-  grabFrame,
-  ms,
-  percent,
-  say,
-  startCamera,
-  stopCamera,
-} from "./ui.js";
+import { $, Camera, drawFaces, dropzone, faceResults, filePicker, grabFrame, ms, percent, say } from "./ui.js";
 
 let file = null; // the photo being shown
 let previewUrl = null;
 const send = viewRequests("image-result", "image-message");
-let stream = null;
-let starting = null; // the AbortController of a webcam start in progress
+let camera = null; // made when the view is set up: the page's elements exist by then
 const following = settings.follow(run);
 
 const message = () => $("image-message");
@@ -68,7 +55,7 @@ async function show(body, roundTrip) {
   $("image-meta").textContent = [
     img.naturalWidth ? `${img.naturalWidth}×${img.naturalHeight} px` : null,
     `prompts ${body.prompts}`,
-    `server ${ms(t.total_ms)} (decode ${ms(t.decode_ms)}, inference ${ms(t.inference_ms)})`,
+    `server ${ms(t.total_ms)} (decode ${ms(t.decode_ms)}, queue ${ms(t.queue_ms)}, inference ${ms(t.inference_ms)})`,
     `round trip ${ms(roundTrip)}`,
   ]
     .filter(Boolean)
@@ -77,38 +64,30 @@ async function show(body, roundTrip) {
 }
 
 async function openCamera() {
-  if (stream || starting) return;
-  const controller = new AbortController();
-  starting = controller;
+  if (camera.active) return;
   say(message(), "Starting the webcam…");
+  $("image-camera").hidden = false;
   try {
-    $("image-camera").hidden = false;
-    stream = await startCamera($("image-camera-video"), { signal: controller.signal });
+    if (!(await camera.start())) {
+      if (!camera.active) say(message(), ""); // closed while starting, and not opened again since
+      return;
+    }
     say(message(), "");
     $("image-camera-snap").focus();
   } catch (error) {
-    if (error.name === "AbortError") {
-      if (!starting) say(message(), ""); // closed while starting, and not opened again since
-      return;
-    }
     closeCamera();
     say(message(), `Webcam: ${error.message}.`, "error");
-  } finally {
-    if (starting === controller) starting = null;
   }
 }
 
 function closeCamera() {
-  starting?.abort();
-  starting = null;
-  stopCamera(stream, $("image-camera-video"));
-  stream = null;
+  camera.stop();
   $("image-camera").hidden = true;
 }
 
 async function snapshot() {
-  const video = $("image-camera-video");
-  if (!stream || !video.videoWidth) return;
+  const video = camera.video;
+  if (!camera.stream || !video.videoWidth) return;
   const { file: shot } = await grabFrame(video, document.createElement("canvas"), 1920, 0.92);
   closeCamera();
   $("image-camera-open").focus();
@@ -116,6 +95,7 @@ async function snapshot() {
 }
 
 export function initImage() {
+  camera = new Camera($("image-camera-video"));
   filePicker($("image-file"), setFile);
   dropzone($("image-drop"), setFile);
   $("image-rerun").addEventListener("click", run);

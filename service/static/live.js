@@ -4,22 +4,11 @@
 import { ApiError, describe, postForm } from "./api.js";
 import * as settings from "./settings.js";
 import { recheck, whenReady } from "./status.js";
-import {
-  $,
-  drawFaces,
-  faceResults,
-  grabFrame,
-  ms,
-  percent,
-  say,
-  startCamera,
-  stopCamera,
-} from "./ui.js";
+import { $, Camera, drawFaces, faceResults, grabFrame, ms, percent, say } from "./ui.js";
 
 const MAX_SIDE = 640; // frames are scaled down before sending: faster, and plenty for detection
 const canvas = document.createElement("canvas");
-let stream = null;
-let starting = null; // the AbortController of a webcam start in progress
+let camera = null; // made when the view is set up: the page's elements exist by then
 let session = 0; // bumped by stop(), so a running loop knows it is over
 let controller = null;
 let trips = [];
@@ -29,22 +18,17 @@ const message = () => $("live-message");
 const sleep = (ms_) => new Promise((resolve) => setTimeout(resolve, ms_));
 
 async function start() {
-  if (stream || starting) return;
-  const mine = new AbortController();
-  starting = mine;
+  if (camera.active) return;
   $("live-start").disabled = true;
   say(message(), "Starting the webcam…");
+  $("live-stage").hidden = false;
   try {
-    $("live-stage").hidden = false;
-    stream = await startCamera($("live-video"), { signal: mine.signal });
+    if (!(await camera.start())) return; // stop() has reset the view
   } catch (error) {
-    if (error.name === "AbortError") return; // stop() has reset the view
     $("live-stage").hidden = true;
     $("live-start").disabled = false;
     say(message(), `Webcam: ${error.message}.`, "error");
     return;
-  } finally {
-    if (starting === mine) starting = null;
   }
   trips = [];
   count = 0;
@@ -60,14 +44,11 @@ async function start() {
 }
 
 function stop(reason = "Stopped.", kind = "info") {
-  const wasRunning = Boolean(stream || starting);
+  const wasRunning = camera.active;
   session += 1;
-  starting?.abort();
-  starting = null;
+  camera.stop();
   controller?.abort();
   controller = null;
-  stopCamera(stream, $("live-video"));
-  stream = null;
   $("live-overlay").replaceChildren();
   $("live-stage").hidden = true;
   $("live-start").disabled = false;
@@ -76,7 +57,7 @@ function stop(reason = "Stopped.", kind = "info") {
 }
 
 async function loop(mine) {
-  const video = $("live-video");
+  const video = camera.video;
   while (mine === session) {
     const interval = 1000 / Number($("live-rate").value || 4);
     const began = performance.now();
@@ -134,6 +115,7 @@ function render(body, frame, roundTrip) {
 }
 
 export function initLive() {
+  camera = new Camera($("live-video"));
   $("live-start").addEventListener("click", start);
   $("live-stop").addEventListener("click", () => {
     stop();

@@ -188,10 +188,49 @@ export function filePicker(input, onFile) {
 }
 
 /**
+ * The webcam shown in one view's `video`. `start()` resolves to true once it runs, to false when
+ * `stop()` cancelled it meanwhile (the camera is then released), and throws an Error with a sentence
+ * when the camera cannot start; a start while it runs or starts does nothing.
+ */
+export class Camera {
+  constructor(video) {
+    this.video = video;
+    this.stream = null;
+    this.starting = null; // the AbortController of a start in progress
+  }
+
+  get active() {
+    return Boolean(this.stream || this.starting);
+  }
+
+  async start() {
+    if (this.active) return false;
+    const mine = new AbortController();
+    this.starting = mine;
+    try {
+      this.stream = await startCamera(this.video, { signal: mine.signal });
+      return true;
+    } catch (error) {
+      if (error.name === "AbortError") return false;
+      throw error;
+    } finally {
+      if (this.starting === mine) this.starting = null;
+    }
+  }
+
+  stop() {
+    this.starting?.abort();
+    this.starting = null;
+    stopCamera(this.stream, this.video);
+    this.stream = null;
+  }
+}
+
+/**
  * Starts the webcam into `video`; resolves to the MediaStream, or throws an Error with a sentence.
  * Aborting `signal` cancels the start: the camera is released and an AbortError thrown.
  */
-export async function startCamera(video, { signal } = {}) {
+async function startCamera(video, { signal } = {}) {
   if (!navigator.mediaDevices?.getUserMedia) {
     throw new Error(
       "this browser gives no camera access here (a camera needs https or http://localhost)",
@@ -231,7 +270,7 @@ export async function startCamera(video, { signal } = {}) {
   return stream;
 }
 
-export function stopCamera(stream, video) {
+function stopCamera(stream, video) {
   stream?.getTracks().forEach((track) => track.stop());
   if (video) video.srcObject = null;
 }
