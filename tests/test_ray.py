@@ -11,7 +11,6 @@ import asyncio
 import json
 import shutil
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from cli.main import main  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.settings import ServiceSettings  # noqa: E402
 from tests import test_train  # noqa: E402
-from tests.support import free_port, make_video, two_faces, wait_ready  # noqa: E402
+from tests.support import free_port, make_video, two_faces, wait_ready, wait_until  # noqa: E402
 from tests.test_eval import make_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,13 +98,12 @@ def deploy(app, name: str, route_prefix: str) -> str:
         wait_for_ingress_deployment_creation=False,
         wait_for_applications_running=False,
     )
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
+
+    def settled() -> str | None:
         status = serve.status().applications.get(name)
-        if status is not None and status.status in ("RUNNING", "DEPLOY_FAILED"):
-            return status.status
-        time.sleep(0.5)
-    raise AssertionError(f"{name} neither ran nor failed in {DEADLINE_S} s: {serve.status()}")
+        return status.status if status is not None and status.status in ("RUNNING", "DEPLOY_FAILED") else None
+
+    return wait_until(settled, f"{name} running or failing", seconds=DEADLINE_S, every=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -230,16 +228,17 @@ def test_fer_metrics_are_exported_per_replica(service, cluster, inputs):
     # One replica's own /metrics, through the proxy: that replica's counters only.
     assert "fer_requests_total" in service.get("/metrics").text
     # The node's export port: ray_fer_* tagged per replica (exported every metrics_report_interval_ms).
-    deadline, replicas = time.monotonic() + 60, set()
-    while time.monotonic() < deadline and len(replicas) < 2:
+
+    def exported() -> str | None:
         text = httpx.get(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=10).text
         replicas = {
             line.split('replica="', 1)[1].split('"', 1)[0]
             for line in text.splitlines()
             if line.startswith("ray_fer_requests_total{") and 'endpoint="/predict"' in line
         }
-        time.sleep(1)
-    assert len(replicas) == 2, "both replicas' requests, each with its replica tag"
+        return text if len(replicas) == 2 else None
+
+    text = wait_until(exported, "both replicas' requests, each with its replica tag", seconds=60, every=1)
     for name in ("ray_fer_ready_processes", "ray_fer_batch_size_bucket", "ray_fer_request_seconds_bucket"):
         assert name in text
 

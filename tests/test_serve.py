@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from service.settings import ServiceSettings
-from tests.support import face_image, fer_serve, free_port, make_video, png, two_faces
+from tests.support import face_image, fer_serve, free_port, make_video, png, two_faces, wait_until
 
 
 def test_the_process_entry_point_gives_the_cpus_to_the_encoder_and_pins_its_own_thread():
@@ -134,10 +134,9 @@ def test_fer_serve_with_several_worker_processes():
 
         # Fresh connections land on either worker; every scrape counts every process's requests.
         url = str(http.base_url)
-        deadline = time.monotonic() + 120
-        while _scrape(url).get("fer_ready_processes") != 2:  # the second worker may still be loading
-            assert time.monotonic() < deadline, "the second worker did not report ready"
-            time.sleep(0.2)
+        wait_until(  # the second worker may still be loading
+            lambda: _scrape(url).get("fer_ready_processes") == 2, "the second worker's readiness", seconds=120
+        )
         image = png(face_image(0))
         fresh = [
             httpx.post(f"{url}/predict", files={"file": ("f.png", image, "image/png")}, timeout=60)
