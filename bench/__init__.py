@@ -5,8 +5,3 @@ load (batching on and off), video latency for short and long clips with and with
 the service's memory over a long run, and the face detector's recall and speed (bench.faces), with the
 targets evaluated as ratios of figures from that same run.
 """
-
-from pathlib import Path
-
-# The development data beside the repository (never copied into it): the face detector's figures.
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -1,6 +1,7 @@
-"""`python -m bench.faces [--data DIR] [--seed N] [--out FILE.json]`: the face detector's benchmark.
+"""`python -m bench.faces --data DIR [--seed N] [--out FILE.json]`: the face detector's benchmark.
 
-One run measures, on the development data in shared/data (absent: every figure is None):
+One run measures, on a folder of development data (`--data`: MAFW sample clips in mafw_samples/, FER+
+validation faces in ferplus_valid/; a figure whose part is missing is None):
 - recall on synthetic canvases: faces cut from the MAFW sample frames (around the largest face the
   detector finds in the untouched frame, the reference box) and pasted onto a smooth noise background,
   1, 4 or 16 to a canvas, 70-120 px or about 40 px wide, half of them rotated by 15-30 degrees and half
@@ -35,17 +36,16 @@ import cv2
 import numpy as np
 from PIL import Image, ImageSequence
 
-from bench import SHARED_DATA
 from model.faces.align import crop_face, eye_angle, landmarks_reliable
 from model.faces.base import Box, Face, FaceDetector
 from model.faces.haar import HaarDetector
 from model.faces.retinaface import RetinaFaceDetector
+from model.faces.synthetic import SourceFace, background, match, paste_face
 from model.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = (640, 480)
-IOU_MATCH = 0.3
 REFERENCE_SCORE = 0.9  # reference boxes come from confident detections only
 MIN_REFERENCE_WIDTH = 60  # smaller reference faces would be blown up, not shrunk, onto the canvases
 PATCH_MARGIN = 0.3  # context cut around a reference box, as a fraction of its size on every side
@@ -62,14 +62,6 @@ CANVASES: tuple[tuple[int, int, tuple[int, int], int, tuple[int, int]], ...] = (
 )
 TIMING_IMAGES = 60
 ALIGN_CHECK_DEGREES = 20.0
-
-
-@dataclass(frozen=True)
-class SourceFace:
-    """A face cut from a frame with some context; `box` is its reference box inside `patch`."""
-
-    patch: Image.Image
-    box: tuple[float, float, float, float]  # x, y, w, h
 
 
 @dataclass(frozen=True)
@@ -107,48 +99,6 @@ def reference_faces(clips: list[Clip], detector: FaceDetector) -> list[SourceFac
     return sources
 
 
-def background(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
-    """Smooth noise, mostly grey with some colour, plus finer texture: a scene with edges but no faces."""
-    width, height = size
-    layers = np.zeros((height, width, 3), dtype=np.float32)
-    for cells, weight in ((4, 70.0), (16, 35.0), (64, 15.0)):
-        grey = rng.normal(0, 1, (cells, cells, 1))
-        colour = rng.normal(0, 0.4, (cells, cells, 3))
-        noise = (grey + colour).astype(np.float32)
-        layers += weight * cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC)
-    return Image.fromarray(np.clip(128 + layers, 0, 255).astype(np.uint8))
-
-
-def paste_face(
-    canvas: Image.Image,
-    source: SourceFace,
-    width: float,
-    angle: float,
-    mirror: bool,
-    center: tuple[float, float],
-) -> Box:
-    """Pastes `source` scaled so its reference box is `width` wide, mirrored, rotated by `angle` degrees
-    (counter-clockwise) about the box centre placed at `center`; returns the face's box on the canvas:
-    the reference box's size, centred where its centre landed."""
-    x, y, w, h = source.box
-    scale = width / w
-    patch = source.patch
-    if mirror:
-        patch = patch.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        x = patch.width - x - w
-    size = (max(1, round(patch.width * scale)), max(1, round(patch.height * scale)))
-    patch = patch.resize(size, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
-    cx, cy = (x + w / 2) * scale, (y + h / 2) * scale
-    mask = Image.new("L", patch.size, 255)
-    if angle:
-        # About the face centre, so the face stays where `center` puts it; the patch's corners are cut.
-        patch = patch.rotate(angle, resample=Image.Resampling.BICUBIC, center=(cx, cy), expand=False)
-        mask = mask.rotate(angle, resample=Image.Resampling.BILINEAR, center=(cx, cy), expand=False)
-    canvas.paste(patch, (round(center[0] - cx), round(center[1] - cy)), mask)
-    fw, fh = w * scale, h * scale
-    return Box(round(center[0] - fw / 2), round(center[1] - fh / 2), round(fw), round(fh))
-
-
 def make_canvas(
     rng: np.random.Generator,
     sources: list[SourceFace],
@@ -177,28 +127,6 @@ def make_canvas(
             box = paste_face(canvas, source, width, angle, mirrored, center)
             truths.append((box, rotated, mirrored))
     return canvas, truths
-
-
-def iou(a: Box, b: Box) -> float:
-    ix = max(0, min(a.x + a.w, b.x + b.w) - max(a.x, b.x))
-    iy = max(0, min(a.y + a.h, b.y + b.h) - max(a.y, b.y))
-    inter = ix * iy
-    union = a.area + b.area - inter
-    return inter / union if union else 0.0
-
-
-def match(truths: list[Box], found: list[Box]) -> tuple[list[bool], int]:
-    """Greedy one-to-one matching by IoU: which truths were found, and how many detections are stray."""
-    pairs = sorted(
-        ((iou(t, f), i, j) for i, t in enumerate(truths) for j, f in enumerate(found)), reverse=True
-    )
-    hit, used = [False] * len(truths), [False] * len(found)
-    for overlap, i, j in pairs:
-        if overlap < IOU_MATCH:
-            break
-        if not hit[i] and not used[j]:
-            hit[i] = used[j] = True
-    return hit, used.count(False)
 
 
 def canvas_recall(detector: FaceDetector, sources: list[SourceFace], seed: int) -> dict[str, Any]:
@@ -351,8 +279,8 @@ def _spread(values: list[float]) -> dict[str, float | int]:
     }
 
 
-def measure_faces(shared_data: Path | None, seed: int = 0) -> dict[str, Any]:
-    """Every figure from one run; the data-dependent ones are None when `shared_data` lacks the data."""
+def measure_faces(data: Path, seed: int = 0) -> dict[str, Any]:
+    """Every figure from one run; the data-dependent ones are None where `data` lacks their part."""
     detector = RetinaFaceDetector()
     haar: FaceDetector | None = None
     report: dict[str, Any] = {
@@ -365,8 +293,8 @@ def measure_faces(shared_data: Path | None, seed: int = 0) -> dict[str, Any]:
         "timing": None,
         "alignment": None,
     }
-    mafw = shared_data / "mafw_samples" if shared_data else None
-    if mafw is not None and (mafw / "labels.csv").is_file():
+    mafw = data / "mafw_samples"
+    if (mafw / "labels.csv").is_file():
         haar = HaarDetector()
         clips = read_clips(mafw)
         sources = reference_faces(clips, detector)
@@ -383,9 +311,9 @@ def measure_faces(shared_data: Path | None, seed: int = 0) -> dict[str, Any]:
         report["timing"] = timing({detector.name: detector, "haar": haar}, clips)
         report["alignment"] = alignment_cost(detector, clips)
     else:
-        log.warning("no MAFW samples under %s: canvas, frame and timing figures skipped", shared_data)
-    ferplus = shared_data / "ferplus_valid" if shared_data else None
-    if ferplus is not None and (ferplus / "images").is_dir():
+        log.warning("no MAFW samples under %s: canvas, frame and timing figures skipped", data)
+    ferplus = data / "ferplus_valid"
+    if (ferplus / "images").is_dir():
         haar = haar or HaarDetector()
         report["ferplus"] = ferplus_found(
             {
@@ -400,12 +328,19 @@ def measure_faces(shared_data: Path | None, seed: int = 0) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.faces", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=SHARED_DATA, help="the shared data folder")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="the development data: mafw_samples/ (clips, labels.csv) and ferplus_valid/ (images/)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the JSON report here")
     args = parser.parse_args(argv)
+    if not args.data.is_dir():
+        parser.error(f"--data {args.data}: no such folder")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    report = measure_faces(args.data if args.data.is_dir() else None, args.seed)
+    report = measure_faces(args.data, args.seed)
     text = json.dumps(report, indent=2)
     sys.stdout.write(text + "\n")
     if args.out:  # whole or not at all: a stop mid-write leaves the last whole report

@@ -33,6 +33,12 @@ def verdict(passed: bool | None) -> str:
     return VERDICTS[passed]
 
 
+def target_line(t: dict, name: str | None = None) -> str:
+    """A target's verdict on one line, e.g. `FAIL batching_gain: 1.8 >= 2`; `name` for the target's."""
+    value = "missing" if t["value"] is None else fmt(t["value"])
+    return f"{verdict(t['passed']).upper()} {name or t['name']}: {value} {t['op']} {t['threshold']:g}"
+
+
 def histogram_mean(delta: dict[str, float], name: str, scale: float = 1.0) -> float | None:
     """A Prometheus histogram's mean observation during a point, from the change in _sum and _count."""
     count = delta.get(f"{name}_count", 0.0)
@@ -247,7 +253,5 @@ def format_table(report: dict) -> str:
     ]
     for t in report["targets"]:
         rounds = f"; rounds {' '.join(fmt(v) for v in t['rounds'])}" if t["rounds"] else ""
-        lines.append(
-            f"{verdict(t['passed']).upper()} {t['name']}: {fmt(t['value'])} {t['op']} {t['threshold']:g}  ({t['detail']}{rounds})"
-        )
+        lines.append(f"{target_line(t)}  ({t['detail']}{rounds})")
     return "\n".join(lines)

@@ -28,7 +28,6 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import SHARED_DATA
 from bench.inputs import cached_clip, face_jpeg
 from bench.load import Upload, metric_delta, run_load
 from bench.report import TARGET_CONCURRENCY, evaluate_targets, format_table, median_raw, summarise_point
@@ -306,8 +305,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--faces-data",
         type=Path,
-        default=SHARED_DATA if SHARED_DATA.is_dir() else None,
-        help="the development data for the face detector's figures (default ../shared/data when present)",
+        help="development data for the face detector's figures (see bench.faces); without it they are not measured",
     )
     args = parser.parse_args(argv)
     if args.quick:

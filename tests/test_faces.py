@@ -1,6 +1,6 @@
 """The RetinaFace detector and face crops: faces pasted at known places on synthetic canvases (the
-astronaut photo's face, and real faces from ../shared/data when it is here), landmarks, alignment,
-small inputs and concurrent calls."""
+astronaut photo's face, and real faces from the development data where it is present), landmarks,
+alignment, small inputs and concurrent calls."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from bench.faces import SourceFace, background, iou, match, measure_faces, paste_face
 from model.faces.align import crop_face, eye_angle, landmarks_reliable, plain_crop
 from model.faces.base import Box, Face
 from model.faces.retinaface import WEIGHTS_SHA256, RetinaFaceDetector, model_bytes
+from model.faces.synthetic import SourceFace, background, iou, match, paste_face
 
 # The astronaut's face in skimage.data.astronaut() (512x512), as [x, y, w, h].
 ASTRONAUT_FACE = Box(178, 57, 95, 120)
@@ -309,13 +309,7 @@ def test_aligned_crop_keeps_grey_and_converts_other_modes(astronaut):
     assert eye_angle(face) == pytest.approx(angle)
 
 
-def test_bench_without_data_reports_nothing():
-    report = measure_faces(None)
-    assert report["detector"] == "retinaface-mnet0.25"
-    assert report["canvases"] is report["mafw_frames"] is report["ferplus"] is report["timing"] is None
-
-
-def test_bench_canvas_helpers():
+def test_canvas_helpers():
     assert iou(Box(0, 0, 10, 10), Box(5, 0, 10, 10)) == pytest.approx(50 / 150)
     hit, stray = match([Box(0, 0, 10, 10), Box(100, 100, 10, 10)], [Box(1, 1, 10, 10), Box(50, 50, 5, 5)])
     assert hit == [True, False] and stray == 1

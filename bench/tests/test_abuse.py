@@ -33,7 +33,7 @@ from bench.abuse import (
 )
 from bench.server import Service
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_gif_bomb_is_a_huge_canvas_of_one_pixel_frames():

@@ -1,5 +1,6 @@
 """The benchmark's parts that need no model: statistics, target evaluation, the load generator (against
-stand-in servers on loopback), /metrics parsing, process readings, and the synthetic inputs."""
+stand-in servers on loopback), /metrics parsing, process readings, the synthetic inputs, and the face
+benchmark without its data."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 from email.parser import BytesParser
 from email.policy import default as email_policy
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import ClassVar
 
 import av
@@ -27,6 +29,8 @@ from bench.report import evaluate_targets, format_table, histogram_mean, median_
 from bench.run import incomplete
 from bench.server import Service, process_tree
 from model.media import read_video
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_metrics_are_summed_over_labels_and_differenced():
@@ -389,3 +393,22 @@ def test_a_run_stopped_midway_leaves_its_partial_report_in_out(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         bench.run.main(["--out", str(out)])
     assert json.loads(out.read_text()) == {"complete": False, "points": [{"concurrency": 1}]}
+
+
+def test_the_face_figures_without_their_data_are_none(tmp_path):
+    from bench.faces import measure_faces
+
+    report = measure_faces(tmp_path)  # a folder without mafw_samples/ or ferplus_valid/
+    assert report["detector"] == "retinaface-mnet0.25"
+    assert report["canvases"] is report["mafw_frames"] is report["ferplus"] is report["timing"] is None
+
+
+def test_the_face_benchmark_needs_its_data_folder(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.faces", "--data", str(tmp_path / "nowhere")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "no such folder" in done.stderr
