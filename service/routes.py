@@ -150,13 +150,18 @@ async def retrieve(
     return await inference.run(call, await inference.retrieve(call, texts, top_k))
 
 
+# ---- a request as the request path takes it ----------------------------------------------------
 def _call(
     runtime: Runtime, request: Request, file: UploadFile, detect_faces: bool, frames: int | None = None
 ) -> inference.Call:
-    """The request as the request path takes it, with the loaded model: NotReady (503) while loading."""
-    options = runtime.settings.pipeline_options(detect_faces=detect_faces, frames=frames)
+    """The request's values, with the loaded model taken once: NotReady (503) while it loads."""
     return inference.Call(
-        runtime, runtime.require(), file.file, file.content_type, options, request.is_disconnected
+        runtime=runtime,
+        model=runtime.require(),
+        source=file.file,
+        media_type=file.content_type,
+        options=runtime.settings.pipeline_options(detect_faces=detect_faces, frames=frames),
+        is_disconnected=request.is_disconnected,
     )
 
 
