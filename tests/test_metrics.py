@@ -87,3 +87,39 @@ def test_only_a_cuda_device_is_asked_for_its_peak():
 
     assert _device_peak_bytes(torch.device("cpu")) is None
     assert callable(_device_peak_bytes(torch.device("cuda", 0)))  # not called: no GPU here
+
+
+def test_the_app_records_through_the_metrics_object_it_is_given(engine):
+    """The seam service.ray_serve's RayMetrics uses: every count and observation goes through
+    `Metrics.record` of the object the app was made with."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.metrics import Metrics
+    from tests.support import face_image, png, post_image, service_settings, wait_ready
+
+    class Recording(Metrics):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def record(self, family, value, *labels):
+            super().record(family, value, *labels)
+            self.seen.append((family.name, labels))
+
+    metrics = Recording()
+    with TestClient(
+        create_app(service_settings(), engine_factory=lambda s: engine, metrics=metrics)
+    ) as client:
+        wait_ready(client)
+        assert post_image(client, png(face_image(0)), detect_faces="false").status_code == 200
+        assert 'fer_requests_total{endpoint="/predict",status="200"} 1.0' in client.get("/metrics").text
+    assert ("fer_requests", ("/predict", "200")) in metrics.seen
+    recorded = {name for name, _ in metrics.seen}
+    assert {
+        "fer_request_seconds",
+        "fer_batch_size",
+        "fer_model_seconds",
+        "fer_queue_wait_seconds",
+    } <= recorded
+    assert "fer_text_seconds" in recorded  # the warm-up's text features
