@@ -173,7 +173,13 @@ def predict_image(call: Call, prompts: ClassPrompts) -> Work:
         return pipeline.predict_image(prepared, features, text, prompts.classes, prompts.prompt_set, options)
 
     faces = options.max_faces if options.detect_faces else 1
-    return Work(Places(images=faces), pipeline.prepare_image, prompts, score, PredictResponse)
+    return Work(
+        rows=Places(images=faces),
+        prepare=pipeline.prepare_image,
+        texts=prompts,
+        score=score,
+        response=PredictResponse,
+    )
 
 
 def predict_video(call: Call, prompts: ClassPrompts, per_frame: bool) -> Work:
@@ -184,7 +190,13 @@ def predict_video(call: Call, prompts: ClassPrompts, per_frame: bool) -> Work:
             prepared, features, text, prompts.classes, prompts.prompt_set, per_frame
         )
 
-    return Work(Places(frames=call.options.frames), pipeline.prepare_video, prompts, score, VideoResponse)
+    return Work(
+        rows=Places(frames=call.options.frames),
+        prepare=pipeline.prepare_video,
+        texts=prompts,
+        score=score,
+        response=VideoResponse,
+    )
 
 
 async def retrieve(call: Call, descriptions: list[str], top_k: int) -> Work:
@@ -195,9 +207,13 @@ async def retrieve(call: Call, descriptions: list[str], top_k: int) -> Work:
     def score(prepared, features, text):
         return pipeline.rank_descriptions(features, text, descriptions, top_k, pipeline.media_of(prepared))
 
-    rows = Places(images=1) if still else Places(frames=call.options.frames)
-    prepare = partial(pipeline.prepare_clip, still=still)
-    return Work(rows, prepare, Descriptions(descriptions), score, RetrieveResponse)
+    return Work(
+        rows=Places(images=1) if still else Places(frames=call.options.frames),
+        prepare=partial(pipeline.prepare_clip, still=still),
+        texts=Descriptions(descriptions),
+        score=score,
+        response=RetrieveResponse,
+    )
 
 
 # ---- the runner ---------------------------------------------------------------------------------------
