@@ -167,7 +167,7 @@ def fer_serve(
                 except httpx.TransportError:
                     return False
 
-            wait_until(ready, f"fer serve's {ready_path} answering 200", seconds=120, every=0.2)
+            wait_until(ready, f"fer serve's {ready_path} answering 200", seconds=300, every=0.2)
             yield http, server
     finally:
         if server.poll() is None:

@@ -135,7 +135,7 @@ def test_fer_serve_with_several_worker_processes():
         # Fresh connections land on either worker; every scrape counts every process's requests.
         url = str(http.base_url)
         wait_until(  # the second worker may still be loading
-            lambda: _scrape(url).get("fer_ready_processes") == 2, "the second worker's readiness", seconds=120
+            lambda: _scrape(url).get("fer_ready_processes") == 2, "the second worker's readiness", seconds=300
         )
         image = png(face_image(0))
         fresh = [
