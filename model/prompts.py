@@ -122,12 +122,23 @@ def resolve_classes(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str
         )
     if len(classes) > MAX_CLASSES:
         raise LabelError(f"{len(classes)} classes given; at most {MAX_CLASSES} are allowed")
-    if len(set(classes)) != len(classes):
-        raise LabelError("the class list repeats a class")
+    _refuse_repeats(classes)
     too_long = [c for c in classes if len(c) > MAX_PHRASE_CHARS]
     if too_long:
         raise LabelError(f"class phrases are limited to {MAX_PHRASE_CHARS} characters: {too_long[0][:40]}...")
     return classes
+
+
+def _refuse_repeats(classes: tuple[str, ...]) -> None:
+    """CLIP's tokenizer lowercases, so two spellings of one word give one prompt text: their logits
+    would tie and argmax would always pick the first."""
+    seen: dict[str, str] = {}
+    for word in classes:
+        first = seen.get(word.lower())
+        seen[word.lower()] = word
+        if first is not None:
+            spelt = "" if first == word else f" (as {word!r})"
+            raise LabelError(f"the class list names {first!r} twice{spelt}: give each class once")
 
 
 def _close_preset(word: str) -> str | None:

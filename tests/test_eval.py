@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, recall_score
 
 from cli.main import main
-from model.evaluate.data import DatasetError, choose_classes, take_subset
+from model.evaluate.data import DatasetError, choose_classes, label_indices, merged_labels, take_subset
 from model.evaluate.features import encode_items
 from model.evaluate.metrics import classification_metrics, feature_variance, retrieval_metrics, spread
 from model.evaluate.models import model_choices
@@ -99,6 +99,35 @@ def test_class_inference_and_unknown_labels():
     assert choose_classes(["happiness"], "ferplus") == BASIC8
     with pytest.raises(DatasetError, match="amused, calm"):
         choose_classes(["happiness", "calm", "amused"], "basic7")
+
+
+def test_labels_that_differ_only_in_case_or_spacing_are_one_class(caplog):
+    labels = ["Cat", "cat", " cat ", "dog", "Big  dog", "big dog"]
+    classes = choose_classes(labels, None)
+    assert classes == ("Big dog", "cat", "dog")  # the most common spelling of each, ties sorted
+    assert label_indices(labels, classes) == [1, 1, 1, 2, 0, 0]
+    assert merged_labels(labels, classes) == {"Big dog": ["Big dog", "big dog"], "cat": ["Cat", "cat"]}
+    assert "Cat, cat" in caplog.text and "scored as one class, cat" in caplog.text
+    assert choose_classes(["Happiness", "happiness", "SADNESS"], None) == BASIC7
+    assert choose_classes(["Calm", "calm", "tense"], "calm,tense") == ("calm", "tense")
+
+
+def test_eval_scores_labels_that_differ_only_in_case_as_one_class(model_env, tmp_path, capsys, caplog):
+    rows = []
+    for n, label in enumerate(["Cat", "cat", "cat", "dog", "dog"]):
+        face_image(n).save(tmp_path / f"{n}.png")
+        rows.append((f"{n}.png", label))
+    with (tmp_path / "labels.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("file", "label"), *rows])
+    argv = ["eval", "--data", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--prompts", "P-1", "--models", "none"]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["classes"] == ["cat", "dog"] and metrics["merged_labels"] == {"cat": ["Cat", "cat"]}
+    assert metrics["models"]["none"]["prompts"]["P-1"]["per_class_n"] == {"cat": 3, "dog": 2}
+    predictions = read_predictions(tmp_path / "out" / "predictions.csv")
+    assert {r["label"] for r in predictions} == {"cat", "dog"}
+    assert "Labels merged (equal up to case and spacing): cat = Cat, cat." in capsys.readouterr().out
+    assert "labels Cat, cat differ only in case or spacing" in caplog.text
 
 
 def test_limit_is_a_seeded_ordered_subset():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.evaluate.data import choose_classes, label_indices, read_labelled, take_subset
+from model.evaluate.data import choose_classes, label_indices, merged_labels, read_labelled, take_subset
 from model.evaluate.features import EncodeBackend, encode_model, engine_fields, free_memory
 from model.evaluate.metrics import classification_metrics, feature_variance
 from model.evaluate.models import ModelChoice, slug
@@ -53,6 +53,7 @@ def run_eval(
     encoders run (default: here; `fer eval --ray` passes a Ray cluster's)."""
     items = read_labelled(data)
     class_words = choose_classes((item.label for item in items), classes)  # from all items, not the subset
+    merged = merged_labels((item.label for item in items), class_words)
     items = take_subset(items, limit, seed)
     labels = np.array(label_indices((item.label for item in items), class_words))
     prompt_sets = [resolve_prompt_set(p) for p in prompt_sets]
@@ -65,6 +66,7 @@ def run_eval(
         "frames": options.frames,
         "detect_faces": options.detect_faces,
         "classes": list(class_words),
+        "merged_labels": merged,  # class -> the label spellings scored as it (equal up to case, spacing)
         "prompt_sets": prompt_sets,
         "zero_sample_classes": "per-class recall is null and the class is left out of UAR",
         "feature_variance_definition": VARIANCE_DEFINITION,
@@ -139,6 +141,11 @@ def results_table(metrics: dict) -> str:
     lines = [
         f"Data: `{metrics['data']}`, {metrics['n_items']} items, classes: {', '.join(metrics['classes'])}.",
         "",
+    ]
+    if metrics["merged_labels"]:
+        merged = "; ".join(f"{c} = {', '.join(s)}" for c, s in metrics["merged_labels"].items())
+        lines += [f"Labels merged (equal up to case and spacing): {merged}.", ""]
+    lines += [
         "| model | prompts | UAR | WAR | n |",
         "|---|---|---|---|---|",
     ]
