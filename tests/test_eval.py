@@ -84,11 +84,36 @@ def test_hand_worked_retrieval():
     assert result["precision_at_k"] == pytest.approx({"1": 0.5, "2": 0.5, "4": (1 / 4 + 2 / 4) / 2})
     assert result["recall_at_k"] == pytest.approx({"1": 0.25, "2": 0.75, "4": 1.0})
     assert result["mrr"] == pytest.approx(0.75)
-    assert result["chance_precision"] == pytest.approx((1 + 2) / 2 / 4)  # mean relevant / descriptions
-    figure = precision_at_k_figure({"m": result["precision_at_k"]}, 2, result["chance_precision"])
+    # mean relevant / descriptions, for every k up to the number of descriptions
+    assert result["chance_precision_at_k"] == pytest.approx({"1": 0.375, "2": 0.375, "4": 0.375})
+    figure = precision_at_k_figure({"m": result["precision_at_k"]}, 2, result["chance_precision_at_k"])
     ax = figure.axes[0]
     assert ax.get_title() == "Description retrieval: precision at k, 2 items"
-    assert [line.get_ydata()[0] for line in ax.lines] == [pytest.approx(0.375)]
+    assert chance_marks(ax) == pytest.approx([0.375, 0.375, 0.375])
+
+
+def chance_marks(ax) -> list[float]:
+    """The heights of the chance level drawn at each k's bars."""
+    (marks,) = [c for c in ax.collections if c.get_label().startswith("chance")]
+    return [float(segment[0][1]) for segment in marks.get_segments()]
+
+
+def test_chance_precision_when_k_exceeds_the_descriptions():
+    # 3 descriptions, one relevant per item, a perfect model: P@10 is 1/10, and a random ranking (which
+    # also finds the relevant one in its top 10) gets no more than that.
+    scores = np.eye(3)
+    result = retrieval_metrics(scores, [frozenset({0}), frozenset({1}), frozenset({2})], [1, 5, 10])
+    assert result["precision_at_k"] == pytest.approx({"1": 1.0, "5": 0.2, "10": 0.1})
+    assert result["chance_precision_at_k"] == pytest.approx({"1": 1 / 3, "5": 0.2, "10": 0.1})
+    # the chance of P@k by simulation: random rankings of the same items
+    rng = np.random.default_rng(0)
+    relevant = [frozenset({i}) for i in range(3)]
+    simulated = [retrieval_metrics(rng.random((3, 3)), relevant, [1, 5, 10]) for _ in range(400)]
+    for k in ("1", "5", "10"):
+        mean = np.mean([s["precision_at_k"][k] for s in simulated])
+        assert mean == pytest.approx(result["chance_precision_at_k"][k], abs=0.03)
+    figure = precision_at_k_figure({"m": result["precision_at_k"]}, 3, result["chance_precision_at_k"])
+    assert chance_marks(figure.axes[0]) == pytest.approx([1 / 3, 0.2, 0.1])
 
 
 # ---- data and model choice -----------------------------------------------------------------------

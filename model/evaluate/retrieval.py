@@ -96,7 +96,7 @@ def run_retrieval(
     plot_precision_at_k(
         {name: r["precision_at_k"] for name, r in metrics["models"].items()},
         first["n_items"],
-        first["chance_precision"],
+        first["chance_precision_at_k"],
         out / "precision_at_k.png",
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
