@@ -94,14 +94,16 @@ def _common(args: argparse.Namespace, settings) -> dict:
 
 def cmd_eval(args: argparse.Namespace, settings) -> int:
     from model.evaluate.run import run_eval
+    from model.prompts import resolve_prompt_sets
 
+    prompt_sets = resolve_prompt_sets(_split(args.prompts))  # a typo is one line, before any work
     common = _common(args, settings)
     with _backend(args) as backend:
         metrics = run_eval(
             args.data,
             args.out,
             classes=args.classes,
-            prompt_sets=_split(args.prompts),
+            prompt_sets=prompt_sets,
             backend=backend,
             **common,
         )

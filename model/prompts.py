@@ -9,6 +9,7 @@ of a set has the same number of prompts, so logits of a mixed class list still v
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 
@@ -167,6 +168,14 @@ def resolve_prompt_set(name: str | None) -> str:
     if name.strip() not in PROMPT_SETS:
         raise LabelError(f"unknown prompt set {name!r}: choose one of {', '.join(PROMPT_SETS)}")
     return name.strip()
+
+
+def resolve_prompt_sets(names: Sequence[str]) -> list[str]:
+    """Several prompt sets, each once, in the order given; none at all is a LabelError."""
+    sets = list(dict.fromkeys(resolve_prompt_set(name) for name in names if name.strip()))
+    if not sets:
+        raise LabelError(f"no prompt set given: choose one or more of {', '.join(PROMPT_SETS)}")
+    return sets
 
 
 def prompt_table(classes: tuple[str, ...], prompt_set: str) -> dict[str, list[str]]:

@@ -14,7 +14,15 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, recall_score
 
 from cli.main import main
-from model.evaluate.data import DatasetError, choose_classes, label_indices, merged_labels, take_subset
+from model.evaluate.data import (
+    DatasetError,
+    choose_classes,
+    label_indices,
+    merged_labels,
+    read_labelled,
+    read_retrieval,
+    take_subset,
+)
 from model.evaluate.features import encode_items
 from model.evaluate.metrics import classification_metrics, feature_variance, retrieval_metrics, spread
 from model.evaluate.models import model_choices
@@ -153,6 +161,42 @@ def test_eval_scores_labels_that_differ_only_in_case_as_one_class(model_env, tmp
     assert {r["label"] for r in predictions} == {"cat", "dog"}
     assert "Labels merged (equal up to case and spacing): cat = Cat, cat." in capsys.readouterr().out
     assert "labels Cat, cat differ only in case or spacing" in caplog.text
+
+
+def test_csvs_saved_with_a_byte_order_mark_are_read(tmp_path):
+    # Excel's "CSV UTF-8" starts the file with U+FEFF, which would otherwise be part of the first header.
+    (tmp_path / "labels.csv").write_text("file,label\na.png,happiness\n", encoding="utf-8-sig")
+    (tmp_path / "pairs.csv").write_text("file,description\na.png,smiles\n", encoding="utf-8-sig")
+    assert [(i.file, i.label) for i in read_labelled(tmp_path / "labels.csv")] == [("a.png", "happiness")]
+    assert read_retrieval(tmp_path / "pairs.csv").descriptions == ["smiles"]
+
+
+def test_prompt_sets_are_checked_and_each_scored_once(model_env, tmp_path, capsys):
+    make_dataset(tmp_path / "data")
+    argv = ["eval", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--models", "none"]
+    for empty in ("", " , "):
+        assert main([*argv, "--prompts", empty]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fer: error: no prompt set given") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # refused before any work
+    assert main([*argv, "--prompts", "P-2, P-1,P-2", "--frames", str(FRAMES)]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["prompt_sets"] == ["P-2", "P-1"] and list(metrics["models"]["none"]["prompts"]) == [
+        "P-2",
+        "P-1",
+    ]
+    assert len(read_predictions(tmp_path / "out" / "predictions.csv")) == 8 * 2
+    assert (tmp_path / "out" / "table.md").read_text().count("| none |") == 2
+
+
+def test_two_models_whose_names_share_a_file_name_are_refused(model_env, official_projection_path, tmp_path):
+    # "my model" and "my-model" would both write confusion_my-model_P-1.png
+    for name in ("my model.pth", "my-model.pth"):
+        (tmp_path / name).write_bytes(official_projection_path.read_bytes())
+    with pytest.raises(ValueError, match=r"my model.* and .*my-model.*rename one"):
+        model_choices(f"{tmp_path / 'my model.pth'},{tmp_path / 'my-model.pth'}", ModelSettings())
+    with pytest.raises(ValueError, match="names .* twice"):
+        model_choices(f"{official_projection_path},{official_projection_path}", ModelSettings())
 
 
 def test_limit_is_a_seeded_ordered_subset():

@@ -75,7 +75,7 @@ def _read_folder(root: Path) -> list[LabelledItem]:
 
 def _csv_rows(path: Path, column: str) -> list[dict[str, str]]:
     """Rows of a CSV whose header names `file` and `column`; empty cells are an error naming the line."""
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(f)
         missing = {"file", column} - set(reader.fieldnames or ())
         if missing:

@@ -39,14 +39,27 @@ def model_choices(models: str | None, base: ModelSettings) -> list[ModelChoice]:
                 f"--models entry {entry!r} is neither a preset ({', '.join(PRESETS)}) nor a projection file"
             )
         choices.append(choice)
-    names = [c.name for c in choices]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--models names a model twice (by name): {', '.join(names)}")
+    _refuse_shared_names(choices)
     if not choices:
         raise ValueError("--models is empty")
     for choice in choices:
         check_weights(choice)
     return choices
+
+
+def _refuse_shared_names(choices: list[ModelChoice]) -> None:
+    """A model's name keys its results and, as `slug`, names its files: two models with one would
+    mix their results and overwrite each other's confusion matrices."""
+    seen: dict[str, ModelChoice] = {}
+    for choice in choices:
+        other = seen.setdefault(slug(choice.name), choice)
+        if other is not choice and other.entry == choice.entry:
+            raise ValueError(f"--models names {choice.entry!r} twice")
+        if other is not choice:
+            raise ValueError(
+                f"--models entries {other.entry!r} and {choice.entry!r} would both be named "
+                f"{slug(choice.name)!r} in the outputs: rename one of the files"
+            )
 
 
 def check_weights(choice: ModelChoice) -> None:

@@ -23,7 +23,7 @@ from model.evaluate.plots import plot_confusion, plot_feature_variance
 from model.faces.base import FaceDetector
 from model.options import PipelineOptions
 from model.pipeline import classify
-from model.prompts import PROMPT_SET_NAMES, prompt_table, resolve_prompt_set
+from model.prompts import PROMPT_SET_NAMES, prompt_table, resolve_prompt_sets
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def run_eval(
     merged = merged_labels((item.label for item in items), class_words)
     items = take_subset(items, limit, seed)
     labels = np.array(label_indices((item.label for item in items), class_words))
-    prompt_sets = [resolve_prompt_set(p) for p in prompt_sets]
+    prompt_sets = resolve_prompt_sets(prompt_sets)
     out.mkdir(parents=True, exist_ok=True)
     metrics = {
         "data": str(data),
