@@ -41,7 +41,7 @@ def cmd_serve(args: argparse.Namespace, settings) -> int:
     workers = settings.workers if args.workers is None else args.workers
     if workers < 1:
         raise ValueError("--workers must be at least 1")
-    settings.resolve()  # missing weights: one line now, not in the background later
+    settings.resolve_checked()  # missing weights, a projection for another CLIP: one line now
     from model.settings import device_for, dtype_for
 
     dtype_for(settings.dtype, device_for(settings.device))  # a device or dtype this machine cannot run

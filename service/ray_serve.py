@@ -184,7 +184,7 @@ class FerReplica:
         settings = replica_settings(ServiceSettings())
         # As `fer serve` does before it starts: missing weights or a device this replica cannot run
         # fail the replica now, with that one message, rather than in the background load.
-        settings.resolve()
+        settings.resolve_checked()
         dtype_for(settings.dtype, device_for(settings.device))
         # Not `self.app`: Serve's ingress wrapper has a property of that name.
         self.fastapi = create_app(settings)
