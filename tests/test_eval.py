@@ -195,7 +195,7 @@ def test_two_models_whose_names_share_a_file_name_are_refused(model_env, officia
         (tmp_path / name).write_bytes(official_projection_path.read_bytes())
     with pytest.raises(ValueError, match=r"my model.* and .*my-model.*rename one"):
         model_choices(f"{tmp_path / 'my model.pth'},{tmp_path / 'my-model.pth'}", ModelSettings())
-    with pytest.raises(ValueError, match="names .* twice"):
+    with pytest.raises(ValueError, match=r"names .* twice"):
         model_choices(f"{official_projection_path},{official_projection_path}", ModelSettings())
 
 
@@ -354,6 +354,55 @@ def test_eval_end_to_end(model_env, official_projection_path, tmp_path, capsys):
         assert_same_variance(variance, expected)
 
 
+def test_a_projection_that_does_not_fit_its_clip_stops_eval_before_the_first_model(
+    model_env, official_projection_path, tmp_path, capsys
+):
+    make_dataset(tmp_path / "data")
+    torch.save({"module.mlp.weight": torch.zeros(4096, 512)}, tmp_path / "b32-sized.pth")  # tiny CLIP: 64-d
+    models = f"{official_projection_path},{tmp_path / 'b32-sized.pth'}"
+    out = tmp_path / "out"
+    assert main(["eval", "--data", str(tmp_path / "data"), "--out", str(out), "--models", models]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fer: error: model b32-sized: projection") and err.count("\n") == 1
+    assert "512-d features but the CLIP model embeds to 64-d" in err
+    assert not out.exists()  # nothing encoded, nothing written
+
+
+def test_eval_writes_each_model_as_it_finishes_and_nothing_of_an_earlier_run(
+    model_env, official_projection_path, tmp_path, monkeypatch, capsys
+):
+    make_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    common = ["eval", "--data", str(tmp_path / "data"), "--out", str(out), "--frames", str(FRAMES)]
+    first = official_projection_path.stem
+    assert main([*common, "--models", f"{official_projection_path},none", "--prompts", "P-1,P-4"]) == 0
+    assert (out / "confusion_none_P-4.png").is_file() and (out / f"confusion_{first}_P-4.png").is_file()
+
+    # Again into the same folder, P-1 only, and the second model fails while it encodes.
+    from model.evaluate import features
+
+    real = features.create_engine
+
+    def second_fails(settings):
+        if settings.projection == "none":
+            raise RuntimeError("the GPU fell off the bus")
+        return real(settings)
+
+    monkeypatch.setattr(features, "create_engine", second_fails)
+    assert main([*common, "--models", f"{official_projection_path},none", "--prompts", "P-1"]) == 2
+    assert "the GPU fell off the bus" in capsys.readouterr().err
+    # the first model's results are all there; nothing of the earlier run's is
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["models"]) == [first] and metrics["models_pending"] == ["none"]
+    assert metrics["prompt_sets"] == ["P-1"]
+    assert sorted(p.name for p in out.glob("*.png")) == [f"confusion_{first}_P-1.png", "feature_variance.png"]
+    rows = read_predictions(out / "predictions.csv")
+    assert {(r["model"], r["prompts"]) for r in rows} == {(first, "P-1")} and len(rows) == 8
+    table = (out / "table.md").read_text()
+    assert f"| {first} | P-1 |" in table and "| none |" not in table
+    assert json.loads((out / "prompts.json").read_text()).keys() == {"P-1"}
+
+
 def test_eval_unknown_labels_are_one_error(model_env, tmp_path, capsys):
     labels_csv = make_dataset(tmp_path / "data")
     assert (
@@ -364,7 +413,9 @@ def test_eval_unknown_labels_are_one_error(model_env, tmp_path, capsys):
     assert "anger, happiness" in err and "Traceback" not in err
 
 
-def test_eval_retrieval_end_to_end(model_env, engine, official_projection_path, tmp_path, capsys):
+def test_eval_retrieval_end_to_end(
+    model_env, engine, official_projection_path, tmp_path, capsys, monkeypatch
+):
     face_image(1).save(tmp_path / "a.png")
     face_image(2).save(tmp_path / "b.png")
     make_video(tmp_path / "c.mp4", 20)
@@ -401,6 +452,17 @@ def test_eval_retrieval_end_to_end(model_env, engine, official_projection_path, 
     with (out / "ranks.csv").open(newline="") as f:
         ranks = [r for r in csv.DictReader(f) if r["model"] == official_projection_path.stem]
     assert [int(r["first_relevant_rank"]) for r in ranks] == expected["first_relevant_rank"]
+    assert metrics["models_pending"] == []
+
+    # A run into the same folder whose only model fails leaves nothing of the earlier run.
+    from model.evaluate import features
+
+    def fails(settings):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(features, "create_engine", fails)
+    assert main([*argv, "--models", "none", "--frames", str(FRAMES)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["ranks.csv"]  # its header only
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "ferplus_valid").is_dir(), reason="../shared/data is not here")
