@@ -80,6 +80,20 @@ def _check_out(out: Path) -> None:
         raise ValueError(f"--out {out}: the projection file must end in .safetensors")
 
 
+def _fit_config(args: argparse.Namespace) -> FitConfig:
+    """The fit options as a FitConfig, which refuses a value that would train nothing."""
+    return FitConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FitConfig)})
+
+
+def _check_extract(args: argparse.Namespace) -> None:
+    """Before the teacher (minutes to load) or the CLIP loads."""
+    for option in ("extract_batch_size", "shard_size"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be at least 1")
+    if args.workers < 0:
+        raise ValueError("--workers must be at least 0 (0: decode in this process)")
+
+
 def _device(settings) -> str:
     from model.settings import device_for
 
@@ -90,6 +104,7 @@ def cmd_extract(args: argparse.Namespace, settings) -> int:
     from model.train.extract import extract, list_images
     from model.train.teacher import Teacher
 
+    _check_extract(args)
     images = list_images(args.images)
     options = ray_options(args)
     if options is not None:
@@ -130,8 +145,7 @@ def cmd_fit(args: argparse.Namespace, settings) -> int:
     from model.train.fit import fit
 
     _check_out(args.out)
-    cfg = FitConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FitConfig)})
-    result = fit(args.cache, args.out, cfg, _device(settings))
+    result = fit(args.cache, args.out, _fit_config(args), _device(settings))
     print(
         json.dumps(
             {
@@ -149,4 +163,5 @@ def cmd_fit(args: argparse.Namespace, settings) -> int:
 
 def cmd_run(args: argparse.Namespace, settings) -> int:
     _check_out(args.out)  # before the long extraction, not after it
+    _fit_config(args)
     return cmd_extract(args, settings) or cmd_fit(args, settings)

@@ -437,3 +437,36 @@ def test_a_projection_made_for_another_clip_model_is_refused(tmp_path, tiny_clip
         assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
     err = capsys.readouterr().err
     assert "made for CLIP ViT-B-16, not fer-tiny" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--epochs", "0"),
+        ("--batch-size", "0"),
+        ("--batch-size", "1"),  # no negatives: the contrastive loss is 0 and W never moves
+        ("--log-interval", "0"),
+        ("--val-fraction", "1"),
+        ("--lr", "0"),
+        ("--logit-scale", "-1"),
+    ],
+)
+def test_fit_options_are_checked_before_any_work(option, value, teacher_dir, image_dir, tmp_path, capsys):
+    _synthetic_cache(tmp_path / "cache", n=8)
+    out = tmp_path / "w.safetensors"
+    assert main(["train", "fit", "--cache", str(tmp_path / "cache"), "--out", str(out), option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fer: error: {option} ") and err.count("\n") == 1
+    assert not out.exists()  # --epochs 0 used to save an untrained projection and exit 0
+    # `fer train run` refuses them before the extraction, not after it
+    run = ["train", "run", "--images", str(image_dir), "--teacher", str(teacher_dir), "--out", str(out)]
+    assert main([*run, "--cache", str(tmp_path / "new"), option, value]) == 2
+    assert capsys.readouterr().err == err and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("option", ["--extract-batch-size", "--shard-size"])
+def test_extract_options_are_checked_before_the_teacher_loads(option, image_dir, tmp_path, capsys):
+    argv = ["train", "extract", "--images", str(image_dir), "--teacher", "nobody/not-loaded"]
+    assert main([*argv, "--cache", str(tmp_path / "c"), option, "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fer: error: {option} must be at least 1\n" and not (tmp_path / "c").exists()
