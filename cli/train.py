@@ -101,20 +101,24 @@ def _device(settings) -> str:
 
 
 def cmd_extract(args: argparse.Namespace, settings) -> int:
+    from model.cluster import for_workers
     from model.train.extract import extract, list_images
     from model.train.teacher import Teacher
 
     _check_extract(args)
     images = list_images(args.images)
+    # The files by their absolute paths in both modes: Ray's actors do not run in this folder, and the
+    # cache records the paths, so with one spelling either mode resumes the other's cache.
+    settings, teacher = for_workers(settings), _teacher_source(args.teacher)
     options = ray_options(args)
     if options is not None:
-        summary = _extract_on_ray(args, settings, images, options)
+        summary = _extract_on_ray(args, settings, teacher, images, options)
     else:
         summary = extract(
             images,
             args.cache,
             settings.model_copy(update={"projection": "none"}).resolve(),  # W is what gets trained
-            Teacher.load(args.teacher, args.instruction, _device(settings), args.dtype),
+            Teacher.load(teacher, args.instruction, _device(settings), args.dtype),
             batch_size=args.extract_batch_size,
             shard_size=args.shard_size,
             workers=args.workers,
@@ -124,17 +128,19 @@ def cmd_extract(args: argparse.Namespace, settings) -> int:
     return 0
 
 
-def _extract_on_ray(args: argparse.Namespace, settings, images: list[str], options):
-    from model.cluster import for_workers
+def _teacher_source(teacher: str) -> str:
+    """A local teacher folder by its absolute path; a hub id as given."""
+    return str(Path(teacher).resolve()) if Path(teacher).is_dir() else teacher
+
+
+def _extract_on_ray(args: argparse.Namespace, settings, teacher: str, images: list[str], options):
     from model.train.distributed import TeacherChoice, extract_on_ray
 
-    # A local teacher folder by its absolute path: the actors do not run in this folder.
-    source = str(Path(args.teacher).resolve()) if Path(args.teacher).is_dir() else args.teacher
     return extract_on_ray(
         images,
         args.cache,
-        for_workers(settings),
-        TeacherChoice(source, args.instruction, args.dtype),
+        settings,
+        TeacherChoice(teacher, args.instruction, args.dtype),
         batch_size=args.extract_batch_size,
         shard_size=args.shard_size,
         options=options,

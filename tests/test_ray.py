@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -411,6 +412,33 @@ def test_train_extract_on_ray_writes_the_same_cache_and_resumes_by_shard(
     assert (tmp_path / "ray" / "shard-00000.safetensors").stat().st_mtime_ns == kept
     for name in ("index.json", "shard-00001.safetensors"):
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_a_cache_started_without_ray_resumes_on_ray_with_relative_paths(
+    cluster, model_env, tiny_clip_path, teacher_dir, image_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FER_CLIP_WEIGHTS", os.path.relpath(tiny_clip_path))
+    common = ["train", "extract", "--images", str(image_dir), "--teacher", os.path.relpath(teacher_dir)]
+    common += [
+        "--cache",
+        "cache",
+        "--extract-batch-size",
+        "2",
+        "--shard-size",
+        "4",
+        "--instruction",
+        "expert",
+    ]
+    with torch_threads(1):
+        assert main([*common, "--workers", "0"]) == 0
+    lost = tmp_path / "cache" / "shard-00001.safetensors"
+    single = lost.read_bytes()
+    lost.unlink()
+    capsys.readouterr()
+    assert main([*common, *RAY_ARGS, "--ray-gpus", "0.5"]) == 0
+    assert json.loads(capsys.readouterr().out)["shards_skipped"] == 1
+    assert lost.read_bytes() == single
 
 
 def test_eval_on_ray_gives_the_same_metrics(cluster, model_env, official_projection_path, tmp_path, capsys):

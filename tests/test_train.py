@@ -6,6 +6,7 @@ image processor, saved with save_pretrained and loaded back through the path a h
 from __future__ import annotations
 
 import json
+import os
 import socket
 
 import numpy as np
@@ -470,3 +471,23 @@ def test_extract_options_are_checked_before_the_teacher_loads(option, image_dir,
     assert main([*argv, "--cache", str(tmp_path / "c"), option, "0"]) == 2
     err = capsys.readouterr().err
     assert err == f"fer: error: {option} must be at least 1\n" and not (tmp_path / "c").exists()
+
+
+def test_a_cache_names_its_files_the_same_however_they_were_given(
+    model_env, tiny_clip_path, teacher_dir, image_dir, tmp_path, monkeypatch, capsys
+):
+    """Relative --teacher and FER_CLIP_WEIGHTS are recorded as the files they name: `--ray` (whose
+    actors need absolute paths) resumes a cache made without it, and the reverse (test_ray runs that)."""
+    monkeypatch.chdir(tmp_path)
+    common = ["train", "extract", "--images", str(image_dir), "--cache", "cache", "--workers", "0"]
+    common += ["--shard-size", "4", "--extract-batch-size", "4"]
+    monkeypatch.setenv("FER_CLIP_WEIGHTS", os.path.relpath(tiny_clip_path))
+    assert main([*common, "--teacher", os.path.relpath(teacher_dir)]) == 0
+    capsys.readouterr()
+    (tmp_path / "cache" / "shard-00001.safetensors").unlink()
+    monkeypatch.setenv("FER_CLIP_WEIGHTS", str(tiny_clip_path))
+    assert main([*common, "--teacher", str(teacher_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["shards_skipped"] == 1
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert index["settings"]["clip"]["clip_weights"] == str(tiny_clip_path.resolve())
+    assert index["settings"]["teacher"]["source"] == str(teacher_dir.resolve())
