@@ -73,7 +73,7 @@ def _common(args: argparse.Namespace, settings) -> dict:
     from model.evaluate.models import model_choices
     from model.faces.factory import create_detector
 
-    check_frames(args.frames)
+    check_frames(args.frames, settings)
     on_ray = ray_options(args) is not None
     if on_ray:
         import_ray()  # a missing extra is the first error, before weights or data are checked
