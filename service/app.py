@@ -25,7 +25,14 @@ from service.settings import ServiceSettings
 DOCS_ASSETS = "/docs-assets"
 
 
-def create_app(settings: ServiceSettings, engine_factory: EngineFactory = create_engine) -> FastAPI:
+def create_app(
+    settings: ServiceSettings,
+    engine_factory: EngineFactory = create_engine,
+    *,
+    request_ids_from_proxy: bool = False,
+) -> FastAPI:
+    """`request_ids_from_proxy`: behind Ray Serve's proxy, which chooses each request's id and answers
+    with it (service.request_ids)."""
     runtime = Runtime(settings, engine_factory)
 
     @asynccontextmanager
@@ -73,7 +80,7 @@ def create_app(settings: ServiceSettings, engine_factory: EngineFactory = create
             allow_headers=["X-API-Key", "Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
-    app.add_middleware(RequestId)
+    app.add_middleware(RequestId, from_proxy=request_ids_from_proxy)
     endpoints = {route.path for route in router.routes}
     app.add_middleware(RequestMetrics, metrics=runtime.metrics, endpoints=endpoints)
     return app

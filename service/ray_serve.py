@@ -187,7 +187,8 @@ class FerReplica:
         settings.resolve_checked()
         dtype_for(settings.dtype, device_for(settings.device))
         # Not `self.app`: Serve's ingress wrapper has a property of that name.
-        self.fastapi = create_app(settings)
+        # Serve's proxy gives every request its id and answers with it: the app takes that one.
+        self.fastapi = create_app(settings, request_ids_from_proxy=True)
         self.runtime = self.fastapi.state.runtime
         self.metrics_bridge = MetricsBridge(self.runtime.metrics)
         log.info(

@@ -185,6 +185,40 @@ def test_error_bodies_carry_a_request_id_and_no_library_text(client, caplog):
     assert len(generated) == 32  # made for a request that brought none
 
 
+def test_behind_serves_proxy_the_app_takes_its_request_id_and_adds_none(engine):
+    """Ray Serve's proxy puts its id in the request and on the answer (test_ray runs the real one)."""
+    app = create_app(settings(), engine_factory=lambda s: engine, request_ids_from_proxy=True)
+    with TestClient(app) as client:
+        wait_ready(client)
+        answer = post_image(client, b"junk", headers={"X-Request-ID": "the proxy's id"})
+    assert answer.json()["request_id"] == "the proxy's id" and "x-request-id" not in answer.headers
+
+
+@pytest.mark.parametrize(
+    ("sent", "passed"),
+    [
+        ([b"abc-1"], [b"abc-1"]),
+        ([b"not plain"], []),  # Serve's own middleware, which comes next, then makes one
+        ([b"abc-1", b"abc-2"], [b"abc-1"]),  # the first, as Serve reads it, and only that one
+        ([b"x" * 65, b"abc-2"], []),
+        ([], []),
+    ],
+)
+def test_serves_proxy_passes_on_a_plain_request_id_only(sent, passed):
+    from service.request_ids import serve_proxy_middlewares
+
+    seen = []
+
+    async def serve_app(scope, receive, send):
+        seen.extend(value for name, value in scope["headers"] if name == b"x-request-id")
+
+    (middleware,) = serve_proxy_middlewares()
+    proxy = middleware.cls(serve_app, *middleware.args, **middleware.kwargs)
+    headers = [(b"host", b"x"), *((b"x-request-id", value) for value in sent)]
+    run_bounded(proxy({"type": "http", "headers": headers}, None, None))
+    assert seen == passed
+
+
 # ---- access -----------------------------------------------------------------------------------------
 def test_an_api_key_guards_everything_but_liveness_and_the_page(engine):
     app = create_app(
