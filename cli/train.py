@@ -169,5 +169,5 @@ def cmd_fit(args: argparse.Namespace, settings) -> int:
 
 def cmd_run(args: argparse.Namespace, settings) -> int:
     _check_out(args.out)  # before the long extraction, not after it
-    _fit_config(args)
+    _fit_config(args)  # likewise the fit's options
     return cmd_extract(args, settings) or cmd_fit(args, settings)
