@@ -73,7 +73,7 @@ def _common(args: argparse.Namespace, settings) -> dict:
     from model.evaluate.models import model_choices
     from model.faces.factory import create_detector
 
-    check_frames(args.frames)
+    check_frames(args.frames, settings)
     on_ray = ray_options(args) is not None
     if on_ray:
         import_ray()  # a missing extra is the first error, before weights or data are checked
@@ -94,14 +94,16 @@ def _common(args: argparse.Namespace, settings) -> dict:
 
 def cmd_eval(args: argparse.Namespace, settings) -> int:
     from model.evaluate.run import run_eval
+    from model.prompts import resolve_prompt_sets
 
+    prompt_sets = resolve_prompt_sets(_split(args.prompts))  # a typo is one line, before any work
     common = _common(args, settings)
     with _backend(args) as backend:
         metrics = run_eval(
             args.data,
             args.out,
             classes=args.classes,
-            prompt_sets=_split(args.prompts),
+            prompt_sets=prompt_sets,
             backend=backend,
             **common,
         )

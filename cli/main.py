@@ -35,11 +35,16 @@ def load_settings(kind: str):
     try:
         return getattr(importlib.import_module(module), name)()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"FER_{'_'.join(str(p) for p in error['loc']).upper() or 'settings'}: {error['msg']}"
-            for error in exc.errors()
-        )
+        problems = "; ".join(_problem(error) for error in exc.errors())
         raise ValueError(f"invalid FER_* configuration: {problems}") from None
+
+
+def _problem(error: dict) -> str:
+    """One setting's error as `FER_NAME: what`; a check across settings says in its own sentence which
+    variables it is about (pydantic's "Value error, " prefix dropped)."""
+    if not error["loc"]:
+        return str(error.get("ctx", {}).get("error", error["msg"]))
+    return f"FER_{'_'.join(str(p) for p in error['loc']).upper()}: {error['msg']}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

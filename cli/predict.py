@@ -66,9 +66,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_retrieve)
 
 
-def check_frames(frames: int) -> None:
+def check_frames(frames: int, settings) -> None:
     if not 1 <= frames <= MAX_FRAMES:
         raise ValueError(f"--frames {frames}: sample between 1 and {MAX_FRAMES} frames")
+    if frames > settings.max_decode_frames:  # every clip of that many frames would be refused
+        raise ValueError(
+            f"--frames {frames} is above FER_MAX_DECODE_FRAMES ({settings.max_decode_frames}): "
+            f"sampling {frames} frames decodes at least {frames}"
+        )
 
 
 class Runner:
@@ -153,7 +158,7 @@ def cmd_predict(args: argparse.Namespace, settings) -> int:
 def cmd_predict_video(args: argparse.Namespace, settings) -> int:
     from model.pipeline import predict_video, prepare_video
 
-    check_frames(args.frames)
+    check_frames(args.frames, settings)
 
     def score(prepared, rows, text, classes, prompt_set, _options):
         return predict_video(prepared, rows, text, classes, prompt_set, args.per_frame)
@@ -167,7 +172,7 @@ def cmd_retrieve(args: argparse.Namespace, settings) -> int:
     from model.media import MediaError, is_video_path
     from model.pipeline import media_of, prepare_clip, rank_descriptions
 
-    check_frames(args.frames)
+    check_frames(args.frames, settings)
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k {args.top_k}: give 1 or more")
     descriptions = [line.strip() for line in args.descriptions.read_text().splitlines() if line.strip()]

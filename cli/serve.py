@@ -41,7 +41,12 @@ def cmd_serve(args: argparse.Namespace, settings) -> int:
     workers = settings.workers if args.workers is None else args.workers
     if workers < 1:
         raise ValueError("--workers must be at least 1")
-    settings.resolve()  # missing weights: one line now, not in the background later
+    if settings.metrics_port == args.port:  # each port would pass its own check, then the second bind fails
+        raise ValueError(
+            f"FER_METRICS_PORT is the service's own port ({args.port}): give /metrics another port, "
+            "or unset it to serve /metrics on the service's"
+        )
+    settings.resolve_checked()  # missing weights, a projection for another CLIP: one line now
     from model.settings import device_for, dtype_for
 
     dtype_for(settings.dtype, device_for(settings.device))  # a device or dtype this machine cannot run

@@ -80,6 +80,20 @@ def _check_out(out: Path) -> None:
         raise ValueError(f"--out {out}: the projection file must end in .safetensors")
 
 
+def _fit_config(args: argparse.Namespace) -> FitConfig:
+    """The fit options as a FitConfig, which refuses a value that would train nothing."""
+    return FitConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FitConfig)})
+
+
+def _check_extract(args: argparse.Namespace) -> None:
+    """Before the teacher (minutes to load) or the CLIP loads."""
+    for option in ("extract_batch_size", "shard_size"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be at least 1")
+    if args.workers < 0:
+        raise ValueError("--workers must be at least 0 (0: decode in this process)")
+
+
 def _device(settings) -> str:
     from model.settings import device_for
 
@@ -87,19 +101,24 @@ def _device(settings) -> str:
 
 
 def cmd_extract(args: argparse.Namespace, settings) -> int:
+    from model.cluster import for_workers
     from model.train.extract import extract, list_images
     from model.train.teacher import Teacher
 
+    _check_extract(args)
     images = list_images(args.images)
+    # The files by their absolute paths in both modes: Ray's actors do not run in this folder, and the
+    # cache records the paths, so with one spelling either mode resumes the other's cache.
+    settings, teacher = for_workers(settings), _teacher_source(args.teacher)
     options = ray_options(args)
     if options is not None:
-        summary = _extract_on_ray(args, settings, images, options)
+        summary = _extract_on_ray(args, settings, teacher, images, options)
     else:
         summary = extract(
             images,
             args.cache,
             settings.model_copy(update={"projection": "none"}).resolve(),  # W is what gets trained
-            Teacher.load(args.teacher, args.instruction, _device(settings), args.dtype),
+            Teacher.load(teacher, args.instruction, _device(settings), args.dtype),
             batch_size=args.extract_batch_size,
             shard_size=args.shard_size,
             workers=args.workers,
@@ -109,17 +128,19 @@ def cmd_extract(args: argparse.Namespace, settings) -> int:
     return 0
 
 
-def _extract_on_ray(args: argparse.Namespace, settings, images: list[str], options):
-    from model.cluster import for_workers
+def _teacher_source(teacher: str) -> str:
+    """A local teacher folder by its absolute path; a hub id as given."""
+    return str(Path(teacher).resolve()) if Path(teacher).is_dir() else teacher
+
+
+def _extract_on_ray(args: argparse.Namespace, settings, teacher: str, images: list[str], options):
     from model.train.distributed import TeacherChoice, extract_on_ray
 
-    # A local teacher folder by its absolute path: the actors do not run in this folder.
-    source = str(Path(args.teacher).resolve()) if Path(args.teacher).is_dir() else args.teacher
     return extract_on_ray(
         images,
         args.cache,
-        for_workers(settings),
-        TeacherChoice(source, args.instruction, args.dtype),
+        settings,
+        TeacherChoice(teacher, args.instruction, args.dtype),
         batch_size=args.extract_batch_size,
         shard_size=args.shard_size,
         options=options,
@@ -130,8 +151,7 @@ def cmd_fit(args: argparse.Namespace, settings) -> int:
     from model.train.fit import fit
 
     _check_out(args.out)
-    cfg = FitConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FitConfig)})
-    result = fit(args.cache, args.out, cfg, _device(settings))
+    result = fit(args.cache, args.out, _fit_config(args), _device(settings))
     print(
         json.dumps(
             {
@@ -149,4 +169,5 @@ def cmd_fit(args: argparse.Namespace, settings) -> int:
 
 def cmd_run(args: argparse.Namespace, settings) -> int:
     _check_out(args.out)  # before the long extraction, not after it
+    _fit_config(args)  # likewise the fit's options
     return cmd_extract(args, settings) or cmd_fit(args, settings)

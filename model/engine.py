@@ -62,7 +62,9 @@ class FerEngine:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_spec(cls, spec: ModelSpec, device: str = "auto", dtype: str = "auto") -> FerEngine:
+    def from_spec(
+        cls, spec: ModelSpec, device: str = "auto", dtype: str = "auto", *, any_clip: bool = False
+    ) -> FerEngine:
         clip = load_clip(spec)
         projection = None
         if spec.projection == RANDOM:
@@ -71,7 +73,7 @@ class FerEngine:
             projection /= clip.embed_dim**0.5
         elif spec.projection is not None:
             loaded = load_projection(spec.projection)
-            check_compatible(loaded, clip.embed_dim, spec.projection)
+            check_compatible(loaded, clip.embed_dim, spec.projection, spec.clip_model, any_clip=any_clip)
             if loaded.metadata.get("preprocess", spec.preprocess) != spec.preprocess:
                 log.warning(
                     "projection %s was trained with %s preprocessing but %s is configured",
@@ -158,4 +160,6 @@ class FerEngine:
 
 def create_engine(settings: ModelSettings) -> FerEngine:
     """The configured model on the configured device, every file checked before any is loaded."""
-    return FerEngine.from_spec(settings.resolve(), settings.device, settings.dtype)
+    return FerEngine.from_spec(
+        settings.resolve(), settings.device, settings.dtype, any_clip=settings.projection_any_clip
+    )

@@ -18,9 +18,16 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from model.files import write_bytes_atomic
+from model.registry import PRESETS, ProjectionRelease
 
 FORMAT = "exp-clip-fer/projection"
 FORMAT_VERSION = "1"
+# An official file records no CLIP model: its release name says which one it was trained for.
+OFFICIAL_CLIP = {
+    p.projection.filename: p.clip_model
+    for p in PRESETS.values()
+    if isinstance(p.projection, ProjectionRelease)
+}
 
 
 class ProjectionError(ValueError):
@@ -63,7 +70,10 @@ def _load_official(path: Path) -> ProjectionFile:
     weight = state[keys[0]]
     if weight.ndim != 2:
         raise ProjectionError(f"{path}: {keys[0]} has shape {list(weight.shape)}, expected [out, in]")
-    return ProjectionFile(weight.float().contiguous(), {"format": "exp-clip-official", "key": keys[0]})
+    metadata = {"format": "exp-clip-official", "key": keys[0]}
+    if path.name in OFFICIAL_CLIP:
+        metadata["clip_model"] = OFFICIAL_CLIP[path.name]
+    return ProjectionFile(weight.float().contiguous(), metadata)
 
 
 def _load_safetensors(path: Path) -> ProjectionFile:
@@ -105,10 +115,25 @@ def save_projection(
     return path
 
 
-def check_compatible(projection: ProjectionFile, clip_embed_dim: int, source: str) -> None:
-    """A W that does not fit the CLIP embedding is a start-up error naming both shapes."""
+def check_compatible(
+    projection: ProjectionFile, clip_embed_dim: int, source: str, clip_model: str, *, any_clip: bool = False
+) -> None:
+    """A W that does not fit the CLIP embedding is a start-up error naming both shapes; so is one made
+    for another CLIP model (ViT-B/32 and B/16 both embed to 512-d), unless `any_clip` says that is meant."""
     if projection.in_dim != clip_embed_dim:
         raise ProjectionError(
             f"projection {source} maps {projection.in_dim}-d features but the CLIP model embeds to "
             f"{clip_embed_dim}-d: pick the projection trained for this CLIP model"
         )
+    made_for = projection.metadata.get("clip_model")
+    if made_for is not None and _architecture(made_for) != _architecture(clip_model) and not any_clip:
+        raise ProjectionError(
+            f"projection {source} was made for CLIP {made_for}, not {clip_model}: pick the projection "
+            "trained for this CLIP model, or set FER_PROJECTION_ANY_CLIP=true to use it anyway"
+        )
+
+
+def _architecture(clip_model: str) -> str:
+    """The weights' layout a name stands for: `-quickgelu` changes the activation only (an OpenAI
+    checkpoint loaded by path is named so)."""
+    return clip_model.removesuffix("-quickgelu")

@@ -9,6 +9,7 @@ of a set has the same number of prompts, so logits of a mixed class list still v
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 
@@ -122,12 +123,23 @@ def resolve_classes(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str
         )
     if len(classes) > MAX_CLASSES:
         raise LabelError(f"{len(classes)} classes given; at most {MAX_CLASSES} are allowed")
-    if len(set(classes)) != len(classes):
-        raise LabelError("the class list repeats a class")
+    _refuse_repeats(classes)
     too_long = [c for c in classes if len(c) > MAX_PHRASE_CHARS]
     if too_long:
         raise LabelError(f"class phrases are limited to {MAX_PHRASE_CHARS} characters: {too_long[0][:40]}...")
     return classes
+
+
+def _refuse_repeats(classes: tuple[str, ...]) -> None:
+    """CLIP's tokenizer lowercases, so two spellings of one word give one prompt text: their logits
+    would tie and argmax would always pick the first."""
+    seen: dict[str, str] = {}
+    for word in classes:
+        first = seen.get(word.lower())
+        seen[word.lower()] = word
+        if first is not None:
+            spelt = "" if first == word else f" (as {word!r})"
+            raise LabelError(f"the class list names {first!r} twice{spelt}: give each class once")
 
 
 def _close_preset(word: str) -> str | None:
@@ -156,6 +168,14 @@ def resolve_prompt_set(name: str | None) -> str:
     if name.strip() not in PROMPT_SETS:
         raise LabelError(f"unknown prompt set {name!r}: choose one of {', '.join(PROMPT_SETS)}")
     return name.strip()
+
+
+def resolve_prompt_sets(names: Sequence[str]) -> list[str]:
+    """Several prompt sets, each once, in the order given; none at all is a LabelError."""
+    sets = list(dict.fromkeys(resolve_prompt_set(name) for name in names if name.strip()))
+    if not sets:
+        raise LabelError(f"no prompt set given: choose one or more of {', '.join(PROMPT_SETS)}")
+    return sets
 
 
 def prompt_table(classes: tuple[str, ...], prompt_set: str) -> dict[str, list[str]]:

@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from model.faces.factory import DetectorName
 from model.media import DEFAULT_LIMITS, MediaLimits
 from model.options import PipelineOptions
-from model.registry import DEFAULT_PRESET, ModelSpec, Preprocess, get_preset, resolve_model
+from model.registry import DEFAULT_PRESET, ModelSpec, Preprocess, get_preset, open_clip_models, resolve_model
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +40,11 @@ class ModelSettings(BaseSettings):
     projection: str | None = Field(
         None,
         description="a projection file (`.pth` or `.safetensors`), `none` for plain CLIP, or a preset name",
+    )
+    projection_any_clip: bool = Field(
+        False,
+        description="use a projection made for another CLIP model (its size must still fit): for a deliberate "
+        "experiment; otherwise that is refused",
     )
     preprocess: Preprocess | None = Field(
         None,
@@ -120,6 +125,23 @@ class ModelSettings(BaseSettings):
             projection=self.projection,
             preprocess=self.preprocess,
         )
+
+    def resolve_checked(self) -> ModelSpec:
+        """`resolve`, and the projection file read (no CLIP is loaded) to check that it fits the CLIP
+        model: its input size and the CLIP model it was made for. Commands call it before any work."""
+        from model.projection import check_compatible, load_projection  # torch: not at import
+
+        spec = self.resolve()
+        if isinstance(spec.projection, Path):
+            embed_dim = open_clip_models().get_model_config(spec.clip_model)["embed_dim"]
+            check_compatible(
+                load_projection(spec.projection),
+                embed_dim,
+                spec.projection,
+                spec.clip_model,
+                any_clip=self.projection_any_clip,
+            )
+        return spec
 
     @property
     def media_limits(self) -> MediaLimits:

@@ -30,9 +30,12 @@ def create_app(
     settings: ServiceSettings,
     engine_factory: EngineFactory = create_engine,
     metrics: Metrics | None = None,
+    *,
+    request_ids_from_proxy: bool = False,
 ) -> FastAPI:
     """`metrics`: where the app's measurements go (default: a Prometheus registry of its own;
-    service.ray_serve passes one that also reports them to Ray Serve)."""
+    service.ray_serve passes one that also reports them to Ray Serve). `request_ids_from_proxy`: behind
+    Ray Serve's proxy, which chooses each request's id and answers with it (service.request_ids)."""
     disable_created_metrics()  # prometheus_client's *_created series (process-wide) only add noise to scrapes
     runtime = Runtime(settings, engine_factory, metrics)
 
@@ -81,7 +84,7 @@ def create_app(
             allow_headers=["X-API-Key", "Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
-    app.add_middleware(RequestId)
+    app.add_middleware(RequestId, from_proxy=request_ids_from_proxy)
     endpoints = {route.path for route in router.routes}
     app.add_middleware(RequestMetrics, metrics=runtime.metrics, endpoints=endpoints)
     return app

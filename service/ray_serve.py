@@ -157,11 +157,12 @@ class FerReplica:
         settings = replica_settings(ServiceSettings())
         # As `fer serve` does before it starts: missing weights or a device this replica cannot run
         # fail the replica now, with that one message, rather than in the background load.
-        settings.resolve()
+        settings.resolve_checked()
         dtype_for(settings.dtype, device_for(settings.device))
         # Not `self.app`: Serve's ingress wrapper has a property of that name.
         self.metrics = RayMetrics()
-        self.fastapi = create_app(settings, metrics=self.metrics)
+        # Serve's proxy gives every request its id and answers with it: the app takes that one.
+        self.fastapi = create_app(settings, metrics=self.metrics, request_ids_from_proxy=True)
         self.runtime = self.fastapi.state.runtime
         log.info(
             "replica on %s; threads: encoder %d, decode %d, video decode %d; Ray resources %s",

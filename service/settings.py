@@ -94,6 +94,21 @@ class ServiceSettings(ModelSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _limits_agree(self) -> ServiceSettings:
+        # Each pair would refuse what the other allows, on every request and however idle the server.
+        if self.max_upload_mb > self.max_uploads_mb:
+            raise ValueError(
+                f"FER_MAX_UPLOAD_MB ({self.max_upload_mb:g}) is above FER_MAX_UPLOADS_MB "
+                f"({self.max_uploads_mb:g}): an upload between the two could never be received"
+            )
+        if self.max_decode_frames < self.max_frames:
+            raise ValueError(
+                f"FER_MAX_DECODE_FRAMES ({self.max_decode_frames}) is below FER_MAX_FRAMES ({self.max_frames}): "
+                "a request sampling that many frames decodes at least as many"
+            )
+        return self
+
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)

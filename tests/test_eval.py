@@ -14,7 +14,15 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, recall_score
 
 from cli.main import main
-from model.evaluate.data import DatasetError, choose_classes, take_subset
+from model.evaluate.data import (
+    DatasetError,
+    choose_classes,
+    label_indices,
+    merged_labels,
+    read_labelled,
+    read_retrieval,
+    take_subset,
+)
 from model.evaluate.features import encode_items
 from model.evaluate.metrics import classification_metrics, feature_variance, retrieval_metrics, spread
 from model.evaluate.models import model_choices
@@ -84,11 +92,36 @@ def test_hand_worked_retrieval():
     assert result["precision_at_k"] == pytest.approx({"1": 0.5, "2": 0.5, "4": (1 / 4 + 2 / 4) / 2})
     assert result["recall_at_k"] == pytest.approx({"1": 0.25, "2": 0.75, "4": 1.0})
     assert result["mrr"] == pytest.approx(0.75)
-    assert result["chance_precision"] == pytest.approx((1 + 2) / 2 / 4)  # mean relevant / descriptions
-    figure = precision_at_k_figure({"m": result["precision_at_k"]}, 2, result["chance_precision"])
+    # mean relevant / descriptions, for every k up to the number of descriptions
+    assert result["chance_precision_at_k"] == pytest.approx({"1": 0.375, "2": 0.375, "4": 0.375})
+    figure = precision_at_k_figure({"m": result["precision_at_k"]}, 2, result["chance_precision_at_k"])
     ax = figure.axes[0]
     assert ax.get_title() == "Description retrieval: precision at k, 2 items"
-    assert [line.get_ydata()[0] for line in ax.lines] == [pytest.approx(0.375)]
+    assert chance_marks(ax) == pytest.approx([0.375, 0.375, 0.375])
+
+
+def chance_marks(ax) -> list[float]:
+    """The heights of the chance level drawn at each k's bars."""
+    (marks,) = [c for c in ax.collections if c.get_label().startswith("chance")]
+    return [float(segment[0][1]) for segment in marks.get_segments()]
+
+
+def test_chance_precision_when_k_exceeds_the_descriptions():
+    # 3 descriptions, one relevant per item, a perfect model: P@10 is 1/10, and a random ranking (which
+    # also finds the relevant one in its top 10) gets no more than that.
+    scores = np.eye(3)
+    result = retrieval_metrics(scores, [frozenset({0}), frozenset({1}), frozenset({2})], [1, 5, 10])
+    assert result["precision_at_k"] == pytest.approx({"1": 1.0, "5": 0.2, "10": 0.1})
+    assert result["chance_precision_at_k"] == pytest.approx({"1": 1 / 3, "5": 0.2, "10": 0.1})
+    # the chance of P@k by simulation: random rankings of the same items
+    rng = np.random.default_rng(0)
+    relevant = [frozenset({i}) for i in range(3)]
+    simulated = [retrieval_metrics(rng.random((3, 3)), relevant, [1, 5, 10]) for _ in range(400)]
+    for k in ("1", "5", "10"):
+        mean = np.mean([s["precision_at_k"][k] for s in simulated])
+        assert mean == pytest.approx(result["chance_precision_at_k"][k], abs=0.03)
+    figure = precision_at_k_figure({"m": result["precision_at_k"]}, 3, result["chance_precision_at_k"])
+    assert chance_marks(figure.axes[0]) == pytest.approx([1 / 3, 0.2, 0.1])
 
 
 # ---- data and model choice -----------------------------------------------------------------------
@@ -99,6 +132,71 @@ def test_class_inference_and_unknown_labels():
     assert choose_classes(["happiness"], "ferplus") == BASIC8
     with pytest.raises(DatasetError, match="amused, calm"):
         choose_classes(["happiness", "calm", "amused"], "basic7")
+
+
+def test_labels_that_differ_only_in_case_or_spacing_are_one_class(caplog):
+    labels = ["Cat", "cat", " cat ", "dog", "Big  dog", "big dog"]
+    classes = choose_classes(labels, None)
+    assert classes == ("Big dog", "cat", "dog")  # the most common spelling of each, ties sorted
+    assert label_indices(labels, classes) == [1, 1, 1, 2, 0, 0]
+    assert merged_labels(labels, classes) == {"Big dog": ["Big dog", "big dog"], "cat": ["Cat", "cat"]}
+    assert "Cat, cat" in caplog.text and "scored as one class, cat" in caplog.text
+    assert choose_classes(["Happiness", "happiness", "SADNESS"], None) == BASIC7
+    assert choose_classes(["Calm", "calm", "tense"], "calm,tense") == ("calm", "tense")
+
+
+def test_eval_scores_labels_that_differ_only_in_case_as_one_class(model_env, tmp_path, capsys, caplog):
+    rows = []
+    for n, label in enumerate(["Cat", "cat", "cat", "dog", "dog"]):
+        face_image(n).save(tmp_path / f"{n}.png")
+        rows.append((f"{n}.png", label))
+    with (tmp_path / "labels.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("file", "label"), *rows])
+    argv = ["eval", "--data", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--prompts", "P-1", "--models", "none"]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["classes"] == ["cat", "dog"] and metrics["merged_labels"] == {"cat": ["Cat", "cat"]}
+    assert metrics["models"]["none"]["prompts"]["P-1"]["per_class_n"] == {"cat": 3, "dog": 2}
+    predictions = read_predictions(tmp_path / "out" / "predictions.csv")
+    assert {r["label"] for r in predictions} == {"cat", "dog"}
+    assert "Labels merged (equal up to case and spacing): cat = Cat, cat." in capsys.readouterr().out
+    assert "labels Cat, cat differ only in case or spacing" in caplog.text
+
+
+def test_csvs_saved_with_a_byte_order_mark_are_read(tmp_path):
+    # Excel's "CSV UTF-8" starts the file with U+FEFF, which would otherwise be part of the first header.
+    (tmp_path / "labels.csv").write_text("file,label\na.png,happiness\n", encoding="utf-8-sig")
+    (tmp_path / "pairs.csv").write_text("file,description\na.png,smiles\n", encoding="utf-8-sig")
+    assert [(i.file, i.label) for i in read_labelled(tmp_path / "labels.csv")] == [("a.png", "happiness")]
+    assert read_retrieval(tmp_path / "pairs.csv").descriptions == ["smiles"]
+
+
+def test_prompt_sets_are_checked_and_each_scored_once(model_env, tmp_path, capsys):
+    make_dataset(tmp_path / "data")
+    argv = ["eval", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--models", "none"]
+    for empty in ("", " , "):
+        assert main([*argv, "--prompts", empty]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fer: error: no prompt set given") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # refused before any work
+    assert main([*argv, "--prompts", "P-2, P-1,P-2", "--frames", str(FRAMES)]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["prompt_sets"] == ["P-2", "P-1"] and list(metrics["models"]["none"]["prompts"]) == [
+        "P-2",
+        "P-1",
+    ]
+    assert len(read_predictions(tmp_path / "out" / "predictions.csv")) == 8 * 2
+    assert (tmp_path / "out" / "table.md").read_text().count("| none |") == 2
+
+
+def test_two_models_whose_names_share_a_file_name_are_refused(model_env, official_projection_path, tmp_path):
+    # "my model" and "my-model" would both write confusion_my-model_P-1.png
+    for name in ("my model.pth", "my-model.pth"):
+        (tmp_path / name).write_bytes(official_projection_path.read_bytes())
+    with pytest.raises(ValueError, match=r"my model.* and .*my-model.*rename one"):
+        model_choices(f"{tmp_path / 'my model.pth'},{tmp_path / 'my-model.pth'}", ModelSettings())
+    with pytest.raises(ValueError, match=r"names .* twice"):
+        model_choices(f"{official_projection_path},{official_projection_path}", ModelSettings())
 
 
 def test_limit_is_a_seeded_ordered_subset():
@@ -256,6 +354,55 @@ def test_eval_end_to_end(model_env, official_projection_path, tmp_path, capsys):
         assert_same_variance(variance, expected)
 
 
+def test_a_projection_that_does_not_fit_its_clip_stops_eval_before_the_first_model(
+    model_env, official_projection_path, tmp_path, capsys
+):
+    make_dataset(tmp_path / "data")
+    torch.save({"module.mlp.weight": torch.zeros(4096, 512)}, tmp_path / "b32-sized.pth")  # tiny CLIP: 64-d
+    models = f"{official_projection_path},{tmp_path / 'b32-sized.pth'}"
+    out = tmp_path / "out"
+    assert main(["eval", "--data", str(tmp_path / "data"), "--out", str(out), "--models", models]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fer: error: model b32-sized: projection") and err.count("\n") == 1
+    assert "512-d features but the CLIP model embeds to 64-d" in err
+    assert not out.exists()  # nothing encoded, nothing written
+
+
+def test_eval_writes_each_model_as_it_finishes_and_nothing_of_an_earlier_run(
+    model_env, official_projection_path, tmp_path, monkeypatch, capsys
+):
+    make_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    common = ["eval", "--data", str(tmp_path / "data"), "--out", str(out), "--frames", str(FRAMES)]
+    first = official_projection_path.stem
+    assert main([*common, "--models", f"{official_projection_path},none", "--prompts", "P-1,P-4"]) == 0
+    assert (out / "confusion_none_P-4.png").is_file() and (out / f"confusion_{first}_P-4.png").is_file()
+
+    # Again into the same folder, P-1 only, and the second model fails while it encodes.
+    from model.evaluate import features
+
+    real = features.create_engine
+
+    def second_fails(settings):
+        if settings.projection == "none":
+            raise RuntimeError("the GPU fell off the bus")
+        return real(settings)
+
+    monkeypatch.setattr(features, "create_engine", second_fails)
+    assert main([*common, "--models", f"{official_projection_path},none", "--prompts", "P-1"]) == 2
+    assert "the GPU fell off the bus" in capsys.readouterr().err
+    # the first model's results are all there; nothing of the earlier run's is
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["models"]) == [first] and metrics["models_pending"] == ["none"]
+    assert metrics["prompt_sets"] == ["P-1"]
+    assert sorted(p.name for p in out.glob("*.png")) == [f"confusion_{first}_P-1.png", "feature_variance.png"]
+    rows = read_predictions(out / "predictions.csv")
+    assert {(r["model"], r["prompts"]) for r in rows} == {(first, "P-1")} and len(rows) == 8
+    table = (out / "table.md").read_text()
+    assert f"| {first} | P-1 |" in table and "| none |" not in table
+    assert json.loads((out / "prompts.json").read_text()).keys() == {"P-1"}
+
+
 def test_eval_unknown_labels_are_one_error(model_env, tmp_path, capsys):
     labels_csv = make_dataset(tmp_path / "data")
     assert (
@@ -266,7 +413,9 @@ def test_eval_unknown_labels_are_one_error(model_env, tmp_path, capsys):
     assert "anger, happiness" in err and "Traceback" not in err
 
 
-def test_eval_retrieval_end_to_end(model_env, engine, official_projection_path, tmp_path, capsys):
+def test_eval_retrieval_end_to_end(
+    model_env, engine, official_projection_path, tmp_path, capsys, monkeypatch
+):
     face_image(1).save(tmp_path / "a.png")
     face_image(2).save(tmp_path / "b.png")
     make_video(tmp_path / "c.mp4", 20)
@@ -303,6 +452,17 @@ def test_eval_retrieval_end_to_end(model_env, engine, official_projection_path, 
     with (out / "ranks.csv").open(newline="") as f:
         ranks = [r for r in csv.DictReader(f) if r["model"] == official_projection_path.stem]
     assert [int(r["first_relevant_rank"]) for r in ranks] == expected["first_relevant_rank"]
+    assert metrics["models_pending"] == []
+
+    # A run into the same folder whose only model fails leaves nothing of the earlier run.
+    from model.evaluate import features
+
+    def fails(settings):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(features, "create_engine", fails)
+    assert main([*argv, "--models", "none", "--frames", str(FRAMES)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["ranks.csv"]  # its header only
 
 
 def test_eval_on_a_slice_of_ferplus(model_env, tmp_path, capsys, shared_data):

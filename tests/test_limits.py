@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import io
 import json
+import re
 import signal
 import socket
 import time
@@ -17,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from cli.main import main
 from model.media import DecodeBudget
 from service.app import create_app
 from service.limits import UploadLimits
@@ -169,6 +171,40 @@ def test_error_bodies_carry_a_request_id_and_no_library_text(client, caplog):
     assert len(generated) == 32  # made for a request that brought none
 
 
+def test_behind_serves_proxy_the_app_takes_its_request_id_and_adds_none(engine):
+    """Ray Serve's proxy puts its id in the request and on the answer (test_ray runs the real one)."""
+    app = create_app(settings(), engine_factory=lambda s: engine, request_ids_from_proxy=True)
+    with TestClient(app) as client:
+        wait_ready(client)
+        answer = post_image(client, b"junk", headers={"X-Request-ID": "the proxy's id"})
+    assert answer.json()["request_id"] == "the proxy's id" and "x-request-id" not in answer.headers
+
+
+@pytest.mark.parametrize(
+    ("sent", "passed"),
+    [
+        ([b"abc-1"], [b"abc-1"]),
+        ([b"not plain"], []),  # Serve's own middleware, which comes next, then makes one
+        ([b"abc-1", b"abc-2"], [b"abc-1"]),  # the first, as Serve reads it, and only that one
+        ([b"x" * 65, b"abc-2"], []),
+        ([], []),
+    ],
+)
+def test_serves_proxy_passes_on_a_plain_request_id_only(sent, passed):
+    from service.request_ids import serve_proxy_middlewares
+
+    seen = []
+
+    async def serve_app(scope, receive, send):
+        seen.extend(value for name, value in scope["headers"] if name == b"x-request-id")
+
+    (middleware,) = serve_proxy_middlewares()
+    proxy = middleware.cls(serve_app, *middleware.args, **middleware.kwargs)
+    headers = [(b"host", b"x"), *((b"x-request-id", value) for value in sent)]
+    run_bounded(proxy({"type": "http", "headers": headers}, None, None))
+    assert seen == passed
+
+
 # ---- access -----------------------------------------------------------------------------------------
 def test_an_api_key_guards_everything_but_liveness_and_the_page(engine):
     app = create_app(
@@ -205,6 +241,7 @@ def served():
         "FER_BODY_TIMEOUT_S": "1.5",
         "FER_MAX_HEADER_KB": "4",
         "FER_MAX_CONNECTIONS": "8",
+        "FER_MAX_UPLOAD_MB": "0.1",
         "FER_MAX_UPLOADS_MB": "0.1",
         "FER_SHUTDOWN_GRACE_S": "2",
     }
@@ -357,3 +394,46 @@ def test_the_settings_refuse_limits_that_do_not_fit_together():
         ServiceSettings(max_request_items=100)  # below FER_MAX_FRAMES + FER_MAX_DESCRIPTIONS
     with pytest.raises(ValueError, match="FER_VIDEO_SHARE"):
         ServiceSettings(max_queue=600, video_share=0.05)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        # uploads between the two would get 503 "retry later" forever, even on an idle server
+        ({"max_upload_mb": 300}, "FER_MAX_UPLOAD_MB (300) is above FER_MAX_UPLOADS_MB (200): "),
+        # every request for FER_MAX_FRAMES frames would decode more than it may: 413
+        ({"max_decode_frames": 32}, "FER_MAX_DECODE_FRAMES (32) is below FER_MAX_FRAMES (64): "),
+    ],
+)
+def test_settings_that_contradict_each_other_are_refused(fields, message, monkeypatch, capsys):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ServiceSettings(**fields)
+    for name, value in fields.items():
+        monkeypatch.setenv(f"FER_{name.upper()}", str(value))
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # were they accepted, the bind would fail
+        assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fer: error: invalid FER_* configuration: {message}") and err.count("\n") == 1
+    assert "Value error" not in err
+
+
+def test_fer_serve_refuses_a_metrics_port_that_is_its_own(monkeypatch, capsys):
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # were the ports not compared, binding would fail
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("FER_PRESET", "demo")
+        monkeypatch.setenv("FER_METRICS_PORT", str(port))
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"fer: error: FER_METRICS_PORT is the service's own port ({port}): give /metrics another port, "
+        "or unset it to serve /metrics on the service's\n"
+    )
+
+
+def test_a_command_refuses_more_frames_than_it_may_decode(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("FER_MAX_DECODE_FRAMES", "8")
+    clip = make_video(tmp_path / "clip.mp4", 20)
+    assert main(["predict-video", str(clip), "--frames", "16"]) == 2
+    assert capsys.readouterr().err == (
+        "fer: error: --frames 16 is above FER_MAX_DECODE_FRAMES (8): sampling 16 frames decodes at least 16\n"
+    )

@@ -68,3 +68,30 @@ def test_other_words_get_the_uniform_templates_and_every_class_the_same_count():
 def test_a_class_list_of_fewer_than_two_classes_is_refused(spec, message):
     with pytest.raises(LabelError, match=message):
         resolve_classes(spec)
+
+
+@pytest.mark.parametrize("spec", ["happiness,Happiness,sadness", "calm, Very  Calm,very calm", "calm,calm"])
+def test_a_class_list_that_repeats_a_class_up_to_case_is_refused(spec):
+    # CLIP's tokenizer lowercases: the two spellings' prompts are one text, their logits always tie.
+    with pytest.raises(LabelError, match=r"^the class list names .+ twice[^;]*$"):
+        resolve_classes(spec)
+
+
+def test_a_repeated_class_is_one_422_and_one_cli_line(engine, capsys):
+    from fastapi.testclient import TestClient
+
+    from cli.main import main
+    from service.app import create_app
+    from service.settings import ServiceSettings
+    from tests.conftest import face_image, png, wait_ready
+
+    settings = ServiceSettings(device="cpu", face_detector="none")
+    with TestClient(create_app(settings, engine_factory=lambda s: engine)) as client:
+        wait_ready(client)
+        files = {"file": ("a.png", png(face_image(0)), "image/png")}
+        answer = client.post("/predict", files=files, data={"classes": "happiness,Happiness,sadness"})
+    assert answer.status_code == 422 and answer.json()["error"] == "invalid_field"
+    assert "happiness" in answer.json()["detail"]
+    assert main(["predict", "a.png", "--classes", "Calm,calm,tense"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fer: error: the class list names") and err.count("\n") == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from cli.main import main  # noqa: E402
 from service.app import create_app  # noqa: E402
+from service.request_ids import CLIENT_ID  # noqa: E402
 from service.settings import ServiceSettings  # noqa: E402
 from tests import test_train  # noqa: E402
 from tests.support import free_port, make_video, two_faces, wait_ready, wait_until  # noqa: E402
@@ -48,6 +50,7 @@ SERVICE_ENV = {
     "FER_MAX_UPLOAD_MB": "1",
 }
 NO_GPU_LINE = "FER_DEVICE=auto: Ray gave this replica no GPU"
+PROXY_CALLBACK = "service.request_ids:serve_proxy_middlewares"
 # The training tests' tiny BLIP-2 teacher and image folder, as fixtures of this module too.
 teacher_dir = test_train.teacher_dir
 image_dir = test_train.image_dir
@@ -66,6 +69,10 @@ def cluster():
     metrics_port = free_port()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        # As docs/ray.md has Ray started: Serve's proxies keep a client's request id only when plain.
+        patch.setenv(
+            "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "service.request_ids:serve_proxy_middlewares"
+        )
         ray.init(
             num_cpus=8,
             num_gpus=1,
@@ -212,6 +219,33 @@ def test_errors_are_mapped_as_under_uvicorn(service, reference, inputs):
         assert got.json()["error"] == expected.json()["error"]
 
 
+def test_one_request_id_per_request_the_clients_when_plain(service, cluster):
+    """Serve's proxy answers with its request id and logs it; the app's error bodies and log lines carry
+    the same one, and no second header is added. A client's id is kept when it is plain."""
+    refused = {"file": ("notes.txt", b"hello", "text/plain")}  # a 415, whose body names the id
+    seen = []
+    for sent, kept in [
+        (None, False),
+        ("client-42.a_b", True),
+        ("not plain: spaces", False),
+        ("x" * 65, False),
+    ]:
+        answer = service.post("/predict", files=refused, headers={"X-Request-ID": sent} if sent else {})
+        assert answer.status_code == 415
+        ids = answer.headers.get_list("x-request-id")
+        assert len(ids) == 1 and answer.json()["request_id"] == ids[0], (sent, ids, answer.json())
+        assert (ids[0] == sent) == kept and CLIENT_ID.fullmatch(ids[0]), (sent, ids)
+        seen.append(ids[0])
+    logs = cluster.temp_dir / "session_latest" / "logs" / "serve"
+    deadline = time.monotonic() + 30  # Serve writes its access log as it goes
+    while time.monotonic() < deadline:
+        proxy = "".join(p.read_text() for p in logs.glob("proxy_*.log"))
+        if all(request_id in proxy for request_id in seen):
+            break
+        time.sleep(0.5)
+    assert [request_id for request_id in seen if request_id not in proxy] == []  # the ids Serve logged
+
+
 def test_32_concurrent_requests_all_succeed(service, inputs):
     async def burst() -> list[int]:
         async with httpx.AsyncClient(base_url=str(service.base_url), timeout=120) as client:
@@ -345,6 +379,8 @@ def test_the_kuberay_manifest_has_what_kuberay_requires():
         assert all(isinstance(v, str) for v in group["rayStartParams"].values())  # KubeRay: strings only
         (container,) = group["template"]["spec"]["containers"]
         assert container["name"] and container["image"]
+        env = {e["name"]: e["value"] for e in container.get("env", [])}  # every node runs a Serve proxy
+        assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == PROXY_CALLBACK
         for probe in ("readinessProbe", "livenessProbe"):  # the image has no wget for KubeRay's defaults
             assert container[probe]["exec"]["command"][0] == "python"
     assert head["rayStartParams"]["num-cpus"] == "0"
@@ -410,6 +446,33 @@ def test_train_extract_on_ray_writes_the_same_cache_and_resumes_by_shard(
     assert (tmp_path / "ray" / "shard-00000.safetensors").stat().st_mtime_ns == kept
     for name in ("index.json", "shard-00001.safetensors"):
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_a_cache_started_without_ray_resumes_on_ray_with_relative_paths(
+    cluster, model_env, tiny_clip_path, teacher_dir, image_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FER_CLIP_WEIGHTS", os.path.relpath(tiny_clip_path))
+    common = ["train", "extract", "--images", str(image_dir), "--teacher", os.path.relpath(teacher_dir)]
+    common += [
+        "--cache",
+        "cache",
+        "--extract-batch-size",
+        "2",
+        "--shard-size",
+        "4",
+        "--instruction",
+        "expert",
+    ]
+    with torch_threads(1):
+        assert main([*common, "--workers", "0"]) == 0
+    lost = tmp_path / "cache" / "shard-00001.safetensors"
+    single = lost.read_bytes()
+    lost.unlink()
+    capsys.readouterr()
+    assert main([*common, *RAY_ARGS, "--ray-gpus", "0.5"]) == 0
+    assert json.loads(capsys.readouterr().out)["shards_skipped"] == 1
+    assert lost.read_bytes() == single
 
 
 def test_eval_on_ray_gives_the_same_metrics(cluster, model_env, official_projection_path, tmp_path, capsys):

@@ -6,6 +6,8 @@ image processor, saved with save_pretrained and loaded back through the path a h
 from __future__ import annotations
 
 import json
+import os
+import socket
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from safetensors.torch import load_file
 from cli.main import main
 from model.engine import FerEngine, create_engine
 from model.pipeline import classify
-from model.projection import load_projection
+from model.projection import ProjectionError, load_projection, save_projection
 from model.settings import ModelSettings
 from model.train.cache import CacheError, CacheWriter, PairCache
 from model.train.config import INSTRUCTIONS, FitConfig
@@ -396,3 +398,96 @@ def test_cli_fit_rejects_a_non_safetensors_output(tmp_path, capsys):
     _synthetic_cache(tmp_path / "cache", n=8)
     code = main(["train", "fit", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "w.pth")])
     assert code == 2 and ".safetensors" in capsys.readouterr().err
+
+
+def test_a_projection_made_for_another_clip_model_is_refused(tmp_path, tiny_clip_path, capsys):
+    """ViT-B/32 and B/16 both embed to 512-d: only the CLIP model a projection records tells them apart."""
+    other = save_projection(
+        tmp_path / "for-b16.safetensors", torch.randn(32, 64), clip_model="ViT-B-16", preprocess="exp-clip"
+    )
+    settings = tiny_settings(tiny_clip_path, other)
+    message = r"^projection .*for-b16\.safetensors was made for CLIP ViT-B-16, not fer-tiny: [^;]*$"
+    with pytest.raises(ProjectionError, match=message):
+        create_engine(settings)
+    with pytest.raises(ProjectionError, match=message):  # the check commands make before any work
+        settings.resolve_checked()
+    # the deliberate case: FER_PROJECTION_ANY_CLIP=true
+    engine = create_engine(settings.model_copy(update={"projection_any_clip": True}))
+    assert engine.feature_dim == 32
+
+    # an official release is known by its file name: B/32's W on B/16 (checked without loading a CLIP)
+    torch.save({"module.mlp.weight": torch.zeros(4096, 512)}, tmp_path / "ExpCLIP_B32_model.pth")
+    b16 = ModelSettings(
+        clip_model="ViT-B-16", clip_weights="random", projection=str(tmp_path / "ExpCLIP_B32_model.pth")
+    )
+    with pytest.raises(ProjectionError, match="made for CLIP ViT-B-32, not ViT-B-16"):
+        b16.resolve_checked()
+    for same in ("ViT-B-32", "ViT-B-32-quickgelu"):  # an OpenAI checkpoint by path is named -quickgelu
+        assert b16.model_copy(update={"clip_model": same}).resolve_checked().clip_model == same
+
+    # `fer serve` refuses it at start, in one line, before a model loads or a port is bound
+    env = {
+        "FER_CLIP_MODEL": TINY_MODEL,
+        "FER_CLIP_WEIGHTS": str(tiny_clip_path),
+        "FER_PROJECTION": str(other),
+    }
+    with pytest.MonkeyPatch.context() as patch, socket.create_server(("127.0.0.1", 0)) as taken:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        # a port in use: were the projection not checked first, the error would be about the port
+        assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert "made for CLIP ViT-B-16, not fer-tiny" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--epochs", "0"),
+        ("--batch-size", "0"),
+        ("--batch-size", "1"),  # no negatives: the contrastive loss is 0 and W never moves
+        ("--log-interval", "0"),
+        ("--val-fraction", "1"),
+        ("--lr", "0"),
+        ("--logit-scale", "-1"),
+    ],
+)
+def test_fit_options_are_checked_before_any_work(option, value, teacher_dir, image_dir, tmp_path, capsys):
+    _synthetic_cache(tmp_path / "cache", n=8)
+    out = tmp_path / "w.safetensors"
+    assert main(["train", "fit", "--cache", str(tmp_path / "cache"), "--out", str(out), option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fer: error: {option} ") and err.count("\n") == 1
+    assert not out.exists()  # --epochs 0 used to save an untrained projection and exit 0
+    # `fer train run` refuses them before the extraction, not after it
+    run = ["train", "run", "--images", str(image_dir), "--teacher", str(teacher_dir), "--out", str(out)]
+    assert main([*run, "--cache", str(tmp_path / "new"), option, value]) == 2
+    assert capsys.readouterr().err == err and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("option", ["--extract-batch-size", "--shard-size"])
+def test_extract_options_are_checked_before_the_teacher_loads(option, image_dir, tmp_path, capsys):
+    argv = ["train", "extract", "--images", str(image_dir), "--teacher", "nobody/not-loaded"]
+    assert main([*argv, "--cache", str(tmp_path / "c"), option, "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fer: error: {option} must be at least 1\n" and not (tmp_path / "c").exists()
+
+
+def test_a_cache_names_its_files_the_same_however_they_were_given(
+    model_env, tiny_clip_path, teacher_dir, image_dir, tmp_path, monkeypatch, capsys
+):
+    """Relative --teacher and FER_CLIP_WEIGHTS are recorded as the files they name: `--ray` (whose
+    actors need absolute paths) resumes a cache made without it, and the reverse (test_ray runs that)."""
+    monkeypatch.chdir(tmp_path)
+    common = ["train", "extract", "--images", str(image_dir), "--cache", "cache", "--workers", "0"]
+    common += ["--shard-size", "4", "--extract-batch-size", "4"]
+    monkeypatch.setenv("FER_CLIP_WEIGHTS", os.path.relpath(tiny_clip_path))
+    assert main([*common, "--teacher", os.path.relpath(teacher_dir)]) == 0
+    capsys.readouterr()
+    (tmp_path / "cache" / "shard-00001.safetensors").unlink()
+    monkeypatch.setenv("FER_CLIP_WEIGHTS", str(tiny_clip_path))
+    assert main([*common, "--teacher", str(teacher_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["shards_skipped"] == 1
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert index["settings"]["clip"]["clip_weights"] == str(tiny_clip_path.resolve())
+    assert index["settings"]["teacher"]["source"] == str(teacher_dir.resolve())

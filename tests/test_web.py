@@ -381,6 +381,53 @@ def test_retrieve_view_ranks_in_the_api_order(page, server, astronaut, shots):
     screenshot(page, shots, "retrieve")
 
 
+def test_a_ranking_in_flight_is_never_shown_under_the_next_file(page, server, astronaut, tmp_path):
+    """The Retrieve view's answer belongs to the file it was asked about, as the image and video views'
+    do: choosing another file while a ranking is in flight drops that ranking."""
+    second = tmp_path / "second.png"
+    Image.open(astronaut).resize((128, 128)).save(second)
+    held = []
+    page.route("**/retrieve", lambda route: held.append(route))  # answered when the test says
+    open_page(page, "retrieve")
+    # every ranking the view draws, with the file its preview names
+    page.evaluate(
+        """() => {
+            window.drawn = [];
+            new MutationObserver(() => {
+                const media = document.querySelector('#retrieve-media img, #retrieve-media video');
+                const top = document.querySelector('#retrieve-ranking .rank-text');
+                if (top) window.drawn.push([media.alt || media.getAttribute('aria-label'), top.textContent]);
+            }).observe(document.getElementById('retrieve-ranking'), { childList: true });
+        }"""
+    )
+
+    def answer(top: str) -> dict:
+        ranking = [{"index": 0, "text": top, "score": 0.3}, {"index": 1, "text": "frowns", "score": 0.1}]
+        return {"media": "image", "ranking": ranking, "timing": {"total_ms": 5.0}}
+
+    def next_request() -> sync_api.Route:
+        deadline = time.monotonic() + TIMEOUT_MS / 1000
+        while len(held) <= answered and time.monotonic() < deadline:
+            page.wait_for_timeout(20)
+        assert len(held) > answered, "the view sent no ranking request"
+        return held[answered]
+
+    page.set_input_files("#retrieve-file", str(astronaut))
+    page.fill("#retrieve-descriptions", "smiles\nfrowns")
+    answered = 0
+    page.click("#retrieve-run")
+    first = next_request()
+    page.set_input_files("#retrieve-file", str(second))  # while the astronaut's ranking is in flight
+    with contextlib.suppress(sync_api.Error):  # the page may have cancelled it already
+        first.fulfill(json=answer("the astronaut's ranking"))
+    answered = 1
+    page.click("#retrieve-run")
+    next_request().fulfill(json=answer("second.png's ranking"))
+    expect(page.locator("#retrieve-ranking .rank-text").first).to_have_text("second.png's ranking")
+    drawn = page.evaluate("window.drawn")
+    assert drawn and all(("second.png" in name) == ("second.png" in top) for name, top in drawn), drawn
+
+
 def test_webcam_snapshot_and_live_view_with_the_fake_camera(page, server, shots):
     open_page(page)
     page.click("#image-camera-open")

@@ -18,8 +18,8 @@ RESULTS = ROOT / "bench" / "results"
 # Every setting in exactly one group (the generator refuses to leave one out).
 GROUPS = {
     "Model": [
-        "preset", "clip_model", "clip_weights", "projection", "preprocess", "device", "dtype", "weights_dir",
-        "weights_mirror",
+        "preset", "clip_model", "clip_weights", "projection", "projection_any_clip", "preprocess", "device",
+        "dtype", "weights_dir", "weights_mirror",
     ],
     "Faces": ["face_detector", "face_threshold", "align_faces", "video_face_side", "max_faces", "face_margin"],
     "Media limits and the decode budget": [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import logging
 import random
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,7 @@ def _read_folder(root: Path) -> list[LabelledItem]:
 
 def _csv_rows(path: Path, column: str) -> list[dict[str, str]]:
     """Rows of a CSV whose header names `file` and `column`; empty cells are an error naming the line."""
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(f)
         missing = {"file", column} - set(reader.fieldnames or ())
         if missing:
@@ -98,11 +99,23 @@ def _key(label: str) -> str:
     return " ".join(label.split()).lower()
 
 
+def _spellings(labels: Iterable[str]) -> dict[str, list[str]]:
+    """Labels equal up to case and spacing, grouped: key -> its spellings, the most common first (ties
+    in sorted order). CLIP's tokenizer lowercases, so they cannot be told apart: they are one class."""
+    counts = Counter(" ".join(label.split()) for label in labels)
+    groups: dict[str, list[str]] = {}
+    for label in sorted(counts, key=lambda label: (-counts[label], label)):
+        groups.setdefault(_key(label), []).append(label)
+    return groups
+
+
 def choose_classes(labels: Iterable[str], spec: str | None) -> tuple[str, ...]:
     """The class list to score against. Given (`--classes`), every label must be in it; inferred, it is
-    the smallest preset holding every label (official order), else the labels themselves, sorted."""
-    labels = sorted({" ".join(label.split()) for label in labels})
-    present = {_key(label) for label in labels}
+    the smallest preset holding every label (official order), else the labels themselves (one spelling
+    of each, see `_spellings`), sorted."""
+    groups = _spellings(labels)
+    labels = sorted(spellings[0] for spellings in groups.values())
+    present = set(groups)
     if spec is not None:
         classes = resolve_classes(spec)
         known = {_key(c) for c in classes}
@@ -119,6 +132,22 @@ def choose_classes(labels: Iterable[str], spec: str | None) -> tuple[str, ...]:
             return CLASS_PRESETS[name]
     log.info("labels are not all in a class preset; scoring against the labels themselves")
     return resolve_classes(labels)
+
+
+def merged_labels(labels: Iterable[str], classes: Sequence[str]) -> dict[str, list[str]]:
+    """Class -> the label spellings scored as it, for the classes with several (logged as a warning):
+    an evaluation says which labels it merged."""
+    class_of = {_key(c): c for c in classes}
+    merged = {}
+    for key, spellings in _spellings(labels).items():
+        if len(spellings) > 1:
+            merged[class_of[key]] = sorted(spellings)
+            log.warning(
+                "labels %s differ only in case or spacing: scored as one class, %s",
+                ", ".join(sorted(spellings)),
+                class_of[key],
+            )
+    return dict(sorted(merged.items()))
 
 
 def label_indices(labels: Iterable[str], classes: Sequence[str]) -> list[int]:

@@ -78,7 +78,8 @@ def retrieval_metrics(scores: np.ndarray, relevant: Sequence[frozenset[int]], ks
     P@k = relevant among the top k / k (k, not min(k, relevant): the usual definition, so P@k of an
     item with one relevant description is at most 1/k); R@k = relevant among the top k / all relevant;
     MRR = mean of 1 / rank of the first relevant description. All in [0, 1], averaged over items.
-    Chance: the P@k a random ranking has on average, the same for every k (mean relevant / M)."""
+    Chance: the P@k a random ranking has on average: mean relevant / max(k, M) (for k beyond M the top
+    k holds every description, the relevant ones included, and P@k still divides by k)."""
     order = np.argsort(-scores, axis=1, kind="stable")
     hits = np.stack([np.isin(order[i], sorted(rel)) for i, rel in enumerate(relevant)])  # [N, M] bool
     n_relevant = np.array([len(rel) for rel in relevant], dtype=np.float64)
@@ -89,6 +90,6 @@ def retrieval_metrics(scores: np.ndarray, relevant: Sequence[frozenset[int]], ks
         "precision_at_k": {str(k): float((hits[:, :k].sum(axis=1) / k).mean()) for k in ks},
         "recall_at_k": {str(k): float((hits[:, :k].sum(axis=1) / n_relevant).mean()) for k in ks},
         "mrr": float((1.0 / first).mean()),
-        "chance_precision": float(n_relevant.mean() / scores.shape[1]),
+        "chance_precision_at_k": {str(k): float(n_relevant.mean() / max(k, scores.shape[1])) for k in ks},
         "first_relevant_rank": first.tolist(),
     }

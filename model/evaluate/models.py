@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.projection import ProjectionError
 from model.registry import PRESETS, MissingWeights
 from model.settings import ModelSettings
 
@@ -25,7 +26,9 @@ def model_choices(models: str | None, base: ModelSettings) -> list[ModelChoice]:
     """Each entry is a preset name, or a FER_PROJECTION value on top of the FER_* settings: a
     projection file, or `none` (the configured CLIP without W). No entry: the configured model."""
     if not models or not models.strip():
-        return [ModelChoice(base.resolve().name, "", base)]
+        choice = ModelChoice(base.resolve().name, "", base)
+        check_weights(choice)
+        return [choice]
     choices = []
     for entry in (e.strip() for e in models.split(",")):
         if not entry:
@@ -39,9 +42,7 @@ def model_choices(models: str | None, base: ModelSettings) -> list[ModelChoice]:
                 f"--models entry {entry!r} is neither a preset ({', '.join(PRESETS)}) nor a projection file"
             )
         choices.append(choice)
-    names = [c.name for c in choices]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--models names a model twice (by name): {', '.join(names)}")
+    _refuse_shared_names(choices)
     if not choices:
         raise ValueError("--models is empty")
     for choice in choices:
@@ -49,14 +50,29 @@ def model_choices(models: str | None, base: ModelSettings) -> list[ModelChoice]:
     return choices
 
 
+def _refuse_shared_names(choices: list[ModelChoice]) -> None:
+    """A model's name keys its results and, as `slug`, names its files: two models with one would
+    mix their results and overwrite each other's confusion matrices."""
+    seen: dict[str, ModelChoice] = {}
+    for choice in choices:
+        other = seen.setdefault(slug(choice.name), choice)
+        if other is not choice and other.entry == choice.entry:
+            raise ValueError(f"--models names {choice.entry!r} twice")
+        if other is not choice:
+            raise ValueError(
+                f"--models entries {other.entry!r} and {choice.entry!r} would both be named "
+                f"{slug(choice.name)!r} in the outputs: rename one of the files"
+            )
+
+
 def check_weights(choice: ModelChoice) -> None:
-    """Fails before any encoding when a model's files are not on disk, so a long evaluation does not
-    die at its second model. The engine's own start-up check (whose hint names the preset to
-    download), saying which `--models` entry it is about."""
+    """Fails before any encoding when a model's files are not on disk or its projection does not fit
+    its CLIP model, so a long evaluation does not die at its second model. The engine's own start-up
+    checks (whose hint names the preset to download), saying which `--models` entry it is about."""
     try:
-        choice.settings.resolve()
-    except MissingWeights as exc:
-        raise MissingWeights(f"model {choice.name}: {exc}") from exc
+        choice.settings.resolve_checked()
+    except (MissingWeights, ProjectionError) as exc:
+        raise type(exc)(f"model {choice.name}: {exc}") from exc
 
 
 def slug(name: str) -> str:

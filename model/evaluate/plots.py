@@ -80,15 +80,16 @@ def feature_variance_figure(
 
 
 def plot_precision_at_k(
-    precision: Mapping[str, Mapping[str, float]], n_items: int, chance: float, path: Path
+    precision: Mapping[str, Mapping[str, float]], n_items: int, chance: Mapping[str, float], path: Path
 ) -> Path:
     return _save(precision_at_k_figure(precision, n_items, chance), path)
 
 
 def precision_at_k_figure(
-    precision: Mapping[str, Mapping[str, float]], n_items: int, chance: float
+    precision: Mapping[str, Mapping[str, float]], n_items: int, chance: Mapping[str, float]
 ) -> Figure:
-    """P@k per k, the models' bars side by side (appendix E, Fig. D), with what a random ranking gets."""
+    """P@k per k, the models' bars side by side (appendix E, Fig. D), with what a random ranking gets
+    at each k (one mark per k: beyond the number of descriptions it falls as 1/k)."""
     ks = list(next(iter(precision.values())))
     width = 0.8 / len(precision)
     fig = Figure(figsize=(2.0 + 1.2 * len(ks), 3.8))
@@ -96,7 +97,9 @@ def precision_at_k_figure(
     x = np.arange(len(ks))
     for i, (model, values) in enumerate(precision.items()):
         ax.bar(x + (i - (len(precision) - 1) / 2) * width, [values[k] for k in ks], width=width, label=model)
-    ax.axhline(chance, color="grey", linewidth=1, linestyle="--", label=f"chance ({chance:.3f})")
+    ax.hlines(
+        [chance[k] for k in ks], x - 0.45, x + 0.45, color="grey", linewidth=1, linestyle="--", label="chance"
+    )
     ax.set_xticks(x, [f"P@{k}" for k in ks])
     ax.set_ylabel("precision")
     ax.set_title(f"Description retrieval: precision at k, {n_items} items")

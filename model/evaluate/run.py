@@ -8,25 +8,34 @@ cached features, so five prompt sets cost five text encodings, not five passes o
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from model.evaluate.data import choose_classes, label_indices, read_labelled, take_subset
+from model.evaluate.data import choose_classes, label_indices, merged_labels, read_labelled, take_subset
 from model.evaluate.features import EncodeBackend, EncodedItems, TextSide, encode_each_model, engine_fields
 from model.evaluate.metrics import classification_metrics, feature_variance
 from model.evaluate.models import ModelChoice, slug
+from model.evaluate.outputs import start_outputs, write_json
 from model.evaluate.plots import plot_confusion, plot_feature_variance
 from model.faces.base import FaceDetector
+from model.files import write_text_atomic
 from model.options import PipelineOptions
 from model.pipeline import classify
-from model.prompts import PROMPT_SET_NAMES, prompt_table, resolve_prompt_set
+from model.prompts import PROMPT_SET_NAMES, prompt_table, resolve_prompt_sets
 
 log = logging.getLogger(__name__)
 
+OUTPUTS = (
+    "metrics.json",
+    "predictions.csv",
+    "prompts.json",
+    "table.md",
+    "confusion_*.png",
+    "feature_variance.png",
+)
 VARIANCE_DEFINITION = (
     "per class: mean squared distance of the class's L2-normalised features to their mean "
     "(= sum over dimensions of the per-dimension variance, in [0, 1] for any dimension); "
@@ -49,14 +58,19 @@ def run_eval(
     detector: FaceDetector | None = None,
     backend: EncodeBackend | None = None,
 ) -> dict:
-    """Returns the metrics.json content after writing every output under `out`. `backend`: where the
-    encoders run (default: here; `fer eval --ray` passes a Ray cluster's)."""
+    """Returns the metrics.json content after writing every output under `out` (an earlier run's are
+    removed first; each model's are written as it finishes). `backend`: where the encoders run
+    (default: here; `fer eval --ray` passes a Ray cluster's)."""
     items = read_labelled(data)
     class_words = choose_classes((item.label for item in items), classes)  # from all items, not the subset
+    merged = merged_labels((item.label for item in items), class_words)
     items = take_subset(items, limit, seed)
     labels = np.array(label_indices((item.label for item in items), class_words))
-    prompt_sets = [resolve_prompt_set(p) for p in prompt_sets]
-    out.mkdir(parents=True, exist_ok=True)
+    prompt_sets = resolve_prompt_sets(prompt_sets)
+    start_outputs(out, OUTPUTS)
+    # The exact prompts behind every number: a reader of the table knows which lists produced it.
+    prompts = {p: prompt_table(class_words, p) for p in prompt_sets}
+    write_json(out / "prompts.json", prompts, ensure_ascii=False)
     metrics = {
         "data": str(data),
         "n_items": len(items),
@@ -65,10 +79,12 @@ def run_eval(
         "frames": options.frames,
         "detect_faces": options.detect_faces,
         "classes": list(class_words),
+        "merged_labels": merged,  # class -> the label spellings scored as it (equal up to case, spacing)
         "prompt_sets": prompt_sets,
         "zero_sample_classes": "per-class recall is null and the class is left out of UAR",
         "feature_variance_definition": VARIANCE_DEFINITION,
         "models": {},
+        "models_pending": [choice.name for choice in models],  # left over only by a run that failed
     }
     variance = {}
     with (out / "predictions.csv").open("w", newline="", encoding="utf-8") as f:
@@ -113,16 +129,16 @@ def run_eval(
             }
             result["feature_variance"] = variance[choice.name]
             metrics["models"][choice.name] = result
+            metrics["models_pending"].remove(choice.name)
             log.info("%s: %s", choice.name, {p: round(s["uar"], 2) for p, s in result["prompts"].items()})
+            # This model's results, whatever happens to the next one.
+            f.flush()
+            plot_feature_variance(variance, class_words, out / "feature_variance.png")
+            write_json(out / "metrics.json", metrics)
+            write_text_atomic(out / "table.md", results_table(metrics))
 
         paths = [item.path for item in items]
         encode_each_model(models, paths, options, backend, score, batch_size=batch_size, detector=detector)
-    plot_feature_variance(variance, class_words, out / "feature_variance.png")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "table.md").write_text(results_table(metrics))
-    # The exact prompts behind every number: a reader of the table knows which lists produced it.
-    prompts = {p: prompt_table(class_words, p) for p in prompt_sets}
-    (out / "prompts.json").write_text(json.dumps(prompts, indent=2, ensure_ascii=False) + "\n")
     return metrics
 
 
@@ -131,6 +147,11 @@ def results_table(metrics: dict) -> str:
     lines = [
         f"Data: `{metrics['data']}`, {metrics['n_items']} items, classes: {', '.join(metrics['classes'])}.",
         "",
+    ]
+    if metrics["merged_labels"]:
+        merged = "; ".join(f"{c} = {', '.join(s)}" for c, s in metrics["merged_labels"].items())
+        lines += [f"Labels merged (equal up to case and spacing): {merged}.", ""]
+    lines += [
         "| model | prompts | UAR | WAR | n |",
         "|---|---|---|---|---|",
     ]

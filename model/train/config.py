@@ -38,3 +38,23 @@ class FitConfig:
     val_fraction: float = 0.02
     seed: int = 0
     log_interval: int = 10  # steps between log lines (the progress bar shows every step)
+
+    def __post_init__(self) -> None:
+        """A value that would train nothing (`--epochs 0` saved an untrained W) or fail mid-run is
+        refused when the config is made, before a cache is read or an extraction starts."""
+        problems = {
+            "epochs": ("must be at least 1", self.epochs >= 1),
+            "batch_size": (
+                "must be at least 2: a pair's negatives are the other pairs of its batch",
+                self.batch_size >= 2,
+            ),
+            "log_interval": ("must be at least 1", self.log_interval >= 1),
+            "val_fraction": ("must be at least 0 and below 1", 0 <= self.val_fraction < 1),
+            "lr": ("must be above 0", self.lr > 0),
+            "logit_scale": ("must be above 0", self.logit_scale > 0),
+            "momentum": ("must be at least 0", self.momentum >= 0),
+            "weight_decay": ("must be at least 0", self.weight_decay >= 0),
+        }
+        for name, (rule, ok) in problems.items():
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} {rule}")

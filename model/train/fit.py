@@ -49,8 +49,6 @@ def symmetric_infonce(student: torch.Tensor, teacher: torch.Tensor, logit_scale:
 
 def split_rows(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (train, held-out) row numbers; no held-out set when it would be under 2 pairs."""
-    if not 0 <= val_fraction < 1:
-        raise ValueError("val_fraction must be in [0, 1)")
     order = np.random.default_rng(seed).permutation(n)
     n_val = int(n * val_fraction)
     if n_val < 2:

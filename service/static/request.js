@@ -1,5 +1,6 @@
 // One request of a view at a time: a new one cancels the last, the result is marked busy while it
-// runs, and a failure shows the API's own sentence (re-checking readiness on a 503).
+// runs, and a failure shows the API's own sentence (re-checking readiness on a 503). `send.cancel()`
+// drops the one in flight, for a view whose input changed without a new request.
 
 import { ApiError, postForm } from "./api.js";
 import { afterReady, recheck } from "./status.js";
@@ -7,8 +8,13 @@ import { $, say } from "./ui.js";
 
 export function viewRequests(resultId, messageId) {
   let controller = null;
-  return async function send(busyText, endpoint, fields, show) {
+  function cancel() {
     controller?.abort();
+    controller = null;
+    $(resultId).removeAttribute("aria-busy");
+  }
+  async function send(busyText, endpoint, fields, show) {
+    cancel();
     const mine = new AbortController();
     controller = mine;
     const result = $(resultId);
@@ -34,5 +40,7 @@ export function viewRequests(resultId, messageId) {
         result.removeAttribute("aria-busy");
       }
     }
-  };
+  }
+  send.cancel = cancel;
+  return send;
 }

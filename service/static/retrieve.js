@@ -19,6 +19,7 @@ function descriptions() {
 }
 
 function setFile(next) {
+  send.cancel(); // a ranking still in flight is the previous file's
   file = next;
   $("retrieve-file-name").textContent = next.name || "snapshot";
   if (mediaUrl) URL.revokeObjectURL(mediaUrl);
@@ -48,16 +49,16 @@ async function run() {
     detect_faces: settings.current().detect_faces,
   };
   const busy = `Ranking ${texts.length} description${texts.length === 1 ? "" : "s"}…`;
-  await send(busy, "retrieve", fields, show);
+  const asked = { name: file.name || "upload", url: mediaUrl }; // what this ranking is of
+  await send(busy, "retrieve", fields, (body, roundTrip) => show(body, roundTrip, asked));
 }
 
-function show(body, roundTrip) {
+function show(body, roundTrip, { name, url }) {
   const media = $("retrieve-media");
-  const name = file.name || "upload";
   const preview =
     body.media === "image"
-      ? el("img", { src: mediaUrl, alt: `The image the descriptions were ranked against: ${name}` })
-      : el("video", { src: mediaUrl, controls: true, playsInline: true, preload: "metadata", "aria-label": `The clip: ${name}` });
+      ? el("img", { src: url, alt: `The image the descriptions were ranked against: ${name}` })
+      : el("video", { src: url, controls: true, playsInline: true, preload: "metadata", "aria-label": `The clip: ${name}` });
   media.replaceChildren(
     preview,
     el("p", { className: "meta", text: `${body.media} · server ${ms(body.timing?.total_ms)}, round trip ${ms(roundTrip)}` }),
