@@ -83,7 +83,7 @@ def test_a_repeated_class_is_one_422_and_one_cli_line(engine, capsys):
     from cli.main import main
     from service.app import create_app
     from service.settings import ServiceSettings
-    from tests.conftest import face_image, png, wait_ready
+    from tests.support import face_image, png, wait_ready
 
     settings = ServiceSettings(device="cpu", face_detector="none")
     with TestClient(create_app(settings, engine_factory=lambda s: engine)) as client:

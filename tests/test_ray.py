@@ -237,13 +237,12 @@ def test_one_request_id_per_request_the_clients_when_plain(service, cluster):
         assert (ids[0] == sent) == kept and CLIENT_ID.fullmatch(ids[0]), (sent, ids)
         seen.append(ids[0])
     logs = cluster.temp_dir / "session_latest" / "logs" / "serve"
-    deadline = time.monotonic() + 30  # Serve writes its access log as it goes
-    while time.monotonic() < deadline:
+
+    def logged() -> bool:  # Serve writes its access log as it goes
         proxy = "".join(p.read_text() for p in logs.glob("proxy_*.log"))
-        if all(request_id in proxy for request_id in seen):
-            break
-        time.sleep(0.5)
-    assert [request_id for request_id in seen if request_id not in proxy] == []  # the ids Serve logged
+        return all(request_id in proxy for request_id in seen)
+
+    wait_until(logged, "Serve's proxy log naming every request id", seconds=30)
 
 
 def test_32_concurrent_requests_all_succeed(service, inputs):

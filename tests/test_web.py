@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
