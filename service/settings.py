@@ -60,6 +60,13 @@ class ServiceSettings(ModelSettings):
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long requests in flight may take to finish"
     )
+    linger_s: float = Field(
+        10.0,
+        gt=0,
+        description="after an answer given before the request was read whole (a refusal), how long the "
+        "rest is read and dropped, so that the client gets the answer rather than a reset",
+    )
+    linger_mb: float = Field(64.0, gt=0, description="how much of that rest is read and dropped at most")
     # ---- access
     api_key: SecretStr | None = Field(
         None, description="when set, every endpoint but /livez and the page needs `X-API-Key: <key>`"
@@ -101,6 +108,10 @@ class ServiceSettings(ModelSettings):
     @property
     def max_uploads_bytes(self) -> int:
         return int(self.max_uploads_mb * 2**20)
+
+    @property
+    def linger_bytes(self) -> int:
+        return int(self.linger_mb * 2**20)
 
     @property
     def cors_origin_list(self) -> list[str]:
