@@ -55,7 +55,10 @@ class ServiceSettings(ModelSettings):
     max_header_kb: int = Field(16, ge=1, description="largest request head (request line and headers)")
     max_connections: int = Field(512, ge=1, description="open connections; more are refused (503 or closed)")
     max_uploads_mb: float = Field(
-        200.0, gt=0, description="upload bytes being received at once, over all requests; beyond, 503"
+        200.0,
+        gt=0,
+        description="upload bytes received and not yet answered, over all requests (counted as they "
+        "arrive, not as declared); beyond, 503",
     )
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long requests in flight may take to finish"

@@ -221,6 +221,7 @@ def served():
         "FER_MAX_CONNECTIONS": "8",
         "FER_MAX_UPLOADS_MB": "0.1",
         "FER_SHUTDOWN_GRACE_S": "2",
+        "FER_LINGER_S": "1",
     }
     with fer_serve(env) as (http, server):
         yield http.base_url.port, server
@@ -299,12 +300,12 @@ def _answers_again(url: str, seconds: float) -> bool:
 def test_a_trickled_body_gets_408_and_uploads_in_flight_are_bounded(served):
     port, _ = served
     head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+    start = head + b"Content-Length: 80000\r\n\r\n" + part + b"x" * 60_000  # 60 KB of 80 KB promised
     with connect(port) as slow, connect(port) as second:
-        part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
-        slow.sendall(head + b"Content-Length: 80000\r\n\r\n" + part + b"x" * 100)  # 80 KB promised
+        slow.sendall(start)
         time.sleep(0.3)
-        # 80 KB held by the first + 80 KB would pass the 0.1 MB bound: refused at once, not read
-        second.sendall(head + b"Content-Length: 80000\r\n\r\n")
+        second.sendall(start)  # 60 KB received + 60 KB more would pass the 0.1 MB bound
         refused = closed_by_server(second)
         assert refused.startswith(b"HTTP/1.1 503") and b"uploads_full" in refused
         assert closed_by_server(slow).startswith(b"HTTP/1.1 408")
@@ -351,6 +352,79 @@ def test_an_upload_stops_counting_once_its_answer_is_sent():
 
     run_bounded(one_request(), 10)
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+
+
+async def read_body_and_answer(scope, receive, send) -> None:
+    """An app that reads its whole body, then answers 200."""
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def upload_scope(declared: int) -> dict:
+    return {"type": "http", "headers": [(b"content-length", str(declared).encode())]}
+
+
+def test_silent_uploads_hold_no_part_of_the_upload_budget():
+    """Four requests that declare 50 MB and send nothing: a 1 KB upload still gets in, since the budget
+    counts the bytes that arrive, not the ones promised."""
+    limits = UploadLimits(
+        read_body_and_answer, max_bytes=50 * 2**20, max_inflight_bytes=200 * 2**20, timeout_s=10
+    )
+    answered = []
+
+    async def main():
+        never = asyncio.Event()
+
+        async def silent():
+            await never.wait()
+
+        async def one_kb():
+            return {"type": "http.request", "body": b"x" * 1024, "more_body": False}
+
+        async def send(message):
+            answered.append(message)
+
+        held = [asyncio.create_task(limits(upload_scope(50 * 2**20), silent, send)) for _ in range(4)]
+        await asyncio.sleep(0.05)  # the four are waiting for their bodies
+        await limits(upload_scope(1024), one_kb, send)
+        for task in held:
+            task.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+
+    run_bounded(main(), 10)
+    assert answered[0]["status"] == 200
+
+
+def test_upload_bytes_are_bounded_as_they_arrive():
+    limits = UploadLimits(read_body_and_answer, max_bytes=1000, max_inflight_bytes=1000, timeout_s=10)
+    answered = []
+
+    async def main():
+        stalled = asyncio.Event()
+        first_parts = [{"type": "http.request", "body": b"x" * 600, "more_body": True}]
+
+        async def six_hundred_then_stall():
+            if first_parts:
+                return first_parts.pop()
+            await stalled.wait()
+
+        async def six_hundred():
+            return {"type": "http.request", "body": b"y" * 600, "more_body": False}
+
+        async def send(message):
+            answered.append(message)
+
+        first = asyncio.create_task(limits(upload_scope(600), six_hundred_then_stall, send))
+        await asyncio.sleep(0.05)  # the first holds its 600 bytes
+        await limits(upload_scope(600), six_hundred, send)
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        return limits.inflight
+
+    assert run_bounded(main(), 10) == 0  # what the cancelled first held is given back
+    assert answered[0]["status"] == 503 and b"uploads_full" in answered[1]["body"]
 
 
 def test_shutdown_waits_no_longer_than_its_grace_for_a_held_upload():
