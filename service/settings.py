@@ -3,7 +3,7 @@ workers and access."""
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from model.settings import ModelSettings
 
@@ -72,7 +72,9 @@ class ServiceSettings(ModelSettings):
     linger_mb: float = Field(64.0, gt=0, description="how much of that rest is read and dropped at most")
     # ---- access
     api_key: SecretStr | None = Field(
-        None, description="when set, every endpoint but /livez and the page needs `X-API-Key: <key>`"
+        None,
+        description="when set, every endpoint but /livez and the page needs `X-API-Key: <key>`; set but "
+        "empty, the service refuses to start",
     )
     cors_origins: str = Field(
         "", description="comma-separated origins allowed to call the API from a browser (CORS); empty: none"
@@ -80,6 +82,14 @@ class ServiceSettings(ModelSettings):
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="serve /metrics on this port (same host) instead of the API's"
     )
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, key: SecretStr | None) -> SecretStr | None:
+        # An empty key would match a request that sends none (`-e FER_API_KEY=$KEY` with KEY unset).
+        if key is not None and not key.get_secret_value().strip():
+            raise ValueError("the key is empty: set one, or unset FER_API_KEY to serve without a key")
+        return key
 
     @model_validator(mode="after")
     def _limits_fit_together(self) -> ServiceSettings:

@@ -17,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from cli.main import load_settings
 from model.media import DecodeBudget
 from service.app import create_app
 from service.limits import UploadLimits
@@ -205,6 +206,15 @@ def test_an_api_key_guards_everything_but_liveness_and_the_page(engine):
             headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
         )
         assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_an_empty_api_key_refuses_to_start(monkeypatch):
+    """`-e FER_API_KEY=$KEY` with KEY unset would install a key that a request without one matches."""
+    for empty in ("", "  "):
+        monkeypatch.setenv("FER_API_KEY", empty)
+        with pytest.raises(ValueError, match=r"FER_API_KEY.*empty") as refused:
+            load_settings("service")
+        assert "\n" not in str(refused.value)
 
 
 # ---- connections, through `fer serve` ------------------------------------------------------------------
