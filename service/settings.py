@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from model.prompts import MAX_CLASSES, most_prompt_texts
 from model.settings import ModelSettings
 
 
@@ -103,9 +104,19 @@ class ServiceSettings(ModelSettings):
             )
         if self.max_queue * self.video_share < self.max_frames:
             raise ValueError("FER_MAX_QUEUE x FER_VIDEO_SHARE must hold one video of FER_MAX_FRAMES frames")
-        if self.max_queue * self.text_share < self.max_descriptions:
+        # A new class list's prompts are encoded once for every later request: they take places in the
+        # queue (the texts' share) but not from the request's own share.
+        class_texts = most_prompt_texts()
+        texts = max(self.max_descriptions, class_texts)
+        if self.max_queue * self.text_share < texts:
             raise ValueError(
-                "FER_MAX_QUEUE x FER_TEXT_SHARE must hold one request's FER_MAX_DESCRIPTIONS texts"
+                f"FER_MAX_QUEUE x FER_TEXT_SHARE must hold one request's texts, {texts}: FER_MAX_DESCRIPTIONS, "
+                f"and a new list of {MAX_CLASSES} classes with the most prompts ({class_texts})"
+            )
+        if self.max_queue < max(self.max_faces, self.max_frames) + class_texts:
+            raise ValueError(
+                "FER_MAX_QUEUE must hold an image or a video with a new class list: the larger of "
+                f"FER_MAX_FACES and FER_MAX_FRAMES, plus {class_texts} texts"
             )
         if self.max_queue < max(self.max_batch, self.max_request_items):
             raise ValueError(

@@ -547,7 +547,13 @@ def test_a_full_queue_answers_429_at_once_before_any_decoding(engine):
     gated = GatedEngine(engine)
     app = create_app(
         settings(
-            max_batch=1, max_queue=2, max_frames=1, max_faces=1, max_descriptions=1, max_request_items=2
+            max_batch=1,
+            max_queue=641,
+            text_share=1.0,
+            max_frames=1,
+            max_faces=1,
+            max_descriptions=1,
+            max_request_items=2,
         ),
         engine_factory=lambda s: gated,
     )
@@ -557,6 +563,7 @@ def test_a_full_queue_answers_429_at_once_before_any_decoding(engine):
             gated.gate.clear()
             gated.entered.clear()  # the warm-up set it
             admission = app.state.runtime.admission
+            admission.reserve(shared_texts=admission.capacity - 2)  # two places left (a class list must fit)
 
             def send():
                 return client.post("/predict", files={"file": ("x.png", png(face_image(1)), "image/png")})
@@ -564,7 +571,7 @@ def test_a_full_queue_answers_429_at_once_before_any_decoding(engine):
             first = asyncio.create_task(send())  # taken by the held device
             assert await asyncio.to_thread(gated.entered.wait, 5)
             second = asyncio.create_task(send())  # admitted: the queue is now full
-            while admission.depth < 2:
+            while admission.depth < admission.capacity:
                 await asyncio.sleep(0.01)
             for _ in range(20):
                 admission.observe("image", 1, 10.0)  # a slow device: the header is not always 1
