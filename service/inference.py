@@ -95,12 +95,12 @@ async def classify(
     `score(prepared, features, text)` in the pool. `most`: the most rows `prepare` can give, as
     admission counts them (`kind`: "images" or "frames"), taken before decoding."""
     clock = Clock()
-    texts = runtime.text_items(classes, prompt_set)
-    with runtime.admission.reserve(**{kind: most}, shared_texts=texts) as reservation:
+    class_text = runtime.class_text(classes, prompt_set)  # held if cached: what admission counts
+    with runtime.admission.reserve(**{kind: most}, shared_texts=class_text.items) as reservation:
         prepared, features = await _encode(
             runtime, reservation, kind, prepare, source, options, clock, is_disconnected
         )
-        text = await runtime.class_features(classes, prompt_set, is_disconnected)
+        text = await class_text.features(is_disconnected)
         result = await runtime.offload(score, prepared, features, text)
     return result, clock
 

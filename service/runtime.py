@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -139,9 +140,16 @@ class Runtime:
             if batcher is not None and self.batcher is not batcher:  # a failed or cancelled warm-up
                 await batcher.stop()
 
+    def class_text(self, classes: tuple[str, ...], prompt_set: str) -> ClassText:
+        """A class list's text features as admission counts them: cached now, they are held by the request
+        from here on (evicted before it scores, they are not encoded outside what it was admitted for);
+        else it admits their texts and encodes them when it needs them."""
+        engine, _ = self.require()
+        return ClassText(self, classes, prompt_set, engine.cached_class_features(classes, prompt_set))
+
     async def class_features(self, classes: tuple[str, ...], prompt_set: str, is_disconnected=None):
         """A class list's text features: from the cache, else encoded on the device thread (the
-        request has admitted the texts, see `text_items`)."""
+        request has admitted the texts, see `class_text`)."""
         engine, batcher = self.require()
         text = engine.cached_class_features(classes, prompt_set)
         if text is None:
@@ -154,17 +162,31 @@ class Runtime:
             )
         return text
 
-    def text_items(self, classes: tuple[str, ...], prompt_set: str) -> int:
-        """Texts a request must encode for its class list: none when they are cached."""
-        engine, _ = self.require()
-        cached = engine.cached_class_features(classes, prompt_set) is not None
-        return 0 if cached else len(prompt_texts(classes, prompt_set))
-
     async def close(self) -> None:
         if self.batcher:
             await self.batcher.stop()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.video_pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class ClassText:
+    """What a request needs of its class list's text features (Runtime.class_text)."""
+
+    runtime: Runtime
+    classes: tuple[str, ...]
+    prompt_set: str
+    held: torch.Tensor | None  # the cached features, when they were cached at admission
+
+    @property
+    def items(self) -> int:
+        """Texts the request must admit: none when it holds the features."""
+        return 0 if self.held is not None else len(prompt_texts(self.classes, self.prompt_set))
+
+    async def features(self, is_disconnected=None) -> torch.Tensor:
+        if self.held is not None:
+            return self.held
+        return await self.runtime.class_features(self.classes, self.prompt_set, is_disconnected)
 
 
 def _default_text_features(engine: FerEngine) -> None:

@@ -17,12 +17,22 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+import model.engine
 from cli.main import load_settings
+from model.engine import create_engine
 from model.media import DecodeBudget
 from service.app import create_app
 from service.limits import UploadLimits
 from service.settings import ServiceSettings
-from tests.conftest import face_image, fer_serve, make_video, png, run_bounded, wait_ready
+from tests.conftest import (
+    face_image,
+    fer_serve,
+    make_video,
+    png,
+    run_bounded,
+    tiny_settings,
+    wait_ready,
+)
 
 
 def settings(**overrides) -> ServiceSettings:
@@ -139,6 +149,41 @@ def test_video_frames_cannot_take_the_places_images_need(engine):
         assert 'fer_refused_total{reason="video_full"} 1.0' in client.get("/metrics").text
         for places in held:
             places.release()
+
+
+def test_a_class_list_cached_at_admission_is_not_encoded_when_evicted_before_use(
+    tiny_clip_path, official_projection_path, monkeypatch
+):
+    """Admission counted no texts for a cached list; evicted before the request scores, the features it
+    was admitted with are still what it uses, not an encoding outside the texts' share."""
+    engine = create_engine(tiny_settings(tiny_clip_path, official_projection_path))
+    app = create_app(settings(), engine_factory=lambda s: engine)
+    with TestClient(app) as client:
+
+        def predict(seed: int) -> int:
+            upload = {"file": ("x.png", png(face_image(seed)), "image/png")}
+            return client.post("/predict", files=upload, data={"classes": "calm,tense"}).status_code
+
+        wait_ready(client)
+        assert predict(0) == 200  # the list is cached now
+        encoded = []
+        encode_texts = engine.encode_texts
+        monkeypatch.setattr(
+            engine, "encode_texts", lambda texts: encoded.append(texts) or encode_texts(texts)
+        )
+        batcher = app.state.runtime.batcher
+        submit, evicted = batcher.submit, []
+
+        async def submit_then_evict(*args, **kwargs):  # between admission and scoring
+            monkeypatch.setattr(model.engine, "TEXT_CACHE_BYTES", 1)
+            engine.class_features(("bored", "keen"), "P-3")  # the newest list alone stays
+            evicted.append(engine.cached_class_features(("calm", "tense"), "P-3") is None)
+            return await submit(*args, **kwargs)
+
+        monkeypatch.setattr(batcher, "submit", submit_then_evict)
+        assert predict(1) == 200
+    assert evicted == [True]
+    assert [texts for texts in encoded if "calm" in " ".join(texts)] == []
 
 
 # ---- request bodies ---------------------------------------------------------------------------------
