@@ -150,16 +150,16 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_timer()
+        previous = self.cycle
         super().on_headers_complete()
+        if self.cycle is not previous:  # a request for the app (not an upgrade)
+            self.cycle.send = partial(_close_if_early, self.cycle, self.cycle.send)
 
     def send_400_response(self, msg: str) -> None:
         if self._head_parsed > self.limits.max_head_bytes:  # the parser stopped at HeadTooLarge
             self._refuse_head()
         else:
             super().send_400_response(msg)
-
-    def _start_asgi_task(self, cycle, app) -> None:
-        super()._start_asgi_task(cycle, partial(_early_answer_closes, app, cycle))
 
     # ---- the head ------------------------------------------------------------------------------------
     def _count_parsed(self, size: int) -> None:
@@ -203,16 +203,13 @@ class _AnswerTransport:
         return self._protocol.lingering or self._socket.is_closing()
 
 
-async def _early_answer_closes(app, cycle, scope, receive, send) -> None:
-    """`app`, whose answer given while its request's body still streams in ends the connection (uvicorn
-    then says `connection: close`): the rest of that body, of any length, is not read as the next request."""
-
-    async def send_closing(message) -> None:
-        if message["type"] == "http.response.start" and cycle.more_body:
-            cycle.keep_alive = False
-        await send(message)
-
-    await app(scope, receive, send_closing)
+async def _close_if_early(cycle, send, message) -> None:
+    """uvicorn's `send` for one request, with an answer begun while the request's body still streams in
+    ending the connection (uvicorn then says `connection: close`): the rest of the body, of any length,
+    is not read as the next request."""
+    if message["type"] == "http.response.start" and cycle.more_body:
+        cycle.keep_alive = False
+    await send(message)
 
 
 def uvicorn_options(settings: ServiceSettings) -> dict:
