@@ -89,10 +89,9 @@ class Admission:
         return self._held.total
 
     def reserve(self, images: int = 0, frames: int = 0, texts: int = 0, shared_texts: int = 0) -> Reservation:
-        """Places for a request, or QueueFull (no room now) / TooLarge (never room, over its share or a
-        part's whole capacity). `shared_texts`: texts
-        whose features every later request shares (a new class list's prompts): they take room in the
-        queue but not from the request's own share."""
+        """Places for a request, or QueueFull (no room now) / TooLarge (never room: over the request's share,
+        or over a part's whole capacity). `shared_texts`: texts whose features every later request shares
+        (a new class list's prompts): they take room in the queue but not from the request's own share."""
         if images + frames + texts > self.request_share:
             self.on_refused("too_large")
             raise TooLarge(
