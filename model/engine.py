@@ -129,9 +129,13 @@ class FerEngine:
         return torch.cat(out)
 
     def cached_class_features(self, classes: tuple[str, ...], prompt_set: str) -> torch.Tensor | None:
-        """`class_features` if it would answer from the cache, else None (nothing is encoded)."""
+        """`class_features` if it would answer from the cache, else None (nothing is encoded). A hit
+        counts as a use: the cache evicts the least recently used list first."""
         with self._text_lock:
-            return self._text_cache.get((classes, prompt_set))
+            cached = self._text_cache.get((classes, prompt_set))
+            if cached is not None:
+                self._text_cache.move_to_end((classes, prompt_set))
+            return cached
 
     def class_features(self, classes: tuple[str, ...], prompt_set: str) -> torch.Tensor:
         """[C, P, feature_dim] text features, computed once per (class set, prompt set) and cached.
@@ -140,12 +144,10 @@ class FerEngine:
         would otherwise queue behind the encoder's next batch on the device.
         The lock is not held while encoding, so a new class list never stalls requests whose features
         are cached; two requests racing on the same new list may both encode it (same result)."""
+        cached = self.cached_class_features(classes, prompt_set)
+        if cached is not None:
+            return cached
         key = (classes, prompt_set)
-        with self._text_lock:
-            cached = self._text_cache.get(key)
-            if cached is not None:
-                self._text_cache.move_to_end(key)
-                return cached
         features = self.encode_texts(prompt_texts(classes, prompt_set)).cpu()
         features = features.view(len(classes), -1, self.feature_dim)
         with self._text_lock:

@@ -273,11 +273,13 @@ def _read_frames(container, count: int, limits: MediaLimits, budget: DecodeBudge
     if stream.codec_context is None:  # FFmpeg has no decoder for the stream's codec
         raise MediaError("the video's codec is not supported")
     stream.thread_type = "AUTO"
+    # The declared size is the first frame's: a stream may change size at any frame (MJPEG, a new H.264
+    # SPS), so each decoded frame is checked and charged at its own size (`_decode`). FFmpeg refuses to
+    # allocate a frame past `max_pixels`; it counts the width rounded up to its stride alignment, hence
+    # the headroom over the exact limit checked here.
+    stream.codec_context.options = {"max_pixels": str(2 * limits.max_video_pixels)}
     width, height = stream.codec_context.width, stream.codec_context.height
-    if width * height > limits.max_video_pixels:
-        raise MediaTooLarge(
-            f"video frames are {width}x{height}, over the limit of {limits.max_video_pixels:,} pixels"
-        )
+    _check_pixels("video frames are", width, height, limits.max_video_pixels)
     rate = stream.average_rate or stream.guessed_rate or Fraction(25)
     fps = float(rate)
     duration = _duration_s(container, stream)
@@ -350,14 +352,14 @@ def _decode(
     starts at a key frame counts its frames from the first one's timestamp; the first stretch starts
     at the beginning and counts from 0, which needs no timestamps at all."""
     origin = _start_s(stream)
-    pixels = stream.codec_context.width * stream.codec_context.height
     picked: dict[int, tuple] = {}
     for start, stop in spans:
         if start > 0:
             container.seek(int((origin + start / fps) / stream.time_base), stream=stream, backward=True)
         index = None
-        for frame in container.decode(stream):
-            budget.charge(pixels)
+        for frame in _decoded(container, stream, budget.limits):
+            budget.charge(frame.width * frame.height)
+            _check_pixels("a video frame is", frame.width, frame.height, budget.limits.max_video_pixels)
             if index is None:
                 index = round((frame.time - origin) * fps) if start > 0 and frame.time is not None else start
             else:
@@ -367,6 +369,23 @@ def _decode(
             if index >= stop:
                 break
     return picked
+
+
+def _decoded(container, stream, limits: MediaLimits):
+    """The stream's frames from where the container stands. A decoder's EINVAL is reported as a frame over
+    the limit: FFmpeg answers so for a frame past `max_pixels` (set in `_read_frames`), while corrupt data
+    gets AVERROR_INVALIDDATA (a MediaError from `read_video`)."""
+    try:
+        yield from container.decode(stream)
+    except av.ArgumentError:
+        raise MediaTooLarge(
+            f"a video frame is over the limit of {limits.max_video_pixels:,} pixels"
+        ) from None
+
+
+def _check_pixels(what: str, width: int, height: int, limit: int) -> None:
+    if width * height > limit:
+        raise MediaTooLarge(f"{what} {width}x{height}, over the limit of {limit:,} pixels")
 
 
 def _to_image(frame) -> Image.Image:

@@ -186,3 +186,10 @@ def prompt_table(classes: tuple[str, ...], prompt_set: str) -> dict[str, list[st
 def prompt_texts(classes: tuple[str, ...], prompt_set: str) -> list[str]:
     """All prompts, class-major: [c0p0, c0p1, ..., c1p0, ...] so logits view as [N, C, P]."""
     return [prompt for c in classes for prompt in class_prompts(c, prompt_set)]
+
+
+def most_prompt_texts() -> int:
+    """The most prompts a class list can have (MAX_CLASSES classes, each with the longest prompt list of
+    any set): the most texts a new class list can ask to encode."""
+    official = (len(prompts) for words in official_prompts().values() for prompts in words.values())
+    return MAX_CLASSES * max(*map(len, PROMPT_SETS.values()), *official)

@@ -22,6 +22,13 @@ FULL = {
     "video": "video frames have filled their share of the inference queue",
     "text": "texts to encode have filled their share of the inference queue",
 }
+# What each part of the queue counts, and the settings that size it: a request asking for more than the
+# whole part can never be admitted (413), not even on an empty queue.
+PARTS = {
+    "queue": ("items (faces or images, frames, and texts to encode)", "FER_MAX_QUEUE"),
+    "video": ("video frames", "FER_MAX_QUEUE x FER_VIDEO_SHARE"),
+    "text": ("texts to encode", "FER_MAX_QUEUE x FER_TEXT_SHARE"),
+}
 
 
 class QueueFull(Exception):
@@ -82,9 +89,9 @@ class Admission:
         return self._held.total
 
     def reserve(self, images: int = 0, frames: int = 0, texts: int = 0, shared_texts: int = 0) -> Reservation:
-        """Places for a request, or QueueFull (no room now) / TooLarge (never room). `shared_texts`: texts
-        whose features every later request shares (a new class list's prompts): they take room in the
-        queue but not from the request's own share."""
+        """Places for a request, or QueueFull (no room now) / TooLarge (never room: over the request's share,
+        or over a part's whole capacity). `shared_texts`: texts whose features every later request shares
+        (a new class list's prompts): they take room in the queue but not from the request's own share."""
         if images + frames + texts > self.request_share:
             self.on_refused("too_large")
             raise TooLarge(
@@ -93,12 +100,20 @@ class Admission:
             )
         asked = Places(images, frames, texts + shared_texts)
         after = self._held + asked
-        for kind, over in (
-            ("queue", after.total > self.capacity),
-            ("video", after.frames > self.video_capacity),
-            ("text", after.texts > self.text_capacity),
-        ):
-            if over:
+        parts = (
+            ("queue", asked.total, after.total, self.capacity),
+            ("video", asked.frames, after.frames, self.video_capacity),
+            ("text", asked.texts, after.texts, self.text_capacity),
+        )
+        for kind, need, _, room in parts:
+            if need > room:
+                self.on_refused("too_large")
+                what, setting = PARTS[kind]
+                raise TooLarge(
+                    f"the request needs {need} {what}; at most {room} fit in the inference queue ({setting})"
+                )
+        for kind, _, held, room in parts:
+            if held > room:
                 self.on_refused(f"{kind}_full")
                 raise QueueFull(self.retry_after(), f"{FULL[kind]}, retry later")
         self._change(asked, +1)

@@ -111,7 +111,7 @@ class Batcher:
             initargs=() if threads is None else (threads,),
         )
         self._loop_task: asyncio.Task | None = None
-        self._in_flight: list[_Job] = []  # the jobs whose rows the device holds now
+        self._in_flight: list[_Job | _Task] = []  # the jobs whose rows the device holds now, or its task
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -211,6 +211,7 @@ class Batcher:
 
     async def _run_task(self, task: _Task) -> None:
         started = time.monotonic()
+        self._in_flight = [task]  # out of the queue: `stop` finds it here
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._device_thread, task.call)
         except Exception as exc:
@@ -218,6 +219,7 @@ class Batcher:
                 task.future.set_exception(exc)
             return
         finally:
+            self._in_flight = []
             self.stats.on_task(task.items, time.monotonic() - started)
         if not task.future.done():
             task.future.set_result(result)

@@ -88,6 +88,9 @@ class TextPlaces:
 
     own: int = 0  # encoded for this request alone: from its own share of the queue
     shared: int = 0  # encoded once and then used by every later request (a new class list's prompts)
+    # Features already cached at admission, which the request keeps from then on: evicted before it
+    # scores, they are not encoded again outside what admission counted.
+    held: torch.Tensor | None = None
 
 
 class Texts(Protocol):
@@ -95,7 +98,9 @@ class Texts(Protocol):
 
     def places(self, engine: FerEngine) -> TextPlaces: ...
 
-    async def features(self, model: Loaded, is_disconnected: Disconnected | None) -> torch.Tensor: ...
+    async def features(
+        self, model: Loaded, places: TextPlaces, is_disconnected: Disconnected | None
+    ) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -107,12 +112,14 @@ class ClassPrompts:
     prompt_set: str
 
     def places(self, engine: FerEngine) -> TextPlaces:
-        cached = engine.cached_class_features(self.classes, self.prompt_set) is not None
-        return TextPlaces(shared=0 if cached else self._count())
+        cached = engine.cached_class_features(self.classes, self.prompt_set)
+        return TextPlaces(held=cached) if cached is not None else TextPlaces(shared=self._count())
 
-    async def features(self, model: Loaded, is_disconnected: Disconnected | None) -> torch.Tensor:
-        text = model.engine.cached_class_features(self.classes, self.prompt_set)
-        if text is None:
+    async def features(
+        self, model: Loaded, places: TextPlaces, is_disconnected: Disconnected | None
+    ) -> torch.Tensor:
+        text = places.held
+        if text is None:  # admitted as texts to encode (the engine caches them for later requests)
             text = await model.batcher.run(
                 model.engine.class_features,
                 self.classes,
@@ -135,7 +142,9 @@ class Descriptions:
     def places(self, engine: FerEngine) -> TextPlaces:
         return TextPlaces(own=len(self.texts))
 
-    async def features(self, model: Loaded, is_disconnected: Disconnected | None) -> torch.Tensor:
+    async def features(
+        self, model: Loaded, places: TextPlaces, is_disconnected: Disconnected | None
+    ) -> torch.Tensor:
         chunks = [self.texts[i : i + TEXT_CHUNK] for i in range(0, len(self.texts), TEXT_CHUNK)]
         return torch.cat(
             [
@@ -231,7 +240,7 @@ async def run(call: Call, work: Work) -> BaseModel:
         features = await model.batcher.submit(
             prepared.pixels, call.is_disconnected, on_wait=call.clock.waited
         )
-        text = await work.texts.features(model, call.is_disconnected)
+        text = await work.texts.features(model, texts, call.is_disconnected)
         result = await call.runtime.offload(work.score, prepared, features, text)
     return work.response(**asdict(result), model=model.engine.name, timing=call.clock.timing())
 

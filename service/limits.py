@@ -1,8 +1,12 @@
 """Request bodies within bounds, as ASGI middleware in front of the app: one upload over `max_bytes` gets
-413 (from Content-Length, or counted while it streams, so it is never read whole); uploads being
-received at once are bounded in bytes over all requests (503 beyond), so held-open uploads cannot fill
-memory or the disk the form parser spools to; and a body not received whole within `timeout_s` gets
-408, so a trickling client cannot hold a request (and shutdown) open."""
+413 (from Content-Length, or counted while it streams, so it is never read whole); the upload bytes
+received and not yet answered are bounded over all requests (503 beyond), so held-open uploads cannot
+fill memory or the disk the form parser spools to; and a body not received whole within `timeout_s`
+gets 408, so a trickling client cannot hold a request (and shutdown) open.
+
+The bound counts bytes as they arrive, not the Content-Length a request declares: a declaration costs
+nothing to make, and requests that declare much and send nothing would otherwise shut every other
+upload out for as long as their body timeout."""
 
 from __future__ import annotations
 
@@ -44,20 +48,15 @@ class UploadLimits:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers", ())).get(b"content-length", b"")
-        declared = int(declared) if declared.isdigit() else 0
-        if declared > self.max_bytes:
+        if declared.isdigit() and int(declared) > self.max_bytes:
             await _refuse(send, self.too_large())
             return
-        if declared and self.inflight + declared > self.max_inflight_bytes:
-            await _refuse(send, self.too_many())
-            return
-        held = declared  # bytes this request counts towards `inflight`
-        self.inflight += held
-        received, body_done, refused, started = 0, False, None, False
+        held = 0  # body bytes received, counted in `inflight` until the answer
+        body_done, refused, started = False, None, False
         deadline = time.monotonic() + self.timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal received, body_done, refused, held
+            nonlocal held, body_done, refused
             if body_done:
                 return await receive()  # after the body: disconnect polling, no deadline
             try:
@@ -68,17 +67,16 @@ class UploadLimits:
                 )
                 raise refused from None
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                size = len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
-                if received > self.max_bytes:
+                if held + size > self.max_bytes:
                     refused = self.too_large()
                     raise refused
-                if received > held:  # no or a wrong Content-Length: count what arrives
-                    if self.inflight + received - held > self.max_inflight_bytes:
-                        refused = self.too_many()
-                        raise refused
-                    self.inflight += received - held
-                    held = received
+                if self.inflight + size > self.max_inflight_bytes:
+                    refused = self.too_many()
+                    raise refused
+                self.inflight += size
+                held += size
             return message
 
         def release() -> None:

@@ -3,8 +3,9 @@ workers and access."""
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
+from model.prompts import MAX_CLASSES, most_prompt_texts
 from model.settings import ModelSettings
 
 
@@ -55,14 +56,26 @@ class ServiceSettings(ModelSettings):
     max_header_kb: int = Field(16, ge=1, description="largest request head (request line and headers)")
     max_connections: int = Field(512, ge=1, description="open connections; more are refused (503 or closed)")
     max_uploads_mb: float = Field(
-        200.0, gt=0, description="upload bytes being received at once, over all requests; beyond, 503"
+        200.0,
+        gt=0,
+        description="upload bytes received and not yet answered, over all requests (counted as they "
+        "arrive, not as declared); beyond, 503",
     )
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long requests in flight may take to finish"
     )
+    linger_s: float = Field(
+        10.0,
+        gt=0,
+        description="after an answer given before the request was read whole (a refusal), how long the "
+        "rest is read and dropped, so that the client gets the answer rather than a reset",
+    )
+    linger_mb: float = Field(64.0, gt=0, description="how much of that rest is read and dropped at most")
     # ---- access
     api_key: SecretStr | None = Field(
-        None, description="when set, every endpoint but /livez and the page needs `X-API-Key: <key>`"
+        None,
+        description="when set, every endpoint but /livez and the page needs `X-API-Key: <key>`; set but "
+        "empty, the service refuses to start",
     )
     cors_origins: str = Field(
         "", description="comma-separated origins allowed to call the API from a browser (CORS); empty: none"
@@ -70,6 +83,14 @@ class ServiceSettings(ModelSettings):
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="serve /metrics on this port (same host) instead of the API's"
     )
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, key: SecretStr | None) -> SecretStr | None:
+        # An empty key would match a request that sends none (`-e FER_API_KEY=$KEY` with KEY unset).
+        if key is not None and not key.get_secret_value().strip():
+            raise ValueError("the key is empty: set one, or unset FER_API_KEY to serve without a key")
+        return key
 
     @model_validator(mode="after")
     def _limits_fit_together(self) -> ServiceSettings:
@@ -83,9 +104,19 @@ class ServiceSettings(ModelSettings):
             )
         if self.max_queue * self.video_share < self.max_frames:
             raise ValueError("FER_MAX_QUEUE x FER_VIDEO_SHARE must hold one video of FER_MAX_FRAMES frames")
-        if self.max_queue * self.text_share < self.max_descriptions:
+        # A new class list's prompts are encoded once for every later request: they take places in the
+        # queue (the texts' share) but not from the request's own share.
+        class_texts = most_prompt_texts()
+        texts = max(self.max_descriptions, class_texts)
+        if self.max_queue * self.text_share < texts:
             raise ValueError(
-                "FER_MAX_QUEUE x FER_TEXT_SHARE must hold one request's FER_MAX_DESCRIPTIONS texts"
+                f"FER_MAX_QUEUE x FER_TEXT_SHARE must hold one request's texts, {texts}: FER_MAX_DESCRIPTIONS, "
+                f"and a new list of {MAX_CLASSES} classes with the most prompts ({class_texts})"
+            )
+        if self.max_queue < max(self.max_faces, self.max_frames) + class_texts:
+            raise ValueError(
+                "FER_MAX_QUEUE must hold an image or a video with a new class list: the larger of "
+                f"FER_MAX_FACES and FER_MAX_FRAMES, plus {class_texts} texts"
             )
         if self.max_queue < max(self.max_batch, self.max_request_items):
             raise ValueError(
@@ -116,6 +147,10 @@ class ServiceSettings(ModelSettings):
     @property
     def max_uploads_bytes(self) -> int:
         return int(self.max_uploads_mb * 2**20)
+
+    @property
+    def linger_bytes(self) -> int:
+        return int(self.linger_mb * 2**20)
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -7,7 +7,11 @@ import math
 
 import pytest
 
+from model.prompts import MAX_CLASSES, PROMPT_SETS
 from service.admission import IMAGE, TEXT, Admission, QueueFull, TooLarge
+from service.runtime import Runtime
+from service.settings import ServiceSettings
+from tests.support import run_bounded
 
 
 def test_places_are_taken_shrunk_and_given_back():
@@ -64,3 +68,51 @@ def test_a_new_class_list_takes_room_in_the_queue_but_not_from_the_request_s_sha
     held.release()
     with pytest.raises(TooLarge):
         admission.reserve(images=10, texts=11)  # a request's own texts (descriptions) count
+
+
+@pytest.mark.parametrize(
+    ("admission", "ask", "words"),
+    [
+        (Admission(1000, text_share=0.5), {"images": 1, "shared_texts": 640}, "texts to encode"),
+        (Admission(1000, video_share=0.1), {"frames": 101}, "video frames"),
+        (Admission(700), {"images": 100, "shared_texts": 640}, "items"),
+    ],
+)
+def test_a_request_larger_than_what_its_kind_may_ever_hold_is_too_large(admission, ask, words):
+    """On an empty queue, so never room: 413, not a 429 to retry forever."""
+    refused = []
+    admission.on_refused = refused.append
+    with pytest.raises(TooLarge, match=words):
+        admission.reserve(**ask)
+    assert refused == ["too_large"] and admission.depth == 0
+
+
+@pytest.mark.parametrize("overrides", [{"max_queue": 1024}, {"text_share": 0.3}])
+def test_settings_whose_queue_cannot_hold_a_new_class_list_are_refused(overrides):
+    """A new list of 64 classes with P-5 (640 texts) must fit the texts' share of the queue."""
+    with pytest.raises(ValueError, match="FER_TEXT_SHARE"):
+        ServiceSettings(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"max_queue": 1280},
+        {"text_share": 0.32},
+        {"max_queue": 704, "text_share": 1.0, "video_share": 0.1},
+    ],
+)
+def test_every_request_the_field_checks_accept_fits_an_empty_queue(overrides):
+    settings = ServiceSettings(**overrides)
+    runtime = Runtime(settings)
+    largest_class_list = MAX_CLASSES * len(PROMPT_SETS["P-5"])
+    try:
+        for ask in (
+            {"images": settings.max_faces, "shared_texts": largest_class_list},  # /predict
+            {"frames": settings.max_frames, "shared_texts": largest_class_list},  # /predict-video
+            {"frames": settings.max_frames, "texts": settings.max_descriptions},  # /retrieve
+        ):
+            runtime.admission.reserve(**ask).release()
+    finally:
+        run_bounded(runtime.close())

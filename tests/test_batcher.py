@@ -231,6 +231,31 @@ def test_stop_fails_jobs_the_device_holds_as_well_as_queued_ones():
     assert all(isinstance(o, BatchFailed) for o in outcomes)
 
 
+def test_stop_fails_a_text_task_the_device_is_running():
+    """Its caller gets BatchFailed instead of waiting for a result that will never come."""
+
+    async def main():
+        batcher = Batcher(FakeEncoder(), max_wait_ms=0)
+        batcher.start()
+        entered, gate = threading.Event(), threading.Event()
+
+        def encode_texts():
+            entered.set()
+            gate.wait(10)
+            return "features"
+
+        caller = asyncio.create_task(batcher.run(encode_texts, items=3))
+        assert await asyncio.to_thread(entered.wait, 5)  # the device thread runs it
+        await batcher.stop()
+        try:
+            return await asyncio.wait_for(asyncio.gather(caller, return_exceptions=True), 2)
+        finally:
+            gate.set()
+
+    (outcome,) = run(main())
+    assert isinstance(outcome, BatchFailed), outcome
+
+
 def test_a_small_request_does_not_wait_behind_every_queued_frame():
     """Batches take one row from each waiting job in turn, the jobs served going to the back."""
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
+import model.engine
 from model.clip import clip_transform, load_clip, preprocess_config
 from model.engine import create_engine
 from model.pipeline import classify, pool, pool_groups, rank_descriptions
@@ -359,3 +360,16 @@ def test_class_features_are_cached_on_the_cpu(tiny_clip_path, official_projectio
     text = engine.class_features(BASIC7, "P-3")
     assert type(text) is torch.Tensor and len(DeviceFeatures.copied_in) == 1
     assert engine.cached_class_features(BASIC7, "P-3") is text
+
+
+def test_the_text_cache_evicts_the_least_recently_used(tiny_clip_path, official_projection_path, monkeypatch):
+    """A hit refreshes an entry, so the hottest lists (the warmed presets) stay while cold ones go."""
+    engine = create_engine(tiny_settings(tiny_clip_path, official_projection_path))
+    first, second, third = ("calm", "tense"), ("bored", "keen"), ("shy", "bold")
+    size = engine.class_features(first, "P-1").numel() * 4
+    monkeypatch.setattr(model.engine, "TEXT_CACHE_BYTES", 2 * size)  # room for two lists
+    engine.class_features(second, "P-1")
+    assert engine.cached_class_features(first, "P-1") is not None  # a hit: now the most recent
+    engine.class_features(third, "P-1")  # over the budget: the least recently used goes
+    assert engine.cached_class_features(first, "P-1") is not None
+    assert engine.cached_class_features(second, "P-1") is None

@@ -18,7 +18,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from cli.main import main
+import model.engine
+from cli.main import load_settings, main
+from model.engine import create_engine
 from model.media import DecodeBudget
 from service.app import create_app
 from service.limits import UploadLimits
@@ -30,6 +32,7 @@ from tests.support import (
     make_video,
     png,
     run_bounded,
+    tiny_settings,
     until,
     wait_ready,
     wait_until,
@@ -111,7 +114,7 @@ def test_a_client_that_leaves_stops_its_decode(engine, tmp_path, monkeypatch):
 # ---- admission and fair shares ------------------------------------------------------------------------
 def test_video_frames_cannot_take_the_places_images_need(engine):
     app = create_app(
-        settings(max_queue=1200, video_share=0.05, max_frames=16),
+        settings(max_queue=1200, video_share=0.05, text_share=0.6, max_frames=16),
         engine_factory=lambda s: engine,
     )
     with TestClient(app) as client:
@@ -126,6 +129,41 @@ def test_video_frames_cannot_take_the_places_images_need(engine):
         assert 'fer_refused_total{reason="video_full"} 1.0' in client.get("/metrics").text
         for places in held:
             places.release()
+
+
+def test_a_class_list_cached_at_admission_is_not_encoded_when_evicted_before_use(
+    tiny_clip_path, official_projection_path, monkeypatch
+):
+    """Admission counted no texts for a cached list; evicted before the request scores, the features it
+    was admitted with are still what it uses, not an encoding outside the texts' share."""
+    engine = create_engine(tiny_settings(tiny_clip_path, official_projection_path))
+    app = create_app(settings(), engine_factory=lambda s: engine)
+    with TestClient(app) as client:
+
+        def predict(seed: int) -> int:
+            upload = {"file": ("x.png", png(face_image(seed)), "image/png")}
+            return client.post("/predict", files=upload, data={"classes": "calm,tense"}).status_code
+
+        wait_ready(client)
+        assert predict(0) == 200  # the list is cached now
+        encoded = []
+        encode_texts = engine.encode_texts
+        monkeypatch.setattr(
+            engine, "encode_texts", lambda texts: encoded.append(texts) or encode_texts(texts)
+        )
+        batcher = app.state.runtime.batcher
+        submit, evicted = batcher.submit, []
+
+        async def submit_then_evict(*args, **kwargs):  # between admission and scoring
+            monkeypatch.setattr(model.engine, "TEXT_CACHE_BYTES", 1)
+            engine.class_features(("bored", "keen"), "P-3")  # the newest list alone stays
+            evicted.append(engine.cached_class_features(("calm", "tense"), "P-3") is None)
+            return await submit(*args, **kwargs)
+
+        monkeypatch.setattr(batcher, "submit", submit_then_evict)
+        assert predict(1) == 200
+    assert evicted == [True]
+    assert [texts for texts in encoded if "calm" in " ".join(texts)] == []
 
 
 # ---- request bodies ---------------------------------------------------------------------------------
@@ -229,6 +267,15 @@ def test_an_api_key_guards_everything_but_liveness_and_the_page(engine):
         assert preflight.headers["access-control-allow-origin"] == "https://app.example"
 
 
+def test_an_empty_api_key_refuses_to_start(monkeypatch):
+    """`-e FER_API_KEY=$KEY` with KEY unset would install a key that a request without one matches."""
+    for empty in ("", "  "):
+        monkeypatch.setenv("FER_API_KEY", empty)
+        with pytest.raises(ValueError, match=r"FER_API_KEY.*empty") as refused:
+            load_settings("service")
+        assert "\n" not in str(refused.value)
+
+
 # ---- connections, through `fer serve` ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def served():
@@ -244,6 +291,7 @@ def served():
         "FER_MAX_UPLOAD_MB": "0.1",
         "FER_MAX_UPLOADS_MB": "0.1",
         "FER_SHUTDOWN_GRACE_S": "2",
+        "FER_LINGER_S": "1",
     }
     with fer_serve(env) as (http, server):
         yield http.base_url.port, server
@@ -318,12 +366,12 @@ def _answers(url: str) -> bool:
 def test_a_trickled_body_gets_408_and_uploads_in_flight_are_bounded(served):
     port, _ = served
     head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+    start = head + b"Content-Length: 80000\r\n\r\n" + part + b"x" * 60_000  # 60 KB of 80 KB promised
     with connect(port) as slow, connect(port) as second:
-        part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
-        slow.sendall(head + b"Content-Length: 80000\r\n\r\n" + part + b"x" * 100)  # 80 KB promised
+        slow.sendall(start)
         time.sleep(0.3)
-        # 80 KB held by the first + 80 KB would pass the 0.1 MB bound: refused at once, not read
-        second.sendall(head + b"Content-Length: 80000\r\n\r\n")
+        second.sendall(start)  # 60 KB received + 60 KB more would pass the 0.1 MB bound
         refused = closed_by_server(second)
         assert refused.startswith(b"HTTP/1.1 503") and b"uploads_full" in refused
         assert closed_by_server(slow).startswith(b"HTTP/1.1 408")
@@ -370,6 +418,79 @@ def test_an_upload_stops_counting_once_its_answer_is_sent():
 
     run_bounded(one_request(), 10)
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+
+
+async def read_body_and_answer(scope, receive, send) -> None:
+    """An app that reads its whole body, then answers 200."""
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def upload_scope(declared: int) -> dict:
+    return {"type": "http", "headers": [(b"content-length", str(declared).encode())]}
+
+
+def test_silent_uploads_hold_no_part_of_the_upload_budget():
+    """Four requests that declare 50 MB and send nothing: a 1 KB upload still gets in, since the budget
+    counts the bytes that arrive, not the ones promised."""
+    limits = UploadLimits(
+        read_body_and_answer, max_bytes=50 * 2**20, max_inflight_bytes=200 * 2**20, timeout_s=10
+    )
+    answered = []
+
+    async def main():
+        never = asyncio.Event()
+
+        async def silent():
+            await never.wait()
+
+        async def one_kb():
+            return {"type": "http.request", "body": b"x" * 1024, "more_body": False}
+
+        async def send(message):
+            answered.append(message)
+
+        held = [asyncio.create_task(limits(upload_scope(50 * 2**20), silent, send)) for _ in range(4)]
+        await asyncio.sleep(0.05)  # the four are waiting for their bodies
+        await limits(upload_scope(1024), one_kb, send)
+        for task in held:
+            task.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+
+    run_bounded(main(), 10)
+    assert answered[0]["status"] == 200
+
+
+def test_upload_bytes_are_bounded_as_they_arrive():
+    limits = UploadLimits(read_body_and_answer, max_bytes=1000, max_inflight_bytes=1000, timeout_s=10)
+    answered = []
+
+    async def main():
+        stalled = asyncio.Event()
+        first_parts = [{"type": "http.request", "body": b"x" * 600, "more_body": True}]
+
+        async def six_hundred_then_stall():
+            if first_parts:
+                return first_parts.pop()
+            await stalled.wait()
+
+        async def six_hundred():
+            return {"type": "http.request", "body": b"y" * 600, "more_body": False}
+
+        async def send(message):
+            answered.append(message)
+
+        first = asyncio.create_task(limits(upload_scope(600), six_hundred_then_stall, send))
+        await asyncio.sleep(0.05)  # the first holds its 600 bytes
+        await limits(upload_scope(600), six_hundred, send)
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        return limits.inflight
+
+    assert run_bounded(main(), 10) == 0  # what the cancelled first held is given back
+    assert answered[0]["status"] == 503 and b"uploads_full" in answered[1]["body"]
 
 
 def test_shutdown_waits_no_longer_than_its_grace_for_a_held_upload():

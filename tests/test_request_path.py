@@ -97,7 +97,13 @@ def test_a_full_queue_answers_429_at_once_before_any_decoding(engine):
     gated = GatedEngine(engine)
     app = create_app(
         service_settings(
-            max_batch=1, max_queue=2, max_frames=1, max_faces=1, max_descriptions=1, max_request_items=2
+            max_batch=1,
+            max_queue=641,
+            text_share=1.0,
+            max_frames=1,
+            max_faces=1,
+            max_descriptions=1,
+            max_request_items=2,
         ),
         engine_factory=lambda s: gated,
     )
@@ -107,6 +113,7 @@ def test_a_full_queue_answers_429_at_once_before_any_decoding(engine):
             gated.gate.clear()
             gated.entered.clear()  # the warm-up set it
             admission = app.state.runtime.admission
+            admission.reserve(shared_texts=admission.capacity - 2)  # two places left (a class list must fit)
 
             def send():
                 return client.post("/predict", files={"file": ("x.png", png(face_image(1)), "image/png")})
@@ -114,7 +121,7 @@ def test_a_full_queue_answers_429_at_once_before_any_decoding(engine):
             first = asyncio.create_task(send())  # taken by the held device
             assert await asyncio.to_thread(gated.entered.wait, 5)
             second = asyncio.create_task(send())  # admitted: the queue is now full
-            await until(lambda: admission.depth >= 2, "the second request's admission")
+            await until(lambda: admission.depth >= admission.capacity, "the second request's admission")
             for _ in range(20):
                 admission.observe("image", 1, 10.0)  # a slow device: the header is not always 1
             prepared = gated.prepared

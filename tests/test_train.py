@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,7 +256,7 @@ def test_extract_resumes_without_recomputing_finished_shards(
         fill(out, using=other)
 
 
-def _synthetic_cache(root, n=1200, teacher_dim=32, seed=0):
+def _synthetic_cache(root, n=1200, teacher_dim=32, seed=0, shard_size=256):
     """Pairs where a true linear map exists: teacher = L2(A @ clip) for a random A."""
     generator = torch.Generator().manual_seed(seed)
     clip_dim = 64  # fer-tiny's embed_dim, so the result can be served by the tiny engine
@@ -266,11 +267,25 @@ def _synthetic_cache(root, n=1200, teacher_dim=32, seed=0):
         "clip": {"clip_model": TINY_MODEL, "preprocess": "exp-clip"},
         "teacher": {"source": "synthetic"},
     }
-    writer = CacheWriter(root, settings, [f"img{i}.png" for i in range(n)], shard_size=256)
+    writer = CacheWriter(root, settings, [f"img{i}.png" for i in range(n)], shard_size=shard_size)
     for number in range(writer.n_shards):
         start, stop = writer.shard_range(number)
         writer.write_shard(number, clip[start:stop], teacher[start:stop], torch.arange(start, stop))
     return clip, teacher
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files through /proc (Linux)")
+def test_the_pair_cache_keeps_no_file_open_per_shard(tmp_path):
+    """A large cache has many shards: a descriptor held per shard runs into the open-file limit."""
+    clip, teacher = _synthetic_cache(tmp_path, n=400, shard_size=10)  # 40 shards
+    before = len(os.listdir("/proc/self/fd"))
+    cache = PairCache(tmp_path)
+    rows = np.array([399, 3, 157, 0, 158])
+    got_clip, got_teacher = cache.gather(rows)
+    assert len(os.listdir("/proc/self/fd")) - before < 4  # not one or two per shard (40, 80)
+    torch.testing.assert_close(got_clip, clip[np.sort(rows)], rtol=0, atol=0)  # gathered in row order
+    torch.testing.assert_close(got_teacher, teacher[np.sort(rows)], rtol=0, atol=0)
+    assert (cache.clip_dim, cache.teacher_dim, len(cache)) == (64, 32, 400)
 
 
 def test_symmetric_infonce_is_the_two_way_cross_entropy():

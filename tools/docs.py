@@ -33,7 +33,7 @@ GROUPS = {
     "Threads and processes (service)": ["workers", "device_threads", "decode_workers", "video_decode_workers"],
     "Connections (`fer serve`)": [
         "keep_alive_s", "header_timeout_s", "body_timeout_s", "max_header_kb", "max_connections",
-        "max_uploads_mb", "shutdown_grace_s",
+        "max_uploads_mb", "shutdown_grace_s", "linger_s", "linger_mb",
     ],
     "Access (service)": ["api_key", "cors_origins", "metrics_port"],
 }  # fmt: skip

@@ -22,7 +22,9 @@ only whole shards behind and a rerun continues at the first missing one. The sha
 is in the index, so the index's own hash (`fingerprint`) identifies the data a projection was fit on.
 
 Reading memory-maps the shards (the safetensors layout is an 8-byte header length, a JSON header and
-raw little-endian arrays), so fitting on 100k+ pairs does not copy the cache into process memory.
+raw little-endian arrays), so fitting on 100k+ pairs does not copy the cache into process memory. Each
+shard is mapped once, whole, and its file closed once mapped: a descriptor kept per shard (or per tensor)
+would run a large cache into the process's open-file limit.
 """
 
 from __future__ import annotations
@@ -149,19 +151,21 @@ def count_shards(n_images: int, shard_size: int) -> int:
     return -(-n_images // shard_size)
 
 
-def _memmaps(path: Path, names: Sequence[str]) -> list[np.ndarray]:
-    """Float32 tensors of a safetensors file as read-only memory maps (no copy); one header read."""
+def _mapped_tensors(path: Path, names: Sequence[str]) -> list[torch.Tensor]:
+    """Float32 tensors of a safetensors file, as views of one private memory map of the whole file (no
+    copy; torch closes the file once it is mapped)."""
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
-    maps = []
+    data = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
+    tensors = []
     for name in names:
         info = header[name]
         if info["dtype"] != "F32":
             raise CacheError(f"{path}: tensor {name} is {info['dtype']}, expected F32")
-        offset = 8 + header_len + info["data_offsets"][0]
-        maps.append(np.memmap(path, dtype="<f4", mode="r", offset=offset, shape=tuple(info["shape"])))
-    return maps
+        start, stop = (8 + header_len + offset for offset in info["data_offsets"])
+        tensors.append(data[start:stop].view(torch.float32).view(info["shape"]))  # safetensors aligns them
+    return tensors
 
 
 class PairCache:
@@ -185,7 +189,7 @@ class PairCache:
                 "rerun the same `fer train extract` command to finish it"
             )
         shards = [s for s in self.index["shards"] if s["rows"] > 0]
-        pairs = [_memmaps(self.root / s["file"], ("clip", "teacher")) for s in shards]
+        pairs = [_mapped_tensors(self.root / s["file"], ("clip", "teacher")) for s in shards]
         self.clip = [clip for clip, _ in pairs]
         self.teacher = [teacher for _, teacher in pairs]
         sizes = np.array([s["rows"] for s in shards], dtype=np.int64)
@@ -220,7 +224,7 @@ class PairCache:
         shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
         clip, teacher = [], []
         for shard in np.unique(shard_of):
-            local = rows[shard_of == shard] - self.offsets[shard]
+            local = torch.from_numpy(rows[shard_of == shard] - self.offsets[shard])
             clip.append(self.clip[shard][local])
             teacher.append(self.teacher[shard][local])
-        return torch.from_numpy(np.concatenate(clip)), torch.from_numpy(np.concatenate(teacher))
+        return torch.cat(clip), torch.cat(teacher)
