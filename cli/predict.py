@@ -135,12 +135,13 @@ def _classify_files(args, settings, prepare: Callable, score: Callable) -> int:
 
 
 def _media_message(exc: Exception) -> str:
+    from model.files import unreadable
     from model.media import WrongMediaKind
 
     if isinstance(exc, WrongMediaKind):
         return f"{exc}: use `fer {'predict-video' if exc.kind == 'video' else 'predict'}`"
-    if isinstance(exc, FileNotFoundError):
-        return "no such file"
+    if isinstance(exc, OSError):
+        return unreadable(exc)
     return str(exc)
 
 
@@ -161,6 +162,18 @@ def cmd_predict_video(args: argparse.Namespace, settings) -> int:
     return _classify_files(args, settings, prepare_video, score)
 
 
+def _read_descriptions(path: Path) -> list[str]:
+    from model.files import unreadable
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"--descriptions {path}: {unreadable(exc)}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--descriptions {path}: not UTF-8 text") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def cmd_retrieve(args: argparse.Namespace, settings) -> int:
     from functools import partial
 
@@ -170,7 +183,7 @@ def cmd_retrieve(args: argparse.Namespace, settings) -> int:
     check_frames(args.frames)
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k {args.top_k}: give 1 or more")
-    descriptions = [line.strip() for line in args.descriptions.read_text().splitlines() if line.strip()]
+    descriptions = _read_descriptions(args.descriptions)
     if not descriptions:
         raise ValueError(f"{args.descriptions} holds no descriptions")
     runner = Runner(args, settings)

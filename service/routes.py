@@ -196,7 +196,7 @@ def _accept(
         return
     if other is not None and declared.startswith(other):
         raise WrongMediaKind(other_kind)
-    raise UnsupportedMediaType(f"{declared} is not accepted here; send {' or '.join(prefixes)}")
+    raise UnsupportedMediaType(declared, prefixes)
 
 
 def _parse_descriptions(raw: str | None, max_count: int, max_chars: int) -> list[str]:

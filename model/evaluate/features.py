@@ -22,6 +22,7 @@ from tqdm import tqdm
 from model.cluster import chunk_ranges
 from model.engine import FerEngine, create_engine
 from model.faces.base import FaceDetector
+from model.files import unreadable
 from model.media import MediaError, is_video_path
 from model.options import PipelineOptions
 from model.pipeline import encode_in_batches, open_source, pool_groups, prepare_clip
@@ -149,5 +150,7 @@ def prepare_item(engine: FerEngine, detector: FaceDetector | None, path: Path, o
     try:
         with open_source(path) as source:
             return prepare_clip(source, engine, detector, options, still=not is_video_path(path))
-    except (MediaError, OSError) as exc:
+    except MediaError as exc:
         return str(exc)
+    except OSError as exc:
+        return unreadable(exc)
