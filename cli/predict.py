@@ -26,6 +26,13 @@ def add_label_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompts", default=DEFAULT_PROMPTS, help=f"prompt set: {', '.join(PROMPT_SET_NAMES)} (default P-3)"
     )
+    parser.add_argument(
+        "--check-words",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="refuse a class word that looks like a typo of a known one, e.g. hapiness (default: on; "
+        "--no-check-words uses the words as written)",
+    )
 
 
 def add_face_option(parser: argparse.ArgumentParser, default: str = "on, as the service") -> None:
@@ -111,9 +118,11 @@ def _classify_files(args, settings, prepare: Callable, score: Callable) -> int:
     """Each file decoded on its own (an error stays that file's, on stderr), then a chunk of files
     encoded together and answered in input order."""
     from model.media import MediaError
-    from model.prompts import resolve_classes, resolve_prompt_set
+    from model.prompts import check_class_words, resolve_classes, resolve_prompt_set
 
     classes, prompt_set = resolve_classes(args.classes), resolve_prompt_set(args.prompts)
+    if args.check_words:
+        check_class_words(classes, "pass --no-check-words to use it as written")
     runner = Runner(args, settings)
     text = runner.engine.class_features(classes, prompt_set)
     failed = 0
