@@ -61,7 +61,7 @@ async def readyz(runtime: RuntimeDep):
         detector = runtime.detector.name if runtime.detector else "none"
         return Health(
             status="ready",
-            model=engine.name,
+            **_model(runtime),
             device=str(engine.device),
             dtype=engine.dtype_name,
             face_detector=detector,
@@ -119,7 +119,7 @@ async def predict(
         _options(runtime, detect_faces),
         request.is_disconnected,
     )
-    return PredictResponse(**asdict(result), model=runtime.engine.name, timing=_timing(clock))
+    return PredictResponse(**asdict(result), **_model(runtime), timing=_timing(clock))
 
 
 @router.post("/predict-video", response_model=VideoResponse, responses=ERRORS)
@@ -144,7 +144,7 @@ async def predict_video(
         per_frame,
         request.is_disconnected,
     )
-    return VideoResponse(**asdict(result), model=runtime.engine.name, timing=_timing(clock))
+    return VideoResponse(**asdict(result), **_model(runtime), timing=_timing(clock))
 
 
 @router.post("/retrieve", response_model=RetrieveResponse, responses=ERRORS)
@@ -173,7 +173,7 @@ async def retrieve(
         _options(runtime, detect_faces, frames),
         request.is_disconnected,
     )
-    return RetrieveResponse(**asdict(result), model=runtime.engine.name, timing=_timing(clock))
+    return RetrieveResponse(**asdict(result), **_model(runtime), timing=_timing(clock))
 
 
 # ---- field checks -------------------------------------------------------------------------------
@@ -231,6 +231,11 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _model(runtime) -> dict:
+    """The model's name, and beside it what its answers are worth (the demo's random weights)."""
+    return {"model": runtime.engine.name, "model_warning": runtime.engine.warning}
 
 
 def _timing(clock: inference.Clock) -> Timing:
