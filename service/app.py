@@ -25,8 +25,12 @@ from service.settings import ServiceSettings
 DOCS_ASSETS = "/docs-assets"
 
 
-def create_app(settings: ServiceSettings, engine_factory: EngineFactory = create_engine) -> FastAPI:
-    runtime = Runtime(settings, engine_factory)
+def create_app(
+    settings: ServiceSettings, engine_factory: EngineFactory = create_engine, address: str | None = None
+) -> FastAPI:
+    """`address`: where the server listens, for the start line (`fer serve` knows it; another server
+    may not)."""
+    runtime = Runtime(settings, engine_factory, address)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

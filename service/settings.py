@@ -3,6 +3,8 @@ workers and access."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr, model_validator
 
 from model.settings import ModelSettings
@@ -69,6 +71,12 @@ class ServiceSettings(ModelSettings):
     )
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="serve /metrics on this port (same host) instead of the API's"
+    )
+    # ---- logging
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="`fer serve`'s log: `text` for people, or `json` for log collectors (one JSON object a "
+        "line, the request id a field)",
     )
 
     @model_validator(mode="after")
