@@ -35,11 +35,12 @@ async function start() {
   $("live-start").disabled = true;
   say(message(), "Starting the webcam…");
   try {
+    $("live-result").hidden = false;
     $("live-stage").hidden = false;
     stream = await startCamera($("live-video"), { signal: mine.signal });
   } catch (error) {
     if (error.name === "AbortError") return; // stop() has reset the view
-    $("live-stage").hidden = true;
+    $("live-result").hidden = true; // nothing to show under the error, not even an empty card
     $("live-start").disabled = false;
     say(message(), `Webcam: ${error.message}.`, "error");
     return;
@@ -48,6 +49,7 @@ async function start() {
   }
   trips = [];
   count = 0;
+  $("live-data").hidden = true; // until this session's first answer
   $("live-count").textContent = "0";
   $("live-rtt").textContent = "–";
   $("live-avg").textContent = "–";
@@ -125,9 +127,8 @@ function render(body, frame, roundTrip) {
 
   const faces = body.faces || [];
   drawFaces($("live-overlay"), faces, frame.width, frame.height);
-  const summary = $("live-summary");
-  summary.hidden = false;
-  summary.textContent = faces.length
+  $("live-data").hidden = false;
+  $("live-summary").textContent = faces.length
     ? `${faces.length === 1 ? "1 face" : `${faces.length} faces`} · ${body.label} (${percent(body.probabilities[body.label])})`
     : `No face found · whole frame: ${body.label} (${percent(body.probabilities[body.label])})`;
   faceResults($("live-faces"), body, "Whole frame");
