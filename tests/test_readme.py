@@ -104,6 +104,33 @@ def test_the_curl_examples(served, workdir, command):
     assert "error" not in body, body
 
 
+def python_example() -> str:
+    """docs/api.md's "From Python" code block (its indented lines)."""
+    section = (ROOT / "docs" / "api.md").read_text().split("## From Python", 1)[1].split("\n## ", 1)[0]
+    lines = section.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("    "))
+    block = []
+    for line in lines[start:]:
+        if line.strip() and not line.startswith("    "):
+            break
+        block.append(line[4:])
+    return "\n".join(block)
+
+
+@pytest.mark.slow
+def test_the_python_example_runs(served, workdir):
+    code = python_example().replace("127.0.0.1:8000", f"127.0.0.1:{served}")
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    *faces, best = done.stdout.splitlines()
+    assert faces and all(
+        re.fullmatch(r"\[\d+, \d+, \d+, \d+\] (calm|amused|furious) [\d.]+", f) for f in faces
+    )
+    assert best in ("raises the eyebrows", "smiles broadly")
+
+
 @pytest.mark.slow
 def test_the_serve_command_logs_its_start_and_each_refusal_at_its_default_level(served, workdir):
     refused = httpx.post(
