@@ -30,6 +30,19 @@ from model.registry import open_clip_models
 open_clip = open_clip_models()  # with the bundled fer-tiny architecture registered
 
 SHARED_DOCS = SHARED_DATA.parent / "docs"
+
+
+def needs_shared(path: Path, what: str) -> pytest.MarkDecorator:
+    """Skips a test whose development files (kept beside the repository, never in it) are not on this
+    machine, with a reason that says what they are and where they would be."""
+    where = os.path.relpath(path, Path(__file__).resolve().parents[1])
+    return pytest.mark.skipif(
+        not path.exists(),
+        reason=f"needs {what}: the team's development files, kept outside the repository at {where}, "
+        "are not on this machine",
+    )
+
+
 TINY_MODEL = "fer-tiny"
 PROJECTION_DIM = 4096
 INDEX_BITS = 12  # frame index written as 12 black/white cells, robust to lossy codecs

@@ -12,7 +12,7 @@ import pytest
 from cli.main import main
 from model.pipeline import classify, pool
 from model.prompts import BASIC7
-from tests.conftest import SHARED_DATA, encode_images, face_image, make_video
+from tests.conftest import SHARED_DATA, encode_images, face_image, make_video, needs_shared
 
 
 def run_cli(capsys, *argv):
@@ -120,7 +120,7 @@ def test_retrieve_ranks_every_description(model_env, tmp_path, capsys):
     assert {r["text"] for r in ranking} <= {"smiles", "frowns deeply", "raises eyebrows"}
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not here")
+@needs_shared(SHARED_DATA / "ferplus_valid", "real FERPlus face images")
 def test_cli_on_shared_data(model_env, capsys):
     images = sorted((SHARED_DATA / "ferplus_valid" / "images").glob("*.png"))[:4]
     code, rows, _ = run_cli(capsys, "predict", "--classes", "ferplus", *map(str, images))

@@ -24,7 +24,7 @@ from model.options import PipelineOptions
 from model.pipeline import pool
 from model.prompts import BASIC7, BASIC8
 from model.settings import ModelSettings
-from tests.conftest import SHARED_DATA, encode_images, face_image, make_video
+from tests.conftest import SHARED_DATA, encode_images, face_image, make_video, needs_shared
 
 FRAMES = 4
 
@@ -305,7 +305,7 @@ def test_eval_retrieval_end_to_end(model_env, engine, official_projection_path, 
     assert [int(r["first_relevant_rank"]) for r in ranks] == expected["first_relevant_rank"]
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "ferplus_valid").is_dir(), reason="../shared/data is not here")
+@needs_shared(SHARED_DATA / "ferplus_valid", "labelled FERPlus face images")
 def test_eval_on_a_slice_of_ferplus(model_env, tmp_path, capsys):
     data = SHARED_DATA / "ferplus_valid" / "labels.csv"
     argv = ["eval", "--data", str(data), "--out", str(tmp_path), "--classes", "ferplus", "--prompts", "P-3"]

@@ -17,7 +17,7 @@ from bench.faces import SourceFace, background, iou, match, measure_faces, paste
 from model.faces.align import crop_face, eye_angle, landmarks_reliable, plain_crop
 from model.faces.base import Box, Face
 from model.faces.retinaface import WEIGHTS_SHA256, RetinaFaceDetector, model_bytes
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, needs_shared
 
 # The astronaut's face in skimage.data.astronaut() (512x512), as [x, y, w, h].
 ASTRONAUT_FACE = Box(178, 57, 95, 120)
@@ -157,14 +157,14 @@ def test_a_48x48_face_crop_is_found(detector, astronaut):
     assert face.box.x >= 0 and face.box.x + face.box.w <= 48
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "ferplus_valid").is_dir(), reason="../shared/data is not here")
+@needs_shared(SHARED_DATA / "ferplus_valid", "real FERPlus face images")
 def test_ferplus_faces_are_found(detector):
     files = sorted((SHARED_DATA / "ferplus_valid" / "images").glob("*.png"))[:60]
     found = sum(bool(detector.detect(Image.open(file), 1)) for file in files)
     assert found >= 0.95 * len(files)
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "mafw_samples").is_dir(), reason="../shared/data is not here")
+@needs_shared(SHARED_DATA / "mafw_samples", "real MAFW video clips")
 def test_real_faces_from_the_mafw_samples(detector):
     sources = []
     for clip in sorted((SHARED_DATA / "mafw_samples" / "clips").glob("*.gif"))[:6]:

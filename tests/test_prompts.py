@@ -16,12 +16,12 @@ from model.prompts import (
     prompt_texts,
     resolve_classes,
 )
-from tests.conftest import SHARED_DOCS
+from tests.conftest import SHARED_DOCS, needs_shared
 
 OFFICIAL = SHARED_DOCS / "official_prompts.json"
 
 
-@pytest.mark.skipif(not OFFICIAL.is_file(), reason="../shared/docs/official_prompts.json is absent")
+@needs_shared(OFFICIAL, "the official Exp-CLIP code's prompt lists")
 def test_every_official_list_equals_the_official_code():
     official = json.loads(OFFICIAL.read_text())
     assert list(official["class_words"]) == list(CLASS_WORDS)
