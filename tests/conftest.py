@@ -126,6 +126,20 @@ def engine(tiny_clip_path, official_projection_path):
     return create_engine(tiny_settings(tiny_clip_path, official_projection_path))
 
 
+@pytest.fixture(scope="module")
+def demo_client():
+    """The real app on the demo preset (the tiny random CLIP, no face detector), loaded and ready."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import ServiceSettings
+
+    app = create_app(ServiceSettings(preset="demo", device="cpu", face_detector="none", max_wait_ms=5))
+    with TestClient(app) as client:
+        wait_ready(client)
+        yield client
+
+
 def encode_images(engine, images) -> torch.Tensor:
     """Projected features of whole images, through the pipeline's prepare and direct-encode stages."""
     from model.pipeline import encode_in_batches

@@ -5,13 +5,10 @@ in the API, `--no-check-words` on the command line)."""
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 
 from cli.main import main
 from model.prompts import CLASS_WORDS, LabelError, check_class_words
-from service.app import create_app
-from service.settings import ServiceSettings
-from tests.conftest import face_image, png, wait_ready
+from tests.conftest import face_image, png
 
 KEEP = "say so to keep it"
 
@@ -49,23 +46,17 @@ def test_ordinary_and_deliberate_words_pass(words):
     check_class_words(words, KEEP)
 
 
-@pytest.fixture(scope="module")
-def client():
-    app = create_app(ServiceSettings(preset="demo", device="cpu", face_detector="none", max_wait_ms=5))
-    with TestClient(app) as c:
-        wait_ready(c)
-        yield c
-
-
-def test_the_api_refuses_a_typo_in_a_list_and_keeps_it_when_told(client):
+def test_the_api_refuses_a_typo_in_a_list_and_keeps_it_when_told(demo_client):
     photo = {"file": ("a.png", png(face_image(0)), "image/png")}
-    refused = client.post("/predict", files=photo, data={"classes": "hapiness,sadness"})
+    refused = demo_client.post("/predict", files=photo, data={"classes": "hapiness,sadness"})
     assert refused.status_code == 422
     assert refused.json()["detail"] == (
         "'hapiness' is not a known class word: did you mean 'happiness'? "
         "(send check_words=false to use it as written)"
     )
-    kept = client.post("/predict", files=photo, data={"classes": "hapiness,sadness", "check_words": "false"})
+    kept = demo_client.post(
+        "/predict", files=photo, data={"classes": "hapiness,sadness", "check_words": "false"}
+    )
     assert kept.status_code == 200 and kept.json()["classes"] == ["hapiness", "sadness"]
 
 

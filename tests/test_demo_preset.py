@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 
-import pytest
 from fastapi.testclient import TestClient
 
 from model.registry import RANDOM_WEIGHTS_WARNING
@@ -16,25 +15,17 @@ from service.settings import ServiceSettings
 from tests.conftest import face_image, make_video, png, wait_ready
 
 
-@pytest.fixture(scope="module")
-def client():
-    app = create_app(ServiceSettings(preset="demo", device="cpu", face_detector="none", max_wait_ms=5))
-    with TestClient(app) as c:
-        wait_ready(c)
-        yield c
-
-
-def test_readyz_and_every_answer_carry_the_warning(client, tmp_path):
+def test_readyz_and_every_answer_carry_the_warning(demo_client, tmp_path):
     assert RANDOM_WEIGHTS_WARNING == "random weights: answers are meaningless"
-    ready = client.get("/readyz").json()
+    ready = demo_client.get("/readyz").json()
     assert ready["model"] == "demo" and ready["model_warning"] == RANDOM_WEIGHTS_WARNING
 
     photo = {"file": ("a.png", png(face_image(0)), "image/png")}
     clip = {"file": ("c.mp4", make_video(tmp_path / "c.mp4", 10).read_bytes(), "video/mp4")}
     answers = [
-        client.post("/predict", files=photo),
-        client.post("/predict-video", files=clip),
-        client.post("/retrieve", files=clip, data={"descriptions": json.dumps(["smiles"])}),
+        demo_client.post("/predict", files=photo),
+        demo_client.post("/predict-video", files=clip),
+        demo_client.post("/retrieve", files=clip, data={"descriptions": json.dumps(["smiles"])}),
     ]
     for answer in answers:
         body = answer.json()

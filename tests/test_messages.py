@@ -8,20 +8,9 @@ import json
 import warnings
 
 import pytest
-from fastapi.testclient import TestClient
 
 from cli.main import main
-from service.app import create_app
-from service.settings import ServiceSettings
-from tests.conftest import face_image, make_video, png, wait_ready
-
-
-@pytest.fixture(scope="module")
-def client():
-    app = create_app(ServiceSettings(preset="demo", device="cpu", face_detector="none", max_wait_ms=5))
-    with TestClient(app) as c:
-        wait_ready(c)
-        yield c
+from tests.conftest import face_image, make_video, png
 
 
 def detail(answer) -> str:
@@ -36,14 +25,14 @@ def detail(answer) -> str:
         ("/retrieve", {"descriptions": '["smiles"]'}, "send a video (video/*) or an image (image/*)"),
     ],
 )
-def test_an_unsupported_type_names_what_is_accepted_in_words(client, path, fields, accepted):
-    answer = client.post(path, files={"file": ("a.txt", b"hello", "text/plain")}, data=fields)
+def test_an_unsupported_type_names_what_is_accepted_in_words(demo_client, path, fields, accepted):
+    answer = demo_client.post(path, files={"file": ("a.txt", b"hello", "text/plain")}, data=fields)
     assert answer.status_code == 415
     assert detail(answer) == f"text/plain is not accepted here: {accepted}"
 
 
-def test_a_get_on_an_upload_endpoint_names_post(client):
-    answer = client.get("/predict")
+def test_a_get_on_an_upload_endpoint_names_post(demo_client):
+    answer = demo_client.get("/predict")
     assert answer.status_code == 405
     assert detail(answer) == "GET is not accepted here: /predict takes POST"
 
@@ -56,17 +45,17 @@ def test_a_get_on_an_upload_endpoint_names_post(client):
         ("frames", "many", "frames: give a whole number"),
     ],
 )
-def test_a_field_of_the_wrong_kind_says_what_kind(client, tmp_path, field, value, message):
+def test_a_field_of_the_wrong_kind_says_what_kind(demo_client, tmp_path, field, value, message):
     clip = make_video(tmp_path / "c.mp4", 10).read_bytes()
     files = {"file": ("c.mp4", clip, "video/mp4")}
-    answer = client.post("/predict-video", files=files, data={field: value})
+    answer = demo_client.post("/predict-video", files=files, data={field: value})
     assert answer.status_code == 422
     assert detail(answer) == message
 
 
-def test_a_still_image_without_its_type_sent_for_a_video_says_where_it_belongs(client):
+def test_a_still_image_without_its_type_sent_for_a_video_says_where_it_belongs(demo_client):
     files = {"file": ("a.bin", png(face_image(0)), "application/octet-stream")}
-    answer = client.post("/predict-video", files=files)
+    answer = demo_client.post("/predict-video", files=files)
     assert answer.status_code == 400
     assert detail(answer) == "the file is a still image, not a video: send it to POST /predict"
 
