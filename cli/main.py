@@ -20,7 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fer", description="Zero-shot facial-expression recognition (Exp-CLIP)."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log progress to stderr, the libraries' info lines included",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(sub)
@@ -35,16 +40,16 @@ def load_settings(kind: str):
     try:
         return getattr(importlib.import_module(module), name)()
     except ValidationError as exc:
-        problems = "; ".join(_problem(error) for error in exc.errors())
-        raise ValueError(f"invalid FER_* configuration: {problems}") from None
+        raise ValueError(f"invalid FER_* configuration: {'; '.join(map(_problem, exc.errors()))}") from None
 
 
 def _problem(error: dict) -> str:
-    """One setting's error as `FER_NAME: what`; a check across settings says in its own sentence which
-    variables it is about (pydantic's "Value error, " prefix dropped)."""
-    if not error["loc"]:
-        return str(error.get("ctx", {}).get("error", error["msg"]))
-    return f"FER_{'_'.join(str(p) for p in error['loc']).upper()}: {error['msg']}"
+    """One setting's problem: our validators' own sentence (without pydantic's "Value error, "), after
+    the variable's name unless the sentence names the variables itself (a check across settings)."""
+    cause = error.get("ctx", {}).get("error")
+    message = str(cause) if error["type"] == "value_error" and cause is not None else error["msg"]
+    name = "_".join(str(p) for p in error["loc"]).upper()
+    return f"FER_{name}: {message}" if name else message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,8 +62,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args, settings) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         # Configuration errors (unknown preset, missing weights, bad class list): one line, no traceback.
-        print(f"fer: error: {exc}", file=sys.stderr)
+        print(f"fer: error: {_sentence(exc)}", file=sys.stderr)
         return 2
+
+
+def _sentence(exc: Exception) -> str:
+    """The error's own sentence; an OS error on a named file (a path given on the command line) says
+    which file and what went wrong, without the errno."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.filename is not None:
+        from model.files import unreadable
+
+        return f"{exc.filename}: {unreadable(exc)}"
+    return str(exc)
 
 
 if __name__ == "__main__":

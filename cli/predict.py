@@ -26,6 +26,13 @@ def add_label_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompts", default=DEFAULT_PROMPTS, help=f"prompt set: {', '.join(PROMPT_SET_NAMES)} (default P-3)"
     )
+    parser.add_argument(
+        "--check-words",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="refuse a class word that looks like a typo of a known one, e.g. hapiness (default: on; "
+        "--no-check-words uses the words as written)",
+    )
 
 
 def add_face_option(parser: argparse.ArgumentParser, default: str = "on, as the service") -> None:
@@ -116,9 +123,11 @@ def _classify_files(args, settings, prepare: Callable, score: Callable) -> int:
     """Each file decoded on its own (an error stays that file's, on stderr), then a chunk of files
     encoded together and answered in input order."""
     from model.media import MediaError
-    from model.prompts import resolve_classes, resolve_prompt_set
+    from model.prompts import check_class_words, resolve_classes, resolve_prompt_set
 
     classes, prompt_set = resolve_classes(args.classes), resolve_prompt_set(args.prompts)
+    if args.check_words:
+        check_class_words(classes, "pass --no-check-words to use it as written")
     runner = Runner(args, settings)
     text = runner.engine.class_features(classes, prompt_set)
     failed = 0
@@ -140,12 +149,13 @@ def _classify_files(args, settings, prepare: Callable, score: Callable) -> int:
 
 
 def _media_message(exc: Exception) -> str:
+    from model.files import unreadable
     from model.media import WrongMediaKind
 
     if isinstance(exc, WrongMediaKind):
         return f"{exc}: use `fer {'predict-video' if exc.kind == 'video' else 'predict'}`"
-    if isinstance(exc, FileNotFoundError):
-        return "no such file"
+    if isinstance(exc, OSError):
+        return unreadable(exc)
     return str(exc)
 
 
@@ -166,6 +176,18 @@ def cmd_predict_video(args: argparse.Namespace, settings) -> int:
     return _classify_files(args, settings, prepare_video, score)
 
 
+def _read_descriptions(path: Path) -> list[str]:
+    from model.files import unreadable
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"--descriptions {path}: {unreadable(exc)}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--descriptions {path}: not UTF-8 text") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def cmd_retrieve(args: argparse.Namespace, settings) -> int:
     from functools import partial
 
@@ -175,7 +197,7 @@ def cmd_retrieve(args: argparse.Namespace, settings) -> int:
     check_frames(args.frames, settings)
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k {args.top_k}: give 1 or more")
-    descriptions = [line.strip() for line in args.descriptions.read_text().splitlines() if line.strip()]
+    descriptions = _read_descriptions(args.descriptions)
     if not descriptions:
         raise ValueError(f"{args.descriptions} holds no descriptions")
     runner = Runner(args, settings)

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import logging.config
 import os
 import socket
 import tempfile
 
 from model.threads import GOMP_SPIN_COUNT
 
+log = logging.getLogger(__name__)
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the REST service (configured by FER_* variables)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in containers)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="the service's own lines and the access log (info: the start line, each error answer, each "
+        "request); `fer -v serve` adds the libraries' info lines; FER_LOG_FORMAT=json for log collectors",
+    )
     p.add_argument(
         "--workers",
         type=int,
@@ -58,18 +68,29 @@ def cmd_serve(args: argparse.Namespace, settings) -> int:
 
     from service.app import create_app
     from service.connections import uvicorn_options
+    from service.logs import log_config
     from service.metrics import serve_metrics
     from service.process import configure_process
 
-    options = {"host": args.host, "port": args.port, "log_level": args.log_level, **uvicorn_options(settings)}
+    # A fresh configuration for each use: dictConfig consumes parts of the dict it is given.
+    logging.config.dictConfig(log_config(settings.log_format, args.log_level, args.verbose))
+    options = {
+        "host": args.host,
+        "port": args.port,
+        "log_level": args.log_level,
+        "log_config": log_config(settings.log_format, args.log_level, args.verbose),
+        **uvicorn_options(settings),
+    }
+    address = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
     if workers == 1:
-        app = create_app(configure_process(settings))
+        app = create_app(configure_process(settings), address=address)
         if settings.metrics_port is not None:
             serve_metrics(args.host, settings.metrics_port, app.state.runtime.metrics.registry)
         uvicorn.run(app, **options)
         return 0
     # Several processes need an import string; each builds `service.app:app` from the same FER_* env,
     # and their metrics meet in a fresh directory (see service.metrics) unless the user names one.
+    log.info("serving %s with %d workers; each says when its model is ready", address, workers)
     with tempfile.TemporaryDirectory(prefix="fer-metrics-") as fresh:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", fresh)
         if settings.metrics_port is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -42,12 +43,13 @@ def load_clip(spec: ModelSpec) -> LoadedClip:
     if checkpoint is None:
         torch.manual_seed(RANDOM_SEED)
     log.info("loading CLIP %s from %s", spec.clip_model, checkpoint or "seeded random init")
-    model = open_clip.create_model(
-        spec.clip_model,
-        pretrained=str(checkpoint) if checkpoint else None,
-        force_quick_gelu=spec.quick_gelu,
-        load_weights=True,
-    )
+    with _without_random_init_notice():
+        model = open_clip.create_model(
+            spec.clip_model,
+            pretrained=str(checkpoint) if checkpoint else None,
+            force_quick_gelu=spec.quick_gelu,
+            load_weights=True,
+        )
     model.eval().requires_grad_(False)
     return LoadedClip(
         model=model,
@@ -55,6 +57,23 @@ def load_clip(spec: ModelSpec) -> LoadedClip:
         embed_dim=int(model.visual.output_dim),
         preprocess=preprocess_config(spec),
     )
+
+
+class _RandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+@contextmanager
+def _without_random_init_notice():
+    """open_clip warns on the root logger whenever it builds a model without weights; random weights
+    are asked for here (the demo preset, tests, benchmarks) and every answer says so already."""
+    notice = _RandomInitNotice()
+    logging.getLogger().addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notice)
 
 
 def preprocess_config(spec: ModelSpec) -> PreprocessConfig:

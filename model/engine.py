@@ -41,8 +41,10 @@ class FerEngine:
         device: str = "cpu",
         name: str = "custom",
         dtype: torch.dtype = torch.float32,
+        warning: str | None = None,
     ):
         self.name = name
+        self.warning = warning  # e.g. that the weights are random, said beside the name in every answer
         self.device = torch.device(device)
         # The frozen encoders run in `dtype` (weights and activations); their outputs are cast to
         # float32 before W, so the projection, pooling and scores are float32 whatever the dtype.
@@ -83,7 +85,9 @@ class FerEngine:
                 )
             projection = loaded.weight
         device = device_for(device)
-        return cls(clip, projection, spec.preprocess, device, spec.name, dtype_for(dtype, device))
+        return cls(
+            clip, projection, spec.preprocess, device, spec.name, dtype_for(dtype, device), spec.warning
+        )
 
     @property
     def dtype_name(self) -> str:

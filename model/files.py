@@ -43,3 +43,14 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def unreadable(exc: OSError) -> str:
+    """Why a file could not be read, in words: an OSError's meaning without its errno and repeated path."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, IsADirectoryError):
+        return "a folder, not a file"
+    if isinstance(exc, PermissionError):
+        return "no permission to read it"
+    return f"it cannot be read ({(exc.strerror or type(exc).__name__).lower()})"

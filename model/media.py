@@ -181,9 +181,7 @@ def is_video(source: Source) -> bool:
         source.seek(0)
     try:
         with av.open(_open_bytes(source), mode="r", options={"protocol_whitelist": _protocols(source)}) as c:
-            if not c.streams.video:
-                return False
-            if c.format.name == "image2" or c.format.name.endswith("_pipe"):  # a still image format
+            if not c.streams.video or _is_still_image_format(c):
                 return False
             stream = c.streams.video[0]
             return (stream.frames or 0) > 1 or bool(stream.duration or c.duration)
@@ -192,6 +190,11 @@ def is_video(source: Source) -> bool:
     finally:
         if hasattr(source, "seek"):
             source.seek(0)
+
+
+def _is_still_image_format(container) -> bool:
+    """Whether FFmpeg opened the file with a still-image demuxer (JPEG, PNG, ... read as one frame)."""
+    return container.format.name == "image2" or container.format.name.endswith("_pipe")
 
 
 def is_still_image(source: BinaryIO, declared_type: str | None = None) -> bool:
@@ -269,6 +272,8 @@ def _protocols(source: Source) -> str:
 def _read_frames(container, count: int, limits: MediaLimits, budget: DecodeBudget) -> VideoFrames:
     if not container.streams.video:
         raise MediaError("the file has no video stream")
+    if _is_still_image_format(container):  # FFmpeg reads a photo as a one-frame clip: it is an image
+        raise WrongMediaKind("image")
     stream = container.streams.video[0]
     if stream.codec_context is None:  # FFmpeg has no decoder for the stream's codec
         raise MediaError("the video's codec is not supported")

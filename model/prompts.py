@@ -161,6 +161,32 @@ def _edit_distance(a: str, b: str) -> int:
     return previous[-1]
 
 
+# Endings that make a known class word into another word on purpose ("surprised", "fears"): not typos.
+INFLECTIONS = ("s", "d", "ed", "ful", "ly", "ing", "less")
+SHORTEST_CHECKED = 5  # shorter words are one edit from many others ("fear": "dear", "tear")
+
+
+def check_class_words(classes: Sequence[str], how_to_keep: str) -> None:
+    """Refuses a class word that is probably a typo of a known class word (`hapiness`, `sadnes`): not
+    one of them, but one edit away (two for words of 8 letters or more). `how_to_keep` tells the user
+    how to use the word as written (the API's field, the command's option)."""
+    for word in classes:
+        known = _typo_of(word)
+        if known is not None:
+            raise LabelError(f"{word!r} is not a known class word: did you mean {known!r}? ({how_to_keep})")
+
+
+def _typo_of(word: str) -> str | None:
+    key = word.lower()
+    if len(key) < SHORTEST_CHECKED or key in CLASS_WORDS:
+        return None
+    if any(key == known + ending for known in CLASS_WORDS for ending in INFLECTIONS):
+        return None
+    distances = {known: _edit_distance(key, known) for known in CLASS_WORDS}
+    closest = min(distances, key=distances.get)
+    return closest if distances[closest] <= (1 if len(key) < 8 else 2) else None
+
+
 def resolve_prompt_set(name: str | None) -> str:
     """`P-1` .. `P-5` (the default when None); anything else is a LabelError listing the sets."""
     if name is None:

@@ -27,6 +27,8 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_SUBDIR = "clip"
 CLIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 RANDOM = "random"  # seeded random weights or projection: the demo, benchmarks and tests
+# What every answer of a model with random parts says beside its name (the demo preset's).
+RANDOM_WEIGHTS_WARNING = "random weights: answers are meaningless"
 
 
 class MissingWeights(FileNotFoundError):
@@ -131,6 +133,12 @@ class ModelSpec:
     interpolation: str  # of the `clip` preprocessing: "bicubic" / "bilinear"
     projection: Path | str | None  # a file, RANDOM, or None (plain CLIP)
     preprocess: Preprocess
+
+    @property
+    def warning(self) -> str | None:
+        """Set when the answers cannot mean anything: random CLIP weights or a random projection."""
+        random = self.clip_checkpoint is None or self.projection == RANDOM
+        return RANDOM_WEIGHTS_WARNING if random else None
 
     def without_projection(self) -> ModelSpec:
         """The same CLIP without W: what training fits W on."""

@@ -4,6 +4,7 @@ app, a Ray replica) builds one settings object and passes it down; library code 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     import torch
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
-Device = Literal["auto", "cuda", "cpu"]
+DEVICE_CHOICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 DEFAULT_OPTIONS = PipelineOptions()
 
 
@@ -50,7 +51,11 @@ class ModelSettings(BaseSettings):
         None,
         description="`exp-clip` (official evaluation transform) or `clip` (centre crop + CLIP mean/std)",
     )
-    device: Device = Field("auto", description="`auto` (CUDA when available), `cuda` or `cpu`")
+    device: str = Field(
+        "auto",
+        description="`auto` (CUDA when available), `cuda` (the first GPU torch sees), `cuda:N` (GPU N), or "
+        "`cpu`; CUDA_VISIBLE_DEVICES limits which GPUs torch sees",
+    )
     dtype: Dtype = Field(
         "auto",
         description="the CLIP encoders' precision: `auto` (float16 on CUDA, bfloat16 on a CPU that computes "
@@ -115,6 +120,14 @@ class ModelSettings(BaseSettings):
         get_preset(value)
         return value
 
+    @field_validator("device")
+    @classmethod
+    def _device_choice(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not DEVICE_CHOICE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N (e.g. cuda:1)")
+        return value
+
     def resolve(self) -> ModelSpec:
         """Every file the model needs; raises MissingWeights (with the command that gets them)."""
         return resolve_model(
@@ -164,13 +177,23 @@ class ModelSettings(BaseSettings):
 
 
 def device_for(choice: str) -> str:
-    """`auto` -> CUDA when there is one; `cuda` without one is an error, not a silent CPU fallback."""
+    """`auto` -> CUDA when there is one; `cuda` or `cuda:N` that torch cannot see is an error, not a
+    silent CPU fallback."""
     import torch
 
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("FER_DEVICE=cuda but torch sees no CUDA device; use FER_DEVICE=auto or cpu")
+    if choice.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"FER_DEVICE={choice} but torch sees no CUDA device; use FER_DEVICE=auto or cpu"
+            )
+        index = int(choice.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"FER_DEVICE={choice} but torch sees {torch.cuda.device_count()} GPU(s), numbered from 0 "
+                "(CUDA_VISIBLE_DEVICES renumbers the GPUs it keeps)"
+            )
     return choice
 
 
@@ -180,11 +203,12 @@ def dtype_for(choice: str, device: str) -> torch.dtype:
     W and the scores stay float32 whatever the choice."""
     import torch
 
+    on_cuda = device.startswith("cuda")
     if choice == "auto":
-        if device == "cuda":
+        if on_cuda:
             return torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    if choice == "float16" and device != "cuda":
+    if choice == "float16" and not on_cuda:
         raise RuntimeError("FER_DTYPE=float16 runs on CUDA only; on CPU use bfloat16 or float32")
     return getattr(torch, choice)
 

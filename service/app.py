@@ -32,12 +32,15 @@ def create_app(
     metrics: Metrics | None = None,
     *,
     request_ids_from_proxy: bool = False,
+    address: str | None = None,
 ) -> FastAPI:
     """`metrics`: where the app's measurements go (default: a Prometheus registry of its own;
     service.ray_serve passes one that also reports them to Ray Serve). `request_ids_from_proxy`: behind
-    Ray Serve's proxy, which chooses each request's id and answers with it (service.request_ids)."""
+    Ray Serve's proxy, which chooses each request's id and answers with it (service.request_ids).
+    `address`: where the server listens, for the start line (`fer serve` knows it; another server may
+    not)."""
     disable_created_metrics()  # prometheus_client's *_created series (process-wide) only add noise to scrapes
-    runtime = Runtime(settings, engine_factory, metrics)
+    runtime = Runtime(settings, engine_factory, metrics, address)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

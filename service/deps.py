@@ -8,7 +8,13 @@ from typing import Annotated, Literal
 
 from fastapi import Depends, Form, Request
 
-from model.prompts import CLASS_PRESETS, PROMPT_SET_NAMES, resolve_classes, resolve_prompt_set
+from model.prompts import (
+    CLASS_PRESETS,
+    PROMPT_SET_NAMES,
+    check_class_words,
+    resolve_classes,
+    resolve_prompt_set,
+)
 from service.errors import InvalidField
 from service.runtime import Runtime
 
@@ -39,6 +45,13 @@ async def get_labels(
         ),
     ] = None,
     prompts: Annotated[PromptSetName | None, Form(description="prompt set; default P-3")] = None,
+    check_words: Annotated[
+        bool,
+        Form(
+            description="refuse a class word that looks like a typo of a known one (e.g. `hapiness`); "
+            "false uses the words as written"
+        ),
+    ] = True,
 ) -> Labels:
     # The form parser turns an empty field into "absent"; an empty field a client did send is a mistake,
     # not a request for the default.
@@ -46,7 +59,10 @@ async def get_labels(
     for name in ("classes", "prompts"):
         if name in form and not str(form[name]).strip():
             raise InvalidField(f"{name}: the field is empty; leave it out for the default")
-    return Labels(resolve_classes(classes), resolve_prompt_set(prompts))
+    words = resolve_classes(classes)
+    if check_words:
+        check_class_words(words, "send check_words=false to use it as written")
+    return Labels(words, resolve_prompt_set(prompts))
 
 
 LabelsDep = Annotated[Labels, Depends(get_labels)]

@@ -29,7 +29,19 @@ REQUEST_ID: ContextVar[str | None] = ContextVar("fer_request_id", default=None) 
 
 
 class UnsupportedMediaType(Exception):
-    """The upload's declared type is not one this endpoint takes."""
+    """The upload's declared type is not one this endpoint takes; the message names what it takes."""
+
+    def __init__(self, declared: str, accepted: tuple[str, ...]):
+        kinds = " or ".join(MEDIA_KINDS.get(prefix, prefix) for prefix in accepted)
+        super().__init__(f"{declared} is not accepted here: send {kinds}")
+
+
+# The type prefixes the endpoints accept, as a person names them.
+MEDIA_KINDS = {
+    "image/": "an image (image/*)",
+    "video/": "a video (video/*)",
+    "image/gif": "an animated GIF (image/gif)",
+}
 
 
 class InvalidField(ValueError):
@@ -65,12 +77,30 @@ def error_body(code: str, detail: str) -> dict:
     return {"error": code, "detail": detail, "request_id": REQUEST_ID.get()}
 
 
+def log_refusal(status: int, code: str, detail: str, cause: object = None) -> None:
+    """One log line per error answer: the request id, the status, and the sentence the client got,
+    with the library's own words behind it where there are some (they never reach the client)."""
+    if isinstance(cause, BaseException):
+        cause = f"{type(cause).__name__}: {cause}"
+    behind = f" ({cause})" if cause else ""
+    level = logging.WARNING if status >= 500 else logging.INFO
+    log.log(level, "request %s: %d %s: %s%s", REQUEST_ID.get(), status, code, detail, behind)
+
+
+def error_response(
+    status: int, code: str, detail: str, headers: dict | None = None, cause: object = None
+) -> JSONResponse:
+    log_refusal(status, code, detail, cause)
+    return JSONResponse(error_body(code, detail), status, headers=headers)
+
+
 def error_bytes(code: str, detail: str) -> bytes:
     return json.dumps(error_body(code, detail)).encode()
 
 
 async def send_error(send: Send, status: int, code: str, detail: str, headers: dict[str, str]) -> None:
     """The JSON error answer from ASGI middleware, which runs outside FastAPI's exception handlers."""
+    log_refusal(status, code, detail)
     body = error_bytes(code, detail)
     head = [
         (b"content-type", b"application/json"),
@@ -91,34 +121,36 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(WrongMediaKind)
     async def _wrong_kind(_: Request, exc: WrongMediaKind) -> JSONResponse:  # where the file belongs
-        return JSONResponse(
-            error_body("wrong_endpoint", f"{exc}: send it to {OTHER_ENDPOINT[exc.kind]}"), 400
-        )
+        return error_response(400, "wrong_endpoint", f"{exc}: send it to {OTHER_ENDPOINT[exc.kind]}")
 
     @app.exception_handler(QueueFull)
     async def _queue_full(_: Request, exc: QueueFull) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after_s)}
-        return JSONResponse(error_body("queue_full", str(exc)), 429, headers=headers)
+        return error_response(429, "queue_full", str(exc), {"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
-        return JSONResponse(error_body("invalid_field", f"{where}: {first.get('msg', 'invalid')}"), 422)
+        message = FIELD_KINDS.get(first.get("type"), first.get("msg", "invalid"))
+        return error_response(422, "invalid_field", f"{where}: {message}")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code, detail = HTTP_ERRORS.get(exc.status_code, ("http_error", None))
-        if detail is None:  # a framework's text, e.g. the multipart parser's: for the log only
-            log.info("request %s: %d %s", REQUEST_ID.get(), exc.status_code, exc.detail)
+        cause = None
+        if exc.status_code == 405 and exc.headers and "Allow" in exc.headers:
+            allowed = [m for m in exc.headers["Allow"].split(", ") if m != "HEAD"]
+            detail = f"{request.method} is not accepted here: {request.url.path} takes {' or '.join(allowed)}"
+        elif detail is None:  # a framework's text, e.g. the multipart parser's: for the log only
+            cause = exc.detail
             detail = f"the request was refused ({exc.status_code})"
-        return JSONResponse(error_body(code, detail), exc.status_code, headers=exc.headers)
+        return error_response(exc.status_code, code, detail, exc.headers, cause)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("request %s: unhandled error", REQUEST_ID.get())
-        return JSONResponse(error_body("internal_error", "the server failed to handle this request"), 500)
+        return error_response(500, "internal_error", "the server failed to handle this request")
 
 
 # Framework errors the project words itself.
@@ -131,12 +163,18 @@ HTTP_ERRORS = {
     405: ("method_not_allowed", "the endpoint does not take this method"),
 }
 
+# A form field of the wrong kind, by pydantic's error type: what the field takes, said plainly.
+FIELD_KINDS = {
+    "bool_parsing": "give true or false",
+    "bool_type": "give true or false",
+    "int_parsing": "give a whole number",
+    "int_from_float": "give a whole number",
+    "int_type": "give a whole number",
+}
+
 
 def _handler(status: int, code: str):
     async def handle(_: Request, exc: Exception) -> JSONResponse:
-        cause = exc.__cause__
-        if cause is not None:  # the library's own words behind the project's sentence
-            log.info("request %s: %s (%s: %s)", REQUEST_ID.get(), exc, type(cause).__name__, cause)
-        return JSONResponse(error_body(code, str(exc)), status)
+        return error_response(status, code, str(exc), cause=exc.__cause__)
 
     return handle

@@ -242,7 +242,12 @@ async def run(call: Call, work: Work) -> BaseModel:
         )
         text = await work.texts.features(model, texts, call.is_disconnected)
         result = await call.runtime.offload(work.score, prepared, features, text)
-    return work.response(**asdict(result), model=model.engine.name, timing=call.clock.timing())
+    return work.response(**asdict(result), **model_fields(model.engine), timing=call.clock.timing())
+
+
+def model_fields(engine: FerEngine) -> dict:
+    """The model's name, and beside it what its answers are worth (the demo's random weights)."""
+    return {"model": engine.name, "model_warning": engine.warning}
 
 
 async def _decode(call: Call, work: Work):

@@ -36,6 +36,7 @@ from ray.serve import metrics as serve_metrics
 
 from model.settings import device_for, dtype_for
 from service.app import create_app
+from service.logs import PROJECT_LOGGERS
 from service.metrics import RECORDED, Family, Metrics
 from service.process import configure_process
 from service.settings import ServiceSettings
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 # Serve's default (5) would cap every batch at 5 requests; the config file sets it per deployment.
 DEFAULT_MAX_ONGOING_REQUESTS = 256
 LOAD_POLL_S = 0.05
-PROJECT_LOGGERS = ("service", "model")
 
 
 def replica_cpus() -> int:

@@ -61,7 +61,7 @@ async def readyz(runtime: RuntimeDep):
         detector = runtime.detector.name if runtime.detector else "none"
         return Health(
             status="ready",
-            model=engine.name,
+            **inference.model_fields(runtime.engine),
             device=str(engine.device),
             dtype=engine.dtype_name,
             face_detector=detector,
@@ -187,7 +187,7 @@ def _accept(
         return
     if other is not None and declared.startswith(other):
         raise WrongMediaKind(other_kind)
-    raise UnsupportedMediaType(f"{declared} is not accepted here; send {' or '.join(prefixes)}")
+    raise UnsupportedMediaType(declared, prefixes)
 
 
 def _parse_descriptions(raw: str | None, max_count: int, max_chars: int) -> list[str]:

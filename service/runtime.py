@@ -52,8 +52,10 @@ class Runtime:
         settings: ServiceSettings,
         engine_factory: EngineFactory = create_engine,
         metrics: Metrics | None = None,
+        address: str | None = None,
     ):
         self.settings = settings
+        self.address = address  # where the server listens, for the start line
         self.engine_factory = engine_factory
         self.metrics = metrics or Metrics()
         self.admission = Admission(
@@ -133,11 +135,14 @@ class Runtime:
             self.engine, self.batcher = engine, batcher
             self.metrics.ready.set(1)
             log.info(
-                "model %s ready on %s in %s (loaded in %.1f s)",
+                "ready: model %s on %s (%s), face detector %s, loaded in %.1f s%s%s",
                 engine.name,
                 engine.device,
                 engine.dtype_name,
+                self.detector.name if self.detector else "none",
                 time.perf_counter() - started,
+                f"; answering at {self.address}" if self.address else "",
+                f"; {engine.warning}" if engine.warning else "",
             )
         except Exception as exc:
             log.exception("the model failed to load")

@@ -6,6 +6,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+MODEL_WARNING = Field(
+    None,
+    description="set when the model's answers mean nothing: `random weights: answers are meaningless` for "
+    "the demo preset; null for a model with real weights",
+)
+
 
 class Timing(BaseModel):
     decode_ms: float = Field(description="decoding, face detection and preprocessing (thread pool)")
@@ -32,6 +38,7 @@ class PredictResponse(BaseModel):
     face_detected: bool
     note: str | None = Field(None, description="e.g. that no face was found and the whole image was used")
     model: str
+    model_warning: str | None = MODEL_WARNING
     classes: list[str]
     prompts: str
     timing: Timing
@@ -55,6 +62,7 @@ class VideoResponse(BaseModel):
     frames_with_face: int
     timeline: list[FrameResult] | None = Field(None, description="per sampled frame, when per_frame=true")
     model: str
+    model_warning: str | None = MODEL_WARNING
     classes: list[str]
     prompts: str
     timing: Timing
@@ -70,6 +78,7 @@ class RetrieveResponse(BaseModel):
     media: Literal["image", "video"]
     ranking: list[RankedDescription]
     model: str
+    model_warning: str | None = MODEL_WARNING
     timing: Timing
 
 
@@ -89,6 +98,7 @@ class LabelsResponse(BaseModel):
 class Health(BaseModel):
     status: str
     model: str | None = None
+    model_warning: str | None = MODEL_WARNING
     device: str | None = None  # where the encoders run, e.g. "cuda:0" or "cpu"
     dtype: str | None = None  # their precision (FER_DTYPE), e.g. "float16"
     face_detector: str | None = None  # FER_FACE_DETECTOR's model, e.g. "retinaface-mnet0.25", or "none"

@@ -3,6 +3,8 @@ workers and access."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from model.prompts import MAX_CLASSES, most_prompt_texts
@@ -82,6 +84,12 @@ class ServiceSettings(ModelSettings):
     )
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="serve /metrics on this port (same host) instead of the API's"
+    )
+    # ---- logging
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="`fer serve`'s log: `text` for people, or `json` for log collectors (one JSON object a "
+        "line, the request id a field)",
     )
 
     @field_validator("api_key")

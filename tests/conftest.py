@@ -35,8 +35,8 @@ def shared_data() -> Path:
     saying so, on a machine without it."""
     if not all((SHARED / "data" / name).is_dir() for name in ("ferplus_valid", "mafw_samples")):
         pytest.skip(
-            "the development data set (FER images and clips, ../shared/data beside the checkout) "
-            "is not on this machine"
+            "needs real FER face images and clips: the team's development files, kept outside the "
+            "repository at ../shared/data, are not on this machine"
         )
     return SHARED / "data"
 
@@ -113,3 +113,16 @@ def client(engine):
     with TestClient(create_app(service_settings(), engine_factory=lambda s: engine)) as c:
         wait_ready(c)
         yield c
+
+
+@pytest.fixture(scope="module")
+def demo_client():
+    """The real app on the demo preset (the tiny random CLIP, no face detector), loaded and ready."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    app = create_app(service_settings(preset="demo", face_detector="none"))
+    with TestClient(app) as client:
+        wait_ready(client)
+        yield client

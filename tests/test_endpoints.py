@@ -56,6 +56,7 @@ def test_readiness_flips_after_warm_up(engine):
         assert client.get("/readyz").json() == {
             "status": "ready",
             "model": "custom",
+            "model_warning": None,
             "device": "cpu",
             "dtype": "float32",
             "face_detector": "haar",

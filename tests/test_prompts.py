@@ -21,7 +21,8 @@ from model.prompts import (
 def test_every_official_list_equals_the_official_code(official_prompts_file):
     if official_prompts_file is None:
         pytest.skip(
-            "the official code's prompt lists (../shared/docs/official_prompts.json) are not on this machine"
+            "needs the official Exp-CLIP code's prompt lists: the team's development files, kept outside "
+            "the repository at ../shared/docs, are not on this machine"
         )
     official = json.loads(official_prompts_file.read_text())
     assert list(official["class_words"]) == list(CLASS_WORDS)

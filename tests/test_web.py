@@ -9,7 +9,9 @@ FER_WEB_SCREENSHOTS, else a pytest temporary directory (its path is printed).
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import json
 import os
 import re
@@ -25,7 +27,7 @@ import pytest
 from PIL import Image
 from skimage import data as skimage_data
 
-from tests.support import make_video, wait_until
+from tests.support import make_video, read_index, wait_until
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)"
@@ -367,6 +369,51 @@ def test_video_view_timeline_has_a_point_per_sampled_frame(page, server, tmp_pat
     screenshot(page, shots, "video")
 
 
+def test_choosing_a_clip_runs_it_once_and_run_again_or_a_new_frame_count_reruns_it(page, server, tmp_path):
+    clip = make_video(tmp_path / "clip.mp4", 30, size=64)
+    sent = []
+    page.on("request", lambda r: sent.append(r) if urlsplit(r.url).path == "/predict-video" else None)
+    open_page(page, "video")
+    expect(page.locator("#video-rerun")).to_be_hidden()  # nothing to run yet, and no "Analyse" step
+    with page.expect_response("**/predict-video"):
+        page.set_input_files("#video-file", str(clip))
+    expect(page.locator("#video-chart .frame-point")).to_have_count(16)
+    assert len(sent) == 1
+
+    with page.expect_response("**/predict-video"):
+        page.click("#video-rerun")
+    with page.expect_response("**/predict-video"):
+        page.fill("#video-frames", "8")
+        page.locator("#video-frames").dispatch_event("change")
+    expect(page.locator("#video-chart .frame-point")).to_have_count(8)
+    assert len(sent) == 3 and b'name="frames"\r\n\r\n8\r\n' in sent[-1].post_data_buffer
+
+
+def test_a_gif_clip_is_shown_frame_by_frame_and_the_timeline_seeks_it(page, server, tmp_path, shots):
+    """A <video> cannot play a GIF (the MAFW sample format): its frames are drawn on a canvas instead,
+    and choosing a point of the timeline draws that very frame (each frame shows its index in binary)."""
+    clip = make_video(tmp_path / "clip.gif", 24, fps=10, codec="gif", size=64)
+    expected = api(server, "/predict-video", clip, "image/gif", per_frame=True, frames=16).json()
+    open_page(page, "video")
+    page.set_input_files("#video-file", str(clip))
+    points = page.locator("#video-chart .frame-point")
+    expect(points).to_have_count(16)
+    expect(page.locator("#video-player")).to_be_hidden()
+    canvas = page.locator("#video-gif")
+    expect(canvas).to_be_visible()
+    expect(canvas).to_have_attribute("data-frame", "0")
+
+    for i in (5, 12):
+        frame = expected["timeline"][i]["index"]
+        points.nth(i).click()
+        expect(canvas).to_have_attribute("data-frame", str(frame))
+        drawn = canvas.evaluate("c => c.toDataURL('image/png')")
+        image = Image.open(io.BytesIO(base64.b64decode(drawn.split(",", 1)[1])))
+        assert read_index(image) == frame
+    assert page.locator("#video-playback-note").is_hidden()
+    screenshot(page, shots, "video-gif")
+
+
 def test_retrieve_view_ranks_in_the_api_order(page, server, astronaut, shots):
     texts = ["an astronaut smiling", "a crying child", "a furious driver"]
     expected = api(server, "/retrieve", astronaut, "image/jpeg", descriptions=texts, top_k=3).json()
@@ -379,6 +426,10 @@ def test_retrieve_view_ranks_in_the_api_order(page, server, astronaut, shots):
     expect(rows).to_have_count(3)
     assert rows.all_inner_texts() == [r["text"] for r in expected["ranking"]]
     expect(page.locator("#retrieve-summary")).to_contain_text(expected["ranking"][0]["text"])
+    hint = page.locator("#retrieve-scores-hint")  # raw cosines, some negative, under relative bars
+    expect(hint).to_be_visible()
+    expect(hint).to_contain_text("cosine similarity")
+    expect(hint).to_contain_text("from the lowest score")
     screenshot(page, shots, "retrieve")
 
 
@@ -455,6 +506,27 @@ def test_webcam_snapshot_and_live_view_with_the_fake_camera(page, server, shots)
     sent = int(page.locator("#live-count").inner_text())
     page.wait_for_timeout(700)
     assert int(page.locator("#live-count").inner_text()) == sent
+
+
+def test_a_camera_error_leaves_no_empty_card(page, server, shots):
+    page.add_init_script(
+        """navigator.mediaDevices.getUserMedia = () =>
+               Promise.reject(new DOMException('denied', 'NotAllowedError'));"""
+    )
+    open_page(page, "live")
+    page.click("#live-start")
+    expect(page.locator("#live-message")).to_contain_text("Webcam: camera access was refused.")
+    expect(page.locator("#view-live .result-data")).to_be_hidden()  # no empty card under the message
+    expect(page.locator("#live-start")).to_be_enabled()
+    screenshot(page, shots, "live-camera-error")
+
+
+def test_the_demo_says_its_answers_are_meaningless_and_the_footer_leads_to_the_api_docs(page, server):
+    open_page(page)
+    expect(page.locator("#model-warning")).to_be_visible()
+    expect(page.locator("#model-warning")).to_contain_text("random weights: answers are meaningless")
+    page.click("footer a:text-is('API docs')")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("Zero-shot FER")
 
 
 def test_loading_state_tabs_and_keyboard(page, server, shots):

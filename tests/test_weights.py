@@ -364,3 +364,30 @@ def test_real_presets_point_at_the_pinned_official_files():
     mirrored = weights.preset_files("exp-clip-l14", "file:///srv/fer/")
     assert mirrored[1].url == "file:///srv/fer/ExpCLIP_L14_model.pth"
     assert mirrored[1].blob_sha1 == presets.PRESETS["exp-clip-l14"].projection.blob_sha1
+
+
+def test_an_unreachable_hub_fails_at_once_and_leaves_no_folder(tiny_presets, tmp_path, monkeypatch, capsys):
+    """The hub client retries a dead network for about a minute a file; the host is tried once first."""
+    monkeypatch.setitem(
+        open_clip.pretrained._PRETRAINED[TINY_MODEL],
+        TAG.replace("-", "_"),
+        {"hf_hub": "org/repo/", "url": ""},
+    )
+    monkeypatch.setattr(download, "hub_endpoint", _dead_url)
+    called = []
+    monkeypatch.setattr(open_clip, "download_pretrained", lambda *a, **k: called.append(a) or "")
+    weights_dir = tmp_path / "fresh" / "weights"
+
+    assert _download(weights_dir, PLAIN_PRESET) == 1
+    err = capsys.readouterr().err
+    assert "from hf-hub:org/repo/ failed: no network connection" in err and "Traceback" not in err
+    assert called == []  # the hub client never started its retries
+    assert not (tmp_path / "fresh").exists()  # no empty weights/ or weights/clip/ left behind
+
+
+def test_a_failed_projection_download_leaves_no_folder(tiny_presets, tmp_path):
+    (projection,) = [f for f in weights.preset_files(PRESET, _dead_url()) if f.kind == "projection"]
+    weights_dir = tmp_path / "weights"
+    with pytest.raises(download.WeightsDownloadError, match="failed: no network connection"):
+        download.ensure(projection, weights_dir, PRESET)
+    assert not weights_dir.exists()

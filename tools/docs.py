@@ -36,6 +36,7 @@ GROUPS = {
         "max_uploads_mb", "shutdown_grace_s", "linger_s", "linger_mb",
     ],
     "Access (service)": ["api_key", "cors_origins", "metrics_port"],
+    "Logging (`fer serve`)": ["log_format"],
 }  # fmt: skip
 
 CONFIGURATION_INTRO = """# Configuration

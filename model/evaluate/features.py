@@ -22,6 +22,7 @@ from tqdm import tqdm
 from model.cluster import chunk_ranges
 from model.engine import FerEngine, create_engine
 from model.faces.base import FaceDetector
+from model.files import unreadable
 from model.media import MediaError, is_video_path
 from model.options import PipelineOptions
 from model.pipeline import (
@@ -192,5 +193,7 @@ def prepare_item(
     try:
         with open_source(path) as source:
             return prepare_clip(source, to_pixels, detector, options, still=not is_video_path(path))
-    except (MediaError, OSError) as exc:
+    except MediaError as exc:
         return Unreadable(str(exc))
+    except OSError as exc:
+        return Unreadable(unreadable(exc))

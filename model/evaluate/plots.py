@@ -71,6 +71,9 @@ def feature_variance_figure(
             if spaces["clip"]["relative"][name] is None:
                 ax.text(position, 0.05, "n/a", ha="center", va="bottom", fontsize=8, color="dimgray")
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        # From 0, so the "n/a" marks sit inside the axes even when no class has a variance (autoscale would
+        # then span only the 1.0 line, and the marks below it would leave tight_layout no room).
+        ax.set_ylim(bottom=0)
         ax.set_xticks(x, classes, rotation=30, ha="right")
         ax.set_ylabel("class / all-items variance")
         ax.set_title(model)

@@ -18,8 +18,11 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import urllib.error
+import urllib.parse
 import urllib.request
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from model.files import PARTIAL_SUFFIX, human_size, sha256_file
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MIRROR_SETTING = "FER_WEIGHTS_MIRROR"
 TIMEOUT_S = 60
+PROBE_TIMEOUT_S = 5  # a host that does not answer this first connection is taken for unreachable
 # An official projection is 8-12 MiB: a mirror sending more is wrong, and is stopped before it fills
 # the disk (the blob id can only be checked once the file is whole).
 MAX_PROJECTION_BYTES = 64 << 20
@@ -55,25 +59,25 @@ def ensure(file: WeightsFile, weights_dir: Path, preset: str) -> tuple[Path, boo
 
 def _fetch_projection(file: WeightsFile, weights_dir: Path, preset: str) -> Path:
     target = weights_dir / file.relpath
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + PARTIAL_SUFFIX)
-    try:
+    what = f"the projection {target.name}"
+    _check_reachable(file.url, what, file.url, preset, weights_dir)
+    with _new_folder(target.parent):
+        partial = target.with_name(target.name + PARTIAL_SUFFIX)
         try:
-            _download_url(file.url, partial, MAX_PROJECTION_BYTES)
-        except (OSError, ValueError) as exc:
-            raise _download_failed(
-                f"the projection {target.name}", file.url, exc, preset, weights_dir
-            ) from exc
-        actual = git_blob_sha1(partial)
-        if actual != file.blob_sha1:
-            raise WeightsDownloadError(
-                f"{file.url} does not match the official release (git blob id {actual}, expected "
-                f"{file.blob_sha1}); nothing was stored. The download or the mirror is corrupt: try again, "
-                f"or point {MIRROR_SETTING} at a copy of the official checkpoint/ folder."
-            )
-        partial.replace(target)
-    finally:
-        partial.unlink(missing_ok=True)
+            try:
+                _download_url(file.url, partial, MAX_PROJECTION_BYTES)
+            except (OSError, ValueError) as exc:
+                raise _download_failed(what, file.url, exc, preset, weights_dir) from exc
+            actual = git_blob_sha1(partial)
+            if actual != file.blob_sha1:
+                raise WeightsDownloadError(
+                    f"{file.url} does not match the official release (git blob id {actual}, expected "
+                    f"{file.blob_sha1}); nothing was stored. The download or the mirror is corrupt: try "
+                    f"again, or point {MIRROR_SETTING} at a copy of the official checkpoint/ folder."
+                )
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
     record(weights_dir, file.relpath, target, file.url)
     return target
 
@@ -117,26 +121,83 @@ def _fetch_clip(file: WeightsFile, weights_dir: Path, preset: str) -> Path:
     cfg = open_clip.get_pretrained_cfg(file.clip_model, file.clip_tag)
     if not cfg:
         raise ValueError(f"open_clip has no pretrained weights {file.clip_model!r} / {file.clip_tag!r}")
-    clip_dir = weights_dir / CLIP_SUBDIR
-    clip_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".download-", suffix=PARTIAL_SUFFIX, dir=weights_dir))
     what = f"the CLIP weights {file.clip_model} / {file.clip_tag}"
-    try:
+    host = f"{hub_endpoint()}/{cfg['hf_hub']}" if cfg.get("hf_hub") else cfg.get("url", "")
+    _check_reachable(host, what, _clip_source(cfg), preset, weights_dir)
+    with _new_folder(weights_dir):
+        scratch = Path(tempfile.mkdtemp(prefix=".download-", suffix=PARTIAL_SUFFIX, dir=weights_dir))
         try:
-            downloaded = open_clip.download_pretrained(cfg, cache_dir=str(scratch))
-        except Exception as exc:  # urllib, huggingface_hub and open_clip each raise their own kinds
-            raise _download_failed(what, _clip_source(cfg), exc, preset, weights_dir) from exc
-        if not downloaded:
-            raise WeightsDownloadError(f"open_clip's registry entry for {what} names no download")
-        blob = Path(downloaded).resolve()
-        sha256 = _check_hub_blob(blob, what)
-        suffix = Path(downloaded).suffix
-        target = clip_dir / f"{clip_checkpoint_stem(file.clip_model, file.clip_tag)}{suffix}"
-        os.replace(blob, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+            try:
+                downloaded = open_clip.download_pretrained(cfg, cache_dir=str(scratch))
+            except Exception as exc:  # urllib, huggingface_hub and open_clip each raise their own kinds
+                raise _download_failed(what, _clip_source(cfg), exc, preset, weights_dir) from exc
+            if not downloaded:
+                raise WeightsDownloadError(f"open_clip's registry entry for {what} names no download")
+            blob = Path(downloaded).resolve()
+            sha256 = _check_hub_blob(blob, what)
+            stem = clip_checkpoint_stem(file.clip_model, file.clip_tag)
+            target = weights_dir / CLIP_SUBDIR / f"{stem}{Path(downloaded).suffix}"
+            target.parent.mkdir(exist_ok=True)
+            os.replace(blob, target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     record(weights_dir, target.relative_to(weights_dir).as_posix(), target, _clip_source(cfg), sha256)
     return target
+
+
+def hub_endpoint() -> str:
+    """The Hugging Face Hub the hub client talks to (HF_ENDPOINT, read by the client itself)."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _check_reachable(url: str, what: str, source: str, preset: str, weights_dir: Path) -> None:
+    """One connection to the source's host (or its proxy) before any download, bounded by
+    PROBE_TIMEOUT_S: offline, the hub client retries each file for about a minute before it gives up."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return  # a file:// mirror, or a source open_clip names otherwise: nothing to probe
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    failure = _connect(parts.hostname, port)
+    if failure is not None:
+        raise _download_failed(what, source, failure, preset, weights_dir) from failure
+
+
+def _connect(host: str, port: int) -> OSError | None:
+    """Why `host:port` cannot be reached, or None. In a thread, so that a resolver that hangs (no
+    answer rather than a refusal) is bounded by the same deadline as the connection."""
+    outcome: list[OSError | None] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=attempt, name="fer-weights-probe", daemon=True)
+    thread.start()
+    thread.join(PROBE_TIMEOUT_S)
+    return outcome[0] if outcome else TimeoutError(f"{host} did not answer within {PROBE_TIMEOUT_S} s")
+
+
+@contextmanager
+def _new_folder(path: Path):
+    """`path`, made with its parents; when the work inside fails, the folders made here that are still
+    empty are removed again, so a failed download leaves no empty `weights/clip/` behind."""
+    made = [folder for folder in (path, *path.parents) if not folder.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for folder in made:  # the deepest first
+            with suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def _check_hub_blob(blob: Path, what: str) -> str | None:

@@ -1,7 +1,7 @@
 // The per-frame timeline: probability of each class over time, one line per class, drawn as SVG at
 // the container's real pixel width (redrawn when it changes, so text never shrinks on a phone).
 // Each sampled frame is one point group: click it, or focus the chart and use the arrow keys and
-// Enter, to seek the video there.
+// Enter, to seek the video there (`onSeek(timestamp, frame)`).
 
 import { colourFor, percent, ranked, seconds, svg } from "./ui.js";
 
@@ -139,7 +139,7 @@ export function timelineChart(container, timeline, classes, { duration, onSeek, 
     groups[i].classList.add("selected");
     if (focus) groups[i].focus();
     onFocusFrame?.(timeline[i]);
-    if (seek) onSeek?.(timeline[i].timestamp);
+    if (seek) onSeek?.(timeline[i].timestamp, timeline[i]);
   }
 
   function setTime(t) {

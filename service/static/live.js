@@ -21,17 +21,20 @@ async function start() {
   if (camera.active) return;
   $("live-start").disabled = true;
   say(message(), "Starting the webcam…");
+  $("live-result").hidden = false;
   $("live-stage").hidden = false;
   try {
     if (!(await camera.start())) return; // stop() has reset the view
   } catch (error) {
     $("live-stage").hidden = true;
+    $("live-result").hidden = true; // nothing to show under the error, not even an empty card
     $("live-start").disabled = false;
     say(message(), `Webcam: ${error.message}.`, "error");
     return;
   }
   trips = [];
   count = 0;
+  $("live-data").hidden = true; // until this session's first answer
   $("live-count").textContent = "0";
   $("live-rtt").textContent = "–";
   $("live-avg").textContent = "–";
@@ -106,9 +109,8 @@ function render(body, frame, roundTrip) {
 
   const faces = body.faces || [];
   drawFaces($("live-overlay"), faces, frame.width, frame.height);
-  const summary = $("live-summary");
-  summary.hidden = false;
-  summary.textContent = faces.length
+  $("live-data").hidden = false;
+  $("live-summary").textContent = faces.length
     ? `${faces.length === 1 ? "1 face" : `${faces.length} faces`} · ${body.label} (${percent(body.probabilities[body.label])})`
     : `No face found · whole frame: ${body.label} (${percent(body.probabilities[body.label])})`;
   faceResults($("live-faces"), body, "Whole frame");

@@ -42,6 +42,12 @@ export async function afterReady(region, busy) {
 function render(body) {
   const status = $("model-status");
   const banner = $("loading-banner");
+  // A model whose answers mean nothing (the demo's random weights) says so for as long as it serves.
+  const warning = $("model-warning");
+  warning.hidden = !(body.ready && body.model_warning);
+  warning.textContent = warning.hidden
+    ? ""
+    : `The ${body.model} model has ${body.model_warning}. It shows how the page and the API work; serve a preset with real weights for real answers.`;
   if (body.ready) {
     const where = [body.device, body.dtype].filter(Boolean).join(", ");
     status.textContent = `Ready: ${body.model || "model"}${where ? ` (${where})` : ""}`;

@@ -1,5 +1,7 @@
 // Video view: a clip -> POST /predict-video (per_frame=true) -> clip-level bars, and a timeline of
-// every class's probability at each sampled frame; choosing a frame seeks the <video> there.
+// every class's probability at each sampled frame; choosing a frame seeks the <video> there, or, for a
+// GIF (which a <video> cannot play), draws that frame of it. Choosing a file runs it; "Run again" and a
+// new frame count run it again.
 
 import { timelineChart } from "./chart.js";
 import * as settings from "./settings.js";
@@ -8,6 +10,7 @@ import { $, bars, colourFor, dropzone, el, filePicker, ms, percent, ranked, seco
 
 let file = null;
 let clipUrl = null;
+let gif = null; // the ImageDecoder of a GIF shown frame by frame
 const send = viewRequests("video-result", "video-message");
 let chart = null;
 const following = settings.follow(run);
@@ -17,11 +20,67 @@ function setFile(next) {
   file = next;
   if (clipUrl) URL.revokeObjectURL(clipUrl);
   clipUrl = URL.createObjectURL(next);
-  const player = $("video-player");
-  player.src = clipUrl;
-  player.setAttribute("aria-label", `Clip: ${next.name || "uploaded clip"}`);
-  $("video-run").disabled = false;
+  showClip(next);
+  $("video-rerun").hidden = false;
   run();
+}
+
+const isGif = (f) => f.type === "image/gif" || /\.gif$/i.test(f.name || "");
+
+/** The clip in a <video>; a GIF frame by frame on a canvas where the browser decodes single frames
+ * (ImageDecoder), else as an animated image. */
+function showClip(next) {
+  const player = $("video-player");
+  const asGif = isGif(next);
+  gif?.close();
+  gif = null;
+  player.hidden = asGif;
+  $("video-gif").hidden = true;
+  $("video-gif-image").hidden = true;
+  $("video-gif-note").hidden = true;
+  $("video-playback-note").hidden = true;
+  if (!asGif) {
+    player.src = clipUrl;
+    player.setAttribute("aria-label", `Clip: ${next.name || "uploaded clip"}`);
+    return;
+  }
+  player.removeAttribute("src");
+  player.load();
+  if (!("ImageDecoder" in window)) {
+    $("video-gif-image").src = clipUrl;
+    $("video-gif-image").hidden = false;
+    $("video-gif-note").hidden = false;
+    return;
+  }
+  gif = new ImageDecoder({ data: next.stream(), type: "image/gif" });
+  $("video-gif").hidden = false;
+  drawGifFrame(0);
+}
+
+/** Draws frame `index` of the GIF (the decoder composes it with the frames before it). */
+async function drawGifFrame(index) {
+  const decoder = gif;
+  try {
+    await decoder.completed; // the whole file read: the frame count is final
+    const last = decoder.tracks.selectedTrack.frameCount - 1;
+    const { image } = await decoder.decode({ frameIndex: Math.max(0, Math.min(index, last)) });
+    if (decoder !== gif) {
+      image.close(); // another file was chosen meanwhile
+      return;
+    }
+    const canvas = $("video-gif");
+    canvas.width = image.displayWidth;
+    canvas.height = image.displayHeight;
+    canvas.getContext("2d").drawImage(image, 0, 0);
+    canvas.dataset.frame = String(index);
+    image.close();
+  } catch (error) {
+    if (decoder !== gif || error.name === "AbortError") return; // closed for another file
+    $("video-gif").hidden = true;
+    $("video-gif-image").src = clipUrl;
+    $("video-gif-image").hidden = false;
+    $("video-gif-note").hidden = false;
+  }
 }
 
 function frameCount() {
@@ -37,9 +96,13 @@ async function run() {
   await send(`Analysing ${file.name || "the clip"}…`, "predict-video", { file, ...fields }, show);
 }
 
-function seek(t) {
-  const player = $("video-player");
-  player.currentTime = t;
+function seek(t, frame) {
+  if (file && isGif(file)) {
+    if (gif) drawGifFrame(frame.index);
+    chart?.setTime(t);
+    return;
+  }
+  $("video-player").currentTime = t;
 }
 
 function show(body, roundTrip) {
@@ -122,10 +185,11 @@ export function initVideo() {
     event.preventDefault();
     run();
   });
+  $("video-frames").addEventListener("change", run);
   $("video-player").addEventListener("timeupdate", () => chart?.setTime($("video-player").currentTime));
   $("video-player").addEventListener("seeked", () => chart?.setTime($("video-player").currentTime));
   $("video-player").addEventListener("error", () => {
-    if (!file) return;
+    if (!file || isGif(file)) return;
     $("video-playback-note").hidden = false;
   });
   $("video-player").addEventListener("loadedmetadata", () => {
