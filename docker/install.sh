@@ -4,4 +4,4 @@
 set -eu
 python3 -m venv "$1"
 # FER_EXTRAS (the Dockerfile's build argument, e.g. `ray`): the project's extras to install with it.
-"$1/bin/pip" install --disable-pip-version-check -c docker/constraints.txt ".${FER_EXTRAS:+[$FER_EXTRAS]}"
+"$1/bin/pip" install --disable-pip-version-check --constraint docker/requirements.lock ".${FER_EXTRAS:+[$FER_EXTRAS]}"

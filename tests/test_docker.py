@@ -136,7 +136,9 @@ def test_install_command_is_the_one_ci_runs(dockerfile):
     ci = (ROOT / ".ci" / "run").read_text()
     assert "sh docker/install.sh " in ci
     script = (ROOT / "docker" / "install.sh").read_text().split()
-    assert script[-3:-1] == ["-c", "docker/constraints.txt"] and "-e" not in script  # as the image has it
+    assert (
+        script[-3:-1] == ["--constraint", "docker/requirements.lock"] and "-e" not in script
+    )  # as the image has it
     for extras, project in (("", "."), ("ray", ".[ray]")):  # the project, with FER_EXTRAS when set
         expanded = subprocess.run(
             [shutil.which("sh"), "-euc", f"printf %s {script[-1]}"],
