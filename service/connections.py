@@ -16,10 +16,31 @@ import asyncio
 from dataclasses import dataclass
 from functools import partial
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import uvicorn
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
-from service.errors import error_bytes
-from service.settings import ServiceSettings
+# The uvicorn releases GuardedProtocol is tested with: it relies on internals of uvicorn's httptools
+# protocol that a new minor release may change. pyproject.toml bounds uvicorn the same (tests/test_lock.py).
+UVICORN_TESTED = SpecifierSet(">=0.30,<0.56")
+
+
+def check_uvicorn(version: str) -> None:
+    """Refuses an untested uvicorn in one sentence, before its internals are imported."""
+    if Version(version) not in UVICORN_TESTED:
+        raise RuntimeError(
+            f"uvicorn {version} is not a release the connection guard of `fer serve` is tested with "
+            f"({UVICORN_TESTED}): install the locked versions (pip install -c docker/requirements.lock .)"
+        )
+
+
+check_uvicorn(uvicorn.__version__)
+
+# After the check, so an untested uvicorn that moved this class gets the sentence, not an ImportError.
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # noqa: E402
+
+from service.errors import error_bytes  # noqa: E402
+from service.settings import ServiceSettings  # noqa: E402
 
 _HEAD_TOO_LARGE_BODY = error_bytes("header_too_large", "the request head is over its size limit")
 HEAD_TOO_LARGE = (

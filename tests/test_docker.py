@@ -25,6 +25,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 README = ROOT / "README.md"
 WEIGHTS_MOUNT = "/app/weights"
+IMAGES = ("cuda", "cpu")  # the Dockerfile's targets: the default (its last stage) first
 
 
 def _tool(name: str) -> str:
@@ -54,6 +55,24 @@ def instructions(text: str) -> list[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def dockerfile() -> list[tuple[str, str]]:
     return instructions(DOCKERFILE.read_text())
+
+
+def stages(dockerfile) -> dict[str, list[tuple[str, str]]]:
+    """Each build stage's instructions by the stage's name, its FROM line first."""
+    result: dict[str, list[tuple[str, str]]] = {}
+    for keyword, args in dockerfile:
+        if keyword == "FROM":
+            name = args.split()[-1]
+            result[name] = []
+        if result:
+            result[name].append((keyword, args))
+    return result
+
+
+@pytest.fixture(scope="module", params=IMAGES)
+def image(request, dockerfile) -> list[tuple[str, str]]:
+    """One image's stage (each test that takes it runs for both)."""
+    return stages(dockerfile)[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -99,23 +118,27 @@ def test_the_schema_check_can_fail(tmp_path, compose):
     assert subprocess.run(command, capture_output=True).returncode != 0
 
 
-# ---- the image ----------------------------------------------------------------------------------------
-def test_image_serves_on_port_8000_with_a_command_the_cli_accepts(dockerfile):
-    command = _exec_form(_only(dockerfile, "CMD"))
+# ---- the images -----------------------------------------------------------------------------------
+def test_image_serves_on_port_8000_with_a_command_the_cli_accepts(image):
+    command = _exec_form(_only(image, "CMD"))
     assert command[0] == "fer"
     args = build_parser().parse_args(command[1:])
     assert (args.command, args.host, args.port) == ("serve", "0.0.0.0", 8000)
-    assert _only(dockerfile, "EXPOSE") == "8000"
+    assert _only(image, "EXPOSE") == "8000"
 
 
-def test_image_runs_as_a_non_root_user_with_weights_in_a_volume(dockerfile):
-    users = [args for kw, args in dockerfile if kw == "USER"]
+def test_image_runs_as_a_non_root_user_with_weights_in_a_volume(image):
+    users = [args for kw, args in image if kw == "USER"]
     assert users and users[-1].split(":")[0] not in ("0", "root")
-    assert _exec_form(_only(dockerfile, "VOLUME")) == [WEIGHTS_MOUNT]
-    env = " ".join(args for kw, args in dockerfile if kw == "ENV")
+    assert _exec_form(_only(image, "VOLUME")) == [WEIGHTS_MOUNT]
+    env = " ".join(args for kw, args in image if kw == "ENV")
     assert f"FER_WEIGHTS_DIR={WEIGHTS_MOUNT}" in env
     preset = next(word.split("=", 1)[1] for word in env.split() if word.startswith("FER_PRESET="))
     assert preset in PRESETS
+
+
+def test_the_default_target_is_the_cuda_image(dockerfile):
+    assert list(stages(dockerfile)) == ["requirements", *reversed(IMAGES)]  # a plain build makes the last
 
 
 def test_image_asks_the_driver_for_its_cuda_major_release_only(dockerfile):
@@ -123,33 +146,90 @@ def test_image_asks_the_driver_for_its_cuda_major_release_only(dockerfile):
     compatibility); the base image's own requirement names its minor release and would refuse R580."""
     base = next(args for kw, args in dockerfile if kw == "ARG" and args.startswith("CUDA_BASE="))
     major = base.split(":", 1)[1].split(".")[0]
-    env = " ".join(args for kw, args in dockerfile if kw == "ENV").replace('"', "")
+    env = " ".join(args for kw, args in stages(dockerfile)["cuda"] if kw == "ENV").replace('"', "")
     assert f"NVIDIA_REQUIRE_CUDA=cuda>={major}.0 " in env + " "
     assert "R580" in (ROOT / "docs" / "serving.md").read_text()
 
 
-def test_install_command_is_the_one_ci_runs(dockerfile):
-    """The image installs through docker/install.sh, the script .ci/run runs in a fresh venv."""
-    installs = [args for kw, args in dockerfile if kw == "RUN" and "install.sh" in args]
-    assert len(installs) == 1 and installs[0].endswith("sh docker/install.sh /opt/venv")
-    assert not [args for kw, args in dockerfile if kw == "RUN" and "pip" in args and "install.sh" not in args]
+def test_the_cpu_image_takes_torch_from_a_cpu_only_index(dockerfile):
+    cpu = stages(dockerfile)["cpu"]
+    assert cpu[0][1].startswith("${CPU_BASE} ")
+    index = next(args for kw, args in cpu if kw == "ARG" and args.startswith("TORCH_INDEX_URL="))
+    assert index.removeprefix("TORCH_INDEX_URL=").rstrip("/").endswith("/cpu")
+    assert "TORCH_INDEX_URL:-" in (ROOT / "docker" / "install.sh").read_text()
+
+
+def test_both_images_are_built_by_the_same_steps(dockerfile):
+    """The cpu stage differs from the cuda one in its base, torch's index and the CUDA requirement only."""
+    cuda, cpu = (stages(dockerfile)[name] for name in IMAGES)
+
+    def steps(stage):
+        return [
+            (kw, " ".join(word for word in args.split() if not word.startswith("NVIDIA_REQUIRE_CUDA=")))
+            for kw, args in stage[1:]
+            if not (kw == "ARG" and args.startswith("TORCH_INDEX_URL="))
+        ]
+
+    assert steps(cuda) == steps(cpu)
+
+
+def test_dependencies_are_installed_before_the_source_is_copied(image, dockerfile):
+    """A source change rebuilds only the project's own layer: the dependency layer copies nothing of the
+    project but its requirements' list, and both installs run the script CI runs."""
+    installs = [i for i, (kw, args) in enumerate(image) if kw == "RUN" and "install.sh" in args]
+    commands = [image[i][1].split("sh docker/install.sh ", 1)[1] for i in installs]
+    assert commands == ["/opt/venv requirements.txt", "/opt/venv"]
+    copied_first = [args for kw, args in image[: installs[0]] if kw == "COPY"]
+    assert copied_first == [
+        "docker/system.sh /tmp/system.sh",
+        "--from=requirements /src/requirements.txt ./",
+        "docker/ docker/",
+    ]
+    copied_next = {
+        args.split()[0].rstrip("/") for kw, args in image[installs[0] : installs[1]] if kw == "COPY"
+    }
+    assert {"pyproject.toml", "model", "service", "cli"} <= copied_next
+    assert not [args for kw, args in image if kw == "RUN" and "pip" in args and "install.sh" not in args]
+    listed = [args for kw, args in stages(dockerfile)["requirements"] if kw == "COPY"]
+    assert listed == ["pyproject.toml docker/requirements.py ./"]
+
+
+def test_the_install_script_is_the_one_ci_runs_and_installs_the_project_with_its_extras():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "sh docker/install.sh " in ci
-    script = (ROOT / "docker" / "install.sh").read_text().split()
-    assert script[-3:-1] == ["-c", "docker/constraints.txt"] and "-e" not in script  # as the image has it
-    for extras, project in (("", "."), ("ray", ".[ray]")):  # the project, with FER_EXTRAS when set
+    script = (ROOT / "docker" / "install.sh").read_text()
+    project = next(word for word in script.split() if "FER_EXTRAS:+" in word)
+    for extras, expected in (("", "."), ("ray", ".[ray]")):  # not editable (-e): as the image has it
         expanded = subprocess.run(
-            [shutil.which("sh"), "-euc", f"printf %s {script[-1]}"],
+            [shutil.which("sh"), "-euc", f"printf %s {project}"],
             env={"FER_EXTRAS": extras},
             capture_output=True,
             text=True,
         )
-        assert expanded.stdout == project, expanded.stderr
+        assert expanded.stdout == expected, expanded.stderr
 
 
-def test_image_copies_every_package_the_project_ships(dockerfile):
-    """A new top-level package in pyproject.toml must also be copied into the build stage."""
-    copied = {args.split()[0].rstrip("/") for kw, args in dockerfile if kw == "COPY" and "--from" not in args}
+@pytest.mark.parametrize("extras", ["", "ray", "dev,ray"])
+def test_the_dependency_layer_installs_what_pyproject_lists(tmp_path, extras):
+    """docker/requirements.py lists the requirements from pyproject.toml alone (no source there)."""
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    listed = subprocess.run(
+        [sys.executable, str(ROOT / "docker" / "requirements.py"), extras],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    optional = project["optional-dependencies"]
+    assert listed == project["dependencies"] + [
+        r for e in filter(None, extras.split(",")) for r in optional[e]
+    ]
+
+
+def test_image_copies_every_package_the_project_ships(image):
+    """A new top-level package in pyproject.toml must also be copied into the image."""
+    copied = {args.split()[0].rstrip("/") for kw, args in image if kw == "COPY" and "--from" not in args}
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     for pattern in include["include"]:
         assert pattern.rstrip("*") in copied
@@ -170,12 +250,12 @@ class _Readyz(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.mark.parametrize("status", [200, 503])
-def test_healthcheck_passes_only_when_ready(dockerfile, status):
+def test_healthcheck_passes_only_when_ready(image, status):
     handler = type("Handler", (_Readyz,), {"status": status})
     server = http.server.HTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        command = _healthcheck_command(dockerfile)
+        command = _healthcheck_command(image)
         assert command[0] == "python"
         code = command[-1].replace(":8000/", f":{server.server_port}/")
         result = subprocess.run([sys.executable, *command[1:-1], code], capture_output=True, timeout=30)
@@ -186,20 +266,40 @@ def test_healthcheck_passes_only_when_ready(dockerfile, status):
 
 
 # ---- docker compose -----------------------------------------------------------------------------------
+# Each server and the one-shot service that fetches its weights, from the same image (a CPU host builds
+# only the cpu one).
+SERVERS = {"fer": "weights", "fer-cpu": "weights-cpu"}
+
+
 def test_compose_fetches_weights_once_before_serving(compose):
     services = compose["services"]
-    weights = services["weights"]
-    args = build_parser().parse_args(weights["command"][1:])
-    assert (args.command, args.weights_command) == ("weights", "download")
-    assert args.presets == ["${FER_PRESET:-exp-clip-b32}"]
-    assert weights["restart"] == "no"
-    for name in ("fer", "fer-cpu"):
-        assert services[name]["depends_on"]["weights"]["condition"] == "service_completed_successfully"
+    for name, fetch in SERVERS.items():
+        weights = services[fetch]
+        args = build_parser().parse_args(weights["command"][1:])
+        assert (args.command, args.weights_command) == ("weights", "download")
+        assert args.presets == ["${FER_PRESET:-exp-clip-b32}"]
+        assert weights["restart"] == "no"
+        assert weights["image"] == services[name]["image"] and weights["build"] == services[name]["build"]
+        assert weights.get("profiles") == services[name].get("profiles")
+        assert services[name]["depends_on"] == {fetch: {"condition": "service_completed_successfully"}}
         assert services[name]["restart"] in ("unless-stopped", "always")
         assert services[name]["ports"] == ["${FER_PORT:-8000}:8000"]
         for service in (weights, services[name]):
             assert any(volume.endswith(f":{WEIGHTS_MOUNT}") for volume in service["volumes"])
             assert service["environment"]["FER_WEIGHTS_DIR"] == WEIGHTS_MOUNT
+
+
+def test_compose_builds_each_service_from_its_image_s_target(compose, dockerfile):
+    built = {name: service["build"] for name, service in compose["services"].items()}
+    assert {name: build["target"] for name, build in built.items()} == {
+        "weights": "cuda",
+        "weights-cpu": "cpu",
+        "fer": "cuda",
+        "fer-cpu": "cpu",
+        "fer-ray": "cuda",
+    }
+    assert {build["target"] for build in built.values()} <= set(stages(dockerfile))
+    assert compose["services"]["fer-cpu"]["image"] != compose["services"]["fer"]["image"]
 
 
 def test_compose_reserves_a_gpu_and_offers_a_cpu_profile(compose):
@@ -215,11 +315,14 @@ def test_compose_reserves_a_gpu_and_offers_a_cpu_profile(compose):
 
 
 def test_compose_healthcheck_and_command_match_the_image(compose, dockerfile):
-    for name in ("fer", "fer-cpu"):
-        service = compose["services"][name]
-        assert service["healthcheck"]["test"] == ["CMD", *_healthcheck_command(dockerfile)]
-        assert service["command"] == _exec_form(_only(dockerfile, "CMD"))
-    assert compose["services"]["weights"]["healthcheck"] == {"disable": True}
+    for name, fetch in SERVERS.items():
+        service, image = (
+            compose["services"][name],
+            stages(dockerfile)[compose["services"][name]["build"]["target"]],
+        )
+        assert service["healthcheck"]["test"] == ["CMD", *_healthcheck_command(image)]
+        assert service["command"] == _exec_form(_only(image, "CMD"))
+        assert compose["services"][fetch]["healthcheck"] == {"disable": True}
 
 
 def test_readme_documents_the_compose_commands(compose):

@@ -25,8 +25,8 @@ README = (ROOT / "README.md").read_text()
 COMMANDS = [
     line[4:] for line in README.splitlines() if line.startswith("    ") and not line.startswith("     ")
 ]
-SERVE = "python3 -m venv .venv && .venv/bin/pip install -e . && FER_PRESET=demo .venv/bin/fer serve"
-TEST = "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/python -m pytest"
+SERVE = "python3 -m venv .venv && .venv/bin/pip install -c docker/requirements.lock -e . && FER_PRESET=demo .venv/bin/fer serve"
+TEST = "python3 -m venv .venv && .venv/bin/pip install -c docker/requirements.lock -e '.[dev]' && .venv/bin/python -m pytest"
 
 
 def test_the_fresh_machine_commands_come_first_and_ci_runs_the_test_one():
