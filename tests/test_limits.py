@@ -32,6 +32,7 @@ from tests.support import (
     make_video,
     png,
     run_bounded,
+    service_settings,
     tiny_settings,
     until,
     wait_ready,
@@ -40,7 +41,8 @@ from tests.support import (
 
 
 def settings(**overrides) -> ServiceSettings:
-    return ServiceSettings(**{"device": "cpu", "max_wait_ms": 5, "face_detector": "none", **overrides})
+    """The tests' service settings without a detector: these limits hold before faces are looked for."""
+    return service_settings(**{"face_detector": "none", **overrides})
 
 
 @pytest.fixture
