@@ -266,6 +266,17 @@ def predict_image(
     )
 
 
+def sampled_frames(prepared: PreparedImage | PreparedVideo) -> list[tuple[int, float]]:
+    """Each encoded row's frame as answers name it: its index in the clip and its time in seconds
+    (rounded to 0.1 ms). A still image is a one-frame clip: frame 0 at 0 s."""
+    if isinstance(prepared, PreparedImage):
+        return [(0, 0.0)]
+    return [
+        (index, round(timestamp, 4))
+        for index, timestamp in zip(prepared.clip.indices, prepared.clip.timestamps, strict=True)
+    ]
+
+
 def predict_video(
     prepared: PreparedVideo,
     features: torch.Tensor,
@@ -282,13 +293,13 @@ def predict_video(
         timeline = [
             FramePrediction(
                 index=index,
-                timestamp=round(timestamp, 4),
+                timestamp=timestamp,
                 face_detected=found,
                 label=frame_scores.label(row),
                 probabilities=frame_scores.as_dict(row),
             )
-            for row, (index, timestamp, found) in enumerate(
-                zip(clip.indices, clip.timestamps, prepared.face_found, strict=True)
+            for row, ((index, timestamp), found) in enumerate(
+                zip(sampled_frames(prepared), prepared.face_found, strict=True)
             )
         ]
     return VideoPrediction(
@@ -317,9 +328,17 @@ class RankedDescription:
 
 
 @dataclass(frozen=True)
+class FrameScores:
+    index: int
+    timestamp: float
+    scores: list[float]  # each description's cosine with this frame's feature, in the given order
+
+
+@dataclass(frozen=True)
 class Ranking:
     media: Literal["image", "video"]
     ranking: list[RankedDescription]
+    timeline: list[FrameScores] | None = None
 
 
 def rank_descriptions(
@@ -328,9 +347,25 @@ def rank_descriptions(
     descriptions: Sequence[str],
     top_k: int | None = None,
     media: Literal["image", "video"] = "video",
+    frames: Sequence[tuple[int, float]] | None = None,
 ) -> Ranking:
     """Descriptions ranked by the cosine of their projected, L2-normalised text features ([T, D]) with
-    the clip's pooled feature (`features`: its frames'); ties keep the given order."""
-    scores = (text.float() @ pool(features).to(text.device)).cpu()
+    the clip's pooled feature (`features`: its frames'); ties keep the given order. `frames` (one
+    (index, timestamp) per row of `features`, as `sampled_frames` gives them) asks for each frame's own
+    scores as well. A frame's score is the cosine of its L2-normalised feature with a description's:
+    it says when in the clip a description fits."""
+    text = text.float()
+    scores = (text @ pool(features).to(text.device)).cpu()
     order = torch.argsort(scores, descending=True, stable=True)[:top_k]
-    return Ranking(media, [RankedDescription(int(i), descriptions[int(i)], float(scores[i])) for i in order])
+    timeline = None
+    if frames is not None:
+        per_frame = (F.normalize(features.float(), dim=-1).to(text.device) @ text.T).cpu()
+        timeline = [
+            FrameScores(index, timestamp, row)
+            for (index, timestamp), row in zip(frames, per_frame.tolist(), strict=True)
+        ]
+    return Ranking(
+        media,
+        [RankedDescription(int(i), descriptions[int(i)], float(scores[i])) for i in order],
+        timeline,
+    )

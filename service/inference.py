@@ -208,13 +208,16 @@ def predict_video(call: Call, prompts: ClassPrompts, per_frame: bool) -> Work:
     )
 
 
-async def retrieve(call: Call, descriptions: list[str], top_k: int) -> Work:
-    """POST /retrieve: a clip (or a still image, a one-frame clip) ranking descriptions. Which of the two
-    the upload is, its head says (read in the decode pool), before admission counts its rows."""
+async def retrieve(call: Call, descriptions: list[str], top_k: int, per_frame: bool = False) -> Work:
+    """POST /retrieve: a clip (or a still image, a one-frame clip) ranking descriptions, with each
+    sampled frame's scores when `per_frame`. Which of the two the upload is, its head says (read in the
+    decode pool), before admission counts its rows."""
     still = await call.runtime.offload(is_still_image, call.source, call.media_type)
 
     def score(prepared, features, text):
-        return pipeline.rank_descriptions(features, text, descriptions, top_k, pipeline.media_of(prepared))
+        frames = pipeline.sampled_frames(prepared) if per_frame else None
+        media = pipeline.media_of(prepared)
+        return pipeline.rank_descriptions(features, text, descriptions, top_k, media, frames)
 
     return Work(
         rows=Places(images=1) if still else Places(frames=call.options.frames),

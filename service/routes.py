@@ -141,13 +141,14 @@ async def retrieve(
     top_k: Annotated[int, Form(ge=1, description="how many ranked descriptions to return")] = 10,
     frames: FramesField = 16,
     detect_faces: DetectField = True,
+    per_frame: Annotated[bool, Form(description="add each sampled frame's scores (`timeline`)")] = False,
 ) -> RetrieveResponse:
     call = _call(runtime, request, file, detect_faces, frames)
     s = runtime.settings
     texts = _parse_descriptions(descriptions, s.max_descriptions, s.max_description_chars)
     _check_frames(frames, s.max_frames)
     _accept(file, "video/", "image/")
-    return await inference.run(call, await inference.retrieve(call, texts, top_k))
+    return await inference.run(call, await inference.retrieve(call, texts, top_k, per_frame))
 
 
 # ---- a request as the request path takes it ----------------------------------------------------

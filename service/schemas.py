@@ -74,9 +74,24 @@ class RankedDescription(BaseModel):
     score: float = Field(description="cosine similarity of the projected features")
 
 
+class FrameScores(BaseModel):
+    index: int = Field(description="frame index in the clip (0 for a still image)")
+    timestamp: float = Field(description="seconds from the start of the clip (0 for a still image)")
+    scores: list[float] = Field(
+        description="each description's score at this frame, in the order of `descriptions`: the cosine "
+        "of the frame's projected, L2-normalised feature with the description's text feature. The "
+        "ranking's `score` is the cosine with the pooled clip feature instead (the mean of the frames' "
+        "projected features, then L2), which is not the mean of these; for a still image the two are equal"
+    )
+
+
 class RetrieveResponse(BaseModel):
     media: Literal["image", "video"]
     ranking: list[RankedDescription]
+    timeline: list[FrameScores] | None = Field(
+        None,
+        description="with per_frame=true, one entry per sampled frame (a still image: one entry); else null",
+    )
     model: str
     model_warning: str | None = MODEL_WARNING
     timing: Timing

@@ -243,9 +243,16 @@ def read_index(image: Image.Image) -> int:
 
 
 def make_video(
-    path: Path, n_frames: int, *, fps: int = 25, codec: str = "libx264", gop: int = 25, size: int = 64
+    path: Path,
+    n_frames: int,
+    *,
+    fps: int = 25,
+    codec: str = "libx264",
+    gop: int = 25,
+    size: int = 64,
+    draw: Callable[[int, int], np.ndarray] = index_frame,
 ) -> Path:
-    """A clip whose frame i shows i in binary (see `index_frame`)."""
+    """A clip whose frame i is `draw(i, size)`: by default i in binary (see `index_frame`)."""
     pix_fmt = {"gif": "rgb8", "mpeg4": "yuv420p"}.get(codec, "yuv420p")
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=Fraction(fps, 1))
@@ -256,7 +263,7 @@ def make_video(
         if codec == "libx264":
             stream.options = {"preset": "ultrafast", "crf": "18"}
         for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(index_frame(i, size), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(draw(i, size), format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():

@@ -120,6 +120,28 @@ def test_retrieve_ranks_every_description(model_env, tmp_path, capsys):
     assert {r["text"] for r in ranking} <= {"smiles", "frowns deeply", "raises eyebrows"}
 
 
+def test_retrieve_per_frame_prints_the_service_answer(model_env, client, tmp_path, capsys):
+    clip = make_video(tmp_path / "c.mp4", 30)
+    texts = ["smiles", "frowns deeply", "raises eyebrows"]
+    (tmp_path / "d.txt").write_text("\n".join(texts))
+    argv = ["retrieve", str(clip), "--descriptions", str(tmp_path / "d.txt"), "--no-detect-faces"]
+    code, rows, _ = run_cli(capsys, *argv, "--frames", "6", "--per-frame")
+    served = client.post(
+        "/retrieve",
+        files={"file": ("c.mp4", clip.read_bytes(), "video/mp4")},
+        data={"descriptions": json.dumps(texts), "frames": "6", "per_frame": "true", "detect_faces": "false"},
+    ).json()
+    printed = rows[0]
+    assert code == 0 and printed["media"] == served["media"] == "video"
+    assert [r["index"] for r in printed["ranking"]] == [r["index"] for r in served["ranking"]]
+    assert len(printed["timeline"]) == 6
+    for mine, theirs in zip(printed["timeline"], served["timeline"], strict=True):
+        assert set(mine) == set(theirs) == {"index", "timestamp", "scores"}
+        assert (mine["index"], mine["timestamp"]) == (theirs["index"], theirs["timestamp"])
+        assert mine["scores"] == pytest.approx(theirs["scores"], abs=1e-5)
+    assert run_cli(capsys, *argv)[1][0]["timeline"] is None  # only when asked for
+
+
 def test_cli_on_shared_data(model_env, capsys, shared_data):
     images = sorted((shared_data / "ferplus_valid" / "images").glob("*.png"))[:4]
     code, rows, _ = run_cli(capsys, "predict", "--classes", "ferplus", *map(str, images))

@@ -207,12 +207,11 @@ def screenshot(page, shots: Path, name: str) -> None:
     page.set_viewport_size(PHONE)
     # a shown timeline redraws at its container's new width (chart.js: never under 280 px)
     page.wait_for_function(
-        """() => {
-            const chart = document.getElementById('video-chart');
+        """() => [...document.querySelectorAll('.chart')].every((chart) => {
             const drawn = chart.querySelector('svg');
             const wanted = Math.max(280, Math.floor(chart.clientWidth));
-            return !drawn || Math.abs(drawn.width.baseVal.value - wanted) < 2;
-        }"""
+            return !drawn || !chart.clientWidth || Math.abs(drawn.width.baseVal.value - wanted) < 2;
+        })"""
     )
     width = page.evaluate("document.documentElement.scrollWidth")
     page.screenshot(path=shots / f"{name}-phone.png", full_page=True)
@@ -431,6 +430,59 @@ def test_retrieve_view_ranks_in_the_api_order(page, server, astronaut, shots):
     expect(hint).to_contain_text("cosine similarity")
     expect(hint).to_contain_text("from the lowest score")
     screenshot(page, shots, "retrieve")
+
+
+def test_retrieve_view_draws_each_descriptions_score_over_time(page, server, astronaut, tmp_path, shots):
+    """A clip's ranking comes with a line per description (the API's per-frame scores, in the order the
+    descriptions were given); choosing a frame seeks the clip there. An image has no such chart."""
+    clip = make_video(tmp_path / "clip.mp4", 40, fps=20, size=128)
+    texts = ["a person smiling broadly", "a person frowning in anger", "a calm face"]
+    expected = api(server, "/retrieve", clip, "video/mp4", descriptions=texts, top_k=3, per_frame=True).json()
+    open_page(page, "retrieve")
+    page.set_input_files("#retrieve-file", str(clip))
+    page.fill("#retrieve-descriptions", "\n".join(texts))
+    with page.expect_request("**/retrieve") as sent:
+        page.click("#retrieve-run")
+    assert b'name="per_frame"\r\n\r\ntrue\r\n' in sent.value.post_data_buffer
+
+    chart = page.locator("#retrieve-chart")
+    points = chart.locator(".frame-point")
+    expect(points).to_have_count(len(expected["timeline"]))
+    stamps = [float(p.get_attribute("data-timestamp")) for p in points.all()]
+    assert stamps == [f["timestamp"] for f in expected["timeline"]]
+    lines = chart.locator("polyline")
+    assert [line.get_attribute("data-series") for line in lines.all()] == texts
+    # every point's height is the same linear map of the API's score (higher score, higher point)
+    heights = [
+        (f["scores"][d], float(point.split(",")[1]))
+        for d, line in enumerate(lines.all())
+        for f, point in zip(expected["timeline"], line.get_attribute("points").split(), strict=True)
+    ]
+    (s0, y0), (s1, y1) = min(heights), max(heights)
+    assert y1 < y0
+    for score, y in heights:
+        assert abs(y - (y0 + (score - s0) * (y1 - y0) / (s1 - s0))) < 0.2
+    assert page.locator("#retrieve-legend li").all_inner_texts() == texts
+    expect(page.locator("#retrieve-table tbody tr")).to_have_count(len(expected["timeline"]))
+    hint = page.locator("#retrieve-timeline-hint")
+    expect(hint).to_contain_text("cosine similarity")
+    expect(hint).to_contain_text("not the average")
+    expect(page.locator("#retrieve-scores-hint")).to_be_visible()  # the ranking's explanation stays
+
+    page.wait_for_function("() => document.querySelector('#retrieve-media video').readyState >= 1")
+    points.nth(10).click()
+    seeked = "t => Math.abs(document.querySelector('#retrieve-media video').currentTime - t) < 0.06"
+    page.wait_for_function(seeked, arg=stamps[10])
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("Enter")
+    page.wait_for_function(seeked, arg=stamps[11])
+    expect(page.locator("#retrieve-frame-info")).to_contain_text(f"Frame {expected['timeline'][11]['index']}")
+    screenshot(page, shots, "retrieve-over-time")
+
+    page.set_input_files("#retrieve-file", str(astronaut))
+    page.click("#retrieve-run")
+    expect(page.locator("#retrieve-media img")).to_have_count(1)
+    expect(page.locator("#retrieve-over-time")).to_be_hidden()
 
 
 def test_a_ranking_in_flight_is_never_shown_under_the_next_file(page, server, astronaut, tmp_path):

@@ -1,18 +1,36 @@
-// The per-frame timeline: probability of each class over time, one line per class, drawn as SVG at
-// the container's real pixel width (redrawn when it changes, so text never shrinks on a phone).
-// Each sampled frame is one point group: click it, or focus the chart and use the arrow keys and
-// Enter, to seek the video there (`onSeek(timestamp, frame)`).
+// A per-frame timeline: a value of each series over time, one line per series, drawn as SVG at the
+// container's real pixel width (redrawn when it changes, so text never shrinks on a phone). The Video
+// view draws each class's probability; the Retrieve view each description's score. Each sampled frame
+// is one point group: click it, or focus the chart and use the arrow keys and Enter, to seek the video
+// there (`onSeek(timestamp, frame)`).
 
 import { colourFor, percent, ranked, seconds, svg } from "./ui.js";
 
 const HEIGHT = 240;
 const MARGIN = { top: 12, right: 16, bottom: 34, left: 44 };
 
+// The Video view's series: class words, read from each frame's probabilities on a 0 to 1 scale.
+const probability = (frame, cls) => frame.probabilities[cls] ?? 0;
+const asPercent = (p) => `${p * 100}%`;
+
+function describeClasses(f) {
+  const top = ranked(f.probabilities)[0];
+  return `${top[0]} ${percent(top[1])}${f.face_detected ? "" : ", no face found"}`;
+}
+
 /**
- * Renders `timeline` ([{index, timestamp, face_detected, label, probabilities}]) into `container`.
- * Returns {setTime(t), destroy()}.
+ * Renders `timeline` ([{index, timestamp, ...}]) into `container`, a line per entry of `series`. By
+ * default the series are class words and each frame is a /predict-video timeline entry; `value(frame,
+ * name, i)`, `range` ([low, high]), `tick(v)` (a y-axis label) and `describe(frame)` (what a point says
+ * to a screen reader) draw any other values. Returns {setTime(t), select(i), destroy()}.
  */
-export function timelineChart(container, timeline, classes, { duration, onSeek, onFocusFrame }) {
+export function timelineChart(
+  container,
+  timeline,
+  series,
+  { duration, onSeek, onFocusFrame, value = probability, range = [0, 1], tick = asPercent, describe = describeClasses },
+) {
+  const [low, high] = range;
   let selected = 0; // the frame that takes the focus
   let chosen = false; // whether a frame was chosen; until then none is marked selected
   let playhead = null;
@@ -28,7 +46,8 @@ export function timelineChart(container, timeline, classes, { duration, onSeek, 
     const plotW = width - MARGIN.left - MARGIN.right;
     const plotH = HEIGHT - MARGIN.top - MARGIN.bottom;
     x = (t) => MARGIN.left + (t / end) * plotW;
-    const y = (p) => MARGIN.top + (1 - p) * plotH;
+    const y = (v) => MARGIN.top + (1 - (v - low) / (high - low)) * plotH;
+    const bottom = MARGIN.top + plotH;
 
     const chart = svg("svg", {
       class: "timeline",
@@ -41,37 +60,38 @@ export function timelineChart(container, timeline, classes, { duration, onSeek, 
 
     // grid and y axis
     const grid = svg("g", { class: "grid", "aria-hidden": "true" });
-    for (const p of [0, 0.25, 0.5, 0.75, 1]) {
-      grid.append(svg("line", { x1: MARGIN.left, x2: width - MARGIN.right, y1: y(p), y2: y(p) }));
+    for (const q of [0, 0.25, 0.5, 0.75, 1]) {
+      const v = low + q * (high - low);
+      grid.append(svg("line", { x1: MARGIN.left, x2: width - MARGIN.right, y1: y(v), y2: y(v) }));
       grid.append(
-        svg("text", { x: MARGIN.left - 6, y: y(p), "text-anchor": "end", "dominant-baseline": "middle", text: `${p * 100}%` }),
+        svg("text", { x: MARGIN.left - 6, y: y(v), "text-anchor": "end", "dominant-baseline": "middle", text: tick(v) }),
       );
     }
     // x axis: a tick at every sampled frame, a label where there is room
     const axis = svg("g", { class: "axis", "aria-hidden": "true" });
-    axis.append(svg("line", { x1: MARGIN.left, x2: width - MARGIN.right, y1: y(0), y2: y(0) }));
+    axis.append(svg("line", { x1: MARGIN.left, x2: width - MARGIN.right, y1: bottom, y2: bottom }));
     let lastLabel = -Infinity;
     timeline.forEach((f, i) => {
       const px = x(f.timestamp);
-      axis.append(svg("line", { class: "tick", x1: px, x2: px, y1: y(0), y2: y(0) + 5 }));
+      axis.append(svg("line", { class: "tick", x1: px, x2: px, y1: bottom, y2: bottom + 5 }));
       const isLast = i === timeline.length - 1;
       if (px - lastLabel >= 52 && (isLast || x(timeline.at(-1).timestamp) - px >= 52)) {
-        axis.append(svg("text", { x: px, y: y(0) + 18, "text-anchor": "middle", text: seconds(f.timestamp) }));
+        axis.append(svg("text", { x: px, y: bottom + 18, "text-anchor": "middle", text: seconds(f.timestamp) }));
         lastLabel = px;
       }
     });
     grid.append(axis);
     chart.append(grid);
 
-    // one line per class
+    // one line per series
     const lines = svg("g", { class: "lines", "aria-hidden": "true" });
-    classes.forEach((cls, c) => {
-      const points = timeline.map((f) => `${x(f.timestamp).toFixed(1)},${y(f.probabilities[cls] ?? 0).toFixed(1)}`);
-      lines.append(svg("polyline", { points: points.join(" "), stroke: colourFor(c), "data-class": cls }));
+    series.forEach((name, c) => {
+      const points = timeline.map((f) => `${x(f.timestamp).toFixed(1)},${y(value(f, name, c)).toFixed(1)}`);
+      lines.append(svg("polyline", { points: points.join(" "), stroke: colourFor(c), "data-series": name }));
     });
     chart.append(lines);
 
-    playhead = svg("line", { class: "playhead", y1: MARGIN.top, y2: y(0), x1: MARGIN.left, x2: MARGIN.left, "aria-hidden": "true" });
+    playhead = svg("line", { class: "playhead", y1: MARGIN.top, y2: bottom, x1: MARGIN.left, x2: MARGIN.left, "aria-hidden": "true" });
     chart.append(playhead);
 
     // one interactive group per sampled frame
@@ -79,7 +99,6 @@ export function timelineChart(container, timeline, classes, { duration, onSeek, 
     const spacing = timeline.length > 1 ? plotW / timeline.length : plotW;
     timeline.forEach((f, i) => {
       const px = x(f.timestamp);
-      const top = ranked(f.probabilities)[0];
       const group = svg("g", {
         class: chosen && i === selected ? "frame-point selected" : "frame-point",
         role: "button",
@@ -87,14 +106,14 @@ export function timelineChart(container, timeline, classes, { duration, onSeek, 
         "data-index": i,
         "data-frame": f.index,
         "data-timestamp": f.timestamp,
-        "aria-label": `Frame ${f.index} at ${seconds(f.timestamp)}: ${top[0]} ${percent(top[1])}${f.face_detected ? "" : ", no face found"}`,
+        "aria-label": `Frame ${f.index} at ${seconds(f.timestamp)}: ${describe(f)}`,
       });
       group.append(
         svg("rect", { class: "hit", x: px - spacing / 2, y: MARGIN.top, width: spacing, height: plotH + 8 }),
-        svg("line", { class: "guide", x1: px, x2: px, y1: MARGIN.top, y2: y(0) }),
+        svg("line", { class: "guide", x1: px, x2: px, y1: MARGIN.top, y2: bottom }),
       );
-      classes.forEach((cls, c) => {
-        group.append(svg("circle", { cx: px, cy: y(f.probabilities[cls] ?? 0), r: 3.5, fill: colourFor(c) }));
+      series.forEach((name, c) => {
+        group.append(svg("circle", { cx: px, cy: y(value(f, name, c)), r: 3.5, fill: colourFor(c) }));
       });
       points.append(group);
     });

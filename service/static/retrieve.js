@@ -1,12 +1,15 @@
-// Retrieve view: a clip (or an image) and descriptions, one a line -> POST /retrieve -> the
-// descriptions ranked by similarity, with their scores as bars.
+// Retrieve view: a clip (or an image) and descriptions, one a line -> POST /retrieve (per_frame=true)
+// -> the descriptions ranked by similarity, with their scores as bars, and for a clip each
+// description's score at every sampled frame, a line each; choosing a frame seeks the clip there.
 
+import { timelineChart } from "./chart.js";
 import * as settings from "./settings.js";
 import { viewRequests } from "./request.js";
-import { $, dropzone, el, filePicker, ms, say } from "./ui.js";
+import { $, colourFor, dropzone, el, filePicker, ms, say, seconds } from "./ui.js";
 
 let file = null;
 let mediaUrl = null;
+let chart = null;
 const send = viewRequests("retrieve-result", "retrieve-message");
 
 const message = () => $("retrieve-message");
@@ -47,13 +50,14 @@ async function run() {
     descriptions: JSON.stringify(texts),
     top_k: texts.length,
     detect_faces: settings.current().detect_faces,
+    per_frame: true,
   };
   const busy = `Ranking ${texts.length} description${texts.length === 1 ? "" : "s"}…`;
-  const asked = { name: file.name || "upload", url: mediaUrl }; // what this ranking is of
+  const asked = { name: file.name || "upload", url: mediaUrl, texts }; // what this ranking is of
   await send(busy, "retrieve", fields, (body, roundTrip) => show(body, roundTrip, asked));
 }
 
-function show(body, roundTrip, { name, url }) {
+function show(body, roundTrip, { name, url, texts }) {
   const media = $("retrieve-media");
   const preview =
     body.media === "image"
@@ -90,6 +94,90 @@ function show(body, roundTrip, { name, url }) {
     }),
   );
   $("retrieve-result").hidden = false;
+  showOverTime(body, texts, preview);
+}
+
+/** A clip's per-frame scores as a chart (a line per description, in the order they were given) and
+ * a table; a still image has one frame, so nothing over time to show. */
+function showOverTime(body, texts, player) {
+  chart?.destroy();
+  chart = null;
+  const timeline = body.media === "video" ? body.timeline || [] : [];
+  const section = $("retrieve-over-time");
+  section.hidden = !timeline.length;
+  if (!timeline.length) return;
+
+  $("retrieve-legend").replaceChildren(
+    el(
+      "ul",
+      { "aria-label": "Line colours" },
+      ...texts.map((text, d) => {
+        const swatch = el("span", { className: "swatch", "aria-hidden": "true" });
+        swatch.style.backgroundColor = colourFor(d);
+        return el("li", {}, swatch, el("span", { text }));
+      }),
+    ),
+  );
+  // cosines of one clip sit close together: the axis spans the scores shown, with a margin
+  const all = timeline.flatMap((f) => f.scores);
+  const low = Math.min(...all);
+  const high = Math.max(...all);
+  const margin = Math.max((high - low) * 0.1, 0.005);
+  const info = $("retrieve-frame-info");
+  info.textContent = "";
+  const mine = timelineChart($("retrieve-chart"), timeline, texts, {
+    duration: player.duration || 0,
+    value: (f, _text, d) => f.scores[d],
+    range: [low - margin, high + margin],
+    tick: (v) => v.toFixed(3),
+    describe: (f) => {
+      const best = bestAt(f);
+      return `“${texts[best]}” scores highest, ${f.scores[best].toFixed(3)}`;
+    },
+    onSeek: (t) => {
+      player.currentTime = t;
+    },
+    onFocusFrame: (f) => {
+      const scores = texts.map((text, d) => `“${text}” ${f.scores[d].toFixed(3)}`).join(", ");
+      info.textContent = `Frame ${f.index} at ${seconds(f.timestamp)}: ${scores}. Enter seeks the clip here.`;
+    },
+  });
+  chart = mine;
+  const follow = () => chart === mine && mine.setTime(player.currentTime);
+  player.addEventListener("timeupdate", follow);
+  player.addEventListener("seeked", follow);
+  renderTable(timeline, texts);
+}
+
+function bestAt(frame) {
+  return frame.scores.reduce((best, score, d) => (score > frame.scores[best] ? d : best), 0);
+}
+
+function renderTable(timeline, texts) {
+  const head = el(
+    "tr",
+    {},
+    el("th", { scope: "col", text: "Time" }),
+    el("th", { scope: "col", text: "Frame" }),
+    ...texts.map((text) => el("th", { scope: "col", text })),
+  );
+  const rows = timeline.map((f, i) => {
+    const button = el("button", { type: "button", className: "link-button", text: seconds(f.timestamp) });
+    button.setAttribute("aria-label", `Seek to ${seconds(f.timestamp)}`);
+    button.addEventListener("click", () => chart?.select(i)); // the chart seeks the clip as it selects
+    return el(
+      "tr",
+      {},
+      el("th", { scope: "row" }, button),
+      el("td", { text: String(f.index) }),
+      ...f.scores.map((score) => el("td", { text: score.toFixed(3) })),
+    );
+  });
+  $("retrieve-table").replaceChildren(
+    el("caption", { className: "visually-hidden", text: "Each description's score per sampled frame" }),
+    el("thead", {}, head),
+    el("tbody", {}, ...rows),
+  );
 }
 
 export function initRetrieve() {
