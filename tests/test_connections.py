@@ -16,10 +16,9 @@ import httpx
 import pytest
 import uvicorn
 
-from bench.server import free_port
 from service.connections import uvicorn_options
 from service.settings import ServiceSettings
-from tests.support import run_bounded
+from tests.support import free_port, run_bounded
 
 SLOW_S = 1.0  # how long /slow takes to answer: longer than the head timeout of these tests
 BLOCKING = threading.Event()  # set while /block holds the server's event loop
