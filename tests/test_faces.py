@@ -315,19 +315,19 @@ def test_canvas_helpers():
     assert hit == [True, False] and stray == 1
 
 
-def test_a_video_frame_is_searched_small_and_its_face_mapped_back(detector, astronaut):
+def test_a_video_frame_is_searched_at_the_video_side(detector, astronaut):
     from model.options import PipelineOptions
-    from model.pipeline import largest_face_in_frame
+    from model.pipeline import faces_in_frame
 
     big = astronaut.resize((2048, 2048))  # 4x: the frame is searched at 320 px, 0.156 of its size
     searched = []
 
     class Spy:
-        def detect(self, image, *args, **kwargs):
-            searched.append(max(image.size))
-            return detector.detect(image, *args, **kwargs)
+        def detect(self, image, max_faces, long_side=None):
+            searched.append(long_side)
+            return detector.detect(image, max_faces, long_side=long_side)
 
-    (face,) = largest_face_in_frame(big, Spy(), PipelineOptions(video_face_side=320))
+    (face,) = faces_in_frame(big, Spy(), PipelineOptions(video_face_side=320))
     assert searched == [320]
     assert iou(face.box, Box(*(4 * v for v in ASTRONAUT_FACE.as_list()))) >= 0.5
     assert all(face.box.x <= x <= face.box.x + face.box.w for x, _ in face.landmarks)
