@@ -16,10 +16,8 @@ from skimage import data
 from model.faces.align import crop_face, eye_angle, landmarks_reliable, plain_crop
 from model.faces.base import Box, Face
 from model.faces.retinaface import WEIGHTS_SHA256, RetinaFaceDetector, model_bytes
-from model.faces.synthetic import SourceFace, background, iou, match, paste_face
-
-# The astronaut's face in skimage.data.astronaut() (512x512), as [x, y, w, h].
-ASTRONAUT_FACE = Box(178, 57, 95, 120)
+from model.faces.synthetic import ASTRONAUT_FACE, SourceFace, background, iou, match, paste_face
+from model.faces.synthetic import astronaut_face as cut_astronaut_face
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +31,9 @@ def astronaut() -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def astronaut_face(astronaut) -> SourceFace:
+def astronaut_face() -> SourceFace:
     """The face with about half its size of context on every side, and its box inside that patch."""
-    box = ASTRONAUT_FACE
-    left, top = box.x - box.w // 2, box.y - box.h // 2
-    patch = astronaut.crop((left, top, box.x + box.w + box.w // 2, box.y + box.h + box.h // 2))
-    return SourceFace(patch, (box.x - left, box.y - top, box.w, box.h))
+    return cut_astronaut_face()
 
 
 def canvas_with(
