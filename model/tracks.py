@@ -1,21 +1,21 @@
 """A clip's faces linked into one track per person, across its sampled frames.
 
 The frames are sparse (16 to 64 over a whole clip), so a person moves far between two of them and may
-be hidden behind another for a few. Each track keeps a constant-velocity motion model of its box (centre
-and log size, per sampled frame) and an appearance: the mean of its faces' projected CLIP features,
-which the encoder computes anyway. At each frame, every live track's predicted box is compared with
-every face found there, and the one-to-one matching of least total cost is solved exactly
-(`scipy.optimize.linear_sum_assignment`). The cost adds how little the boxes overlap, how far the face
-is from the prediction (in box sizes per sampled frame), and how unlike the track's appearance it looks;
-a face too far or too differently sized from every prediction opens a track of its own. A track that
-finds no face keeps predicting for up to MEMORY sampled frames, so a person hidden for a moment keeps
-their track; one gone longer gets a new track when they come back.
+be hidden behind another for a few. Each track keeps a constant-velocity motion model of its box
+(centre and log size, per sampled frame) and an appearance: a running mean of its faces' projected
+CLIP features, which the encoder computes anyway. At each frame, every live track's predicted box is
+compared with every face found there, and the one-to-one matching of least total cost is solved
+exactly (`scipy.optimize.linear_sum_assignment`). The cost adds how little the boxes overlap, how far
+the face is from the prediction (in box sizes per sampled frame), and how unlike the track's appearance
+it looks; a face too far or too differently sized from every prediction opens a track of its own. A
+track that finds no face keeps predicting for up to MEMORY sampled frames, so a person hidden for a
+moment keeps their track; one gone longer gets a new track when they come back.
 
 Why our own cost over scipy's solver rather than a tracking library: the SORT family (SORT, ByteTrack,
 OC-SORT, norfair) assumes dense frames, where boxes overlap from one frame to the next and a Kalman
-filter's noise is tuned per frame; their DeepSORT-style appearance needs a re-identification network of
-its own. Here the appearance comes free from the encoder and the steps are long, and the whole problem
-is a few faces over a few dozen frames, which the solver does exactly in microseconds.
+filter's noise is tuned per frame, and DeepSORT-style appearance needs a re-identification network of
+its own. Here the appearance comes free from the encoder, the steps are long, and the whole problem is
+a few faces over a few dozen frames: small enough to solve exactly.
 
 Pure functions of boxes `[x, y, w, h]` (any pixel unit) and feature tensors: nothing here knows the model.
 """

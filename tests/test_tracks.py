@@ -32,6 +32,7 @@ from model.pipeline import (
     encode_in_batches,
     face_rows,
     face_tracks,
+    frame_boxes,
     pool,
     predict_video,
     prepare_video,
@@ -242,7 +243,7 @@ def test_each_person_gets_one_track_that_stays_on_them(engine, detector, person,
 def test_each_track_is_pooled_as_a_clip_is(engine, detector, person, tmp_path):
     clip = people_clip(tmp_path / "people.mp4", walks_for("sizes swap", person))
     prepared, features, answer = predict(engine, detector, clip.path, per_frame=False)
-    tracks = face_tracks([[f.box.as_list() for f in faces] for faces in prepared.faces], features)
+    tracks = face_tracks(frame_boxes(prepared), features)
     text = engine.class_features(BASIC7, "P-3")
     for track, answered in zip(tracks, answer.tracks, strict=True):
         expected = classify(pool(features[track.rows]).unsqueeze(0), text, BASIC7)
@@ -302,6 +303,22 @@ def test_small_faces_of_a_1080p_frame_are_found(engine, detector, tmp_path):
     frames = read_video(str(clip.path), 16).frames
     at_photo_side = sum(len(detector.detect(frame, 10)) for frame in frames)
     assert at_photo_side <= sum(len(t.frames) for t in answer.tracks) - 10
+
+
+def test_fer_eval_pools_each_clip_s_main_track(engine, detector, person, tmp_path):
+    """`fer eval` (and its Ray path, which calls the same encode_chunk) scores a clip as the service
+    answers it: by its main track, the plain-CLIP feature pooled over the same faces."""
+    from model.evaluate.features import encode_items
+
+    clip = people_clip(tmp_path / "people.mp4", walks_for("one enters late", person))
+    encoded = encode_items(engine, [clip.path], PipelineOptions(frames=16), detector=detector)
+    prepared, features, answer = predict(engine, detector, clip.path)
+    main = face_tracks(frame_boxes(prepared), features)[0]
+    assert [prepared.clip.indices[f] for f in main.frames] == [f.index for f in answer.tracks[0].frames]
+    torch.testing.assert_close(encoded.features[0], pool(features[main.rows]))
+    assert not torch.allclose(encoded.features[0], pool(features), atol=1e-3)
+    raw = encode_in_batches(engine.embed_pixels, prepared.pixels, 64)
+    torch.testing.assert_close(encoded.clip_features[0], pool(raw[main.rows]))
 
 
 # ---- admission, the service and the command ----------------------------------------------------------
