@@ -13,7 +13,10 @@ from model.prompts import CLASS_PRESETS, PROMPT_SETS
 
 # Evaluation sets are usually face crops already (RAF-DB, FERPlus, AffectNet): detecting again would
 # crop a crop, and the paper's numbers were computed on the crops as given.
-EVAL_FACES = "off: datasets hold face crops, scored as given, as in the paper; on: each item's largest face"
+EVAL_FACES = (
+    "off: datasets hold face crops, scored as given, as in the paper; on: each image's largest face, each "
+    "clip's main track (the person in the most frames)"
+)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

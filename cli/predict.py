@@ -40,7 +40,7 @@ def add_face_option(parser: argparse.ArgumentParser, default: str = "on, as the 
         "--detect-faces",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help=f"classify each detected face (a video: each frame's largest face) instead of the whole image "
+        help=f"classify each detected face (a video: each person's faces, as a track) instead of the whole image "
         f"(default: {default}; FER_FACE_DETECTOR=none turns detection off)",
     )
 

@@ -67,6 +67,6 @@ async def get_labels(
 
 LabelsDep = Annotated[Labels, Depends(get_labels)]
 DetectField = Annotated[
-    bool, Form(description="classify each detected face (a video: each frame's largest face)")
+    bool, Form(description="classify each detected face (a video: each person's faces, as a track)")
 ]
 FramesField = Annotated[int, Form(ge=1, description="frames sampled (16 equal segments' middle frames)")]

@@ -487,6 +487,29 @@ def test_eval_on_ray_gives_the_same_metrics(cluster, model_env, official_project
         assert (tmp_path / "ray" / name).read_text() == (tmp_path / "one" / name).read_text(), name
 
 
+def test_eval_with_faces_on_ray_pools_the_same_main_tracks(cluster, model_env, tmp_path, capsys):
+    """A clip of two people: the decode actors send its face boxes, the encoder actors keep its main
+    track, as `fer eval` does in one process."""
+    from model.faces.synthetic import Walk, astronaut_face, people_clip, recoloured
+
+    make_dataset(tmp_path / "data")
+    face = astronaut_face(context=0.3)
+    walks = [
+        Walk(recoloured(face, 0), (0.3, 0.5), (0.35, 0.5), (0.08, 0.14)),
+        Walk(recoloured(face, 1), (0.7, 0.5), (0.65, 0.5), (0.14, 0.08)),
+    ]
+    people_clip(tmp_path / "data" / "happiness" / "people.mp4", walks, n_frames=24)
+    common = ["eval", "--data", str(tmp_path / "data"), "--prompts", "P-1", "--frames", "8", "--detect-faces"]
+    common += ["--batch-size", "3"]
+    with torch_threads(1):
+        assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    assert main([*common, "--out", str(tmp_path / "ray"), *RAY_ARGS, "--ray-gpus", "0"]) == 0
+    capsys.readouterr()
+    for name in ("metrics.json", "predictions.csv"):
+        assert (tmp_path / "ray" / name).read_text() == (tmp_path / "one" / name).read_text(), name
+    assert "people.mp4" in (tmp_path / "one" / "predictions.csv").read_text()
+
+
 def test_eval_retrieval_on_ray_gives_the_same_metrics(cluster, model_env, tmp_path, capsys):
     make_dataset(tmp_path / "data")
     pairs = tmp_path / "data" / "pairs.csv"
