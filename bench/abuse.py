@@ -248,8 +248,9 @@ def has_status(label: str) -> bool:
 
 
 def _attacker_count(row: dict, counts: Callable[[str], bool]) -> int | None:
+    """The attacker's requests whose outcome `counts`; none sent measures nothing."""
     attacker = row.get("attacker")
-    return None if attacker is None else sum(n for label, n in attacker.items() if counts(label))
+    return sum(n for label, n in attacker.items() if counts(label)) if attacker else None
 
 
 def every_request_answered(row: dict) -> dict:
@@ -346,14 +347,20 @@ async def decode_bombs(target: Target, inputs: Inputs, until: float, **sizes) ->
     return await flood(target, uploads, until, **sizes)
 
 
-@attack(full={"clients": 150, "per_client": 2}, quick={"clients": 40, "per_client": 2})
+@attack(
+    full={"clients": 150, "per_client": 2},
+    quick={"clients": 40, "per_client": 2},
+    targets=(refusals_say_when,),
+)
 async def video_flood(target: Target, inputs: Inputs, until: float, **sizes) -> Counter:
     """Many ordinary short clips to /predict-video at once."""
     upload = Upload.multipart("/predict-video", "clip.mp4", inputs.clip, "video/mp4")
     return await flood(target, [upload], until, timeout_s=until - time.monotonic(), **sizes)
 
 
-@attack(full={"clients": 3, "per_client": 10}, quick={"clients": 2, "per_client": 5})
+@attack(
+    full={"clients": 3, "per_client": 10}, quick={"clients": 2, "per_client": 5}, targets=(refusals_say_when,)
+)
 async def text_flood(target: Target, inputs: Inputs, until: float, **sizes) -> Counter:
     """/retrieve with 512 descriptions of 1,000 characters, Latin and CJK in turn."""
     uploads = [
