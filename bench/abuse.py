@@ -60,8 +60,8 @@ log = logging.getLogger("bench.abuse")
 TARGET_WORST_LATENCY_S = 5.0
 TARGET_SUCCESS_SHARE = 0.9
 # RSS a service may gain while refusing the size-changing video: room for several frames at the frame
-# limit (~28 MB each in RGB at FER_MAX_VIDEO_PIXELS' default), and far below one of the clip's
-# 12000x12000 frames decoded (~430 MB in RGB).
+# limit (~27 MB each in RGB at FER_MAX_VIDEO_PIXELS' default), and far below one of the clip's
+# 12000x12000 frames decoded (~410 MB in RGB).
 TARGET_RSS_GROWTH_MB = 256.0
 CONNECT_TIMEOUT_S = 5.0
 MB = 2**20
