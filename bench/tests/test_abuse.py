@@ -88,11 +88,7 @@ def test_the_size_changing_clip_declares_its_first_frame_s_size():
 
 def test_answers_are_labelled_with_their_code_and_a_missing_retry_after():
     def answer(status: int, body: object = None, **headers) -> httpx.Response:
-        return (
-            httpx.Response(status, json=body, headers=headers)
-            if body
-            else httpx.Response(status, headers=headers)
-        )
+        return httpx.Response(status, json=body, headers=headers)  # no body without `body`
 
     assert answer_label(answer(200, {"error": "not an error"})) == "200"
     assert answer_label(answer(413, {"error": "media_too_large", "detail": "x"})) == "413 media_too_large"
