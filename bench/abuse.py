@@ -4,17 +4,22 @@
 The victim sends ordinary `POST /predict` requests (bench.inputs' 640x480 JPEG with a face) at a steady
 pace, one at a time, each on a fresh connection. It runs first with no attack (the baseline), then
 beside each attack: decode bombs, a /predict-video flood, a /retrieve text flood, misbehaving
-connections, and uploads that disconnect midway. Every attack is bounded in count and time, targets
-127.0.0.1 only and closes every socket it opened when its window ends.
+connections, uploads that disconnect midway, a flood of uploads larger than the service receives at a
+time, silent uploads that declare the whole upload budget, and a video whose frames grow past the frame
+limit. Every attack is bounded in count and time, targets 127.0.0.1 only and closes every socket it
+opened when its window ends (the upload flood waits past the window for its answers, up to a timeout).
 
 Each scenario gets a fresh `fer serve` (stopped right after it), so one attack's aftermath cannot skew the
 next. A scenario: the attack starts, the victim joins after a short ramp, both stop at the window's end;
 then victim probes show whether the service recovered, and its RSS and open file descriptors are read.
+The service's RSS is also read every tenth of a second from the window's start, for its peak.
 
 Targets (per attack, reported, never an exit code): the victim's worst latency <= 5 s and >= 90% of its
-requests succeed. Prints the JSON report on stdout (and to --out, rewritten after each scenario with
-`complete` false until the end) and a table on stderr. Exit code 1 when a scenario could not be measured
-(it failed, or the baseline got no answer).
+requests succeed; and an attack's own, on what its requests got (`attack(targets=...)`): every request
+an HTTP status, every 429 and 503 a Retry-After, a refusal for what is over a limit, RSS bounded. Prints
+the JSON report on stdout (and to --out, rewritten after each scenario with `complete` false until the
+end) and a table on stderr. Exit code 1 when a scenario could not be measured (it failed, or the
+baseline got no answer).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import signal
 import struct
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -43,7 +49,7 @@ import av
 import httpx
 import numpy as np
 
-from bench.inputs import cached_clip, face_jpeg
+from bench.inputs import cached_clip, face_gif, face_jpeg, size_changing_clip
 from bench.load import LOOPBACK_HOST, Upload, check_loopback
 from bench.report import fmt, target, target_line
 from bench.run import git_commit, model_env, run_reported
@@ -53,6 +59,10 @@ log = logging.getLogger("bench.abuse")
 
 TARGET_WORST_LATENCY_S = 5.0
 TARGET_SUCCESS_SHARE = 0.9
+# RSS a service may gain while refusing the size-changing video: room for several frames at the frame
+# limit (~27 MB each in RGB at FER_MAX_VIDEO_PIXELS' default), and far below one of the clip's
+# 12000x12000 frames decoded (~410 MB in RGB).
+TARGET_RSS_GROWTH_MB = 256.0
 CONNECT_TIMEOUT_S = 5.0
 MB = 2**20
 
@@ -139,18 +149,27 @@ def descriptions(script: str, count: int = 512, chars: int = 1000) -> list[str]:
     return [f"{i}: {filler}"[: chars - 1] + "." for i in range(count)]  # no trailing space to strip
 
 
+# A 64x64 stream whose later frames are 144 MP each, 15 times FER_MAX_VIDEO_PIXELS' default; ~21 MB.
+SIZE_CHANGING_FRAMES = [(64, 64)] + [(12000, 12000)] * 10
+
+
 @dataclass(frozen=True)
 class Inputs:
     jpeg: bytes  # the victim's
     gif_bomb: bytes
     mp4_bomb: bytes
     clip: bytes  # the video flood's
+    gif: bytes  # the upload flood's: an ordinary animated GIF of ~2.8 MB
+    size_changing_clip: bytes
 
 
 def make_inputs(plan: Plan, cache_dir: Path) -> Inputs:
     cache_dir.mkdir(parents=True, exist_ok=True)
     clip = cached_clip(cache_dir, *plan.clip).read_bytes()
-    return Inputs(face_jpeg(), gif_canvas_bomb(), cached_mp4_bomb(cache_dir, *plan.mp4_bomb), clip)
+    return Inputs(
+        face_jpeg(), gif_canvas_bomb(), cached_mp4_bomb(cache_dir, *plan.mp4_bomb), clip, face_gif(),
+        size_changing_clip(SIZE_CHANGING_FRAMES),
+    )  # fmt: skip
 
 
 # ---- the service under attack ------------------------------------------------------------------------------
@@ -179,6 +198,7 @@ class Target:
 
 
 BOUNDARY = "abuse-boundary-0123456789"
+UPLOAD_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
 PART_START = (
     f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="big.jpg"\r\n'
     "Content-Type: image/jpeg\r\n\r\n\xff\xd8"
@@ -187,19 +207,20 @@ PART_START = (
 
 def upload_head(target: Target, length: int) -> bytes:
     """A /predict upload's head announcing a `length`-byte body, and that body's first bytes."""
-    content_type = f"multipart/form-data; boundary={BOUNDARY}"
-    return target.head("POST", "/predict", content_type, length) + PART_START
+    return target.head("POST", "/predict", UPLOAD_TYPE, length) + PART_START
 
 
 # ---- the attacks: each returns the attacker's outcomes, counted --------------------------------------------
 @dataclass(frozen=True)
 class Attack:
     """A scenario's attacker: `run(target, inputs, until, **sizes)`, with `full` sizes in the benchmark
-    and `quick` ones in the smoke run."""
+    and `quick` ones in the smoke run; `targets` judge the scenario's row (its attacker's outcomes, the
+    service's readings), beside the victim's targets that every scenario has."""
 
     run: Callable[..., Awaitable[Counter]]
     full: dict
     quick: dict
+    targets: tuple[Callable[[dict], dict], ...] = ()
 
     def sizes(self, plan: Plan) -> dict:
         return self.quick if plan.quick else self.full
@@ -208,14 +229,72 @@ class Attack:
 ATTACKS: dict[str, Attack] = {}  # the scenarios, in the order they run
 
 
-def attack(*, full: dict, quick: dict):
+def attack(*, full: dict, quick: dict, targets: tuple[Callable[[dict], dict], ...] = ()):
     """Makes the decorated coroutine function a scenario, under its name: a new scenario is one function."""
 
     def register(run: Callable[..., Awaitable[Counter]]):
-        ATTACKS[run.__name__] = Attack(run, full, quick)
+        ATTACKS[run.__name__] = Attack(run, full, quick, targets)
         return run
 
     return register
+
+
+# ---- an attack's own targets: each takes the scenario's row ({} when it failed) ----------------------------
+NO_RETRY_AFTER = "without Retry-After"
+
+
+def has_status(label: str) -> bool:
+    return label.split(" ", 1)[0].isdigit()
+
+
+def _attacker_count(row: dict, counts: Callable[[str], bool]) -> int | None:
+    """The attacker's requests whose outcome `counts`; none sent measures nothing."""
+    attacker = row.get("attacker")
+    return sum(n for label, n in attacker.items() if counts(label)) if attacker else None
+
+
+def every_request_answered(row: dict) -> dict:
+    value = _attacker_count(row, lambda label: not has_status(label))
+    return target("attacker_requests_without_status", value, "<=", 0,
+                  "the attacker's requests that got no HTTP status (a connection error, a timeout)")  # fmt: skip
+
+
+def refusals_say_when(row: dict) -> dict:
+    value = _attacker_count(row, lambda label: label.endswith(NO_RETRY_AFTER))
+    return target("refusals_without_retry_after", value, "<=", 0,
+                  "429 and 503 answers to the attacker without a Retry-After")  # fmt: skip
+
+
+def refused_as_too_large(row: dict) -> dict:
+    attacker = row.get("attacker") or {}
+    sent = sum(attacker.values())
+    value = attacker.get("413 media_too_large", 0) / sent if sent else None
+    return target("attacker_refused_media_too_large", value, ">=", 1.0,
+                  "the attacker's requests answered 413 media_too_large")  # fmt: skip
+
+
+def memory_bounded(row: dict) -> dict:
+    service = row.get("service") or {}
+    start, peak = service.get("start_rss_mb"), service.get("peak_rss_mb")
+    value = None if start is None or peak is None else peak - start
+    return target("service_rss_growth_mb", value, "<=", TARGET_RSS_GROWTH_MB,
+                  "the service's peak RSS over its RSS at the window's start, in MB")  # fmt: skip
+
+
+def answer_label(answer: httpx.Response) -> str:
+    """An answer as an outcome: its status and error code (`413 media_too_large`); a 429 or 503, which
+    ask the client to come back, without a Retry-After saying when is marked so."""
+    label = str(answer.status_code)
+    if answer.status_code >= 400:
+        try:
+            body = answer.json()
+        except ValueError:  # not JSON: a proxy's or the HTTP server's own page
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("error"), str):
+            label += f" {body['error']}"
+    if answer.status_code in (429, 503) and "retry-after" not in answer.headers:
+        label += f" {NO_RETRY_AFTER}"
+    return label
 
 
 async def flood(target: Target, uploads: list[Upload], until: float, *, clients: int, per_client: int,
@@ -235,7 +314,7 @@ async def flood(target: Target, uploads: list[Upload], until: float, *, clients:
                     answer = await client.post(
                         upload.path, content=upload.body, headers={"content-type": upload.content_type}
                     )
-                    outcomes[str(answer.status_code)] += 1
+                    outcomes[answer_label(answer)] += 1
                 except httpx.HTTPError as exc:
                     outcomes[type(exc).__name__] += 1
                 except asyncio.CancelledError:
@@ -268,14 +347,20 @@ async def decode_bombs(target: Target, inputs: Inputs, until: float, **sizes) ->
     return await flood(target, uploads, until, **sizes)
 
 
-@attack(full={"clients": 150, "per_client": 2}, quick={"clients": 40, "per_client": 2})
+@attack(
+    full={"clients": 150, "per_client": 2},
+    quick={"clients": 40, "per_client": 2},
+    targets=(refusals_say_when,),
+)
 async def video_flood(target: Target, inputs: Inputs, until: float, **sizes) -> Counter:
     """Many ordinary short clips to /predict-video at once."""
     upload = Upload.multipart("/predict-video", "clip.mp4", inputs.clip, "video/mp4")
     return await flood(target, [upload], until, timeout_s=until - time.monotonic(), **sizes)
 
 
-@attack(full={"clients": 3, "per_client": 10}, quick={"clients": 2, "per_client": 5})
+@attack(
+    full={"clients": 3, "per_client": 10}, quick={"clients": 2, "per_client": 5}, targets=(refusals_say_when,)
+)
 async def text_flood(target: Target, inputs: Inputs, until: float, **sizes) -> Counter:
     """/retrieve with 512 descriptions of 1,000 characters, Latin and CJK in turn."""
     uploads = [
@@ -375,6 +460,47 @@ async def disconnects(
     return outcomes
 
 
+@attack(
+    full={"clients": 150, "frames": 64, "detect_faces": True, "timeout_s": 120.0},
+    quick={"clients": 150, "frames": 64, "detect_faces": False, "timeout_s": 60.0},
+    targets=(every_request_answered, refusals_say_when),
+)
+async def upload_flood(target: Target, inputs: Inputs, until: float, *, clients: int, frames: int,
+                       detect_faces: bool, timeout_s: float) -> Counter:  # fmt: skip
+    """`clients` clients post the ~2.8 MB GIF to /predict-video (`frames` sampled) at once, once each:
+    more than the upload budget (FER_MAX_UPLOADS_MB), so many are refused while still sending, and more
+    than the video queue admits. Each waits for its answer past the window, up to `timeout_s`: a refusal
+    must reach the client as a status, not as a reset connection. (The smoke run skips face detection,
+    which makes the admitted requests' work short; the uploads are the same.)"""
+    fields = {"frames": str(frames), "detect_faces": str(detect_faces).lower()}
+    upload = Upload.multipart("/predict-video", "face.gif", inputs.gif, "image/gif", fields)
+    return await flood(target, [upload], time.monotonic() + timeout_s, clients=clients, per_client=1,
+                       timeout_s=timeout_s)  # fmt: skip
+
+
+@attack(full={"silent": 4, "declared_mb": 50}, quick={"silent": 4, "declared_mb": 50})
+async def silent_lockout(target: Target, inputs: Inputs, until: float, *, silent: int,
+                         declared_mb: float) -> Counter:  # fmt: skip
+    """`silent` /predict uploads, each declaring `declared_mb` (together the default upload budget, each
+    the largest upload) and sending nothing after its head, held open for the window: a declaration
+    costs the client nothing, so it must not shut the victim's uploads out."""
+    head = target.head("POST", "/predict", UPLOAD_TYPE, int(declared_mb * MB))
+    return Counter(await asyncio.gather(*(hold(target, head, b"", 1, 0.0, until) for _ in range(silent))))
+
+
+@attack(
+    full={"clients": 2, "per_client": 10},
+    quick={"clients": 1, "per_client": 2},
+    targets=(refused_as_too_large, memory_bounded, refusals_say_when),
+)
+async def size_changing_video(target: Target, inputs: Inputs, until: float, **sizes) -> Counter:
+    """A clip whose stream declares 64x64 while its later frames are 12000x12000 (an MJPEG in MKV; a
+    new H.264 SPS does the same), to /predict-video: refused as too large, before its frames are
+    decoded at their real size."""
+    upload = Upload.multipart("/predict-video", "clip.mkv", inputs.size_changing_clip, "video/x-matroska")
+    return await flood(target, [upload], until, timeout_s=until - time.monotonic(), **sizes)
+
+
 # ---- the victim --------------------------------------------------------------------------------------------
 class Victim:
     """An ordinary client: `POST /predict`, one request at a time, each on a fresh connection (so a
@@ -438,6 +564,12 @@ def summarise_victim(answers: list[tuple[str, float]]) -> dict:
 
 
 # ---- one scenario ------------------------------------------------------------------------------------------
+def watch_rss(service: Service, stop: threading.Event, every_s: float = 0.1) -> None:
+    """Reads the service's RSS until `stop`, so that its peak (`Service.peak_rss_mb`) is seen."""
+    while not stop.wait(every_s):
+        service.rss_mb()
+
+
 def run_scenario(name: str, service: Service, inputs: Inputs, plan: Plan) -> dict:
     """The attack `name` (none for the baseline) with the victim beside it, then the recovery probes and
     the service's readings."""
@@ -448,19 +580,28 @@ def run_scenario(name: str, service: Service, inputs: Inputs, plan: Plan) -> dic
         with victim.client:
             if "200" not in [victim.ask()[0] for _ in range(2)]:  # also pays for first-call allocations
                 raise RuntimeError(f"no warm-up request succeeded; service log:\n{service.log_tail()}")
+            start_rss_mb = service.rss_mb()
             start = time.monotonic()
             until = start + plan.window_s
             # The victim's own thread: the attackers' busy event loop adds nothing to its latencies.
-            with ThreadPoolExecutor(1) as pool:
-                answers = pool.submit(victim.run, start + plan.ramp_s, until, plan.victim_rate_per_s)
-                if name in ATTACKS:
-                    attacker = ATTACKS[name]
-                    attacking = attacker.run(target, inputs, until, **attacker.sizes(plan))
-                    result["attacker"] = dict(asyncio.run(attacking))
-                result["victim"] = summarise_victim(answers.result())
+            with ThreadPoolExecutor(2) as pool:
+                attacked = threading.Event()
+                pool.submit(watch_rss, service, attacked)
+                try:
+                    answers = pool.submit(victim.run, start + plan.ramp_s, until, plan.victim_rate_per_s)
+                    if name in ATTACKS:
+                        attacker = ATTACKS[name]
+                        attacking = attacker.run(target, inputs, until, **attacker.sizes(plan))
+                        result["attacker"] = dict(asyncio.run(attacking))
+                    result["victim"] = summarise_victim(answers.result())
+                finally:
+                    attacked.set()
             result["recovery"] = victim.recover(plan.recovery_s)
         fds = sum(p.num_fds() for p in process_tree(service.process.pid))
-        result["service"] = {"rss_mb": service.rss_mb(), "fds": fds}
+        result["service"] = {
+            "rss_mb": service.rss_mb(), "start_rss_mb": start_rss_mb, "peak_rss_mb": service.peak_rss_mb,
+            "fds": fds,
+        }  # fmt: skip
     except Exception as exc:
         log.exception("the scenario %s failed", name)
         result["error"] = f"{type(exc).__name__}: {exc}"
@@ -469,32 +610,35 @@ def run_scenario(name: str, service: Service, inputs: Inputs, plan: Plan) -> dic
 
 # ---- the report --------------------------------------------------------------------------------------------
 def evaluate_targets(attacks: list[dict]) -> list[dict]:
-    """Per attack, the victim's worst latency and success share, as bench.report's targets; a missing
-    figure (no victim request, a scenario that failed) is not a pass."""
+    """Per attack, the victim's worst latency and success share, then the attack's own targets, as
+    bench.report's targets; a missing figure (no victim request, a scenario that failed) is not a pass."""
     targets = []
     for row in attacks:
-        victim = {} if "error" in row else row.get("victim") or {}
+        measured = {} if "error" in row else row
+        victim = measured.get("victim") or {}
         worst = victim.get("max_ms")
         worst_s = None if worst is None else worst / 1000
+        own = ATTACKS[row["name"]].targets if row["name"] in ATTACKS else ()
         for t in (
             target("victim_worst_latency_s", worst_s, "<=", TARGET_WORST_LATENCY_S, "the victim's slowest request"),
             target("victim_success_share", victim.get("success_share"), ">=", TARGET_SUCCESS_SHARE,
                    "the victim's requests answered 200"),
+            *(judge(measured) for judge in own),
         ):  # fmt: skip
             targets.append({"attack": row["name"], **t})
     return targets
 
 
-ROW = "{:<14} {:>5} {:>5} {:>7} {:>7} {:>7} {:>10} {:>7} {:>5}  {}"
+ROW = "{:<19} {:>5} {:>5} {:>7} {:>7} {:>7} {:>10} {:>7} {:>7} {:>5}  {}"
+HEADINGS = ("scenario", "sent", "ok", "p50 ms", "p95 ms", "max ms", "recovered", "RSS MB", "peak MB", "fds",
+            "attacker")  # fmt: skip
 
 
 def format_table(report: dict) -> str:
     settings, machine = report["settings"], report["machine"]
     lines = [
         f"abuse run: {settings['model']}, {machine['cpus']} CPUs, commit {report['commit']}",
-        ROW.format(
-            "scenario", "sent", "ok", "p50 ms", "p95 ms", "max ms", "recovered", "RSS MB", "fds", "attacker"
-        ),
+        ROW.format(*HEADINGS),
     ]
     for row in [r for r in (report["baseline"], *report["attacks"]) if r]:
         victim, service, recovery = (row.get(k) or {} for k in ("victim", "service", "recovery"))
@@ -502,7 +646,8 @@ def format_table(report: dict) -> str:
         lines.append(ROW.format(
             row["name"], victim.get("requests", 0), fmt(victim.get("success_share"), ".0%"),
             *(fmt(victim.get(f"{q}_ms"), ".0f") for q in ("p50", "p95", "max")),
-            recovered, fmt(service.get("rss_mb"), ".0f"), service.get("fds", "-"),
+            recovered, fmt(service.get("rss_mb"), ".0f"), fmt(service.get("peak_rss_mb"), ".0f"),
+            service.get("fds", "-"),
             row.get("error") or json.dumps(row.get("attacker", {})),
         ))  # fmt: skip
     if report["settings"]["quick"]:

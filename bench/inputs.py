@@ -1,4 +1,5 @@
-"""Benchmark inputs: a photo-sized JPEG with a real face, and H.264 clips of any length.
+"""Benchmark inputs: a photo-sized JPEG with a real face, H.264 clips of any length, an animated GIF of
+the face, and a clip whose frames change size.
 
 A random-weight model does not care what a face looks like (the face detector does), and the cost depends on
 sizes: a textured 640x480 JPEG costs what a phone photo costs to upload and decode, and clips with a
@@ -51,6 +52,46 @@ def face_jpeg(width: int = 640, height: int = 480, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     face_drawing(width, height).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def face_gif(width: int = 400, height: int = 300, frames: int = 64, distinct: int = 16) -> bytes:
+    """An animated GIF of the face moving side to side: `distinct` textured drawings in turn, each frame
+    whole (not optimised into a changed rectangle) on the web palette, so its size is a camera GIF's
+    (~2.8 MB at the defaults) and no palette search is paid for each frame."""
+    cycle = [
+        face_drawing(
+            width, height, offset=int(width * 0.1 * np.sin(2 * np.pi * i / distinct)), seed=i
+        ).convert("P", palette=Image.Palette.WEB, dither=Image.Dither.NONE)
+        for i in range(distinct)
+    ]
+    images = [cycle[i % distinct] for i in range(frames)]
+    buffer = io.BytesIO()
+    images[0].save(
+        buffer, "GIF", save_all=True, append_images=images[1:], duration=40, loop=0, optimize=False
+    )
+    return buffer.getvalue()
+
+
+def size_changing_clip(sizes: list[tuple[int, int]]) -> bytes:
+    """An MJPEG-in-MKV clip whose stream declares the first frame's size while each frame is a JPEG of
+    its own size (what concatenated JPEGs or a new H.264 SPS also give). A frame is one flat colour, so a
+    huge one is a small file; frames of one size share their JPEG."""
+    jpegs: dict[tuple[int, int], bytes] = {}
+    out = io.BytesIO()
+    with av.open(out, "w", format="matroska") as container:
+        stream = container.add_stream("mjpeg", rate=25)
+        stream.width, stream.height = sizes[0]
+        stream.pix_fmt, stream.time_base = "yuvj420p", Fraction(1, 25)
+        for index, size in enumerate(sizes):
+            if size not in jpegs:
+                jpeg = io.BytesIO()
+                Image.new("RGB", size, (len(jpegs) * 40 % 256, 90, 160)).save(jpeg, "JPEG")
+                jpegs[size] = jpeg.getvalue()
+            packet = av.Packet(jpegs[size])
+            packet.stream, packet.pts, packet.dts = stream, index, index
+            packet.time_base, packet.is_keyframe = stream.time_base, True
+            container.mux(packet)
+    return out.getvalue()
 
 
 def clip_size(height: int) -> tuple[int, int]:

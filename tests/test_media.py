@@ -6,7 +6,6 @@ import io
 import struct
 import threading
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from bench.inputs import size_changing_clip
 from model.media import (
     MAX_FRAME_SIDE,
     DecodeBudget,
@@ -258,24 +258,6 @@ def test_a_file_naming_network_resources_is_not_followed():
     assert time.monotonic() - started < 5  # refused at once, not after FFmpeg's 10 s network timeouts
 
 
-def growing_clip(sizes: list[tuple[int, int]]) -> bytes:
-    """An MJPEG-in-MKV clip whose stream declares the first frame's size while each frame is a JPEG of
-    its own size (what concatenated JPEGs or a new H.264 SPS also give)."""
-    out = io.BytesIO()
-    with av.open(out, "w", format="matroska") as container:
-        stream = container.add_stream("mjpeg", rate=25)
-        stream.width, stream.height = sizes[0]
-        stream.pix_fmt, stream.time_base = "yuvj420p", Fraction(1, 25)
-        for index, size in enumerate(sizes):
-            jpeg = io.BytesIO()
-            Image.new("RGB", size, (index * 20 % 256, 90, 160)).save(jpeg, "JPEG")
-            packet = av.Packet(jpeg.getvalue())
-            packet.stream, packet.pts, packet.dts = stream, index, index
-            packet.time_base, packet.is_keyframe = stream.time_base, True
-            container.mux(packet)
-    return out.getvalue()
-
-
 def charged_pixels(monkeypatch) -> list[int]:
     """What the decode budget is charged, frame by frame."""
     charged = []
@@ -286,7 +268,7 @@ def charged_pixels(monkeypatch) -> list[int]:
 
 def test_frames_larger_than_the_stream_declares_are_charged_at_their_size(monkeypatch):
     charged = charged_pixels(monkeypatch)
-    clip = growing_clip([(64, 64)] + [(120, 120)] * 10)  # each within the frame limit below
+    clip = size_changing_clip([(64, 64)] + [(120, 120)] * 10)  # each within the frame limit below
     limits = MediaLimits(max_video_pixels=128 * 128, max_decode_megapixels=0.05)
     with pytest.raises(MediaTooLarge, match="FER_MAX_DECODE_MEGAPIXELS"):
         read_video(clip, 16, limits)
@@ -294,7 +276,7 @@ def test_frames_larger_than_the_stream_declares_are_charged_at_their_size(monkey
 
 
 def test_a_frame_over_the_pixel_limit_is_refused_whatever_the_stream_declares():
-    clip = growing_clip([(64, 64)] + [(160, 160)] * 10)
+    clip = size_changing_clip([(64, 64)] + [(160, 160)] * 10)
     with pytest.raises(MediaTooLarge, match="160x160, over the limit of 16,384 pixels"):
         read_video(clip, 16, MediaLimits(max_video_pixels=128 * 128))
 
@@ -302,7 +284,7 @@ def test_a_frame_over_the_pixel_limit_is_refused_whatever_the_stream_declares():
 def test_the_decoder_refuses_to_make_a_frame_far_over_the_limit(monkeypatch):
     """FFmpeg's own `max_pixels`: the huge frame is never allocated, so it never reaches the budget."""
     charged = charged_pixels(monkeypatch)
-    clip = growing_clip([(64, 64)] + [(1024, 1024)] * 3)
+    clip = size_changing_clip([(64, 64)] + [(1024, 1024)] * 3)
     with pytest.raises(MediaTooLarge, match="16,384 pixels"):
         read_video(clip, 16, MediaLimits(max_video_pixels=128 * 128))
     assert charged == [64 * 64]

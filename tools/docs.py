@@ -4,6 +4,7 @@ bench/results/. tests/test_docs.py fails when either is out of date."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -104,7 +105,38 @@ def benchmarks() -> str:
     for path in sorted(RESULTS.glob("*.json")):
         report = json.loads(path.read_text())
         lines += _report(path.name, report)
+    lines += _abuse_scenarios()
     return "\n".join(lines) + "\n"
+
+
+def _abuse_scenarios() -> list[str]:
+    """What `bench.abuse` runs, from its registry: each attacker as its docstring says, its sizes, and
+    the targets judged beside it (a report lists the scenarios the benchmark had when it ran)."""
+    from bench.abuse import ATTACKS, evaluate_targets
+
+    lines = [
+        "## Abuse scenarios",
+        "",
+        "Each scenario runs its attacker beside the victim (an ordinary client's `POST /predict`, one at a "
+        "time) on a fresh service; the sizes are the benchmark's (`--quick` uses smaller ones). Every "
+        "scenario has the victim's targets; some also judge what the attacker's requests got and the "
+        "service's memory. This list is generated from `bench/abuse.py`; a report above holds the "
+        "scenarios that existed when it ran.",
+        "",
+        "| scenario | attacker | sizes | targets |",
+        "|---|---|---|---|",
+    ]
+    for name, attack in ATTACKS.items():
+        what = " ".join(inspect.getdoc(attack.run).split())
+        sizes = ", ".join(
+            f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in attack.full.items()
+        )
+        targets = "; ".join(
+            f"`{t['name']}` {t['op']} {t['threshold']:g} ({t['detail']})"
+            for t in evaluate_targets([{"name": name}])
+        )
+        lines.append(f"| {name} | {what} | {sizes} | {targets} |")
+    return [*lines, ""]
 
 
 def _rounds(rounds: list[dict]) -> list[str]:

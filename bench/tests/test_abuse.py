@@ -14,13 +14,16 @@ import time
 from pathlib import Path
 
 import av
+import httpx
 import pytest
 from PIL import Image
 
 from bench.abuse import (
     ATTACKS,
+    SIZE_CHANGING_FRAMES,
     Inputs,
     Target,
+    answer_label,
     cached_mp4_bomb,
     connections,
     descriptions,
@@ -28,9 +31,13 @@ from bench.abuse import (
     evaluate_targets,
     format_table,
     gif_canvas_bomb,
+    silent_lockout,
+    size_changing_video,
     summarise_victim,
+    upload_flood,
     video_flood,
 )
+from bench.inputs import face_gif, size_changing_clip
 from bench.server import Service
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +64,38 @@ def test_mp4_bomb_has_one_key_frame_and_every_frame(tmp_path):
     with av.open(str(path)) as container:
         frames = list(container.decode(video=0))
     assert len(frames) == 300 and (frames[0].width, frames[0].height) == (64, 48)
+
+
+def test_the_flood_gif_is_a_camera_gif_of_whole_frames():
+    data = face_gif()
+    assert 2.5 * 2**20 < len(data) < 3 * 2**20  # over the upload budget with 150 clients at once
+    image = Image.open(io.BytesIO(data))
+    assert image.size == (400, 300) and image.n_frames == 64  # enough for frames=64
+    image.seek(5)
+    (tile,) = image.tile
+    assert tile.extents == (0, 0, 400, 300)  # each frame whole, not a changed rectangle
+
+
+def test_the_size_changing_clip_declares_its_first_frame_s_size():
+    clip = size_changing_clip([(64, 64), (96, 80), (96, 80)])
+    with av.open(io.BytesIO(clip)) as container:
+        stream = container.streams.video[0]
+        assert (stream.codec_context.width, stream.codec_context.height) == (64, 64)
+        sizes = [(frame.width, frame.height) for frame in container.decode(stream)]
+    assert sizes == [(64, 64), (96, 80), (96, 80)]
+    assert SIZE_CHANGING_FRAMES[0] == (64, 64) and min(SIZE_CHANGING_FRAMES[1:]) == (12000, 12000)
+
+
+def test_answers_are_labelled_with_their_code_and_a_missing_retry_after():
+    def answer(status: int, body: object = None, **headers) -> httpx.Response:
+        return httpx.Response(status, json=body, headers=headers)  # no body without `body`
+
+    assert answer_label(answer(200, {"error": "not an error"})) == "200"
+    assert answer_label(answer(413, {"error": "media_too_large", "detail": "x"})) == "413 media_too_large"
+    assert answer_label(answer(503, {"error": "uploads_full"}, **{"Retry-After": "1"})) == "503 uploads_full"
+    assert answer_label(answer(429, {"error": "queue_full"})) == "429 queue_full without Retry-After"
+    assert answer_label(answer(503)) == "503 without Retry-After"  # not JSON: an HTTP server's own page
+    assert answer_label(answer(400, ["a list"])) == "400"
 
 
 def test_descriptions_are_the_documented_maximum():
@@ -117,6 +156,41 @@ def test_targets_pass_and_fail_and_missing_figures_are_not_a_pass():
     assert "no warm-up request succeeded" in table
 
 
+def own_targets(name: str, **row) -> dict:
+    """The verdicts of an attack's own targets on a row (the victim's two come first)."""
+    targets = evaluate_targets([{"name": name, "victim": {"max_ms": 100.0, "success_share": 1.0}, **row}])
+    return {t["name"]: (t["value"], t["passed"]) for t in targets[2:]}
+
+
+def test_an_attack_s_own_targets_judge_its_outcomes_and_readings():
+    flood = {"200": 16, "429 queue_full": 59, "503 uploads_full": 75}
+    assert own_targets("upload_flood", attacker=flood) == {
+        "attacker_requests_without_status": (0, True),
+        "refusals_without_retry_after": (0, True),
+    }
+    broken = {**flood, "ReadError": 40, "abandoned": 2, "503 uploads_full without Retry-After": 3}
+    assert own_targets("upload_flood", attacker=broken) == {
+        "attacker_requests_without_status": (42, False),
+        "refusals_without_retry_after": (3, False),
+    }
+    refused = {"start_rss_mb": 1000.0, "peak_rss_mb": 1100.0}
+    assert own_targets("size_changing_video", attacker={"413 media_too_large": 4}, service=refused) == {
+        "attacker_refused_media_too_large": (1.0, True),
+        "service_rss_growth_mb": (100.0, True),
+        "refusals_without_retry_after": (0, True),
+    }
+    decoded = {"start_rss_mb": 1000.0, "peak_rss_mb": 1617.0}
+    verdicts = own_targets("size_changing_video", attacker={"413 media_too_large": 3, "abandoned": 1},
+                           service=decoded)  # fmt: skip
+    assert verdicts["attacker_refused_media_too_large"] == (0.75, False)
+    assert verdicts["service_rss_growth_mb"] == (617.0, False)
+    # A scenario that failed, or one with nothing to judge, is not a pass.
+    for row in ({"error": "RuntimeError: x", "attacker": flood, "service": refused}, {"attacker": {}}):
+        assert {passed for _, passed in own_targets("size_changing_video", **row).values()} == {None}
+        assert {passed for _, passed in own_targets("upload_flood", **row).values()} == {None}
+    assert own_targets("silent_lockout", attacker={"held": 4}) == {}  # the victim's targets are its own
+
+
 def test_targets_are_loopback_only_and_carry_the_service_s_key(tmp_path):
     for url in ("http://example.com:80", "http://10.0.0.1:80", "http://0.0.0.0:80", "http://[::1]:80"):
         with pytest.raises(ValueError, match=r"only targets 127\.0\.0\.1"):
@@ -164,7 +238,8 @@ def test_clients_stay_on_loopback_send_the_key_and_close_every_socket(monkeypatc
 
     monkeypatch.setattr(asyncio, "open_connection", spy)
     stand_in = StandIn()
-    inputs = Inputs(jpeg=b"", gif_bomb=b"", mp4_bomb=b"", clip=b"clip" * 100)
+    inputs = Inputs(jpeg=b"", gif_bomb=b"", mp4_bomb=b"", clip=b"clip" * 100, gif=b"gif" * 100,
+                    size_changing_clip=b"mkv" * 100)  # fmt: skip
     held = {"idle": 2, "slowloris": 1, "slow_bodies": 1, "held_uploads": 1, "held_upload_mb": 0.2,
             "huge_headers": 1, "huge_header_mb": 3, "interval_s": 0.05}  # fmt: skip
 
@@ -177,6 +252,11 @@ def test_clients_stay_on_loopback_send_the_key_and_close_every_socket(monkeypatc
                 connections(target, inputs, start + 1.0, **held),
                 disconnects(target, inputs, start + 1.0, uploads=4, body_mb=0.05),
                 video_flood(target, inputs, start + 1.0, clients=2, per_client=2),
+                upload_flood(
+                    target, inputs, start + 1.0, clients=3, frames=64, detect_faces=False, timeout_s=5
+                ),
+                silent_lockout(target, inputs, start + 1.0, silent=2, declared_mb=0.5),
+                size_changing_video(target, inputs, start + 1.0, clients=1, per_client=2),
             )
             took = time.monotonic() - start
             for _ in range(100):  # the server side sees each close a moment later
@@ -185,12 +265,15 @@ def test_clients_stay_on_loopback_send_the_key_and_close_every_socket(monkeypatc
                 await asyncio.sleep(0.02)
             return results, took
 
-    (held_ends, dropped, flooded), took = asyncio.run(scenario())
+    (held_ends, dropped, flooded, uploaded, silent, changing), took = asyncio.run(scenario())
     assert held_ends["held"] == 5 and held_ends["closed"] + held_ends["reset"] == 1  # the 3 MB header
-    assert dropped == {"dropped": 4} and flooded == {"200": 4}
+    assert dropped == {"dropped": 4} and flooded == {"200": 4} and uploaded == {"200": 3}
+    assert silent == {"held": 2} and changing == {"200": 2}
     assert 1.0 <= took < 2.0 and stand_in.open == 0  # stopped by itself at the window, every socket closed
     assert hosts and set(hosts) == {"127.0.0.1"} and all(w.transport.is_closing() for w in writers)
-    assert len(stand_in.heads) == 10 and all(b"x-api-key: k\r\n" in h.lower() for h in stand_in.heads)
+    assert len(stand_in.heads) == 17 and all(b"x-api-key: k\r\n" in h.lower() for h in stand_in.heads)
+    assert sum(b"content-length: 524288\r\n" in h.lower() for h in stand_in.heads) == 2  # the declarations
+    assert sum(h.startswith(b"POST /predict-video ") for h in stand_in.heads) == 4 + 3 + 2
 
 
 @pytest.mark.slow
@@ -211,6 +294,18 @@ def test_quick_abuse_run_against_the_demo_service(tmp_path):
         assert "error" not in attack, attack["error"]
         assert attack["victim"]["requests"] > 0 and sum(attack["attacker"].values()) > 0
         assert attack["recovery"]["probes"] >= 1 and attack["service"]["fds"] > 0
-        assert "401" not in attack["attacker"]  # the key went with every request
-    assert len(report["targets"]) == 2 * len(report["attacks"])
+        assert attack["service"]["peak_rss_mb"] >= attack["service"]["start_rss_mb"] > 0
+        assert not [label for label in attack["attacker"] if label.startswith("401")]  # the key went along
+    assert len(report["targets"]) == sum(2 + len(ATTACKS[a["name"]].targets) for a in report["attacks"])
     assert "victim_worst_latency_s" in done.stderr  # the table
+    # The scenarios no test of the service holds; their own targets hold at quick sizes too.
+    attacks = {a["name"]: a for a in report["attacks"]}
+    assert "503 uploads_full" in attacks["upload_flood"]["attacker"]  # refused while still sending
+    assert attacks["silent_lockout"]["attacker"] == {"held": 4}  # declared, silent, for the whole window
+    verdicts = {(t["attack"], t["name"]): t["passed"] for t in report["targets"]}
+    judged = [
+        *(("upload_flood", t) for t in ("attacker_requests_without_status", "refusals_without_retry_after")),
+        *(("silent_lockout", t) for t in ("victim_success_share", "victim_worst_latency_s")),
+        *(("size_changing_video", t) for t in ("attacker_refused_media_too_large", "service_rss_growth_mb")),
+    ]
+    assert {key: verdicts[key] for key in judged} == dict.fromkeys(judged, True)
