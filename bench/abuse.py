@@ -49,11 +49,12 @@ import av
 import httpx
 import numpy as np
 
-from bench.inputs import cached_clip, face_gif, face_jpeg, size_changing_clip
+from bench.inputs import cached_clip, face_gif, face_jpeg
 from bench.load import LOOPBACK_HOST, Upload, check_loopback
 from bench.report import fmt, target, target_line
 from bench.run import git_commit, model_env, run_reported
 from bench.server import Service, process_tree
+from model.synthetic_media import size_changing_clip
 
 log = logging.getLogger("bench.abuse")
 

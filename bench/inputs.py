@@ -1,5 +1,5 @@
 """Benchmark inputs: a photo-sized JPEG with a real face, H.264 clips of any length, an animated GIF of
-the face, and a clip whose frames change size.
+the face (the clip whose frames change size is model.synthetic_media's, shared with the tests).
 
 A random-weight model does not care what a face looks like (the face detector does), and the cost depends on
 sizes: a textured 640x480 JPEG costs what a phone photo costs to upload and decode, and clips with a
@@ -70,28 +70,6 @@ def face_gif(width: int = 400, height: int = 300, frames: int = 64, distinct: in
         buffer, "GIF", save_all=True, append_images=images[1:], duration=40, loop=0, optimize=False
     )
     return buffer.getvalue()
-
-
-def size_changing_clip(sizes: list[tuple[int, int]]) -> bytes:
-    """An MJPEG-in-MKV clip whose stream declares the first frame's size while each frame is a JPEG of
-    its own size (what concatenated JPEGs or a new H.264 SPS also give). A frame is one flat colour, so a
-    huge one is a small file; frames of one size share their JPEG."""
-    jpegs: dict[tuple[int, int], bytes] = {}
-    out = io.BytesIO()
-    with av.open(out, "w", format="matroska") as container:
-        stream = container.add_stream("mjpeg", rate=25)
-        stream.width, stream.height = sizes[0]
-        stream.pix_fmt, stream.time_base = "yuvj420p", Fraction(1, 25)
-        for index, size in enumerate(sizes):
-            if size not in jpegs:
-                jpeg = io.BytesIO()
-                Image.new("RGB", size, (len(jpegs) * 40 % 256, 90, 160)).save(jpeg, "JPEG")
-                jpegs[size] = jpeg.getvalue()
-            packet = av.Packet(jpegs[size])
-            packet.stream, packet.pts, packet.dts = stream, index, index
-            packet.time_base, packet.is_keyframe = stream.time_base, True
-            container.mux(packet)
-    return out.getvalue()
 
 
 def clip_size(height: int) -> tuple[int, int]:

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from bench.inputs import size_changing_clip
 from model.media import (
     MAX_FRAME_SIDE,
     DecodeBudget,
@@ -26,6 +25,7 @@ from model.media import (
     read_video,
     sample_frame_indices,
 )
+from model.synthetic_media import size_changing_clip
 from tests.support import make_video, read_index
 
 

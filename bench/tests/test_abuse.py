@@ -37,8 +37,9 @@ from bench.abuse import (
     upload_flood,
     video_flood,
 )
-from bench.inputs import face_gif, size_changing_clip
+from bench.inputs import face_gif
 from bench.server import Service
+from model.synthetic_media import size_changing_clip
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
