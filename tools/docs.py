@@ -19,7 +19,7 @@ RESULTS = ROOT / "bench" / "results"
 GROUPS = {
     "Model": [
         "preset", "clip_model", "clip_weights", "projection", "projection_any_clip", "preprocess", "device",
-        "dtype", "weights_dir", "weights_mirror",
+        "dtype", "backend", "openvino_cache", "weights_dir", "weights_mirror",
     ],
     "Faces": ["face_detector", "face_threshold", "align_faces", "video_face_side", "max_faces", "face_margin"],
     "Media limits and the decode budget": [
