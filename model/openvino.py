@@ -96,10 +96,14 @@ def cached_towers(clip: LoadedClip, precision: torch.dtype, cache: Path | None) 
     import openvino as ov
 
     folder = None if cache is None else Path(cache) / weights_key(clip, precision)
-    if folder is not None and all((folder / f"{t}.xml").is_file() for t in TOWERS):
-        log.info("OpenVINO encoders read from the cache, %s", folder)
-        core = ov.Core()
-        return {t: core.read_model(folder / f"{t}.xml") for t in TOWERS}
+    if folder is not None and all((folder / f"{t}{s}").is_file() for t in TOWERS for s in (".xml", ".bin")):
+        try:
+            models = {t: ov.Core().read_model(folder / f"{t}.xml") for t in TOWERS}
+        except RuntimeError as exc:  # a damaged file: this start converts; the folder is the user's to delete
+            log.warning("cannot read the cached OpenVINO encoders in %s (delete it): %s", folder, exc)
+        else:
+            log.info("OpenVINO encoders read from the cache, %s", folder)
+            return models
     log.info("converting the CLIP encoders for OpenVINO (once for these weights)")
     models = convert_towers(clip)
     if folder is not None:

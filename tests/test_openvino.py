@@ -126,6 +126,19 @@ def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_model(
     assert_same_answers(engine, openvino_engine, [face_image(5)])
 
 
+def test_a_damaged_cache_is_converted_again_with_a_warning(engine, tiny_openvino, tmp_path, caplog):
+    import shutil
+
+    settings, _ = tiny_openvino
+    (folder,) = settings.openvino_cache_dir.iterdir()
+    shutil.copytree(folder, tmp_path / folder.name)
+    (tmp_path / folder.name / "image.xml").write_text("cut short")
+    with caplog.at_level("INFO", logger="model.openvino"):
+        again = create_engine(settings.model_copy(update={"openvino_cache": tmp_path}))
+    assert "cannot read the cached OpenVINO encoders" in caplog.text and "converting" in caplog.text
+    assert_same_answers(engine, again, [face_image(6)])
+
+
 @pytest.mark.slow
 def test_vit_b32_answers_as_torch_does(openvino, tmp_path):
     """Exp-CLIP B/32's shapes with random weights: the full-size towers convert and agree."""
