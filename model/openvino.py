@@ -2,8 +2,9 @@
 run on the CPU, behind the two calls the engine makes of the torch module, `encode_image` and
 `encode_text`. Everything around them (normalisation, W, pooling, scoring) stays the engine's torch code.
 
-Converting takes seconds to a minute, so the converted towers are saved in the cache folder under a key
-made of the weights, the architecture, the OpenVINO release and the precision; a restart reads them.
+Converting is slow beside reading a converted model, so the converted towers are saved in the cache
+folder under a key made of the weights, the architecture, the OpenVINO release and the precision; a
+restart reads them.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def cached_towers(clip: LoadedClip, precision: torch.dtype, cache: Path | None) 
     if folder is not None and all((folder / f"{t}{s}").is_file() for t in TOWERS for s in (".xml", ".bin")):
         try:
             models = {t: ov.Core().read_model(folder / f"{t}.xml") for t in TOWERS}
-        except RuntimeError as exc:  # a damaged file: this start converts; the folder is the user's to delete
+        except RuntimeError as exc:  # a damaged file: this start converts; deleting the folder is the user's
             log.warning("cannot read the cached OpenVINO encoders in %s (delete it): %s", folder, exc)
         else:
             log.info("OpenVINO encoders read from the cache, %s", folder)
@@ -181,7 +182,8 @@ class OpenVinoClip:
                     "PERFORMANCE_HINT": "LATENCY",  # one call at a time, on every thread it is given
                     "INFERENCE_NUM_THREADS": torch.get_num_threads(),
                 }
-                model = ov.Core().compile_model(self.models[tower], "CPU", config)
+                # The compiled model holds the weights it runs with: the converted one is let go.
+                model = ov.Core().compile_model(self.models.pop(tower), "CPU", config)
                 runs = model.get_property("INFERENCE_PRECISION_HINT").to_string()
                 if runs != self.precision:
                     log.warning("OpenVINO runs the %s encoder in %s, not %s", tower, runs, self.precision)
