@@ -83,22 +83,27 @@ def _median(values: Sequence[float | None]) -> float | None:
     return None if not values or None in values else statistics.median(values)
 
 
+RAW_ENCODERS = ("encoder", "torch_encoder")  # the run's backend; torch beside it when that is another
+
+
 def median_raw(rounds: list[dict]) -> dict:
     """Each raw figure's median over the rounds; a call's time follows from the median rate."""
-    encoder = []
-    for i, batch in enumerate(r["batch"] for r in rounds[0]["raw"]["encoder"]):
-        rate = statistics.median(r["raw"]["encoder"][i]["images_per_s"] for r in rounds)
-        encoder.append({"batch": batch, "images_per_s": rate, "ms_per_call": 1000 * batch / rate})
-    return {
-        "encoder": encoder,
-        "decode_prepare_ms": statistics.median(r["raw"]["decode_prepare_ms"] for r in rounds),
-    }
+    raw: dict = {}
+    for key in (k for k in RAW_ENCODERS if k in rounds[0]["raw"]):
+        raw[key] = []
+        for i, batch in enumerate(r["batch"] for r in rounds[0]["raw"][key]):
+            rate = statistics.median(r["raw"][key][i]["images_per_s"] for r in rounds)
+            raw[key].append({"batch": batch, "images_per_s": rate, "ms_per_call": 1000 * batch / rate})
+    raw["decode_prepare_ms"] = statistics.median(r["raw"]["decode_prepare_ms"] for r in rounds)
+    return raw
 
 
 def round_ratios(round_: dict, max_batch: int) -> dict[str, float | None]:
     """One round's ratios: service vs raw, batching on vs off (and the raw encoder's own gain from batch
-    1 to the max batch), concurrency-1 latency vs raw encode + decode."""
+    1 to the max batch), concurrency-1 latency vs raw encode + decode, and the raw encoder against torch's
+    at batch 1 and the max batch (when the run's backend is another)."""
     raw, points = round_["raw"]["encoder"], round_["points"]
+    torch_raw = round_["raw"].get("torch_encoder", [])
     raw_batch, raw_one = _find(raw, batch=max_batch).get("images_per_s"), _find(raw, batch=1)
     on = _find(points, concurrency=TARGET_CONCURRENCY, batching=True).get("throughput")
     off = _find(points, concurrency=TARGET_CONCURRENCY, batching=False).get("throughput")
@@ -109,6 +114,12 @@ def round_ratios(round_: dict, max_batch: int) -> dict[str, float | None]:
         "batching_gain": _ratio(on, off),
         "raw_batching_gain": _ratio(raw_batch, raw_one.get("images_per_s")),
         "single_request_latency": _ratio(single, reference_ms),
+        **{
+            f"raw_vs_torch_{name}": _ratio(
+                _find(raw, batch=batch).get("images_per_s"), _find(torch_raw, batch=batch).get("images_per_s")
+            )
+            for name, batch in (("batch_1", 1), ("max_batch", max_batch))
+        },
     }
 
 
@@ -184,6 +195,17 @@ def evaluate_targets(report: dict) -> list[dict]:
             "service RSS at the end of the long run / after its first 10% of requests, minus 1",
         ),
         *face_targets(report.get("faces") or {}),
+        *(
+            target(
+                f"raw_vs_torch_{name}",
+                op=">=",
+                threshold=threshold,
+                detail=f"raw encoder images/s at batch {batch}, FER_BACKEND={report.get('backend')} / torch, "
+                "same precision",
+                **rounds(f"raw_vs_torch_{name}"),
+            )
+            for name, batch, threshold in (("batch_1", 1, 1.4), ("max_batch", max_batch, 1.05))
+        ),
         target(
             "gpu_throughput",
             _find(report["points"], concurrency=GPU_CONCURRENCY).get("throughput") if gpu else None,
@@ -227,10 +249,21 @@ def format_table(report: dict) -> str:
         f"load average {host['load_average_at_start']:.1f} at start, {host['load_average_at_end']:.1f} at end "
         f"(other work on {host['cpus']} cores skews every figure)",
         f"device {report['device']} ({host['gpu'] or str(host['cpus']) + ' CPU cores'}), model "
-        f"{report['model']['name']}, {report['dtype']}, max batch {s['max_batch']}",
+        f"{report['model']['name']}, {report['dtype']}, {report.get('backend', 'torch')}, max batch {s['max_batch']}",
         "raw encoder (median of the rounds): "
         + ", ".join(f"batch {r['batch']} {r['images_per_s']:.1f} img/s" for r in report["raw"]["encoder"])
         + f"; decode+prepare {report['raw']['decode_prepare_ms']:.1f} ms",
+        *(
+            [
+                "raw torch encoder beside it: "
+                + ", ".join(
+                    f"batch {r['batch']} {r['images_per_s']:.1f} img/s"
+                    for r in report["raw"]["torch_encoder"]
+                )
+            ]
+            if "torch_encoder" in report["raw"]
+            else []
+        ),
         "",
         f"{'conc':>5} {'batching':>8} {'ok/req':>9} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} {'busy':>5}",
     ]

@@ -1,7 +1,9 @@
-"""`python -m bench.run [--quick] [--model vit-b-32|demo] [--out FILE.json]`: one run, one device.
+"""`python -m bench.run [--quick] [--model vit-b-32|demo] [--backend torch|openvino] [--out FILE.json]`:
+one run, one device.
 
 The raw encoder is loaded in this process and two services are started: one with batching and one with
-FER_MAX_BATCH=1. First the load sweep on the batching service (concurrency 1, 8, 32, ...); then
+FER_MAX_BATCH=1, both on the encoders' runtime --backend names (FER_BACKEND). With `openvino`, the raw
+torch encoder in the same precision is measured beside the raw OpenVINO one in every round. First the load sweep on the batching service (concurrency 1, 8, 32, ...); then
 interleaved rounds, each measuring the raw encoder, the batching service at concurrency 32, the
 unbatched service at concurrency 32 and the batching service at concurrency 1 back to back: the
 targets are the median of the per-round ratios. Then video (with and without face detection) and the
@@ -90,8 +92,13 @@ def model_env(model: str) -> tuple[dict[str, str], str]:
 class Bench:
     """The run's services, inputs and plan; each method measures one step."""
 
-    def __init__(self, args: argparse.Namespace, plan: Plan, engine, services: tuple[Service, Service]):
-        self.args, self.plan, self.engine = args, plan, engine
+    def __init__(
+        self, args: argparse.Namespace, plan: Plan, engines: tuple, services: tuple[Service, Service]
+    ):
+        """`engines`: the run's raw encoder, and the torch encoder it is compared with (None when the run
+        is on torch itself)."""
+        self.args, self.plan = args, plan
+        self.engine, self.torch_engine = engines
         self.batching, self.unbatched = services
         self.jpeg = face_jpeg(*IMAGE_SIZE)
         self.fields = {"detect_faces": str(args.detect_faces).lower()}
@@ -119,10 +126,15 @@ class Bench:
         from bench.raw import encoder_speed, prepare_ms
 
         batches = sorted({1, self.args.max_batch})
-        return {
+        raw = {
             "encoder": [encoder_speed(self.engine, b, self.plan.raw_seconds) for b in batches],
             "decode_prepare_ms": prepare_ms(self.engine, self.jpeg),
         }
+        if self.torch_engine is not None:  # back to back with the backend's, so a slow spell hits both
+            raw["torch_encoder"] = [
+                encoder_speed(self.torch_engine, b, self.plan.raw_seconds) for b in batches
+            ]
+        return raw
 
     def round(self) -> dict:
         """The figures the ratio targets compare, measured back to back."""
@@ -187,11 +199,14 @@ def run_benchmark(args: argparse.Namespace, checkpoint=lambda report: None) -> d
     from model.engine import create_engine
     from model.settings import ModelSettings, device_for
 
-    device = device_for(args.device)
+    device = device_for(args.device, args.backend)
     plan = make_plan(args.quick, device, args.client_processes)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     env, model_name = model_env(args.model or ("demo" if args.quick else "vit-b-32"))
-    env["FER_DTYPE"] = args.dtype  # the raw encoder and both services run in the same precision
+    env["FER_DTYPE"] = args.dtype  # the raw encoders and both services run in the same precision
+    env["FER_BACKEND"] = args.backend
+    if args.backend == "openvino":  # converted once, by the raw encoder below; the services read them
+        env["FER_OPENVINO_CACHE"] = str(args.cache_dir / "openvino")
     clips = [
         (cached_clip(args.cache_dir, seconds, height), seconds, height) for seconds, height in plan.clips
     ]
@@ -202,9 +217,11 @@ def run_benchmark(args: argparse.Namespace, checkpoint=lambda report: None) -> d
         "FER_MAX_UPLOAD_MB": "200",  # the 10-minute 1080p clip
         "FER_WORKERS": str(args.workers),  # so a FER_WORKERS in the caller's environment is not inherited
     }
-    engine = create_engine(
-        ModelSettings(**{k.removeprefix("FER_").lower(): v for k, v in env.items()}, device=device)
-    )
+    settings = ModelSettings(**{k.removeprefix("FER_").lower(): v for k, v in env.items()}, device=device)
+    engine = create_engine(settings)
+    torch_engine = None
+    if args.backend != "torch":
+        torch_engine = create_engine(settings.model_copy(update={"backend": "torch"}))
     report = {
         "benchmark": "exp-clip-fer service vs its raw encoder",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -222,6 +239,7 @@ def run_benchmark(args: argparse.Namespace, checkpoint=lambda report: None) -> d
         "device": device,
         "model": {"name": model_name, "image_size": engine.image_size, "feature_dim": engine.feature_dim},
         "dtype": engine.dtype_name,
+        "backend": args.backend,
         "settings": {
             "max_batch": args.max_batch,
             "workers": args.workers,
@@ -240,7 +258,7 @@ def run_benchmark(args: argparse.Namespace, checkpoint=lambda report: None) -> d
         Service(service_env, logs / "service-batching.log") as batching,
         Service({**service_env, "FER_MAX_BATCH": "1"}, logs / "service-no-batching.log") as unbatched,
     ):
-        bench = Bench(args, plan, engine, (batching, unbatched))
+        bench = Bench(args, plan, (engine, torch_engine), (batching, unbatched))
         for service in (batching, unbatched):  # first-call allocations, thread pools
             if bench.load(service, bench.image, 8, 16).ok == 0:
                 raise RuntimeError(f"no warm-up request succeeded; service log:\n{service.log_tail()}")
@@ -286,6 +304,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
         "--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto", help="FER_DTYPE"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "openvino"),
+        default="torch",
+        help="FER_BACKEND of the raw encoder and both services; with openvino, the raw torch encoder is "
+        "measured beside it in the same precision",
     )
     parser.add_argument(
         "--max-batch", type=int, default=32, help="FER_MAX_BATCH, and the raw batch it is compared with"

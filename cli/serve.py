@@ -59,7 +59,8 @@ def cmd_serve(args: argparse.Namespace, settings) -> int:
     settings.resolve_checked()  # missing weights, a projection for another CLIP: one line now
     from model.settings import device_for, dtype_for
 
-    dtype_for(settings.dtype, device_for(settings.device))  # a device or dtype this machine cannot run
+    # A device or dtype this machine cannot run.
+    dtype_for(settings.dtype, device_for(settings.device, settings.backend))
     for port in (args.port, settings.metrics_port):
         if port is not None:
             check_port_free(args.host, port)

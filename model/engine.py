@@ -14,6 +14,8 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +25,22 @@ from model.clip import LoadedClip, Normaliser, ToPixels, load_clip, pil_transfor
 from model.projection import check_compatible, load_projection
 from model.prompts import prompt_texts
 from model.registry import RANDOM, ModelSpec
-from model.settings import ModelSettings, device_for, dtype_for, dtype_name
+from model.settings import Backend, ModelSettings, device_for, dtype_for, dtype_name
 
 log = logging.getLogger(__name__)
 
 RANDOM_PROJECTION_DIM = 4096
 TEXT_CACHE_BYTES = 256 * 2**20  # user class lists are cached too; bound them by memory, not count
 TEXT_BATCH = 256
+
+
+class Encoders(Protocol):
+    """The CLIP encoders as the engine calls them: the torch module itself, or another runtime's towers
+    (model.openvino). Both return the embedding before W, not normalised."""
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
 
 class FerEngine:
@@ -42,6 +53,7 @@ class FerEngine:
         name: str = "custom",
         dtype: torch.dtype = torch.float32,
         warning: str | None = None,
+        encoders: Encoders | None = None,
     ):
         self.name = name
         self.warning = warning  # e.g. that the weights are random, said beside the name in every answer
@@ -49,7 +61,8 @@ class FerEngine:
         # The frozen encoders run in `dtype` (weights and activations); their outputs are cast to
         # float32 before W, so the projection, pooling and scores are float32 whatever the dtype.
         self.dtype = dtype
-        self.clip = clip.model.to(self.device, dtype)
+        # `encoders`: another runtime's, which run in `dtype` themselves; by default the torch module.
+        self.clip: Encoders = clip.model.to(self.device, dtype) if encoders is None else encoders
         self.tokenizer = clip.tokenizer
         self.image_size = clip.preprocess.image_size
         self.prepare_transform = pil_transform(preprocess, clip.preprocess)
@@ -65,8 +78,17 @@ class FerEngine:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_spec(
-        cls, spec: ModelSpec, device: str = "auto", dtype: str = "auto", *, any_clip: bool = False
+        cls,
+        spec: ModelSpec,
+        device: str = "auto",
+        dtype: str = "auto",
+        *,
+        any_clip: bool = False,
+        backend: Backend = "torch",
+        openvino_cache: Path | None = None,
     ) -> FerEngine:
+        """`backend`: the encoders' runtime (FER_BACKEND); `openvino_cache`: where the OpenVINO backend
+        keeps its converted encoders (None: converted at every start)."""
         clip = load_clip(spec)
         projection = None
         if spec.projection == RANDOM:
@@ -84,10 +106,14 @@ class FerEngine:
                     spec.preprocess,
                 )
             projection = loaded.weight
-        device = device_for(device)
-        return cls(
-            clip, projection, spec.preprocess, device, spec.name, dtype_for(dtype, device), spec.warning
-        )
+        device = device_for(device, backend)
+        precision = dtype_for(dtype, device)
+        encoders = None
+        if backend == "openvino":
+            from model.openvino import openvino_clip  # the optional extra: imported only when chosen
+
+            encoders = openvino_clip(clip, precision, openvino_cache)
+        return cls(clip, projection, spec.preprocess, device, spec.name, precision, spec.warning, encoders)
 
     @property
     def dtype_name(self) -> str:
@@ -167,5 +193,10 @@ class FerEngine:
 def create_engine(settings: ModelSettings) -> FerEngine:
     """The configured model on the configured device, every file checked before any is loaded."""
     return FerEngine.from_spec(
-        settings.resolve(), settings.device, settings.dtype, any_clip=settings.projection_any_clip
+        settings.resolve(),
+        settings.device,
+        settings.dtype,
+        any_clip=settings.projection_any_clip,
+        backend=settings.backend,
+        openvino_cache=settings.openvino_cache_dir,
     )

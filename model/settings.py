@@ -4,11 +4,12 @@ app, a Ray replica) builds one settings object and passes it down; library code 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.faces.factory import DetectorName
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+Backend = Literal["torch", "openvino"]
 DEVICE_CHOICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 DEFAULT_OPTIONS = PipelineOptions()
 
@@ -60,6 +62,16 @@ class ModelSettings(BaseSettings):
         "auto",
         description="the CLIP encoders' precision: `auto` (float16 on CUDA, bfloat16 on a CPU that computes "
         "it natively, else float32), `float32`, `float16` (CUDA only), `bfloat16`",
+    )
+    backend: Backend = Field(
+        "torch",
+        description="the CLIP encoders' runtime: `torch`, or `openvino` (CPU only, so FER_DEVICE=auto is the "
+        "CPU; needs the optional `openvino` extra), whose converted encoders are kept in FER_OPENVINO_CACHE",
+    )
+    openvino_cache: Path | None = Field(
+        None,
+        description="where the OpenVINO backend keeps the encoders it converted, one folder per weights and "
+        "precision, so a restart loads them (default: `openvino` in FER_WEIGHTS_DIR)",
     )
     weights_dir: Path = Field(Path("weights"), description="where downloaded weights live")
     weights_mirror: str | None = Field(
@@ -132,6 +144,26 @@ class ModelSettings(BaseSettings):
             raise ValueError(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N (e.g. cuda:1)")
         return value
 
+    @model_validator(mode="after")
+    def _backend_runs_here(self) -> ModelSettings:
+        if self.backend == "openvino":
+            if self.device.startswith("cuda"):
+                raise ValueError(
+                    f"FER_BACKEND=openvino runs on the CPU, not FER_DEVICE={self.device}: set FER_DEVICE=cpu, "
+                    "or FER_BACKEND=torch for CUDA"
+                )
+            if not openvino_installed():
+                raise ValueError(
+                    "FER_BACKEND=openvino needs the optional openvino extra: pip install '.[openvino]'"
+                )
+        return self
+
+    @property
+    def openvino_cache_dir(self) -> Path:
+        """Where converted OpenVINO encoders are kept (FER_OPENVINO_CACHE, else in the weights folder,
+        which the container image keeps in a volume: a new container loads them too)."""
+        return self.openvino_cache or self.weights_dir / "openvino"
+
     def resolve(self) -> ModelSpec:
         """Every file the model needs; raises MissingWeights (with the command that gets them)."""
         return resolve_model(
@@ -180,11 +212,18 @@ class ModelSettings(BaseSettings):
         return options.replace(detect_faces=False) if self.face_detector == "none" else options
 
 
-def device_for(choice: str) -> str:
-    """`auto` -> CUDA when there is one; `cuda` or `cuda:N` that torch cannot see is an error, not a
-    silent CPU fallback."""
+def openvino_installed() -> bool:
+    """Whether the optional openvino extra is installed, without importing it."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+def device_for(choice: str, backend: str = "torch") -> str:
+    """`auto` -> CUDA when there is one (the CPU for the OpenVINO backend, which runs there only);
+    `cuda` or `cuda:N` that torch cannot see is an error, not a silent CPU fallback."""
     import torch
 
+    if backend == "openvino":
+        return "cpu" if choice == "auto" else choice  # a CUDA choice was refused with the settings
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if choice.startswith("cuda"):

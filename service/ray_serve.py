@@ -158,7 +158,7 @@ class FerReplica:
         # As `fer serve` does before it starts: missing weights or a device this replica cannot run
         # fail the replica now, with that one message, rather than in the background load.
         settings.resolve_checked()
-        dtype_for(settings.dtype, device_for(settings.device))
+        dtype_for(settings.dtype, device_for(settings.device, settings.backend))
         # Not `self.app`: Serve's ingress wrapper has a property of that name.
         self.metrics = RayMetrics()
         # Serve's proxy gives every request its id and answers with it: the app takes that one.

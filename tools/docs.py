@@ -20,7 +20,7 @@ RESULTS = ROOT / "bench" / "results"
 GROUPS = {
     "Model": [
         "preset", "clip_model", "clip_weights", "projection", "projection_any_clip", "preprocess", "device",
-        "dtype", "weights_dir", "weights_mirror",
+        "dtype", "backend", "openvino_cache", "weights_dir", "weights_mirror",
     ],
     "Faces": ["face_detector", "face_threshold", "align_faces", "video_face_side", "max_faces", "face_margin"],
     "Media limits and the decode budget": [
@@ -99,7 +99,9 @@ def benchmarks() -> str:
         "Every figure on this page comes from a JSON report committed in `bench/results/`, written by the",
         "command it names; the page is generated from them (`python -m tools.docs`). Ratios are taken within",
         "one run (the targets compare figures from the same run), because these machines are shared and their",
-        "speed drifts. How to run them: [serving.md](serving.md#benchmarks).",
+        "speed drifts. How to run them: [serving.md](serving.md#benchmarks). A run with `--backend openvino`",
+        "serves with the OpenVINO encoders ([serving.md](serving.md#openvino-on-cpu)) and measures the raw",
+        "torch encoder beside the raw OpenVINO one in each round, in the same precision.",
         "",
     ]
     for path in sorted(RESULTS.glob("*.json")):
@@ -144,6 +146,9 @@ def _rounds(rounds: list[dict]) -> list[str]:
     keeps one figure a load point)."""
     if not rounds:
         return []
+    # The run's raw encoder, and torch's beside it in a run on another backend.
+    encoders = [k for k in ("encoder", "torch_encoder") if k in rounds[0]["raw"]]
+    names = {"encoder": "raw encoder", "torch_encoder": "raw torch encoder"}
     lines = [
         "",
         "Interleaved rounds (images/s; the targets take the median of the per-round ratios):",
@@ -152,16 +157,16 @@ def _rounds(rounds: list[dict]) -> list[str]:
         + " | ".join(
             f"c{p['concurrency']} batching {'on' if p['batching'] else 'off'}" for p in rounds[0]["points"]
         )
-        + " | raw encoder batch 1 | raw encoder max batch |",
-        "|---" * (len(rounds[0]["points"]) + 3) + "|",
+        + "".join(f" | {names[k]} batch 1 | {names[k]} max batch" for k in encoders)
+        + " |",
+        "|---" * (len(rounds[0]["points"]) + 1 + 2 * len(encoders)) + "|",
     ]
     for i, rd in enumerate(rounds, 1):
-        encoder = rd["raw"]["encoder"]
-        lines.append(
-            f"| {i} | "
-            + " | ".join(fmt(p["throughput"], ".1f") for p in rd["points"])
-            + f" | {fmt(encoder[0]['images_per_s'], '.1f')} | {fmt(encoder[-1]['images_per_s'], '.1f')} |"
+        raw = "".join(
+            f" | {fmt(rd['raw'][k][0]['images_per_s'], '.1f')} | {fmt(rd['raw'][k][-1]['images_per_s'], '.1f')}"
+            for k in encoders
         )
+        lines.append(f"| {i} | " + " | ".join(fmt(p["throughput"], ".1f") for p in rd["points"]) + raw + " |")
     return lines
 
 
@@ -179,7 +184,8 @@ def _report(name: str, r: dict) -> list[str]:
     ]
     if "targets" in r and r.get("points"):
         lines += [
-            f"Model: {r['model']['name']}, {r['dtype']}, device {r['device']}, max batch {r['settings']['max_batch']}.",
+            f"Model: {r['model']['name']}, {r['dtype']} on {r.get('backend', 'torch')}, device {r['device']}, "
+            f"max batch {r['settings']['max_batch']}.",
             "",
             "| concurrency | batching | answered | images/s | p50 ms | p99 ms | mean batch |",
             "|---|---|---|---|---|---|---|",

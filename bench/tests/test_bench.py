@@ -26,7 +26,7 @@ from PIL import Image
 from bench.inputs import cached_clip, clip_size, face_jpeg, make_clip
 from bench.load import LoadResult, Upload, metric_delta, parse_metrics, run_load, split_evenly
 from bench.report import evaluate_targets, format_table, histogram_mean, median_raw, summarise_point
-from bench.run import incomplete
+from bench.run import incomplete, parse_args
 from bench.server import Service, process_tree
 from model.media import read_video
 
@@ -71,17 +71,20 @@ def test_point_summary():
     assert empty["p50_ms"] is None and empty["p99_ms"] is None  # every request failed: no latency figure
 
 
+def raw_encoder(batch_1: float, batch_32: float) -> list[dict]:
+    return [
+        {"batch": 1, "images_per_s": batch_1, "ms_per_call": 1000 / batch_1},
+        {"batch": 32, "images_per_s": batch_32, "ms_per_call": 32000 / batch_32},
+    ]
+
+
 def round_for(**overrides) -> dict:
-    """One interleaved round whose figures pass every CPU target; `overrides` change one figure."""
+    """One interleaved round whose figures pass every CPU target; `overrides` change one figure.
+    `torch1` and `torch32`: the raw torch encoder's figures of a run on another backend."""
     f = {"raw1": 10.0, "raw32": 20.0, "on": 18.0, "off": 6.0, "c1_ms": 120.0, **overrides}
+    torch_raw = {"torch_encoder": raw_encoder(f["torch1"], f["torch32"])} if "torch1" in f else {}
     return {
-        "raw": {
-            "encoder": [
-                {"batch": 1, "images_per_s": f["raw1"], "ms_per_call": 1000 / f["raw1"]},
-                {"batch": 32, "images_per_s": f["raw32"], "ms_per_call": 32000 / f["raw32"]},
-            ],
-            "decode_prepare_ms": 5.0,
-        },
+        "raw": {"encoder": raw_encoder(f["raw1"], f["raw32"]), "decode_prepare_ms": 5.0, **torch_raw},
         "points": [
             {"concurrency": 32, "batching": True, "throughput": f["on"], "p50_ms": 900.0},
             {"concurrency": 32, "batching": False, "throughput": f["off"], "p50_ms": 3000.0},
@@ -143,6 +146,8 @@ def test_targets_pass_and_fail_on_their_own_figures():
         "face_recall": True,
         "face_in_video_frames": True,
         "face_detector_speed": True,
+        "raw_vs_torch_batch_1": None,  # a run on torch itself
+        "raw_vs_torch_max_batch": None,
         "gpu_throughput": None,  # not applicable on a CPU
     }
     failing = {
@@ -185,6 +190,29 @@ def test_targets_are_the_median_of_the_rounds():
     assert latency["rounds"] == [120 / 105, 120 / 255, 200 / 105] and latency["value"] == 120 / 105
     table = format_table({**report, "targets": list(targets.values())})
     assert "PASS service_vs_raw_encoder: 0.9 >= 0.8" in table and "rounds 0.75 0.9 0.95" in table
+
+
+def test_another_backend_is_compared_with_the_torch_encoder_beside_it():
+    """--backend openvino: the raw encoder against torch's in the same rounds, at batch 1 and the max batch."""
+    report = report_for(raw1=15.0, raw32=22.0, torch1=10.0, torch32=20.0)  # 1.5x and 1.1x
+    report["backend"] = "openvino"
+    targets = {t["name"]: t for t in evaluate_targets(report)}
+    assert targets["raw_vs_torch_batch_1"]["value"] == 1.5 and targets["raw_vs_torch_batch_1"]["passed"]
+    assert targets["raw_vs_torch_max_batch"]["value"] == pytest.approx(1.1)
+    assert "FER_BACKEND=openvino / torch" in targets["raw_vs_torch_max_batch"]["detail"]
+    assert verdicts(report_for(raw1=13.0, torch1=10.0, torch32=20.0))["raw_vs_torch_batch_1"] is False
+    assert verdicts(report_for(raw32=20.0, torch1=5.0, torch32=20.0))["raw_vs_torch_max_batch"] is False
+    report["rounds"] = [round_for(torch1=t, torch32=20.0) for t in (5.0, 8.0, 10.0)]
+    raw = median_raw(report["rounds"])
+    assert [e["images_per_s"] for e in raw["torch_encoder"]] == [8.0, 20.0]
+    report["raw"], report["targets"] = raw, evaluate_targets(report)
+    table = format_table(report)
+    assert "raw torch encoder beside it: batch 1 8.0 img/s" in table and "openvino" in table
+
+
+def test_the_backend_option_reaches_the_run():
+    assert parse_args([]).backend == "torch"
+    assert parse_args(["--quick", "--backend", "openvino"]).backend == "openvino"
 
 
 def test_raw_figures_are_the_median_of_the_rounds_and_failures_are_reported():

@@ -1,0 +1,198 @@
+"""The OpenVINO backend (FER_BACKEND=openvino): CLIP's image and text towers converted to OpenVINO and
+run on the CPU, behind the two calls the engine makes of the torch module, `encode_image` and
+`encode_text`. Everything around them (normalisation, W, pooling, scoring) stays the engine's torch code.
+
+Converting is slow beside reading a converted model, so the converted towers are saved in the cache
+folder under a key made of the weights, the architecture, the OpenVINO release and the precision; a
+restart reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.clip import LoadedClip
+
+log = logging.getLogger(__name__)
+
+TOWERS = ("image", "text")
+CACHE_FORMAT = "1"  # part of the key: a change in what is saved makes older folders unused
+EXAMPLE_BATCH = 2  # torch.export specialises a dimension whose example size is 0 or 1
+# OpenVINO's names of the precisions the CPU runs them in, by FER_DTYPE's.
+PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+class _Tower(torch.nn.Module):
+    """One of the CLIP module's encode calls, as a module's forward: what torch.export takes."""
+
+    def __init__(self, clip: torch.nn.Module, tower: str):
+        super().__init__()
+        self.clip, self.tower = clip, tower
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(x) if self.tower == "image" else self.clip.encode_text(x)
+
+
+def example_inputs(clip: LoadedClip) -> dict[str, torch.Tensor]:
+    """Each tower's input, of the shape and type the engine passes it."""
+    size = clip.preprocess.image_size
+    return {
+        "image": torch.zeros(EXAMPLE_BATCH, 3, size, size),
+        "text": clip.tokenizer(["a photo of a face"] * EXAMPLE_BATCH),
+    }
+
+
+def convert_towers(clip: LoadedClip) -> dict:
+    """Both towers of the float32 torch module as OpenVINO models, batch dimension dynamic.
+
+    Through torch.export rather than `openvino.convert_model`'s own tracing: its trace check fails on
+    open_clip's modules (the graphs of two traces differ in name mangling only), and torch.jit.trace is
+    deprecated. No ONNX file in between, which would need the onnx packages."""
+    import openvino as ov
+
+    models = {}
+    for tower, example in example_inputs(clip).items():
+        batch = torch.export.Dim("batch")
+        try:
+            exported = torch.export.export(
+                _Tower(clip.model, tower), (example,), dynamic_shapes=({0: batch},)
+            )
+            model = ov.convert_model(exported)
+        except Exception as exc:
+            raise RuntimeError(
+                f"OpenVINO cannot convert this CLIP model's {tower} encoder ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}): use FER_BACKEND=torch"
+            ) from exc
+        # Only the batch varies: fixed image and token sizes let OpenVINO plan every other shape once.
+        model.reshape({model.input(0): ov.PartialShape([-1, *example.shape[1:]])})
+        models[tower] = model
+    return models
+
+
+def weights_key(clip: LoadedClip, precision: torch.dtype) -> str:
+    """What the converted towers depend on: every weight, the module's structure (its repr names the
+    activations, which the weights do not show), the OpenVINO release and the precision."""
+    import openvino as ov
+
+    digest = hashlib.sha256()
+    for part in (CACHE_FORMAT, ov.__version__, PRECISIONS[precision], repr(clip.model)):
+        digest.update(part.encode() + b"\0")
+    for name, tensor in clip.model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
+    return f"{digest.hexdigest()[:24]}-{PRECISIONS[precision]}"
+
+
+def cached_towers(clip: LoadedClip, precision: torch.dtype, cache: Path | None) -> dict:
+    """The converted towers: read from `cache` when a start before converted the same weights, else
+    converted now and saved there (None: not saved)."""
+    import openvino as ov
+
+    folder = None if cache is None else Path(cache) / weights_key(clip, precision)
+    if folder is not None and all((folder / f"{t}{s}").is_file() for t in TOWERS for s in (".xml", ".bin")):
+        try:
+            models = {t: ov.Core().read_model(folder / f"{t}.xml") for t in TOWERS}
+        except RuntimeError as exc:  # a damaged file: this start converts; deleting the folder is the user's
+            log.warning("cannot read the cached OpenVINO encoders in %s (delete it): %s", folder, exc)
+        else:
+            log.info("OpenVINO encoders read from the cache, %s", folder)
+            return models
+    log.info("converting the CLIP encoders for OpenVINO (once for these weights)")
+    models = convert_towers(clip)
+    if folder is not None:
+        _save(models, folder)
+    return models
+
+
+def _save(models: dict, folder: Path) -> None:
+    """Saved whole or not at all: written into a new folder beside, then renamed, so that a crash or a
+    second process converting at the same time never leaves a folder another start would half-read.
+    A folder that cannot be written costs the next start a conversion, not this one its model."""
+    import openvino as ov
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = folder.parent / f".{folder.name}-{os.getpid()}-{threading.get_ident()}"
+        partial.mkdir()  # not mkdtemp, whose folder only its owner may read: the umask decides
+    except OSError as exc:
+        log.warning("the OpenVINO encoders are not cached: %s: %s", folder.parent, exc.strerror or exc)
+        return
+    try:
+        for tower, model in models.items():
+            # float32 weights as converted: the default would round them to float16.
+            ov.save_model(model, partial / f"{tower}.xml", compress_to_fp16=False)
+        os.rename(partial, folder)
+        log.info("OpenVINO encoders cached in %s", folder)
+    except OSError as exc:  # a full disk, or another process renamed its copy first
+        if not folder.is_dir():
+            log.warning("the OpenVINO encoders are not cached: %s: %s", folder, exc.strerror or exc)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+@dataclass
+class _Compiled:
+    model: object  # openvino.CompiledModel
+    requests: threading.local  # one infer request per calling thread: a request runs one call at a time
+
+
+class OpenVinoClip:
+    """The converted towers behind the torch module's two encode calls (torch tensors in and out).
+
+    Compiled at the first call, for that thread's torch thread count: the service makes its encoder calls
+    in a thread set to FER_DEVICE_THREADS, so OpenVINO uses the cores torch would have used there."""
+
+    def __init__(self, models: dict, precision: torch.dtype):
+        self.models = models
+        self.precision = PRECISIONS[precision]
+        self._compiled: dict[str, _Compiled] = {}
+        self._lock = threading.Lock()
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels [N, 3, S, S] (any float type) -> CLIP image embedding [N, D], float32."""
+        return self._infer("image", pixels.float())
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [N, L] -> CLIP text embedding [N, D], float32."""
+        return self._infer("text", tokens.long())
+
+    def _infer(self, tower: str, x: torch.Tensor) -> torch.Tensor:
+        compiled = self._compiled.get(tower) or self._compile(tower)
+        request = getattr(compiled.requests, "request", None)
+        if request is None:
+            request = compiled.requests.request = compiled.model.create_infer_request()
+        request.infer([x.cpu().contiguous().numpy()], share_inputs=True)
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+    def _compile(self, tower: str) -> _Compiled:
+        import openvino as ov
+
+        with self._lock:
+            if tower not in self._compiled:
+                config = {
+                    "INFERENCE_PRECISION_HINT": self.precision,
+                    "PERFORMANCE_HINT": "LATENCY",  # one call at a time, on every thread it is given
+                    "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                }
+                # The compiled model holds the weights it runs with: the converted one is let go.
+                model = ov.Core().compile_model(self.models.pop(tower), "CPU", config)
+                runs = model.get_property("INFERENCE_PRECISION_HINT").to_string()
+                if runs != self.precision:
+                    log.warning("OpenVINO runs the %s encoder in %s, not %s", tower, runs, self.precision)
+                self._compiled[tower] = _Compiled(model, threading.local())
+            return self._compiled[tower]
+
+
+def openvino_clip(clip: LoadedClip, precision: torch.dtype, cache: Path | None) -> OpenVinoClip:
+    """The loaded float32 CLIP as OpenVINO towers running in `precision` (float32 or bfloat16)."""
+    if precision not in PRECISIONS:
+        raise RuntimeError(f"FER_BACKEND=openvino runs float32 or bfloat16, not {precision}")
+    return OpenVinoClip(cached_towers(clip, precision, cache), precision)
