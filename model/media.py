@@ -36,7 +36,7 @@ SEQUENTIAL_MAX_FRAMES = 600
 # Two sampled frames closer than this are reached by decoding forward rather than seeking again.
 SEEK_MIN_FRAMES = 50
 # Sampled frames are converted no larger than this (longest side): the encoder needs 224-336 px and face
-# detection 480, and 64 full 4K frames would hold ~1.8 GB per request.
+# detection up to 960 (the small faces of a group), and 64 full 4K frames would hold ~1.8 GB per request.
 MAX_FRAME_SIDE = 960
 # Images and frames whose long side is more than this many times the short side are refused: no face
 # photo is shaped so, and the `clip` preprocessing scales the short side up to the model's input (a
@@ -242,6 +242,8 @@ class VideoFrames:
     fps: float
     duration: float
     decoded: int = 0  # frames the decoder produced: what the sampling cost
+    # The clip's own frame size (width, height): `frames` may be scaled down from it (MAX_FRAME_SIDE).
+    size: tuple[int, int] = (0, 0)
 
 
 def read_video(
@@ -306,7 +308,8 @@ def _read_frames(container, count: int, limits: MediaLimits, budget: DecodeBudge
     if not picked:
         raise MediaError("no frame of the video could be decoded")
     frames, times = _fill(indices, picked)
-    return VideoFrames(frames, indices, times, n_frames, fps, duration, budget.frames)
+    size = (width, height) if width and height else frames[0].size
+    return VideoFrames(frames, indices, times, n_frames, fps, duration, budget.frames, size)
 
 
 def _duration_s(container, stream) -> float:

@@ -19,7 +19,7 @@ class PipelineOptions:
     face_margin: float = 0.25
     align_faces: bool = True
     frames: int = 16
-    video_face_side: int = 320  # a video frame's long side for face detection (see model.pipeline)
+    video_face_side: int = 960  # a video frame's long side for face detection (see model.pipeline)
     limits: MediaLimits = field(default_factory=MediaLimits)
 
     def replace(self, **changes) -> PipelineOptions:

@@ -1,7 +1,8 @@
 """The one path from an input to an answer, in stages every entry point calls (the service, the `fer`
 commands, `fer eval`, training's CLIP side):
 
-    decode (model.media) -> find faces -> crop -> prepare (uint8 pixels) -> encode -> project -> score
+    decode (model.media) -> find faces -> crop -> prepare (uint8 pixels) -> encode -> project
+      -> (a clip's faces linked into one track per person, model.tracks) -> score
 
 The CPU stages (`prepare_image`, `prepare_video`, `prepare_clip`) turn a file into the encoder's uint8
 input plus what the answer needs to say about it (faces, sampled frames). They take the preprocessing
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from model.faces.align import crop_face
 from model.media import DecodeStopped, VideoFrames, decode_image, read_video
 from model.options import PipelineOptions
+from model.tracks import link_faces, rank_tracks
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -40,6 +42,9 @@ NO_FACE_NOTE = "no face found: the whole image was classified"
 Source = BinaryIO | bytes | str
 Encode = Callable[[torch.Tensor], torch.Tensor]
 Preprocess = Callable[[Sequence["Image.Image"]], torch.Tensor]  # images -> uint8 [N, 3, S, S]
+# Per sampled frame, its faces' boxes [x, y, w, h] in the order of their rows; [] for a frame without a
+# face, whose one row is the whole frame.
+FrameBoxes = Sequence[Sequence[Sequence[float]]]
 
 
 # ---- CPU stages: decode -> faces -> crop -> prepare --------------------------------------------------
@@ -51,17 +56,29 @@ class PreparedImage:
 
 @dataclass
 class PreparedVideo:
-    pixels: torch.Tensor  # [frames, 3, S, S] uint8, one row per sampled frame
+    """One row per face of each sampled frame (largest first), or the whole frame where none is found,
+    frame after frame: `faces` says which rows are whose."""
+
+    pixels: torch.Tensor  # [rows, 3, S, S] uint8
     clip: VideoFrames  # the sampling facts (indices, timestamps, fps, ...); its frames are dropped
-    face_found: list[bool]  # per sampled frame: its largest face's crop (True) or the whole frame
+    faces: list[list[Face]]  # per sampled frame: its faces in the clip's pixels; [] -> the whole frame
+
+    @property
+    def face_found(self) -> list[bool]:
+        return [bool(faces) for faces in self.faces]
 
 
 def find_faces(
-    image: Image.Image, detector: FaceDetector | None, options: PipelineOptions, max_faces: int | None = None
+    image: Image.Image,
+    detector: FaceDetector | None,
+    options: PipelineOptions,
+    max_faces: int | None = None,
+    long_side: int | None = None,
 ) -> list[Face]:
+    """`long_side`: the side the detector searches the image at (None: its own, tuned for photos)."""
     if not options.detect_faces or detector is None:
         return []
-    return detector.detect(image, max_faces or options.max_faces)
+    return detector.detect(image, max_faces or options.max_faces, long_side=long_side)
 
 
 def crops(image: Image.Image, faces: Sequence[Face], options: PipelineOptions) -> list[Image.Image]:
@@ -84,17 +101,16 @@ def prepare_image(
     return PreparedImage(to_pixels(crops(image, faces, options)), faces)
 
 
-def largest_face_in_frame(
-    frame: Image.Image, detector: FaceDetector | None, options: PipelineOptions
-) -> list[Face]:
-    """A video frame's largest face, found on a copy scaled to `video_face_side`: only the largest face
-    is wanted, which is rarely small, and detection on 16 full frames would cost more than decoding
-    them. Boxes and landmarks are mapped back to the frame."""
-    scale = min(1.0, options.video_face_side / max(frame.size))
-    if scale == 1.0 or not options.detect_faces or detector is None:
-        return find_faces(frame, detector, options, max_faces=1)
-    small = frame.resize((max(1, round(frame.width * scale)), max(1, round(frame.height * scale))))
-    return [face.scaled(1 / scale) for face in find_faces(small, detector, options, max_faces=1)]
+def faces_in_frame(frame: Image.Image, detector: FaceDetector | None, options: PipelineOptions) -> list[Face]:
+    """A video frame's faces, at most `max_faces`, largest first, searched with the frame's long side at
+    `video_face_side`: large enough for each face of a group (about 60 px and up in a 1080p frame), in
+    pixels of `frame`."""
+    return find_faces(frame, detector, options, long_side=options.video_face_side)
+
+
+def max_video_rows(options: PipelineOptions) -> int:
+    """The most rows `prepare_video` gives: every sampled frame's faces, or the frame itself."""
+    return options.frames * (options.max_faces if options.detect_faces else 1)
 
 
 def prepare_video(
@@ -104,16 +120,17 @@ def prepare_video(
     options: PipelineOptions,
     stop: threading.Event | None = None,
 ) -> PreparedVideo:
-    """Each sampled frame becomes its largest face's crop, or the whole frame when none is found.
-    `stop`, set from another thread (the client left), ends decoding and detection early."""
+    """Each sampled frame becomes its faces' crops (`max_faces` at most), or the whole frame when none
+    is found. `stop`, set from another thread (the client left), ends decoding and detection early."""
     clip = read_video(source, options.frames, options.limits, stop)
     rows, found = [], []
     for frame in clip.frames:
         if stop is not None and stop.is_set():
             raise DecodeStopped()
-        faces = largest_face_in_frame(frame, detector, options)
+        faces = faces_in_frame(frame, detector, options)
         rows.extend(crops(frame, faces, options))
-        found.append(bool(faces))
+        to_clip = clip.size[0] / frame.width  # the frame may have been decoded smaller than the clip
+        found.append([face.scaled(to_clip) for face in faces] if to_clip != 1 else faces)
     # The decoded frames (up to ~100 MB at 1080p) are not kept while the request waits for the encoder.
     return PreparedVideo(to_pixels(rows), dataclasses.replace(clip, frames=[]), found)
 
@@ -127,11 +144,11 @@ def prepare_clip(
     *,
     still: bool,
 ) -> PreparedImage | PreparedVideo:
-    """An input as a clip (retrieval, evaluation): a still image is a one-frame clip of its largest
-    face (or of the whole image); a video gives its sampled frames."""
+    """An input as a clip of one face per frame (retrieval): a still image is a one-frame clip of its
+    largest face (or of the whole image); a video gives each sampled frame's largest face (or the frame)."""
     if still:
         return prepare_image(source, to_pixels, detector, options.replace(max_faces=1), stop)
-    return prepare_video(source, to_pixels, detector, options, stop)
+    return prepare_video(source, to_pixels, detector, options.replace(max_faces=1), stop)
 
 
 def open_source(path: str | Path) -> BinaryIO:
@@ -191,6 +208,62 @@ def pool_groups(frame_features: torch.Tensor, sizes: Sequence[int]) -> list[torc
     return [pool(group) for group in torch.split(frame_features, list(sizes))]
 
 
+# ---- people: a clip's faces linked into tracks ----------------------------------------------------
+def frame_boxes(prepared: PreparedImage | PreparedVideo) -> list[list[list[int]]]:
+    """The boxes of a prepared input's faces, per frame (a still image is one frame)."""
+    frames = prepared.faces if isinstance(prepared, PreparedVideo) else [prepared.faces]
+    return [[face.box.as_list() for face in faces] for faces in frames]
+
+
+def face_rows(boxes: FrameBoxes) -> list[list[int]]:
+    """Each frame's faces' rows in the clip's features, laid out as `prepare_video` lays them: a frame's
+    faces one after another, and one row for a frame without a face (its whole frame, listed nowhere)."""
+    rows, start = [], 0
+    for faces in boxes:
+        rows.append(list(range(start, start + len(faces))))
+        start += max(1, len(faces))
+    return rows
+
+
+@dataclass(frozen=True)
+class FaceTrack:
+    """One person's faces across a clip's sampled frames, one face per frame at most."""
+
+    id: int  # by first appearance in the clip, from 0
+    frames: list[int]  # positions among the sampled frames, in order
+    rows: list[int]  # each face's row in the clip's features
+    boxes: list[list[int]]  # each face's [x, y, w, h]
+
+
+def face_tracks(boxes: FrameBoxes, features: torch.Tensor) -> list[FaceTrack]:
+    """The people of a clip (model.tracks): its faces (`boxes`, and their projected `features`, one row
+    each as `face_rows` says) linked across frames; the main track first (the most frames; ties: the
+    larger mean box). Empty when no face was found."""
+    rows = face_rows(boxes)
+    if len(features) != sum(max(1, len(faces)) for faces in boxes):
+        raise ValueError(f"{len(features)} feature rows for frames that give {rows}")
+    linked = link_faces(
+        [torch.tensor(faces, dtype=torch.float64).reshape(-1, 4) for faces in boxes],
+        [features[frame_rows] for frame_rows in rows],
+    )
+    return [
+        FaceTrack(
+            id=i,
+            frames=[frame for frame, _ in linked[i]],
+            rows=[rows[frame][face] for frame, face in linked[i]],
+            boxes=[[round(v) for v in boxes[frame][face]] for frame, face in linked[i]],
+        )
+        for i in rank_tracks(linked, boxes)
+    ]
+
+
+def clip_rows(boxes: FrameBoxes, features: torch.Tensor) -> list[int]:
+    """The rows of `features` a clip's answer pools: its main track's faces, or every row (the whole
+    frames) when no face was found."""
+    tracks = face_tracks(boxes, features)
+    return tracks[0].rows if tracks else list(range(len(features)))
+
+
 @dataclass(frozen=True)
 class FacePrediction:
     box: list[int]  # [x, y, w, h] in the original image's pixels
@@ -221,15 +294,33 @@ class FramePrediction:
 
 
 @dataclass(frozen=True)
-class VideoPrediction:
+class TrackFramePrediction:
+    index: int
+    timestamp: float
+    box: list[int]  # [x, y, w, h] in the clip's pixels
+    label: str | None  # with per_frame only
+    probabilities: dict[str, float] | None
+
+
+@dataclass(frozen=True)
+class TrackPrediction:
+    id: int
     label: str
-    probabilities: dict[str, float]  # of the pooled clip feature
+    probabilities: dict[str, float]  # of the track's pooled frame features
+    frames: list[TrackFramePrediction]
+
+
+@dataclass(frozen=True)
+class VideoPrediction:
+    label: str  # the main track's (the first), or the whole frames' when no face was found
+    probabilities: dict[str, float]
     frames_sampled: int
     n_frames: int
     fps: float
     duration_s: float
     frames_with_face: int
-    timeline: list[FramePrediction] | None
+    timeline: list[FramePrediction] | None  # the main track's frames, or every frame
+    tracks: list[TrackPrediction]  # main first
     classes: list[str]
     prompts: str
 
@@ -285,23 +376,55 @@ def predict_video(
     prompt_set: str,
     per_frame: bool,
 ) -> VideoPrediction:
-    clip_scores = classify(pool(features).unsqueeze(0), text, classes)
+    """Each person's track pooled and scored as a clip; the clip's answer is the main track's. Without a
+    face, the whole frames are pooled as one clip and there is no track."""
     clip = prepared.clip
+    tracks = face_tracks(frame_boxes(prepared), features)
+    # Each track scored alone: the main track's numbers do not depend on how many others there are.
+    track_scores = [classify(pool(features[t.rows]).unsqueeze(0), text, classes) for t in tracks]
+    clip_scores = track_scores[0] if tracks else classify(pool(features).unsqueeze(0), text, classes)
+    frame_scores = classify(features, text, classes) if per_frame else None
+
+    stamps = sampled_frames(prepared)
+
+    def timestamp(frame: int) -> float:
+        return stamps[frame][1]
+
     timeline = None
-    if per_frame:
-        frame_scores = classify(features, text, classes)
+    if frame_scores is not None:
+        # Without a face each frame is one row, the whole frame's.
+        frames = range(len(clip.indices))
+        main = (
+            zip(tracks[0].frames, tracks[0].rows, strict=True) if tracks else zip(frames, frames, strict=True)
+        )
         timeline = [
             FramePrediction(
-                index=index,
-                timestamp=timestamp,
-                face_detected=found,
+                index=clip.indices[frame],
+                timestamp=timestamp(frame),
+                face_detected=bool(tracks),
                 label=frame_scores.label(row),
                 probabilities=frame_scores.as_dict(row),
             )
-            for row, ((index, timestamp), found) in enumerate(
-                zip(sampled_frames(prepared), prepared.face_found, strict=True)
-            )
+            for frame, row in main
         ]
+    answers = [
+        TrackPrediction(
+            id=track.id,
+            label=scores.label(0),
+            probabilities=scores.as_dict(0),
+            frames=[
+                TrackFramePrediction(
+                    index=clip.indices[frame],
+                    timestamp=timestamp(frame),
+                    box=box,
+                    label=None if frame_scores is None else frame_scores.label(row),
+                    probabilities=None if frame_scores is None else frame_scores.as_dict(row),
+                )
+                for frame, row, box in zip(track.frames, track.rows, track.boxes, strict=True)
+            ],
+        )
+        for track, scores in zip(tracks, track_scores, strict=True)
+    ]
     return VideoPrediction(
         label=clip_scores.label(0),
         probabilities=clip_scores.as_dict(0),
@@ -311,6 +434,7 @@ def predict_video(
         duration_s=round(clip.duration, 3),
         frames_with_face=sum(prepared.face_found),
         timeline=timeline,
+        tracks=answers,
         classes=list(classes),
         prompts=prompt_set,
     )

@@ -80,10 +80,14 @@ class ModelSettings(BaseSettings):
         DEFAULT_OPTIONS.video_face_side,
         ge=32,
         le=4096,
-        description="a video frame's long side when its largest face is looked for",
+        description="a video frame's long side when its faces are looked for (frames are decoded at most "
+        "960 px on their long side)",
     )
     max_faces: int = Field(
-        DEFAULT_OPTIONS.max_faces, ge=1, le=100, description="most faces classified in one image"
+        DEFAULT_OPTIONS.max_faces,
+        ge=1,
+        le=100,
+        description="most faces classified in one image, and in each sampled frame of a video (the largest)",
     )
     face_margin: float = Field(
         DEFAULT_OPTIONS.face_margin, ge=0, le=1, description="margin added around a face box, per side"

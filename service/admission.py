@@ -5,7 +5,8 @@ When there is no room it is refused at once (429) with a Retry-After estimated f
 what is admitted. Room is shared fairly: one request may hold at most `request_share` items, and video
 frames and texts may each hold only their share of the queue, so a flood of either cannot take the
 places that plain images need. The places a request asks for are an upper bound (an image may hold up
-to `max_faces` faces; the frames asked for), shrunk once decoding has counted the real items.
+to `max_faces` faces; a video as many in each frame asked for), shrunk once decoding has counted the real
+items.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ FULL = {
 # What each part of the queue counts, and the settings that size it: a request asking for more than the
 # whole part can never be admitted (413), not even on an empty queue.
 PARTS = {
-    "queue": ("items (faces or images, frames, and texts to encode)", "FER_MAX_QUEUE"),
-    "video": ("video frames", "FER_MAX_QUEUE x FER_VIDEO_SHARE"),
+    "queue": ("items (faces or images, video frames' faces, and texts to encode)", "FER_MAX_QUEUE"),
+    "video": (
+        "rows of video frames (each frame's faces, up to FER_MAX_FACES)",
+        "FER_MAX_QUEUE x FER_VIDEO_SHARE",
+    ),
     "text": ("texts to encode", "FER_MAX_QUEUE x FER_TEXT_SHARE"),
 }
 
@@ -46,7 +50,7 @@ class TooLarge(Exception):
 @dataclass
 class Places:
     images: int = 0  # still images' rows (faces or whole images)
-    frames: int = 0  # video frames' rows
+    frames: int = 0  # video frames' rows (each sampled frame's faces, or the frame)
     texts: int = 0  # texts to encode
 
     @property
@@ -95,8 +99,9 @@ class Admission:
         if images + frames + texts > self.request_share:
             self.on_refused("too_large")
             raise TooLarge(
-                f"the request needs {images + frames + texts} items (faces or images, frames, and texts to "
-                f"encode); one request may hold at most {self.request_share} (FER_MAX_REQUEST_ITEMS)"
+                f"the request needs {images + frames + texts} items (faces or images, video frames' faces "
+                f"(up to FER_MAX_FACES a frame), and texts to encode); one request may hold at most "
+                f"{self.request_share} (FER_MAX_REQUEST_ITEMS)"
             )
         asked = Places(images, frames, texts + shared_texts)
         after = self._held + asked

@@ -166,7 +166,7 @@ class Work:
     """What an endpoint asks of the request path."""
 
     # The most encoder rows the input can give, as admission counts them: `images` (faces, or the whole
-    # image) or `frames` (a clip's sampled frames, decoded in the video pool).
+    # image) or `frames` (a clip's sampled frames' faces, or the frames, decoded in the video pool).
     rows: Places
     prepare: Callable[..., Any]  # a model.pipeline CPU stage: (source, to_pixels, detector, options, stop)
     texts: Texts
@@ -192,7 +192,8 @@ def predict_image(call: Call, prompts: ClassPrompts) -> Work:
 
 
 def predict_video(call: Call, prompts: ClassPrompts, per_frame: bool) -> Work:
-    """POST /predict-video: a clip's sampled frames pooled and scored against a class list."""
+    """POST /predict-video: a clip's sampled frames' faces linked into tracks, each track's frames pooled
+    and scored against a class list. Admission counts every face a frame may give."""
 
     def score(prepared, features, text):
         return pipeline.predict_video(
@@ -200,7 +201,7 @@ def predict_video(call: Call, prompts: ClassPrompts, per_frame: bool) -> Work:
         )
 
     return Work(
-        rows=Places(frames=call.options.frames),
+        rows=Places(frames=pipeline.max_video_rows(call.options)),
         prepare=pipeline.prepare_video,
         texts=prompts,
         score=score,

@@ -52,15 +52,46 @@ class FrameResult(BaseModel):
     probabilities: dict[str, float]
 
 
+class TrackFrame(BaseModel):
+    index: int = Field(description="frame index in the clip, as in `timeline`")
+    timestamp: float = Field(description="seconds from the start of the clip")
+    box: list[int] = Field(description="the person's face, [x, y, w, h] in the clip's pixels")
+    label: str | None = Field(None, description="this face's top class, when per_frame=true")
+    probabilities: dict[str, float] | None = Field(None, description="this face's, when per_frame=true")
+
+
+class Track(BaseModel):
+    id: int = Field(description="the person's number, by first appearance in the clip (from 0)")
+    label: str = Field(description="the top class of this person's frames, pooled")
+    probabilities: dict[str, float] = Field(
+        description="from the mean of this person's projected face features"
+    )
+    frames: list[TrackFrame] = Field(
+        description="one entry per sampled frame in which this person's face is found"
+    )
+
+
 class VideoResponse(BaseModel):
-    label: str
-    probabilities: dict[str, float] = Field(description="from the mean of the projected frame features")
+    label: str = Field(
+        description="the main track's (the first), or the whole frames' when no face was found"
+    )
+    probabilities: dict[str, float] = Field(
+        description="the main track's: from the mean of its projected face features (of the whole frames' "
+        "when no face was found)"
+    )
     frames_sampled: int
     n_frames: int
     fps: float
     duration_s: float
-    frames_with_face: int
-    timeline: list[FrameResult] | None = Field(None, description="per sampled frame, when per_frame=true")
+    frames_with_face: int = Field(description="sampled frames in which any face was found")
+    timeline: list[FrameResult] | None = Field(
+        None,
+        description="the main track's frames (every sampled frame when no face was found), when per_frame=true",
+    )
+    tracks: list[Track] = Field(
+        description="one per person, most frames first (ties: the larger mean box); empty when no face was "
+        "found or detection is off"
+    )
     model: str
     model_warning: str | None = MODEL_WARNING
     classes: list[str]

@@ -16,10 +16,13 @@ class ServiceSettings(ModelSettings):
     max_batch: int = Field(32, ge=1, le=4096, description="items (images or frames) per encoder call")
     max_wait_ms: float = Field(10.0, ge=0, le=1000, description="how long a batch waits for more items")
     max_queue: int = Field(
-        2048, ge=1, description="items (images, frames, texts) admitted at once; beyond, requests get 429"
+        2048,
+        ge=1,
+        description="items (faces or images, video frames' faces or frames, texts) admitted at once; beyond, "
+        "requests get 429",
     )
     max_request_items: int = Field(
-        600, ge=1, description="most items one request may hold (its share of the queue)"
+        640, ge=1, description="most items one request may hold (its share of the queue)"
     )
     video_share: float = Field(
         0.5, gt=0, le=1, description="share of the queue that video requests may hold together"
@@ -102,16 +105,20 @@ class ServiceSettings(ModelSettings):
 
     @model_validator(mode="after")
     def _limits_fit_together(self) -> ServiceSettings:
-        # A video request holds one item per sampled frame (its largest face), an image one per face, a
-        # /retrieve its frames and its descriptions.
-        largest = max(self.max_faces, self.max_frames + self.max_descriptions)
+        # A video request holds one item per face of each sampled frame (or per frame), an image one per
+        # face, a /retrieve its frames (one face each) and its descriptions.
+        video = self.max_frames * self.max_faces
+        largest = max(video, self.max_frames + self.max_descriptions)
         if self.max_request_items < largest:
             raise ValueError(
-                "FER_MAX_REQUEST_ITEMS must hold the largest request: the larger of FER_MAX_FACES and "
-                f"FER_MAX_FRAMES + FER_MAX_DESCRIPTIONS, {largest}"
+                "FER_MAX_REQUEST_ITEMS must hold the largest request: the larger of FER_MAX_FRAMES x "
+                f"FER_MAX_FACES and FER_MAX_FRAMES + FER_MAX_DESCRIPTIONS, {largest}"
             )
-        if self.max_queue * self.video_share < self.max_frames:
-            raise ValueError("FER_MAX_QUEUE x FER_VIDEO_SHARE must hold one video of FER_MAX_FRAMES frames")
+        if self.max_queue * self.video_share < video:
+            raise ValueError(
+                "FER_MAX_QUEUE x FER_VIDEO_SHARE must hold one video of FER_MAX_FRAMES frames with "
+                f"FER_MAX_FACES faces each, {video}"
+            )
         # A new class list's prompts are encoded once for every later request: they take places in the
         # queue (the texts' share) but not from the request's own share.
         class_texts = most_prompt_texts()
@@ -121,10 +128,10 @@ class ServiceSettings(ModelSettings):
                 f"FER_MAX_QUEUE x FER_TEXT_SHARE must hold one request's texts, {texts}: FER_MAX_DESCRIPTIONS, "
                 f"and a new list of {MAX_CLASSES} classes with the most prompts ({class_texts})"
             )
-        if self.max_queue < max(self.max_faces, self.max_frames) + class_texts:
+        if self.max_queue < video + class_texts:
             raise ValueError(
-                "FER_MAX_QUEUE must hold an image or a video with a new class list: the larger of "
-                f"FER_MAX_FACES and FER_MAX_FRAMES, plus {class_texts} texts"
+                "FER_MAX_QUEUE must hold a video with a new class list: FER_MAX_FRAMES x FER_MAX_FACES, "
+                f"plus {class_texts} texts"
             )
         if self.max_queue < max(self.max_batch, self.max_request_items):
             raise ValueError(

@@ -87,7 +87,7 @@ def test_a_request_larger_than_what_its_kind_may_ever_hold_is_too_large(admissio
     assert refused == ["too_large"] and admission.depth == 0
 
 
-@pytest.mark.parametrize("overrides", [{"max_queue": 1024}, {"text_share": 0.3}])
+@pytest.mark.parametrize("overrides", [{"max_queue": 1024, "video_share": 1.0}, {"text_share": 0.3}])
 def test_settings_whose_queue_cannot_hold_a_new_class_list_are_refused(overrides):
     """A new list of 64 classes with P-5 (640 texts) must fit the texts' share of the queue."""
     with pytest.raises(ValueError, match="FER_TEXT_SHARE"):
@@ -100,7 +100,7 @@ def test_settings_whose_queue_cannot_hold_a_new_class_list_are_refused(overrides
         {},
         {"max_queue": 1280},
         {"text_share": 0.32},
-        {"max_queue": 704, "text_share": 1.0, "video_share": 0.1},
+        {"max_queue": 704, "text_share": 1.0, "video_share": 0.1, "max_faces": 1},
     ],
 )
 def test_every_request_the_field_checks_accept_fits_an_empty_queue(overrides):
@@ -110,7 +110,10 @@ def test_every_request_the_field_checks_accept_fits_an_empty_queue(overrides):
     try:
         for ask in (
             {"images": settings.max_faces, "shared_texts": largest_class_list},  # /predict
-            {"frames": settings.max_frames, "shared_texts": largest_class_list},  # /predict-video
+            {
+                "frames": settings.max_frames * settings.max_faces,
+                "shared_texts": largest_class_list,
+            },  # /predict-video
             {"frames": settings.max_frames, "texts": settings.max_descriptions},  # /retrieve
         ):
             runtime.admission.reserve(**ask).release()

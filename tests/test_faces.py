@@ -16,10 +16,8 @@ from skimage import data
 from model.faces.align import crop_face, eye_angle, landmarks_reliable, plain_crop
 from model.faces.base import Box, Face
 from model.faces.retinaface import WEIGHTS_SHA256, RetinaFaceDetector, model_bytes
-from model.faces.synthetic import SourceFace, background, iou, match, paste_face
-
-# The astronaut's face in skimage.data.astronaut() (512x512), as [x, y, w, h].
-ASTRONAUT_FACE = Box(178, 57, 95, 120)
+from model.faces.synthetic import ASTRONAUT_FACE, SourceFace, background, iou, match, paste_face
+from model.faces.synthetic import astronaut_face as cut_astronaut_face
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +31,9 @@ def astronaut() -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def astronaut_face(astronaut) -> SourceFace:
+def astronaut_face() -> SourceFace:
     """The face with about half its size of context on every side, and its box inside that patch."""
-    box = ASTRONAUT_FACE
-    left, top = box.x - box.w // 2, box.y - box.h // 2
-    patch = astronaut.crop((left, top, box.x + box.w + box.w // 2, box.y + box.h + box.h // 2))
-    return SourceFace(patch, (box.x - left, box.y - top, box.w, box.h))
+    return cut_astronaut_face()
 
 
 def canvas_with(
@@ -315,19 +310,19 @@ def test_canvas_helpers():
     assert hit == [True, False] and stray == 1
 
 
-def test_a_video_frame_is_searched_small_and_its_face_mapped_back(detector, astronaut):
+def test_a_video_frame_is_searched_at_the_video_side(detector, astronaut):
     from model.options import PipelineOptions
-    from model.pipeline import largest_face_in_frame
+    from model.pipeline import faces_in_frame
 
     big = astronaut.resize((2048, 2048))  # 4x: the frame is searched at 320 px, 0.156 of its size
     searched = []
 
     class Spy:
-        def detect(self, image, *args, **kwargs):
-            searched.append(max(image.size))
-            return detector.detect(image, *args, **kwargs)
+        def detect(self, image, max_faces, long_side=None):
+            searched.append(long_side)
+            return detector.detect(image, max_faces, long_side=long_side)
 
-    (face,) = largest_face_in_frame(big, Spy(), PipelineOptions(video_face_side=320))
+    (face,) = faces_in_frame(big, Spy(), PipelineOptions(video_face_side=320))
     assert searched == [320]
     assert iou(face.box, Box(*(4 * v for v in ASTRONAUT_FACE.as_list()))) >= 0.5
     assert all(face.box.x <= x <= face.box.x + face.box.w for x, _ in face.landmarks)

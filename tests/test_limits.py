@@ -116,7 +116,7 @@ def test_a_client_that_leaves_stops_its_decode(engine, tmp_path, monkeypatch):
 # ---- admission and fair shares ------------------------------------------------------------------------
 def test_video_frames_cannot_take_the_places_images_need(engine):
     app = create_app(
-        settings(max_queue=1200, video_share=0.05, text_share=0.6, max_frames=16),
+        settings(max_queue=1200, video_share=0.05, text_share=0.6, max_frames=16, max_faces=1),
         engine_factory=lambda s: engine,
     )
     with TestClient(app) as client:

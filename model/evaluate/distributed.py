@@ -30,6 +30,7 @@ from model.faces.base import FaceDetector
 from model.faces.factory import create_detector
 from model.media import MediaError
 from model.options import PipelineOptions
+from model.pipeline import frame_boxes
 from model.settings import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,9 @@ class _Decode:
         self.detector = create_detector(settings.face_detector, settings.face_threshold) if detect else None
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        kept, failures, pixels, sizes = [], [], [], []
+        kept, failures, pixels, boxes = [], [], [], []
         for first, paths in zip(rows["first"], rows["paths"], strict=True):
-            positions, failed, frames = [], {}, []
+            positions, failed, frames, faces = [], {}, [], []
             for i, path in enumerate(paths, start=int(first)):
                 result = prepare_item(self.to_pixels, self.detector, Path(path), self.options)
                 if isinstance(result, Unreadable):
@@ -64,15 +65,16 @@ class _Decode:
                 else:
                     positions.append(i)
                     frames.append(result.pixels)
+                    faces.append(frame_boxes(result))
             kept.append(np.array(positions, dtype=np.int64))
             failures.append(json.dumps(failed))
-            sizes.append(np.array([len(f) for f in frames], dtype=np.int64))
+            boxes.append(json.dumps(faces))  # each item's face boxes per frame: whose rows are whose
             pixels.append(torch.cat(frames).numpy() if frames else np.zeros((0, 0, 0, 0), np.uint8))
         return {
             "first": rows["first"],
             "kept": ragged(kept),
             "failures": np.array(failures, dtype=object),
-            "sizes": ragged(sizes),
+            "boxes": np.array(boxes, dtype=object),
             "pixels": ragged(pixels),
         }
 
@@ -86,11 +88,10 @@ class _Encode:
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         features, plain = [], []
-        for pixels, sizes in zip(rows.pop("pixels"), rows["sizes"], strict=True):
-            if len(sizes):
-                projected, raw = encode_chunk(
-                    self.engine, torch.from_numpy(pixels), [int(n) for n in sizes], self.batch_size
-                )
+        for pixels, boxes in zip(rows.pop("pixels"), rows["boxes"], strict=True):
+            items = json.loads(boxes)
+            if items:
+                projected, raw = encode_chunk(self.engine, torch.from_numpy(pixels), items, self.batch_size)
                 features.append(torch.stack(projected).numpy())
                 plain.append(torch.stack(raw).numpy())
             else:

@@ -26,13 +26,17 @@ from model.files import unreadable
 from model.media import MediaError, is_video_path
 from model.options import PipelineOptions
 from model.pipeline import (
+    FrameBoxes,
     PreparedImage,
     PreparedVideo,
     Preprocess,
+    clip_rows,
     encode_in_batches,
+    frame_boxes,
     open_source,
-    pool_groups,
+    pool,
     prepare_clip,
+    prepare_video,
 )
 
 if TYPE_CHECKING:
@@ -144,8 +148,10 @@ def encode_items(
     batch_size: int = 64,
     desc: str = "encoding",
 ) -> EncodedItems:
-    """Each item through the pipeline's stages as a clip (an image is a one-frame clip): its feature is
-    the mean of its frame features, L2-normalised, for the projected and the plain-CLIP feature alike.
+    """Each item through the pipeline's stages as a clip (an image is a one-frame clip of its largest
+    face): its feature is the mean of its main track's frame features (or of the whole frames where no
+    face is found), L2-normalised, for the projected and the plain-CLIP feature alike, as the service
+    answers a clip.
     Unreadable files are skipped and reported in `failures` (the evaluation lists them), not fatal: one
     corrupt file should not end a long run."""
     kept, features, clip_features, failures = [], [], [], {}
@@ -163,7 +169,7 @@ def encode_items(
                     ok.append((i, result))
             if ok:
                 pixels = torch.cat([p.pixels for _, p in ok])
-                projected, plain = encode_chunk(engine, pixels, [len(p.pixels) for _, p in ok], batch_size)
+                projected, plain = encode_chunk(engine, pixels, [frame_boxes(p) for _, p in ok], batch_size)
                 kept.extend(i for i, _ in ok)
                 features.extend(projected)
                 clip_features.extend(plain)
@@ -174,15 +180,22 @@ def encode_items(
 
 
 def encode_chunk(
-    engine: FerEngine, pixels: torch.Tensor, sizes: Sequence[int], batch_size: int
+    engine: FerEngine, pixels: torch.Tensor, items: Sequence[FrameBoxes], batch_size: int
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """One chunk's items, their frames one after another in `pixels` (`sizes` rows each), through the
-    encoder in batches of `batch_size` rows -> per item, the projected and the plain-CLIP feature, both
-    pooled alike (mean of the frames, then L2), on the CPU. The Ray path (model.evaluate.distributed)
-    calls it on the same chunks, so both give the same features."""
+    """One chunk's items, their rows one after another in `pixels` (each item's face boxes per frame,
+    `items`, say how many and whose), through the encoder in batches of `batch_size` rows -> per item,
+    the projected and the plain-CLIP feature of its main track (`clip_rows`), both pooled alike (mean of
+    the frames, then L2), on the CPU. The Ray path (model.evaluate.distributed) calls it on the same
+    chunks, so both give the same features."""
     raw = encode_in_batches(engine.embed_pixels, pixels, batch_size)
     projected = engine.project(raw.to(engine.device)).cpu()
-    return pool_groups(projected, sizes), pool_groups(raw, sizes)
+    sizes = [sum(max(1, len(faces)) for faces in boxes) for boxes in items]
+    features, plain = [], []
+    for boxes, item, item_raw in zip(items, projected.split(sizes), raw.split(sizes), strict=True):
+        rows = clip_rows(boxes, item)  # the plain-CLIP feature pools the same faces
+        features.append(pool(item[rows]))
+        plain.append(pool(item_raw[rows]))
+    return features, plain
 
 
 def prepare_item(
@@ -192,7 +205,9 @@ def prepare_item(
     clip, or why it could not be read."""
     try:
         with open_source(path) as source:
-            return prepare_clip(source, to_pixels, detector, options, still=not is_video_path(path))
+            if is_video_path(path):  # every face: encode_chunk keeps the main track's
+                return prepare_video(source, to_pixels, detector, options)
+            return prepare_clip(source, to_pixels, detector, options, still=True)
     except MediaError as exc:
         return Unreadable(str(exc))
     except OSError as exc:

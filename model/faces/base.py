@@ -52,6 +52,7 @@ class FaceDetector(Protocol):
 
     name: str
 
-    def detect(self, image: Image.Image, max_faces: int) -> list[Face]:
-        """At most `max_faces` faces, largest box first."""
+    def detect(self, image: Image.Image, max_faces: int, long_side: int | None = None) -> list[Face]:
+        """At most `max_faces` faces, largest box first, in the image's pixels. `long_side`: the long side
+        a larger image is searched at (None: the detector's own, tuned for photos)."""
         ...

@@ -36,12 +36,16 @@ class HaarDetector:
             self._local.classifier = classifier
         return classifier
 
-    def detect(self, image: Image.Image, max_faces: int) -> list[Face]:
-        scale = min(1.0, DETECT_SIDE / max(image.size))
+    def detect(self, image: Image.Image, max_faces: int, long_side: int | None = None) -> list[Face]:
+        """`long_side` replaces DETECT_SIDE for this call. The smallest face searched for keeps its size in
+        searched pixels, so a larger side finds smaller faces."""
+        search_side = long_side or DETECT_SIDE
+        scale = min(1.0, search_side / max(image.size))
         width, height = (max(1, round(side * scale)) for side in image.size)  # a thin strip keeps 1 px
         small = image if scale == 1.0 else image.resize((width, height))
         grey = cv2.equalizeHist(np.asarray(small.convert("L")))
-        min_side = max(20, round(MIN_FACE_FRACTION * min(grey.shape)))
+        min_fraction = MIN_FACE_FRACTION * min(1.0, DETECT_SIDE / search_side)
+        min_side = max(20, round(min_fraction * min(grey.shape)))
         found = self._classifier().detectMultiScale(
             grey, scaleFactor=SCALE_STEP, minNeighbors=5, minSize=(min_side, min_side)
         )

@@ -148,22 +148,23 @@ class RetinaFaceDetector:
         self._session = ort.InferenceSession(model_bytes(), options, providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name
 
-    def detect(self, image: Image.Image, max_faces: int = 10) -> list[Face]:
-        """At most `max_faces` faces at or above the score threshold, largest box first."""
+    def detect(self, image: Image.Image, max_faces: int = 10, long_side: int | None = None) -> list[Face]:
+        """At most `max_faces` faces at or above the score threshold, largest box first. `long_side`
+        replaces `detect_side` for this call."""
         if max_faces <= 0:
             return []
-        pixels, scale_xy = self._prepare(image)
+        pixels, scale_xy = self._prepare(image, long_side or self.detect_side)
         loc, conf, landmarks = self._session.run(None, {self._input: pixels})
         faces = self._decode(loc[0], conf[0], landmarks[0], pixels.shape[2:], scale_xy, image.size)
         return faces[:max_faces]
 
-    def _prepare(self, image: Image.Image) -> tuple[np.ndarray, tuple[float, float]]:
+    def _prepare(self, image: Image.Image, detect_side: int) -> tuple[np.ndarray, tuple[float, float]]:
         """NCHW float32 input and the (x, y) scale from original to input pixels."""
         rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
         height, width = rgb.shape[:2]
         long_side = max(height, width)
-        if long_side > self.detect_side:
-            scale = self.detect_side / long_side
+        if long_side > detect_side:
+            scale = detect_side / long_side
         elif long_side < self.small_side:
             scale = self.small_side / long_side
         else:
