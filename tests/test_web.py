@@ -383,16 +383,35 @@ def two_people(tmp_path_factory) -> Path:
     return people_clip(path, walks, n_frames=40, size=(480, 480), fps=20).path
 
 
+@pytest.fixture(scope="module")
+def two_people_gif(two_people) -> Path:
+    """The same clip as a GIF (which the page draws frame by frame on a canvas)."""
+    import av
+
+    path = two_people.with_suffix(".gif")
+    with av.open(str(two_people)) as source, av.open(str(path), mode="w") as container:
+        stream = container.add_stream("gif", rate=20)
+        stream.width, stream.height, stream.pix_fmt = 480, 480, "rgb8"
+        for frame in source.decode(video=0):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame.to_ndarray(format="rgb24"))):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 def drawn_boxes(page) -> dict[str, list[float]]:
-    """Each box drawn over the video, by the person's number, back in the clip's pixels: measured from
-    where the video's picture sits inside its element (object-fit: contain letterboxes it)."""
+    """Each box drawn over the clip, by the person's number, back in the clip's pixels: measured from
+    where the picture sits inside its element (the video's or the GIF canvas's; object-fit: contain
+    letterboxes it)."""
     return page.evaluate(
         """() => {
-            const v = document.getElementById('video-player');
+            const v = document.querySelector('#video-stage > :is(video, canvas):not([hidden])');
+            const [w, h] = v.tagName === 'VIDEO' ? [v.videoWidth, v.videoHeight] : [v.width, v.height];
             const r = v.getBoundingClientRect();
-            const s = Math.min(r.width / v.videoWidth, r.height / v.videoHeight);
-            const left = r.left + (r.width - v.videoWidth * s) / 2;
-            const top = r.top + (r.height - v.videoHeight * s) / 2;
+            const s = Math.min(r.width / w, r.height / h);
+            const left = r.left + (r.width - w * s) / 2;
+            const top = r.top + (r.height - h * s) / 2;
             return Object.fromEntries([...document.querySelectorAll('#video-overlay .face-box')].map((b) => {
                 const q = b.getBoundingClientRect();
                 return [b.dataset.number, [(q.left - left) / s, (q.top - top) / s, q.width / s, q.height / s]];
@@ -485,6 +504,23 @@ def test_video_view_boxes_each_person_and_shows_the_chosen_persons_timeline(page
     assert_boxes_of_frame(page, tracks, late)
     page.set_viewport_size(DESKTOP)
     screenshot(page, shots, "video-people")
+
+
+def test_a_gif_of_people_has_their_boxes_on_the_frame_drawn(page, server, two_people_gif):
+    expected = api(server, "/predict-video", two_people_gif, "image/gif", per_frame=True, frames=16).json()
+    tracks = expected["tracks"]
+    assert len(tracks) == 2, "the demo service's detector should find both people"
+    open_page(page, "video")
+    page.set_input_files("#video-file", str(two_people_gif))
+    expect(page.locator("#video-people .person-choice")).to_have_count(2)
+    canvas = page.locator("#video-gif")
+    expect(canvas).to_have_attribute("data-frame", "0")
+    expect(page.locator("#video-overlay .face-box")).to_have_count(1)  # frame 0 is nearest the first sampled
+    points = page.locator("#video-chart .frame-point")
+    last = tracks[0]["frames"][-1]["index"]
+    points.last.click()
+    expect(canvas).to_have_attribute("data-frame", str(last))
+    assert_boxes_of_frame(page, tracks, last)
 
 
 def test_choosing_a_clip_runs_it_once_and_run_again_or_a_new_frame_count_reruns_it(page, server, tmp_path):
