@@ -137,8 +137,9 @@ function show(body, roundTrip) {
   const frames = new Map([...(body.timeline || []), ...people.flatMap((p) => p.track.frames)].map((f) => [f.index, f]));
   sampled = [...frames.values()].sort((a, b) => a.timestamp - b.timestamp);
   // Sampled frames lie about n/frames apart (give or take a frame): beyond half that, the shown frame
-  // is nearer another sampled frame, one in which no face was found.
-  reach = body.fps > 0 ? (body.n_frames / body.frames_sampled + 1) / (2 * body.fps) : Infinity;
+  // is nearer another sampled frame, one in which no face was found. One frame more, as a time falls
+  // anywhere within the frame shown (the end of the clip, a frame after the last one's start).
+  reach = body.fps > 0 ? (body.n_frames / body.frames_sampled / 2 + 1) / body.fps : Infinity;
 
   const t = body.timing || {};
   $("video-meta").textContent = [
