@@ -368,6 +368,161 @@ def test_video_view_timeline_has_a_point_per_sampled_frame(page, server, tmp_pat
     screenshot(page, shots, "video")
 
 
+@pytest.fixture(scope="module")
+def two_people(tmp_path_factory) -> Path:
+    """A square clip (the desktop layout letterboxes it) of two people: the second comes in partway,
+    so the early sampled frames have one face and the later ones two."""
+    from model.faces.synthetic import Walk, astronaut_face, people_clip, recoloured
+
+    face = astronaut_face(context=0.3)
+    walks = [
+        Walk(recoloured(face, 0), (0.3, 0.35), (0.4, 0.45), (0.14, 0.14)),
+        Walk(recoloured(face, 1), (0.75, 0.6), (0.65, 0.55), (0.17, 0.17), shown=(0.4, 1.0)),
+    ]
+    path = tmp_path_factory.mktemp("media") / "two-people.mp4"
+    return people_clip(path, walks, n_frames=40, size=(480, 480), fps=20).path
+
+
+@pytest.fixture(scope="module")
+def two_people_gif(two_people) -> Path:
+    """The same clip as a GIF (which the page draws frame by frame on a canvas)."""
+    import av
+
+    path = two_people.with_suffix(".gif")
+    with av.open(str(two_people)) as source, av.open(str(path), mode="w") as container:
+        stream = container.add_stream("gif", rate=20)
+        stream.width, stream.height, stream.pix_fmt = 480, 480, "rgb8"
+        for frame in source.decode(video=0):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame.to_ndarray(format="rgb24"))):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def drawn_boxes(page) -> dict[str, list[float]]:
+    """Each box drawn over the clip, by the person's number, back in the clip's pixels: measured from
+    where the picture sits inside its element (the video's or the GIF canvas's; object-fit: contain
+    letterboxes it)."""
+    return page.evaluate(
+        """() => {
+            const v = document.querySelector('#video-stage > :is(video, canvas):not([hidden])');
+            const [w, h] = v.tagName === 'VIDEO' ? [v.videoWidth, v.videoHeight] : [v.width, v.height];
+            const r = v.getBoundingClientRect();
+            const s = Math.min(r.width / w, r.height / h);
+            const left = r.left + (r.width - w * s) / 2;
+            const top = r.top + (r.height - h * s) / 2;
+            return Object.fromEntries([...document.querySelectorAll('#video-overlay .face-box')].map((b) => {
+                const q = b.getBoundingClientRect();
+                return [b.dataset.number, [(q.left - left) / s, (q.top - top) / s, q.width / s, q.height / s]];
+            }));
+        }"""
+    )
+
+
+def assert_boxes_of_frame(page, tracks: list[dict], frame: int) -> None:
+    """The boxes over the video are the API's boxes of the people in sampled frame `frame`, numbered
+    by their track's place, and no one else's."""
+    expect(page.locator("#video-overlay")).to_have_attribute("data-frame", str(frame))
+    wanted = {str(n): f["box"] for n, t in enumerate(tracks, 1) for f in t["frames"] if f["index"] == frame}
+    drawn = drawn_boxes(page)
+    assert drawn.keys() == wanted.keys(), (frame, drawn, wanted)
+    for number, box in wanted.items():
+        assert all(abs(a - b) < 1.5 for a, b in zip(drawn[number], box, strict=True)), (number, drawn, box)
+
+
+def test_video_view_boxes_each_person_and_shows_the_chosen_persons_timeline(page, server, two_people, shots):
+    """A clip of two people: a choice per person (the main track first and chosen), each person's box
+    over the shown frame where the API has it, and choosing person 2 (with the keyboard) shows their
+    probabilities in the bars and the timeline."""
+    expected = api(server, "/predict-video", two_people, "video/mp4", per_frame=True, frames=16).json()
+    tracks = expected["tracks"]
+    assert len(tracks) == 2, "the demo service's detector should find both people"
+    late = next(f["index"] for f in tracks[1]["frames"])  # the first sampled frame with both people
+    open_page(page, "video")
+    page.set_input_files("#video-file", str(two_people))
+
+    choices = page.locator("#video-people .person-choice")
+    expect(choices).to_have_count(2)
+    for n, (choice, track) in enumerate(zip(choices.all(), tracks, strict=True), 1):
+        expect(choice).to_contain_text(f"Person {n}")
+        expect(choice).to_contain_text(f"{track['label']} · {len(track['frames'])} frames")
+    radios = page.locator("#video-people input[type='radio']")
+    expect(radios.first).to_be_checked()
+    expect(page.locator("#video-summary")).to_contain_text(f"Person 1: {tracks[0]['label']}")
+
+    # the timeline's points are person 1's frames; choosing one seeks the clip and boxes its people
+    points = page.locator("#video-chart .frame-point")
+    expect(points).to_have_count(len(tracks[0]["frames"]))
+    page.wait_for_function("() => document.getElementById('video-player').readyState >= 1")
+    stage = page.evaluate(
+        """() => { const v = document.getElementById('video-player');
+                   return [v.clientWidth, v.clientHeight, v.videoWidth, v.videoHeight]; }"""
+    )
+    assert stage[0] / stage[2] > stage[1] / stage[3] + 0.05, f"the clip should be letterboxed here: {stage}"
+    first = tracks[0]["frames"][0]["index"]
+    points.first.click()
+    assert_boxes_of_frame(page, tracks, first)  # person 2 is not in the clip yet: one box
+    late_point = [f["index"] for f in tracks[0]["frames"]].index(late)
+    points.nth(late_point).click()
+    assert_boxes_of_frame(page, tracks, late)
+    colours = page.locator("#video-overlay .face-box").evaluate_all(
+        "boxes => boxes.map((b) => getComputedStyle(b).borderTopColor)"
+    )
+    assert len(set(colours)) == 2
+
+    # person 2, chosen from the keyboard: their bars, their timeline, their box marked
+    radios.first.focus()
+    page.keyboard.press("ArrowRight")
+    expect(radios.nth(1)).to_be_checked()
+    second = tracks[1]
+    expect(page.locator("#video-summary")).to_contain_text(f"Person 2: {second['label']}")
+    values = page.locator("#video-bars .bar-value").all_inner_texts()
+    assert values == [f"{second['probabilities'][c] * 100:.1f}%" for c in expected["classes"]]
+    expect(points).to_have_count(len(second["frames"]))
+    stamps = [float(p.get_attribute("data-timestamp")) for p in points.all()]
+    assert stamps == [f["timestamp"] for f in second["frames"]]
+    lines = page.locator("#video-chart polyline")
+    heights = [
+        (f["probabilities"][c], float(point.split(",")[1]))
+        for c, line in zip(expected["classes"], lines.all(), strict=True)
+        for f, point in zip(second["frames"], line.get_attribute("points").split(), strict=True)
+    ]
+    (p0, y0), (p1, y1) = min(heights), max(heights)
+    assert y1 < y0
+    for p, y in heights:
+        assert abs(y - (y0 + (p - p0) * (y1 - y0) / (p1 - p0))) < 0.2
+    expect(page.locator("#video-table tbody tr")).to_have_count(len(second["frames"]))
+    expect(page.locator("#video-overlay .face-box.chosen")).to_have_attribute("data-number", "2")
+
+    # the boxes follow the picture's displayed size
+    page.set_viewport_size(PHONE)
+    page.wait_for_function(
+        "w => Math.abs(document.getElementById('video-overlay').getBoundingClientRect().width - w) < 1",
+        arg=page.evaluate("document.getElementById('video-player').clientWidth"),
+    )
+    assert_boxes_of_frame(page, tracks, late)
+    page.set_viewport_size(DESKTOP)
+    screenshot(page, shots, "video-people")
+
+
+def test_a_gif_of_people_has_their_boxes_on_the_frame_drawn(page, server, two_people_gif):
+    expected = api(server, "/predict-video", two_people_gif, "image/gif", per_frame=True, frames=16).json()
+    tracks = expected["tracks"]
+    assert len(tracks) == 2, "the demo service's detector should find both people"
+    open_page(page, "video")
+    page.set_input_files("#video-file", str(two_people_gif))
+    expect(page.locator("#video-people .person-choice")).to_have_count(2)
+    canvas = page.locator("#video-gif")
+    expect(canvas).to_have_attribute("data-frame", "0")
+    expect(page.locator("#video-overlay .face-box")).to_have_count(1)  # frame 0 is nearest the first sampled
+    points = page.locator("#video-chart .frame-point")
+    last = tracks[0]["frames"][-1]["index"]
+    points.last.click()
+    expect(canvas).to_have_attribute("data-frame", str(last))
+    assert_boxes_of_frame(page, tracks, last)
+
+
 def test_choosing_a_clip_runs_it_once_and_run_again_or_a_new_frame_count_reruns_it(page, server, tmp_path):
     clip = make_video(tmp_path / "clip.mp4", 30, size=64)
     sent = []

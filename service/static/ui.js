@@ -90,15 +90,19 @@ export function bars(probabilities, { order = null, caption = null } = {}) {
 
 /**
  * Draws face boxes (and landmarks when given) over a picture. Positions are percentages of the
- * picture's natural size, so the overlay follows whatever size the picture is displayed at.
+ * picture's natural size, so the overlay follows whatever size the picture is displayed at. Each face
+ * is numbered by its place (when there are several) unless `numbers` gives its own number (always
+ * shown); `colours` gives each box its own colour instead of the one box colour.
  */
-export function drawFaces(overlay, faces, width, height) {
+export function drawFaces(overlay, faces, width, height, { numbers = null, colours = null } = {}) {
   overlay.replaceChildren();
   overlay.classList.toggle("many", faces.length > 1);
   if (!width || !height) return;
   faces.forEach((face, i) => {
     const [x, y, w, h] = face.box;
+    const number = numbers ? numbers[i] : faces.length > 1 ? i + 1 : null;
     const box = el("div", { className: "face-box", dataset: { index: i, label: face.label } });
+    if (number !== null) box.dataset.number = String(number);
     box.style.left = `${(x / width) * 100}%`;
     box.style.top = `${(y / height) * 100}%`;
     box.style.width = `${(w / width) * 100}%`;
@@ -109,10 +113,16 @@ export function drawFaces(overlay, faces, width, height) {
     const tag = el(
       "span",
       { className: ["face-tag", ...where].join(" ").trim() },
-      faces.length > 1 ? el("span", { className: "tag-number", text: `${i + 1}.` }) : null,
-      faces.length > 1 ? " " : null,
-      el("span", { className: "tag-label", text: `${face.label}${p !== undefined ? ` ${percent(p, 0)}` : ""}` }),
+      number !== null ? el("span", { className: "tag-number", text: `${number}.` }) : null,
+      number !== null && face.label ? " " : null,
+      face.label
+        ? el("span", { className: "tag-label", text: `${face.label}${p !== undefined ? ` ${percent(p, 0)}` : ""}` })
+        : null,
     );
+    if (colours) {
+      box.style.borderColor = colours[i];
+      tag.style.backgroundColor = colours[i];
+    }
     box.append(tag);
     // landmarks live in the box (so their size can follow the box's); positions relative to it
     for (const point of face.landmarks || []) {
