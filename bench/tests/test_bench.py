@@ -257,6 +257,26 @@ def test_another_backend_s_service_is_compared_with_the_torch_service_beside_it(
     assert verdicts(report)["service_p50_c1_vs_torch"] is None
 
 
+def test_the_benchmarks_page_shows_the_torch_service_and_the_cache_when_a_report_has_them():
+    from tools.docs import _report
+
+    report = report_for(c1_ms=60.0, torch_c1_ms=100.0, on=18.0, torch_on=16.0)
+    report |= {"backend": "openvino", "openvino_cache_hit": True}
+    report["targets"] = evaluate_targets(report)
+    page = "\n".join(_report("cpu-vit-b-32-openvino.json", report))
+    assert "| round | c1 p50 ms | torch c1 p50 ms | c32 images/s | torch c32 images/s |" in page
+    assert "| 1 | 60 | 100 | 18.0 | 16.0 |" in page
+    assert "read the cached encoders: yes." in page
+    assert "| service p50 latency at concurrency 1, FER_BACKEND=openvino / torch" in page
+    assert "| 0.6 | <= 0.75 | pass |" in page and "| 1.12 | >= 1 | pass |" in page
+    report["openvino_cache_hit"] = False
+    assert "read the cached encoders: **no**." in "\n".join(_report("x.json", report))
+    older = report_for()  # a torch run, or a report from before these figures
+    older["targets"] = [t for t in evaluate_targets(older) if "vs_torch" not in t["name"]]
+    page = "\n".join(_report("cpu-vit-b-32.json", older))
+    assert "torch c1" not in page and "cached" not in page and "| 1 | 18.0 | 6.0 | 8.0 |" in page
+
+
 def test_a_round_on_another_backend_times_the_torch_service_after_each_batching_point(monkeypatch):
     """Against stand-in services: the torch service's points at the target concurrency and at 1 each
     follow the batching service's, and a run on torch has no torch points."""
