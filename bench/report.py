@@ -100,10 +100,11 @@ def median_raw(rounds: list[dict]) -> dict:
 
 def round_ratios(round_: dict, max_batch: int) -> dict[str, float | None]:
     """One round's ratios: service vs raw, batching on vs off (and the raw encoder's own gain from batch
-    1 to the max batch), concurrency-1 latency vs raw encode + decode, and the raw encoder against torch's
-    at batch 1 and the max batch (when the run's backend is another)."""
+    1 to the max batch), concurrency-1 latency vs raw encode + decode; when the run's backend is another,
+    the raw encoder against torch's at batch 1 and the max batch, and the service against the torch
+    service's concurrency-1 p50 and concurrency-32 throughput (`torch_points`)."""
     raw, points = round_["raw"]["encoder"], round_["points"]
-    torch_raw = round_["raw"].get("torch_encoder", [])
+    torch_raw, torch_points = round_["raw"].get("torch_encoder", []), round_.get("torch_points", [])
     raw_batch, raw_one = _find(raw, batch=max_batch).get("images_per_s"), _find(raw, batch=1)
     on = _find(points, concurrency=TARGET_CONCURRENCY, batching=True).get("throughput")
     off = _find(points, concurrency=TARGET_CONCURRENCY, batching=False).get("throughput")
@@ -120,6 +121,10 @@ def round_ratios(round_: dict, max_batch: int) -> dict[str, float | None]:
             )
             for name, batch in (("batch_1", 1), ("max_batch", max_batch))
         },
+        "service_p50_c1_vs_torch": _ratio(single, _find(torch_points, concurrency=1).get("p50_ms")),
+        "service_throughput_c32_vs_torch": _ratio(
+            on, _find(torch_points, concurrency=TARGET_CONCURRENCY).get("throughput")
+        ),
     }
 
 
@@ -207,6 +212,22 @@ def evaluate_targets(report: dict) -> list[dict]:
             for name, batch, threshold in (("batch_1", 1, 1.4), ("max_batch", max_batch, 1.05))
         ),
         target(
+            "service_p50_c1_vs_torch",
+            op="<=",
+            threshold=0.75,
+            detail=f"service p50 latency at concurrency 1, FER_BACKEND={report.get('backend')} / torch, "
+            "batching on, same precision",
+            **rounds("service_p50_c1_vs_torch"),
+        ),
+        target(
+            "service_throughput_c32_vs_torch",
+            op=">=",
+            threshold=1.0,
+            detail=f"service images/s at concurrency {TARGET_CONCURRENCY}, FER_BACKEND={report.get('backend')} "
+            "/ torch, batching on, same precision",
+            **rounds("service_throughput_c32_vs_torch"),
+        ),
+        target(
             "gpu_throughput",
             _find(report["points"], concurrency=GPU_CONCURRENCY).get("throughput") if gpu else None,
             ">=",
@@ -242,6 +263,20 @@ def face_targets(faces: dict) -> list[dict]:
     ]
 
 
+def _torch_service_line(rounds: list[dict]) -> list[str]:
+    """The torch service's figures in a run on another backend, each the median of the rounds."""
+    if not rounds or "torch_points" not in rounds[0]:
+        return []
+    figures = {
+        key: _median([_find(r.get("torch_points", []), concurrency=c).get(key) for r in rounds])
+        for c, key in ((1, "p50_ms"), (TARGET_CONCURRENCY, "throughput"))
+    }
+    return [
+        f"torch service beside it (median of the rounds): concurrency 1 p50 {fmt(figures['p50_ms'], '.1f')} ms, "
+        f"concurrency {TARGET_CONCURRENCY} {fmt(figures['throughput'], '.1f')} img/s"
+    ]
+
+
 def format_table(report: dict) -> str:
     """The human-readable summary printed after the JSON."""
     host, s = report["machine"], report["settings"]
@@ -264,6 +299,7 @@ def format_table(report: dict) -> str:
             if "torch_encoder" in report["raw"]
             else []
         ),
+        *_torch_service_line(report["rounds"]),
         "",
         f"{'conc':>5} {'batching':>8} {'ok/req':>9} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} {'busy':>5}",
     ]

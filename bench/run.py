@@ -2,12 +2,16 @@
 one run, one device.
 
 The raw encoder is loaded in this process and two services are started: one with batching and one with
-FER_MAX_BATCH=1, both on the encoders' runtime --backend names (FER_BACKEND). With `openvino`, the raw
-torch encoder in the same precision is measured beside the raw OpenVINO one in every round. First the load sweep on the batching service (concurrency 1, 8, 32, ...); then
-interleaved rounds, each measuring the raw encoder, the batching service at concurrency 32, the
-unbatched service at concurrency 32 and the batching service at concurrency 1 back to back: the
-targets are the median of the per-round ratios. Then video (with and without face detection) and the
-long run (memory) on the batching service.
+FER_MAX_BATCH=1, both on the encoders' runtime --backend names (FER_BACKEND). First the load sweep on the
+batching service (concurrency 1, 8, 32, ...); then interleaved rounds, each measuring the raw encoder,
+the batching service at concurrency 32, the unbatched service at concurrency 32 and the batching service
+at concurrency 1 back to back: the targets are the median of the per-round ratios. Then video (with and
+without face detection) and the long run (memory) on the batching service.
+
+With `openvino`, every round also measures the raw torch encoder in the same precision, and a torch
+service with batching (started for the rounds only) right after the batching service's concurrency-32
+and concurrency-1 points; one service is under load at a time. The report's `openvino_cache_hit` says
+whether the services, started after the raw encoder converted the encoders, read them from the cache.
 
 Prints the JSON report on stdout (and to --out, rewritten after each step with `complete` false until
 the end) and a table on stderr. Exit code 1 when any request failed or did not finish; the targets are
@@ -17,6 +21,7 @@ reported, never an exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -27,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -100,6 +106,7 @@ class Bench:
         self.args, self.plan = args, plan
         self.engine, self.torch_engine = engines
         self.batching, self.unbatched = services
+        self.torch_service: Service | None = None  # beside another backend's, in the rounds
         self.jpeg = face_jpeg(*IMAGE_SIZE)
         self.fields = {"detect_faces": str(args.detect_faces).lower()}
         self.image = Upload.multipart("/predict", "face.jpg", self.jpeg, "image/jpeg", self.fields)
@@ -114,12 +121,21 @@ class Bench:
             processes=self.plan.client_processes,
         )
 
+    def warm(self, service: Service) -> Service:
+        """First-call allocations and thread pools, before any figure is taken."""
+        if self.load(service, self.image, 8, 16).ok == 0:
+            raise RuntimeError(f"no warm-up request succeeded; service log:\n{service.log_tail()}")
+        return service
+
     def point(self, service: Service, concurrency: int, batching: bool) -> dict:
         before, cpu = service.metrics(), service.cpu_seconds()
         result = self.load(service, self.image, concurrency, self.plan.requests(concurrency))
         point = summarise_point(result, batching, metric_delta(before, service.metrics()))
         point["service_cpu_cores"] = (service.cpu_seconds() - cpu) / result.wall_s
-        log.info("concurrency %d, batching %s: %.1f images/s", concurrency, batching, point["throughput"])
+        log.info(
+            "%s service, concurrency %d, batching %s: %.1f images/s",
+            service.env.get("FER_BACKEND", "torch"), concurrency, batching, point["throughput"],
+        )  # fmt: skip
         return point
 
     def raw(self) -> dict:
@@ -137,10 +153,23 @@ class Bench:
         return raw
 
     def round(self) -> dict:
-        """The figures the ratio targets compare, measured back to back."""
-        c = TARGET_CONCURRENCY
-        points = [self.point(self.batching, c, True), self.point(self.unbatched, c, False)]
-        return {"raw": self.raw(), "points": [*points, self.point(self.batching, 1, True)]}
+        """The figures the ratio targets compare, measured back to back. With a torch service, its point
+        follows the batching service's at the same concurrency, so that a slow spell hits both."""
+        c, points, torch_points = TARGET_CONCURRENCY, [], []
+
+        def batching_point(concurrency: int) -> None:
+            points.append(self.point(self.batching, concurrency, True))
+            if self.torch_service is not None:
+                torch_points.append(self.point(self.torch_service, concurrency, True))
+
+        batching_point(c)
+        points.append(self.point(self.unbatched, c, False))
+        raw = self.raw()
+        batching_point(1)
+        round_ = {"raw": raw, "points": points}
+        if self.torch_service is not None:
+            round_["torch_points"] = torch_points
+        return round_
 
     def video(self, path: Path, seconds: float, height: int, detect: bool) -> dict:
         fields = {"frames": "16", "detect_faces": str(detect).lower()}
@@ -180,6 +209,15 @@ class Bench:
             # A GPU's peak allocation (torch's), after the first 10% and at the end; None on a CPU.
             "device_peak_mb": [None if v is None else v / 2**20 for v in (early_device, end_device)],
         }
+
+
+def openvino_cache_hit(services: Sequence[Service]) -> bool:
+    """Whether every process of the services read the converted encoders from the cache, none converting
+    them: what a restart does, from the line each start logs."""
+    from model.openvino import CONVERTING, READ_FROM_CACHE
+
+    logs = [(service, service.log_path.read_text(errors="replace")) for service in services]
+    return all(text.count(READ_FROM_CACHE) >= s.workers and CONVERTING not in text for s, text in logs)
 
 
 def git_commit() -> str | None:
@@ -258,17 +296,24 @@ def run_benchmark(args: argparse.Namespace, checkpoint=lambda report: None) -> d
         Service(service_env, logs / "service-batching.log") as batching,
         Service({**service_env, "FER_MAX_BATCH": "1"}, logs / "service-no-batching.log") as unbatched,
     ):
+        if args.backend == "openvino":  # started after this process's engine left them there
+            report["openvino_cache_hit"] = openvino_cache_hit((batching, unbatched))
         bench = Bench(args, plan, (engine, torch_engine), (batching, unbatched))
-        for service in (batching, unbatched):  # first-call allocations, thread pools
-            if bench.load(service, bench.image, 8, 16).ok == 0:
-                raise RuntimeError(f"no warm-up request succeeded; service log:\n{service.log_tail()}")
+        for service in (batching, unbatched):
+            bench.warm(service)
         for c in plan.concurrency:
             report["points"].append(bench.point(batching, c, True))
             checkpoint(report)
-        for i in range(plan.rounds):
-            log.info("round %d of %d", i + 1, plan.rounds)
-            report["rounds"].append(bench.round())
-            checkpoint(report)
+        with contextlib.ExitStack() as rounds:
+            if torch_engine is not None:  # its memory only while the rounds need it
+                torch_env = {k: v for k, v in service_env.items() if k != "FER_OPENVINO_CACHE"}
+                torch_service = Service({**torch_env, "FER_BACKEND": "torch"}, logs / "service-torch.log")
+                bench.torch_service = bench.warm(rounds.enter_context(torch_service))
+            for i in range(plan.rounds):
+                log.info("round %d of %d", i + 1, plan.rounds)
+                report["rounds"].append(bench.round())
+                checkpoint(report)
+        bench.torch_service = None
         report["raw"] = median_raw(report["rounds"])
         for path, seconds, height in clips:
             for detect in (False, True) if path == clips[0][0] else (False,):
@@ -289,7 +334,7 @@ def run_benchmark(args: argparse.Namespace, checkpoint=lambda report: None) -> d
 
 def incomplete(report: dict) -> list[str]:
     """Load points, videos or the long run with failed or unfinished requests."""
-    rounds = [p for r in report["rounds"] for p in r["points"]]
+    rounds = [p for r in report["rounds"] for p in (*r["points"], *r.get("torch_points", []))]
     rows = [*report["points"], *rounds, *report["video"], report["memory"]]
     keys = ("concurrency", "clip", "failures", "unfinished")
     return [json.dumps({k: r.get(k) for k in keys}) for r in rows if r.get("failures") or r.get("unfinished")]

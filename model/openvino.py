@@ -28,6 +28,9 @@ CACHE_FORMAT = "1"  # part of the key: a change in what is saved makes older fol
 EXAMPLE_BATCH = 2  # torch.export specialises a dimension whose example size is 0 or 1
 # OpenVINO's names of the precisions the CPU runs them in, by FER_DTYPE's.
 PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}
+# How a start's log tells a cached start from a conversion; the benchmark reads the services' logs for it.
+READ_FROM_CACHE = "OpenVINO encoders read from the cache"
+CONVERTING = "converting the CLIP encoders for OpenVINO"
 
 
 class _Tower(torch.nn.Module):
@@ -103,9 +106,9 @@ def cached_towers(clip: LoadedClip, precision: torch.dtype, cache: Path | None) 
         except RuntimeError as exc:  # a damaged file: this start converts; deleting the folder is the user's
             log.warning("cannot read the cached OpenVINO encoders in %s (delete it): %s", folder, exc)
         else:
-            log.info("OpenVINO encoders read from the cache, %s", folder)
+            log.info("%s, %s", READ_FROM_CACHE, folder)
             return models
-    log.info("converting the CLIP encoders for OpenVINO (once for these weights)")
+    log.info("%s (once for these weights)", CONVERTING)
     models = convert_towers(clip)
     if folder is not None:
         _save(models, folder)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic.fields import FieldInfo
 
-from bench.report import fmt, verdict
+from bench.report import TARGET_CONCURRENCY, fmt, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -100,8 +100,9 @@ def benchmarks() -> str:
         "command it names; the page is generated from them (`python -m tools.docs`). Ratios are taken within",
         "one run (the targets compare figures from the same run), because these machines are shared and their",
         "speed drifts. How to run them: [serving.md](serving.md#benchmarks). A run with `--backend openvino`",
-        "serves with the OpenVINO encoders ([serving.md](serving.md#openvino-on-cpu)) and measures the raw",
-        "torch encoder beside the raw OpenVINO one in each round, in the same precision.",
+        "serves with the OpenVINO encoders ([serving.md](serving.md#openvino-on-cpu)) and measures, in each",
+        "round and in the same precision, the raw torch encoder beside the raw OpenVINO one and a torch service",
+        "(batching on) beside the OpenVINO one.",
         "",
     ]
     for path in sorted(RESULTS.glob("*.json")):
@@ -167,7 +168,48 @@ def _rounds(rounds: list[dict]) -> list[str]:
             for k in encoders
         )
         lines.append(f"| {i} | " + " | ".join(fmt(p["throughput"], ".1f") for p in rd["points"]) + raw + " |")
+    return lines + _torch_service(rounds)
+
+
+def _torch_service(rounds: list[dict]) -> list[str]:
+    """A run on another backend: its batching service beside the torch service in each round, the
+    figures the service targets compare (a report from before the torch service has none)."""
+    if "torch_points" not in rounds[0]:
+        return []
+    c = TARGET_CONCURRENCY
+
+    def figure(points: list[dict], concurrency: int, key: str, spec: str) -> str:
+        return fmt(
+            next((p[key] for p in points if p["concurrency"] == concurrency and p["batching"]), None), spec
+        )
+
+    lines = [
+        "",
+        "The service beside a torch service (batching on, same precision) in each round:",
+        "",
+        f"| round | c1 p50 ms | torch c1 p50 ms | c{c} images/s | torch c{c} images/s |",
+        "|---|---|---|---|---|",
+    ]
+    for i, rd in enumerate(rounds, 1):
+        torch_points = rd.get("torch_points", [])
+        cells = [
+            figure(points, concurrency, key, spec)
+            for concurrency, key, spec in ((1, "p50_ms", ".0f"), (c, "throughput", ".1f"))
+            for points in (rd["points"], torch_points)
+        ]
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _cache_hit(r: dict) -> str:
+    """Whether the OpenVINO services read the encoders that the benchmark's own load had cached, as a
+    restart does (a report on torch, or from before this was recorded, says nothing)."""
+    if "openvino_cache_hit" not in r:
+        return ""
+    answer = "yes" if r["openvino_cache_hit"] else "**no**"
+    return (
+        f" The OpenVINO services, started after the benchmark's own load, read the cached encoders: {answer}."
+    )
 
 
 def _report(name: str, r: dict) -> list[str]:
@@ -185,7 +227,7 @@ def _report(name: str, r: dict) -> list[str]:
     if "targets" in r and r.get("points"):
         lines += [
             f"Model: {r['model']['name']}, {r['dtype']} on {r.get('backend', 'torch')}, device {r['device']}, "
-            f"max batch {r['settings']['max_batch']}.",
+            f"max batch {r['settings']['max_batch']}.{_cache_hit(r)}",
             "",
             "| concurrency | batching | answered | images/s | p50 ms | p99 ms | mean batch |",
             "|---|---|---|---|---|---|---|",

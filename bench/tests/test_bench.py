@@ -5,6 +5,7 @@ benchmark without its data."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -80,10 +81,11 @@ def raw_encoder(batch_1: float, batch_32: float) -> list[dict]:
 
 def round_for(**overrides) -> dict:
     """One interleaved round whose figures pass every CPU target; `overrides` change one figure.
-    `torch1` and `torch32`: the raw torch encoder's figures of a run on another backend."""
+    `torch1` and `torch32`: the raw torch encoder's figures of a run on another backend; `torch_c1_ms`
+    and `torch_on`: its torch service's p50 at concurrency 1 and images/s at concurrency 32."""
     f = {"raw1": 10.0, "raw32": 20.0, "on": 18.0, "off": 6.0, "c1_ms": 120.0, **overrides}
     torch_raw = {"torch_encoder": raw_encoder(f["torch1"], f["torch32"])} if "torch1" in f else {}
-    return {
+    round_ = {
         "raw": {"encoder": raw_encoder(f["raw1"], f["raw32"]), "decode_prepare_ms": 5.0, **torch_raw},
         "points": [
             {"concurrency": 32, "batching": True, "throughput": f["on"], "p50_ms": 900.0},
@@ -91,6 +93,12 @@ def round_for(**overrides) -> dict:
             {"concurrency": 1, "batching": True, "throughput": 8.0, "p50_ms": f["c1_ms"]},
         ],
     }
+    if "torch_c1_ms" in f:
+        round_["torch_points"] = [
+            {"concurrency": 32, "batching": True, "throughput": f["torch_on"], "p50_ms": 1200.0},
+            {"concurrency": 1, "batching": True, "throughput": 5.0, "p50_ms": f["torch_c1_ms"]},
+        ]
+    return round_
 
 
 def report_for(device: str = "cpu", **overrides) -> dict:
@@ -148,6 +156,8 @@ def test_targets_pass_and_fail_on_their_own_figures():
         "face_detector_speed": True,
         "raw_vs_torch_batch_1": None,  # a run on torch itself
         "raw_vs_torch_max_batch": None,
+        "service_p50_c1_vs_torch": None,
+        "service_throughput_c32_vs_torch": None,
         "gpu_throughput": None,  # not applicable on a CPU
     }
     failing = {
@@ -208,6 +218,131 @@ def test_another_backend_is_compared_with_the_torch_encoder_beside_it():
     report["raw"], report["targets"] = raw, evaluate_targets(report)
     table = format_table(report)
     assert "raw torch encoder beside it: batch 1 8.0 img/s" in table and "openvino" in table
+
+
+def test_another_backend_s_service_is_compared_with_the_torch_service_beside_it():
+    """--backend openvino: the service's concurrency-1 p50 and concurrency-32 images/s against the torch
+    service's in the same rounds, each the median of the per-round ratios."""
+    report = report_for(c1_ms=60.0, torch_c1_ms=100.0, on=18.0, torch_on=16.0)  # 0.6 and 1.125
+    report["backend"] = "openvino"
+    targets = {t["name"]: t for t in evaluate_targets(report)}
+    latency, throughput = targets["service_p50_c1_vs_torch"], targets["service_throughput_c32_vs_torch"]
+    assert latency["value"] == 0.6 and latency["passed"] and latency["op"] == "<="
+    assert throughput["value"] == 1.125 and throughput["passed"]
+    assert "FER_BACKEND=openvino / torch" in latency["detail"]
+    at_thresholds = verdicts(report_for(c1_ms=75.0, torch_c1_ms=100.0, on=18.0, torch_on=18.0))
+    assert at_thresholds["service_p50_c1_vs_torch"] and at_thresholds["service_throughput_c32_vs_torch"]
+    failing = {
+        "service_p50_c1_vs_torch": {"c1_ms": 80.0, "torch_c1_ms": 100.0, "torch_on": 16.0},  # 20% lower
+        "service_throughput_c32_vs_torch": {"torch_c1_ms": 200.0, "on": 18.0, "torch_on": 18.5},
+    }
+    for name, change in failing.items():
+        result = verdicts(report_for(**change))
+        assert result[name] is False, name
+        assert sum(v is False for v in result.values()) == 1, (name, result)
+    # A slow spell in one round (the torch service's second) moves the median by one rank.
+    report["rounds"] = [
+        round_for(c1_ms=60.0, torch_c1_ms=t, on=18.0, torch_on=o)
+        for t, o in ((100.0, 16.0), (40.0, 36.0), (120.0, 18.0))
+    ]
+    targets = {t["name"]: t for t in evaluate_targets(report)}
+    assert targets["service_p50_c1_vs_torch"]["rounds"] == [0.6, 1.5, 0.5]
+    assert targets["service_p50_c1_vs_torch"]["value"] == 0.6
+    assert targets["service_throughput_c32_vs_torch"]["value"] == 1.0
+    report["targets"] = list(targets.values())
+    table = format_table(report)
+    assert "torch service beside it (median of the rounds): concurrency 1 p50 100.0 ms" in table
+    assert "concurrency 32 18.0 img/s" in table
+    del report["rounds"][1]["torch_points"]  # a round without the torch service: not measured
+    assert verdicts(report)["service_p50_c1_vs_torch"] is None
+
+
+def test_the_benchmarks_page_shows_the_torch_service_and_the_cache_when_a_report_has_them():
+    from tools.docs import _report
+
+    report = report_for(c1_ms=60.0, torch_c1_ms=100.0, on=18.0, torch_on=16.0)
+    report |= {"backend": "openvino", "openvino_cache_hit": True}
+    report["targets"] = evaluate_targets(report)
+    page = "\n".join(_report("cpu-vit-b-32-openvino.json", report))
+    assert "| round | c1 p50 ms | torch c1 p50 ms | c32 images/s | torch c32 images/s |" in page
+    assert "| 1 | 60 | 100 | 18.0 | 16.0 |" in page
+    assert "read the cached encoders: yes." in page
+    assert "| service p50 latency at concurrency 1, FER_BACKEND=openvino / torch" in page
+    assert "| 0.6 | <= 0.75 | pass |" in page and "| 1.12 | >= 1 | pass |" in page
+    report["openvino_cache_hit"] = False
+    assert "read the cached encoders: **no**." in "\n".join(_report("x.json", report))
+    older = report_for()  # a torch run, or a report from before these figures
+    older["targets"] = [t for t in evaluate_targets(older) if "vs_torch" not in t["name"]]
+    page = "\n".join(_report("cpu-vit-b-32.json", older))
+    assert "torch c1" not in page and "cached" not in page and "| 1 | 18.0 | 6.0 | 8.0 |" in page
+
+
+def test_a_round_on_another_backend_times_the_torch_service_after_each_batching_point(monkeypatch):
+    """Against stand-in services: the torch service's points at the target concurrency and at 1 each
+    follow the batching service's, and a run on torch has no torch points."""
+    import bench.run
+    from bench.run import QUICK_PLAN, Bench
+
+    order = []
+
+    class StandInService:
+        """What Bench.point reads of a service; each scrape is noted, two a point."""
+
+        def __init__(self, name: str, base_url: str):
+            self.name, self.base_url, self.env = name, base_url, {"FER_BACKEND": name.split()[0]}
+
+        def metrics(self) -> dict[str, float]:
+            order.append(self.name)
+            return {}
+
+        def cpu_seconds(self) -> float:
+            return 0.0
+
+    # The stand-in server's listen queue is short: 32 connections at once would be refused.
+    monkeypatch.setattr(bench.run, "TARGET_CONCURRENCY", 4)
+    monkeypatch.setattr(Bench, "raw", lambda self: order.append("raw") or {"encoder": []})
+    plan = dataclasses.replace(QUICK_PLAN, requests_per_worker=2, min_requests=3)  # 8 requests at 4, 3 at 1
+    with stand_in() as (on_url, on), stand_in() as (off_url, off), stand_in() as (torch_url, torch_):
+        services = (StandInService("openvino on", on_url), StandInService("openvino off", off_url))
+        bench = Bench(parse_args(["--quick"]), plan, (None, None), services)
+        assert "torch_points" not in bench.round() and torch_.seen == 0
+        order.clear()
+        bench.torch_service = StandInService("torch", torch_url)
+        round_ = bench.round()
+    assert [(p["concurrency"], p["batching"]) for p in round_["points"]] == [(4, True), (4, False), (1, True)]
+    assert [(p["concurrency"], p["batching"]) for p in round_["torch_points"]] == [(4, True), (1, True)]
+    assert [p["ok"] for p in round_["torch_points"]] == [8, 3]
+    # A point's two scrapes (before and after its load) are adjacent: one service under load at a time.
+    points = [
+        ("openvino on", 2),
+        ("torch", 2),
+        ("openvino off", 2),
+        ("raw", 1),
+        ("openvino on", 2),
+        ("torch", 2),
+    ]
+    assert order == [name for name, scrapes in points for _ in range(scrapes)]
+    assert torch_.seen == 8 + 3 and on.seen == 2 * (8 + 3) and off.seen == 2 * 8  # two rounds
+
+
+def test_the_cache_hit_is_read_from_every_service_process_s_log(tmp_path):
+    """openvino_cache_hit: each process's start logged a read from the cache, none a conversion."""
+    from bench.run import openvino_cache_hit
+    from model.openvino import CONVERTING, READ_FROM_CACHE
+
+    read, converted = f"INFO {READ_FROM_CACHE}, /cache/abc-f32\n", f"INFO {CONVERTING} (once)\n"
+
+    def service(log: str, workers: int = 1) -> Service:
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.log"
+        path.write_text("INFO starting\n" + log + "INFO ready\n")
+        return Service({"FER_WORKERS": str(workers)}, path)
+
+    assert openvino_cache_hit([service(read), service(read)]) is True
+    assert openvino_cache_hit([service(read), service(converted)]) is False
+    assert openvino_cache_hit([service(read + read, workers=2)]) is True
+    assert openvino_cache_hit([service(read, workers=2)]) is False  # one worker converted or did not say
+    assert openvino_cache_hit([service(read + converted)]) is False
+    assert openvino_cache_hit([service("")]) is False
 
 
 def test_the_backend_option_reaches_the_run():
