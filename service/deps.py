@@ -10,6 +10,11 @@ from fastapi import Depends, Form, Request
 
 from model.prompts import (
     CLASS_PRESETS,
+    CLASSES_PATTERN,
+    DEFAULT_CLASSES,
+    DEFAULT_PROMPTS,
+    MAX_CLASSES,
+    MAX_PHRASE_CHARS,
     PROMPT_SET_NAMES,
     check_class_words,
     resolve_classes,
@@ -38,13 +43,15 @@ class Labels:
 async def get_labels(
     request: Request,
     classes: Annotated[
-        str | None,
+        str,
         Form(
             description=f"a class preset ({', '.join(CLASS_PRESETS)}) or comma-separated class words "
-            "(at least two); default basic7"
+            f"(2 to {MAX_CLASSES}, each once, up to {MAX_PHRASE_CHARS} characters)",
+            examples=[DEFAULT_CLASSES, "calm,amused,furious"],
+            json_schema_extra={"pattern": CLASSES_PATTERN},
         ),
-    ] = None,
-    prompts: Annotated[PromptSetName | None, Form(description="prompt set; default P-3")] = None,
+    ] = DEFAULT_CLASSES,
+    prompts: Annotated[PromptSetName, Form(description="prompt set")] = DEFAULT_PROMPTS,
     check_words: Annotated[
         bool,
         Form(

@@ -165,6 +165,7 @@ HTTP_ERRORS = {
 
 # A form field of the wrong kind, by pydantic's error type: what the field takes, said plainly.
 FIELD_KINDS = {
+    "missing": "the field is required",
     "bool_parsing": "give true or false",
     "bool_type": "give true or false",
     "int_parsing": "give a whole number",

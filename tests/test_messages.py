@@ -53,6 +53,19 @@ def test_a_field_of_the_wrong_kind_says_what_kind(demo_client, tmp_path, field, 
     assert detail(answer) == message
 
 
+@pytest.mark.parametrize(
+    ("fields", "files", "message"),
+    [
+        ({}, {"file": ("a.png", b"x", "image/png")}, "descriptions: the field is required"),
+        ({"descriptions": '["smiles"]'}, None, "file: the field is required"),
+    ],
+)
+def test_a_missing_field_is_named_in_the_projects_words(demo_client, fields, files, message):
+    answer = demo_client.post("/retrieve", data=fields, files=files)
+    assert answer.status_code == 422
+    assert detail(answer) == message
+
+
 def test_a_still_image_without_its_type_sent_for_a_video_says_where_it_belongs(demo_client):
     files = {"file": ("a.bin", png(face_image(0)), "application/octet-stream")}
     answer = demo_client.post("/predict-video", files=files)
