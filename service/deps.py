@@ -4,7 +4,8 @@ checked once (a bad value is a 422 naming the field and what is accepted)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from enum import StrEnum
+from typing import Annotated
 
 from fastapi import Depends, Form, Request
 
@@ -23,7 +24,8 @@ from model.prompts import (
 from service.errors import InvalidField
 from service.runtime import Runtime
 
-PromptSetName = Literal[PROMPT_SET_NAMES]  # the schema lists the allowed names
+# The schema lists the allowed names, once: a generated client has one PromptSet type for every endpoint.
+PromptSet = StrEnum("PromptSet", {name: name for name in PROMPT_SET_NAMES})
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -51,7 +53,7 @@ async def get_labels(
             json_schema_extra={"pattern": CLASSES_PATTERN},
         ),
     ] = DEFAULT_CLASSES,
-    prompts: Annotated[PromptSetName, Form(description="prompt set")] = DEFAULT_PROMPTS,
+    prompts: Annotated[PromptSet, Form(description="prompt set")] = PromptSet[DEFAULT_PROMPTS],
     check_words: Annotated[
         bool,
         Form(
