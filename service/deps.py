@@ -8,6 +8,8 @@ from enum import StrEnum
 from typing import Annotated
 
 from fastapi import Depends, Form, Request
+from pydantic import BeforeValidator
+from pydantic_core import PydanticCustomError
 
 from model.prompts import (
     CLASS_PRESETS,
@@ -23,6 +25,19 @@ from model.prompts import (
 )
 from service.errors import InvalidField
 from service.runtime import Runtime
+
+
+def _true_or_false(value: object) -> object:
+    """A form's boolean: `true` or `false`, in any case (a generated Python client sends `True`), as the
+    schema's boolean says; pydantic alone also takes 1/0, yes/no, on/off, t/f and y/n."""
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false"):
+            raise PydanticCustomError("bool_parsing", "give true or false")
+        return value.lower() == "true"
+    return value
+
+
+Flag = Annotated[bool, BeforeValidator(_true_or_false)]
 
 # The schema lists the allowed names, once: a generated client has one PromptSet type for every endpoint.
 PromptSet = StrEnum("PromptSet", {name: name for name in PROMPT_SET_NAMES})
@@ -55,7 +70,7 @@ async def get_labels(
     ] = DEFAULT_CLASSES,
     prompts: Annotated[PromptSet, Form(description="prompt set")] = PromptSet[DEFAULT_PROMPTS],
     check_words: Annotated[
-        bool,
+        Flag,
         Form(
             description="refuse a class word that looks like a typo of a known one (e.g. `hapiness`); "
             "false uses the words as written"
@@ -76,6 +91,6 @@ async def get_labels(
 
 LabelsDep = Annotated[Labels, Depends(get_labels)]
 DetectField = Annotated[
-    bool, Form(description="classify each detected face (a video: each frame's largest face)")
+    Flag, Form(description="classify each detected face (a video: each frame's largest face)")
 ]
 FramesField = Annotated[int, Form(ge=1, description="frames sampled (16 equal segments' middle frames)")]

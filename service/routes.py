@@ -25,7 +25,7 @@ from model.prompts import (
     prompt_table,
 )
 from service import inference
-from service.deps import DetectField, FramesField, Labels, LabelsDep, RuntimeDep
+from service.deps import DetectField, Flag, FramesField, Labels, LabelsDep, RuntimeDep
 from service.errors import InvalidField, NotFound, UnsupportedMediaType
 from service.runtime import Runtime
 from service.schemas import (
@@ -47,6 +47,7 @@ UPLOAD = {"format": "binary", "minLength": 1}
 # What /retrieve's `descriptions` text holds, for readers of the schema; service.app fills in this
 # app's limits (maxItems, maxLength).
 DESCRIPTIONS = {
+    "minLength": 1,
     "contentMediaType": "application/json",
     "contentSchema": {
         "type": "array",
@@ -183,7 +184,7 @@ async def predict_video(
     ],
     detect_faces: DetectField = True,
     frames: FramesField = 16,
-    per_frame: Annotated[bool, Form(description="add a per-frame timeline")] = False,
+    per_frame: Annotated[Flag, Form(description="add a per-frame timeline")] = False,
 ) -> VideoResponse:
     """Per-class probabilities from the mean of the sampled frames' features (each frame's largest face
     when one is found), with a per-frame timeline on request."""
