@@ -100,7 +100,7 @@ def create_app(
 def _openapi(app: FastAPI, settings: ServiceSettings) -> Callable[[], dict[str, Any]]:
     """The app's schema: FastAPI's, built from the routes, with what the routes cannot say. This app's
     limits (the settings decide them, the routes are shared), so that a request the schema allows is one
-    the app takes; and each form's name, `PredictForm` where FastAPI writes `Body_predict`, which a
+    the app takes; the content type of a part that holds JSON; and each form's name, `PredictForm` where FastAPI writes `Body_predict`, which a
     generated client takes for a class name."""
     build = app.openapi
 
@@ -122,10 +122,8 @@ def _openapi(app: FastAPI, settings: ServiceSettings) -> Callable[[], dict[str, 
                 fields = form["properties"]
                 if "frames" in fields:
                     fields["frames"]["maximum"] = settings.max_frames
-                if "descriptions" in fields:
-                    texts = fields["descriptions"]["contentSchema"]
-                    texts["maxItems"] = settings.max_descriptions
-                    texts["items"]["maxLength"] = settings.max_description_chars
+                if "descriptions" in fields:  # a JSON text (service.routes.DESCRIPTIONS)
+                    body["encoding"] = {"descriptions": {"contentType": "application/json"}}
         app.openapi_schema = schema
         return schema
 

@@ -13,6 +13,9 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BeforeValidator
+from pydantic_core import PydanticCustomError
+from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from model.media import WrongMediaKind
 from model.prompts import (
@@ -20,7 +23,6 @@ from model.prompts import (
     CLASS_WORDS,
     DEFAULT_CLASSES,
     DEFAULT_PROMPTS,
-    NOT_BLANK_PATTERN,
     PROMPT_SETS,
     prompt_table,
 )
@@ -44,17 +46,24 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 4
 # generators (openapi-python-client, ng-openapi-gen, ...) take only OpenAPI 3.0's `format: binary` for a
 # file, and type the field as text without it. An empty file is refused (400).
 UPLOAD = {"format": "binary", "minLength": 1}
-# What /retrieve's `descriptions` text holds, for readers of the schema; service.app fills in this
-# app's limits (maxItems, maxLength).
-DESCRIPTIONS = {
-    "minLength": 1,
-    "contentMediaType": "application/json",
-    "contentSchema": {
-        "type": "array",
-        "items": {"type": "string", "pattern": NOT_BLANK_PATTERN},
-        "minItems": 1,
-    },
-}
+# /retrieve's `descriptions`: one part holding a JSON array; service.app gives the part its content type
+# (application/json) in the schema, so Swagger UI sends the text as it is (as a file part: see
+# `_part_text`), where a text field holding a JSON array is sent comma-joined. The example is what
+# "Try it out" fills the field in with.
+DESCRIPTIONS_EXAMPLE = '["raises the eyebrows", "smiles broadly"]'
+DESCRIPTIONS = {"minLength": 1, "example": DESCRIPTIONS_EXAMPLE}
+
+
+def _part_text(value: object) -> object:
+    """A text field sent as a file part (Swagger UI, `curl -F descriptions=@texts.json`) is its text."""
+    if not isinstance(value, StarletteUploadFile):
+        return value
+    value.file.seek(0)
+    try:
+        return value.file.read().decode("utf-8")
+    except UnicodeDecodeError:
+        raise PydanticCustomError("unicode_decode", "give UTF-8 text") from None
+
 
 INFERENCE, INFO, OPERATIONS = "inference", "labels", "operations"
 TAGS = [
@@ -207,9 +216,10 @@ async def retrieve(
     file: Annotated[UploadFile, File(description="a video (or an image)", json_schema_extra=UPLOAD)],
     descriptions: Annotated[
         str,
+        BeforeValidator(_part_text),
         Form(
             description='a JSON array of non-blank strings, e.g. ["smiles", "frowns"]',
-            examples=['["raises the eyebrows", "smiles broadly"]'],
+            examples=[DESCRIPTIONS_EXAMPLE],
             json_schema_extra=DESCRIPTIONS,
         ),
     ],
