@@ -11,16 +11,19 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from model.prompts import CLASS_PRESETS
 from service.app import create_app
-from tests.support import run_bounded, service_settings, serving
+from tests.support import fer_serve, run_bounded, service_settings, serving
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
@@ -164,3 +167,30 @@ def test_a_generated_client_uploads_to_every_endpoint_with_typed_answers(app, cl
             assert isinstance(refused, ErrorResponse) and refused.error == "invalid_field"
 
     run_bounded(calls(), 120)
+
+
+def docs_example() -> str:
+    """docs/api.md's generated-client example: the second code block of its section."""
+    section = (ROOT / "docs" / "api.md").read_text().split("## From a generated client", 1)[1]
+    runs = re.findall(r"((?:^    .*\n|^\n)+)", section.split("\n## ", 1)[0], flags=re.M)
+    blocks = [run for run in runs if run.strip()]
+    return textwrap.dedent(blocks[1])
+
+
+@pytest.mark.slow  # a `fer serve`
+def test_the_docs_example_runs_on_the_generated_client(client_package, tmp_path):
+    (tmp_path / "samples").symlink_to(SAMPLES)
+    with fer_serve({"FER_PRESET": "demo", "FER_FACE_DETECTOR": "haar"}) as (http, _):
+        code = docs_example().replace("http://127.0.0.1:8000", str(http.base_url).rstrip("/"))
+        folder = Path(client_package.__file__).parents[1]
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(folder)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 0, done.stderr
+    box = r"\[\d+, \d+, \d+, \d+\]"
+    assert re.fullmatch(rf"(calm|amused|furious) \[{box}(, {box})*\]\n", done.stdout), done.stdout
