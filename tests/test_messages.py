@@ -60,11 +60,15 @@ def test_a_field_of_the_wrong_kind_says_what_kind(demo_client, tmp_path, field, 
 @pytest.mark.parametrize(
     ("fields", "files", "message"),
     [
-        ({}, {"file": ("a.png", b"x", "image/png")}, "descriptions: the field is required"),
-        ({"descriptions": '["smiles"]'}, None, "file: the field is required"),
+        (
+            {},
+            {"file": ("a.png", b"x", "image/png")},
+            'descriptions: the field is required: a JSON array of non-blank strings, e.g. ["smiles", "frowns"]',
+        ),
+        ({"descriptions": '["smiles"]'}, None, "file: the field is required: a video (or an image)"),
     ],
 )
-def test_a_missing_field_is_named_in_the_projects_words(demo_client, fields, files, message):
+def test_a_missing_field_says_what_it_takes(demo_client, fields, files, message):
     answer = demo_client.post("/retrieve", data=fields, files=files)
     assert answer.status_code == 422
     assert detail(answer) == message
