@@ -77,6 +77,28 @@ MAX_CLASSES = 64
 MAX_PHRASE_CHARS = 200
 
 
+def _space_class() -> str:
+    """What str.split() and str.strip() take for whitespace, as a regular expression's character-class
+    body of \\uXXXX ranges (a form every regex dialect of the API's clients reads alike)."""
+    codes = [c for c in range(0x3001) if chr(c).isspace()]  # U+3000 is the last
+    ranges: list[list[int]] = []
+    for code in codes:
+        if ranges and code == ranges[-1][1] + 1:
+            ranges[-1][1] = code
+        else:
+            ranges.append([code, code])
+    return "".join(f"\\u{a:04x}" + (f"-\\u{b:04x}" if b > a else "") for a, b in ranges)
+
+
+SPACE_CLASS = _space_class()
+# A character a trimmed text keeps: a text holding one is not blank.
+NOT_BLANK_PATTERN = f"[^{SPACE_CLASS}]"
+# The class lists resolve_classes takes, as the API schema states them: a preset, or two or more
+# non-blank items between commas. It also takes a preset in another case or with spaces around it, and
+# refuses repeats, likely typos and lists over its limits, which the pattern leaves to the description.
+CLASSES_PATTERN = f"^(?:{'|'.join(CLASS_PRESETS)})$|[^,{SPACE_CLASS}][^,]*,[\\s\\S]*[^,{SPACE_CLASS}]"
+
+
 class LabelError(ValueError):
     """A class list or prompt-set name that cannot be used; the message says what is accepted."""
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -19,7 +21,7 @@ from service.access import ApiKey, RequestId
 from service.errors import install_error_handlers
 from service.limits import UploadLimits
 from service.metrics import Metrics, RequestMetrics
-from service.routes import STATIC_DIR, router
+from service.routes import STATIC_DIR, TAGS, router
 from service.runtime import EngineFactory, Runtime
 from service.settings import ServiceSettings
 
@@ -61,6 +63,7 @@ def create_app(
         title="Zero-shot FER (Exp-CLIP)",
         version="0.1.0",
         description="Facial-expression probabilities for images and clips, and description ranking, zero-shot.",
+        openapi_tags=TAGS,
         lifespan=lifespan,
         # The largest text field, /retrieve's descriptions, at its documented limits in any script:
         # JSON may spell each character as a 6-byte \uXXXX escape.
@@ -68,6 +71,7 @@ def create_app(
     )
     app.state.runtime = runtime
     app.include_router(router)
+    app.openapi = _openapi(app, settings)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     install_error_handlers(app)
     # Added innermost first: a request meets the metrics, its id, CORS, the key, then the body limits.
@@ -91,6 +95,39 @@ def create_app(
     endpoints = {route.path for route in router.routes}
     app.add_middleware(RequestMetrics, metrics=runtime.metrics, endpoints=endpoints)
     return app
+
+
+def _openapi(app: FastAPI, settings: ServiceSettings) -> Callable[[], dict[str, Any]]:
+    """The app's schema: FastAPI's, built from the routes, with what the routes cannot say. This app's
+    limits (the settings decide them, the routes are shared), so that a request the schema allows is one
+    the app takes; the content type of a part that holds JSON; and each form's name, `PredictForm` where FastAPI writes `Body_predict`, which a
+    generated client takes for a class name."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        forms = schema["components"]["schemas"]
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                body = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
+                if body is None:
+                    continue
+                old = body["schema"]["$ref"].rsplit("/", 1)[1]
+                new = "".join(w.capitalize() for w in operation["operationId"].split("_")) + "Form"
+                form = forms[new] = forms.pop(old)
+                form["title"] = new
+                body["schema"]["$ref"] = f"#/components/schemas/{new}"
+                fields = form["properties"]
+                if "frames" in fields:
+                    fields["frames"]["maximum"] = settings.max_frames
+                if "descriptions" in fields:  # a JSON text (service.routes.DESCRIPTIONS)
+                    body["encoding"] = {"descriptions": {"contentType": "application/json"}}
+        app.openapi_schema = schema
+        return schema
+
+    return openapi
 
 
 def __getattr__(name: str):

@@ -4,12 +4,20 @@ checked once (a bad value is a 422 naming the field and what is accepted)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from enum import StrEnum
+from typing import Annotated
 
 from fastapi import Depends, Form, Request
+from pydantic import BeforeValidator
+from pydantic_core import PydanticCustomError
 
 from model.prompts import (
     CLASS_PRESETS,
+    CLASSES_PATTERN,
+    DEFAULT_CLASSES,
+    DEFAULT_PROMPTS,
+    MAX_CLASSES,
+    MAX_PHRASE_CHARS,
     PROMPT_SET_NAMES,
     check_class_words,
     resolve_classes,
@@ -18,7 +26,21 @@ from model.prompts import (
 from service.errors import InvalidField
 from service.runtime import Runtime
 
-PromptSetName = Literal[PROMPT_SET_NAMES]  # the schema lists the allowed names
+
+def _true_or_false(value: object) -> object:
+    """A form's boolean: `true` or `false`, in any case (a generated Python client sends `True`), as the
+    schema's boolean says; pydantic alone also takes 1/0, yes/no, on/off, t/f and y/n."""
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false"):
+            raise PydanticCustomError("bool_parsing", "give true or false")
+        return value.lower() == "true"
+    return value
+
+
+Flag = Annotated[bool, BeforeValidator(_true_or_false)]
+
+# The schema lists the allowed names, once: a generated client has one PromptSet type for every endpoint.
+PromptSet = StrEnum("PromptSet", {name: name for name in PROMPT_SET_NAMES})
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -38,15 +60,17 @@ class Labels:
 async def get_labels(
     request: Request,
     classes: Annotated[
-        str | None,
+        str,
         Form(
             description=f"a class preset ({', '.join(CLASS_PRESETS)}) or comma-separated class words "
-            "(at least two); default basic7"
+            f"(2 to {MAX_CLASSES}, each once, up to {MAX_PHRASE_CHARS} characters)",
+            examples=[DEFAULT_CLASSES, "calm,amused,furious"],
+            json_schema_extra={"pattern": CLASSES_PATTERN},
         ),
-    ] = None,
-    prompts: Annotated[PromptSetName | None, Form(description="prompt set; default P-3")] = None,
+    ] = DEFAULT_CLASSES,
+    prompts: Annotated[PromptSet, Form(description="prompt set")] = PromptSet[DEFAULT_PROMPTS],
     check_words: Annotated[
-        bool,
+        Flag,
         Form(
             description="refuse a class word that looks like a typo of a known one (e.g. `hapiness`); "
             "false uses the words as written"
@@ -67,6 +91,6 @@ async def get_labels(
 
 LabelsDep = Annotated[Labels, Depends(get_labels)]
 DetectField = Annotated[
-    bool, Form(description="classify each detected face (a video: each person's faces, as a track)")
+    Flag, Form(description="classify each detected face (a video: each person's faces, as a track)")
 ]
 FramesField = Annotated[int, Form(ge=1, description="frames sampled (16 equal segments' middle frames)")]

@@ -128,12 +128,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(429, "queue_full", str(exc), {"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
         message = FIELD_KINDS.get(first.get("type"), first.get("msg", "invalid"))
-        return error_response(422, "invalid_field", f"{where}: {message}")
+        meaning = _field_meaning(request, where) if first.get("type") == "missing" else None
+        return error_response(
+            422, "invalid_field", f"{where}: {message}" + (f": {meaning}" if meaning else "")
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -165,12 +168,20 @@ HTTP_ERRORS = {
 
 # A form field of the wrong kind, by pydantic's error type: what the field takes, said plainly.
 FIELD_KINDS = {
+    "missing": "the field is required",
     "bool_parsing": "give true or false",
     "bool_type": "give true or false",
     "int_parsing": "give a whole number",
     "int_from_float": "give a whole number",
     "int_type": "give a whole number",
 }
+
+
+def _field_meaning(request: Request, name: str) -> str | None:
+    """What the route's form field `name` takes: its description in the schema."""
+    body = getattr(request.scope.get("route"), "body_field", None)  # FastAPI's model of the whole form
+    fields = getattr(body.field_info.annotation, "model_fields", {}) if body is not None else {}
+    return fields[name].description if name in fields else None
 
 
 def _handler(status: int, code: str):

@@ -13,6 +13,9 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BeforeValidator
+from pydantic_core import PydanticCustomError
+from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from model.media import WrongMediaKind
 from model.prompts import (
@@ -24,7 +27,7 @@ from model.prompts import (
     prompt_table,
 )
 from service import inference
-from service.deps import DetectField, FramesField, Labels, LabelsDep, RuntimeDep
+from service.deps import DetectField, Flag, FramesField, Labels, LabelsDep, RuntimeDep
 from service.errors import InvalidField, NotFound, UnsupportedMediaType
 from service.runtime import Runtime
 from service.schemas import (
@@ -39,8 +42,39 @@ from service.schemas import (
 STATIC_DIR = Path(__file__).parent / "static"
 GENERIC_TYPES = {"", "application/octet-stream"}
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 429, 499, 500, 503)}
+# FastAPI spells an upload `contentMediaType: application/octet-stream` (OpenAPI 3.1's way); client
+# generators (openapi-python-client, ng-openapi-gen, ...) take only OpenAPI 3.0's `format: binary` for a
+# file, and type the field as text without it. An empty file is refused (400).
+UPLOAD = {"format": "binary", "minLength": 1}
+# /retrieve's `descriptions`: one part holding a JSON array; service.app gives the part its content type
+# (application/json) in the schema, so Swagger UI sends the text as it is (as a file part: see
+# `_part_text`), where a text field holding a JSON array is sent comma-joined. The example is what
+# "Try it out" fills the field in with.
+DESCRIPTIONS_EXAMPLE = '["raises the eyebrows", "smiles broadly"]'
+DESCRIPTIONS = {"minLength": 1, "example": DESCRIPTIONS_EXAMPLE}
 
-router = APIRouter()
+
+def _part_text(value: object) -> object:
+    """A text field sent as a file part (Swagger UI, `curl -F descriptions=@texts.json`) is its text."""
+    if not isinstance(value, StarletteUploadFile):
+        return value
+    value.file.seek(0)
+    try:
+        return value.file.read().decode("utf-8")
+    except UnicodeDecodeError:
+        raise PydanticCustomError("unicode_decode", "give UTF-8 text") from None
+
+
+INFERENCE, INFO, OPERATIONS = "inference", "labels", "operations"
+TAGS = [
+    {"name": INFERENCE, "description": "an upload in, per-class probabilities or a ranking out"},
+    {"name": INFO, "description": "the class presets and prompt sets the inference endpoints take"},
+    {"name": OPERATIONS, "description": "for load balancers, orchestrators and Prometheus"},
+]
+
+# operationId = the handler's name (`predict`, `predict_video`, ...): the method names of a generated
+# client, where FastAPI's default adds the path and method (`predict_predict_post`).
+router = APIRouter(generate_unique_id_function=lambda route: route.name)
 
 
 # ---- the page, health, labels, metrics -----------------------------------------------------------
@@ -49,13 +83,22 @@ async def page() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html")
 
 
-@router.get("/livez", response_model=Health)
+@router.get("/livez", response_model=Health, tags=[OPERATIONS], summary="Whether the process is up")
 async def livez() -> Health:
+    """200 while the process is up, whether or not the model is loaded."""
     return Health(status="alive")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+@router.get(
+    "/readyz",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "the model is loading, or failed to load"}},
+    tags=[OPERATIONS],
+    summary="Whether the model is loaded and warm",
+)
 async def readyz(runtime: RuntimeDep):
+    """200 with the model, device, precision and face detector once the model answers; 503 with the
+    reason until then. It stays 200 under overload, when requests get 429 instead."""
     if runtime.ready:
         engine = runtime.engine
         detector = runtime.detector.name if runtime.detector else "none"
@@ -70,8 +113,9 @@ async def readyz(runtime: RuntimeDep):
     return JSONResponse(Health(status="not_ready", detail=detail).model_dump(), status_code=503)
 
 
-@router.get("/labels", response_model=LabelsResponse)
+@router.get("/labels", response_model=LabelsResponse, tags=[INFO], summary="Class presets and prompt sets")
 async def labels() -> LabelsResponse:
+    """The values `classes` and `prompts` take, with the exact official prompts of each set."""
     return _labels()
 
 
@@ -93,56 +137,99 @@ def _labels() -> LabelsResponse:
     )
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
+        404: {"model": ErrorResponse, "description": "served on FER_METRICS_PORT instead"},
+    },
+    tags=[OPERATIONS],
+    summary="Prometheus metrics",
+)
 async def metrics(runtime: RuntimeDep) -> Response:
+    """Request counts and latencies, queue depth, refusals and batch sizes, in Prometheus' text format."""
     if runtime.settings.metrics_port is not None:  # served on its own port instead (fer serve)
         raise NotFound("/metrics is served on FER_METRICS_PORT")
     return Response(runtime.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 # ---- inference ----------------------------------------------------------------------------------
-@router.post("/predict", response_model=PredictResponse, responses=ERRORS)
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    responses=ERRORS,
+    tags=[INFERENCE],
+    summary="Expression probabilities of the faces in an image",
+)
 async def predict(
     request: Request,
     runtime: RuntimeDep,
     labels: LabelsDep,
-    file: Annotated[UploadFile, File(description="an image")],
+    file: Annotated[UploadFile, File(description="an image", json_schema_extra=UPLOAD)],
     detect_faces: DetectField = True,
 ) -> PredictResponse:
+    """Per-class probabilities for every face found (largest first) and for the image as a whole. The
+    classes are plain words, scored zero-shot: a preset or words of your own."""
     call = _call(runtime, request, file, detect_faces)
     _accept(file, "image/", other="video/", other_kind="video")
     return await inference.run(call, inference.predict_image(call, _prompts(labels)))
 
 
-@router.post("/predict-video", response_model=VideoResponse, responses=ERRORS)
+@router.post(
+    "/predict-video",
+    response_model=VideoResponse,
+    responses=ERRORS,
+    tags=[INFERENCE],
+    summary="Expression probabilities of a clip",
+)
 async def predict_video(
     request: Request,
     runtime: RuntimeDep,
     labels: LabelsDep,
-    file: Annotated[UploadFile, File(description="a clip: mp4, webm, mov, avi, mkv, animated gif, ...")],
+    file: Annotated[
+        UploadFile,
+        File(description="a clip: mp4, webm, mov, avi, mkv, animated gif, ...", json_schema_extra=UPLOAD),
+    ],
     detect_faces: DetectField = True,
     frames: FramesField = 16,
-    per_frame: Annotated[bool, Form(description="add a per-frame timeline")] = False,
+    per_frame: Annotated[Flag, Form(description="add a per-frame timeline")] = False,
 ) -> VideoResponse:
+    """Per-class probabilities from the mean of the sampled frames' features (each frame's largest face
+    when one is found), with a per-frame timeline on request."""
     call = _call(runtime, request, file, detect_faces, frames)
     _check_frames(frames, runtime.settings.max_frames)
     _accept(file, "video/", "image/gif", other="image/", other_kind="image")
     return await inference.run(call, inference.predict_video(call, _prompts(labels), per_frame))
 
 
-@router.post("/retrieve", response_model=RetrieveResponse, responses=ERRORS)
+@router.post(
+    "/retrieve",
+    response_model=RetrieveResponse,
+    responses=ERRORS,
+    tags=[INFERENCE],
+    summary="Descriptions ranked by how well they fit a clip",
+)
 async def retrieve(
     request: Request,
     runtime: RuntimeDep,
-    file: Annotated[UploadFile, File(description="a video (or an image)")],
+    file: Annotated[UploadFile, File(description="a video (or an image)", json_schema_extra=UPLOAD)],
     descriptions: Annotated[
-        str | None, Form(description='a JSON array of strings, e.g. ["smiles", "frowns"] (required)')
-    ] = None,
+        str,
+        BeforeValidator(_part_text),
+        Form(
+            description='a JSON array of non-blank strings, e.g. ["smiles", "frowns"]',
+            examples=[DESCRIPTIONS_EXAMPLE],
+            json_schema_extra=DESCRIPTIONS,
+        ),
+    ],
     top_k: Annotated[int, Form(ge=1, description="how many ranked descriptions to return")] = 10,
     frames: FramesField = 16,
     detect_faces: DetectField = True,
     per_frame: Annotated[bool, Form(description="add each sampled frame's scores (`timeline`)")] = False,
 ) -> RetrieveResponse:
+    """The descriptions ranked by the cosine similarity of their features with the clip's pooled
+    feature (an image is a one-frame clip)."""
     call = _call(runtime, request, file, detect_faces, frames)
     s = runtime.settings
     texts = _parse_descriptions(descriptions, s.max_descriptions, s.max_description_chars)
@@ -191,8 +278,8 @@ def _accept(
     raise UnsupportedMediaType(declared, prefixes)
 
 
-def _parse_descriptions(raw: str | None, max_count: int, max_chars: int) -> list[str]:
-    if raw is None or not raw.strip():  # missing, or empty (the form parser makes that "missing")
+def _parse_descriptions(raw: str, max_count: int, max_chars: int) -> list[str]:
+    if not raw.strip():
         raise InvalidField(
             'descriptions: give a JSON array of at least one string, e.g. ["smiles", "frowns"]'
         )

@@ -43,6 +43,10 @@ def test_a_get_on_an_upload_endpoint_names_post(demo_client):
         ("detect_faces", "maybe", "detect_faces: give true or false"),
         ("per_frame", "often", "per_frame: give true or false"),
         ("frames", "many", "frames: give a whole number"),
+        # the schema's boolean is true or false: pydantic's other spellings (found by schemathesis)
+        ("detect_faces", "0", "detect_faces: give true or false"),
+        ("per_frame", "yes", "per_frame: give true or false"),
+        ("check_words", "on", "check_words: give true or false"),
     ],
 )
 def test_a_field_of_the_wrong_kind_says_what_kind(demo_client, tmp_path, field, value, message):
@@ -51,6 +55,36 @@ def test_a_field_of_the_wrong_kind_says_what_kind(demo_client, tmp_path, field, 
     answer = demo_client.post("/predict-video", files=files, data={field: value})
     assert answer.status_code == 422
     assert detail(answer) == message
+
+
+@pytest.mark.parametrize(
+    ("fields", "files", "message"),
+    [
+        (
+            {},
+            {"file": ("a.png", b"x", "image/png")},
+            'descriptions: the field is required: a JSON array of non-blank strings, e.g. ["smiles", "frowns"]',
+        ),
+        ({"descriptions": '["smiles"]'}, None, "file: the field is required: a video (or an image)"),
+    ],
+)
+def test_a_missing_field_says_what_it_takes(demo_client, fields, files, message):
+    answer = demo_client.post("/retrieve", data=fields, files=files)
+    assert answer.status_code == 422
+    assert detail(answer) == message
+
+
+def test_a_boolean_is_true_or_false_in_any_case(demo_client, tmp_path):
+    """`True`: what a generated Python client sends (str(True))."""
+    clip = make_video(tmp_path / "c.mp4", 10).read_bytes()
+    for value in ("true", "True", "FALSE"):
+        answer = demo_client.post(
+            "/predict-video",
+            files={"file": ("c.mp4", clip, "video/mp4")},
+            data={"per_frame": value, "frames": 2},
+        )
+        assert answer.status_code == 200, answer.text
+        assert (answer.json()["timeline"] is not None) == (value.lower() == "true")
 
 
 def test_a_still_image_without_its_type_sent_for_a_video_says_where_it_belongs(demo_client):

@@ -4,11 +4,14 @@ user gets wrong are refused with a sentence that says what to do."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from model.prompts import (
     CLASS_WORDS,
+    CLASSES_PATTERN,
+    NOT_BLANK_PATTERN,
     PROMPT_SETS,
     LabelError,
     class_prompts,
@@ -96,3 +99,43 @@ def test_a_repeated_class_is_one_422_and_one_cli_line(engine, capsys):
     assert main(["predict", "a.png", "--classes", "Calm,calm,tense"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fer: error: the class list names") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "basic7",
+        "mafw",
+        "calm,amused",
+        "a,b,c",
+        " ,calm,,amused, ",  # blank items are dropped
+        "0\u00a0x,y",  # a no-break space inside a word
+        "x,\u3000y",
+        "x,\ufeffy",  # U+FEFF is not whitespace to str.strip()
+        "calm, \nangry",
+        # refused
+        "",
+        "calm",
+        "calm,",
+        ",calm, ,",
+        "calm,\u00a0",  # str.split() takes U+00A0 for a space...
+        "calm,\x1f",  # ...and U+001F, which JSON Schema's \s does not
+        "calm,\u2028\u3000",
+        "raf_db",
+    ],
+)
+def test_the_schema_pattern_of_a_class_list_says_what_resolve_classes_takes(spec):
+    """The pattern the API schema gives `classes` (what fuzzers and validators read) against the rule
+    itself, for lists without repeats or typos (which no pattern states)."""
+    try:
+        resolve_classes(spec)
+        taken = True
+    except LabelError:
+        taken = False
+    assert (re.search(CLASSES_PATTERN, spec) is not None) == taken
+
+
+def test_not_blank_is_what_str_strip_keeps():
+    assert all(
+        (re.search(NOT_BLANK_PATTERN, chr(c)) is None) == (chr(c).strip() == "") for c in range(0x10000)
+    )
