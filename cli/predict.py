@@ -71,7 +71,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_face_option(p)
     add_frames_option(p)
     p.add_argument(
-        "--per-frame", action="store_true", help="add each sampled frame's score per description (timeline)"
+        "--per-frame",
+        action="store_true",
+        help="add each sampled frame's score per description (the timeline, and each person's frames)",
     )
     p.set_defaults(handler=cmd_retrieve)
 
@@ -195,7 +197,7 @@ def cmd_retrieve(args: argparse.Namespace, settings) -> int:
     from functools import partial
 
     from model.media import MediaError, is_video_path
-    from model.pipeline import media_of, prepare_clip, rank_descriptions, sampled_frames
+    from model.pipeline import prepare_clip, rank_descriptions
 
     check_frames(args.frames, settings)
     if args.top_k is not None and args.top_k < 1:
@@ -211,7 +213,6 @@ def cmd_retrieve(args: argparse.Namespace, settings) -> int:
         return 1
     (features,) = runner.encode([prepared])
     text = runner.engine.encode_texts(descriptions).cpu()
-    frames = sampled_frames(prepared) if args.per_frame else None
-    result = rank_descriptions(features, text, descriptions, args.top_k, media_of(prepared), frames)
+    result = rank_descriptions(prepared, features, text, descriptions, args.top_k, args.per_frame)
     _emit({"file": str(args.file), **asdict(result)})
     return 0

@@ -10,7 +10,7 @@ itself (`Preprocess`: the engine's `prepare_many`, or a `model.clip.ToPixels` wh
 a face detector and the options, never the engine. Encoding is the caller's
 choice of encoder (`encode_in_batches` on the engine, or the service's cross-request batcher), since
 only the caller knows what else shares the device. The score stage (`predict_image`, `predict_video`,
-`rank_descriptions`) turns projected features and class text features into result objects that the
+`rank_descriptions`) turns projected features and text features into result objects that the
 service's schemas and the CLI's JSON lines are built from, so both answer alike.
 """
 
@@ -144,11 +144,12 @@ def prepare_clip(
     *,
     still: bool,
 ) -> PreparedImage | PreparedVideo:
-    """An input as a clip of one face per frame (retrieval): a still image is a one-frame clip of its
-    largest face (or of the whole image); a video gives each sampled frame's largest face (or the frame)."""
+    """An input as a clip (retrieval, evaluation): a still image is a one-frame clip of its largest face
+    (or of the whole image); a video gives every face of each sampled frame, as `prepare_video`, for its
+    faces to be linked into tracks."""
     if still:
         return prepare_image(source, to_pixels, detector, options.replace(max_faces=1), stop)
-    return prepare_video(source, to_pixels, detector, options.replace(max_faces=1), stop)
+    return prepare_video(source, to_pixels, detector, options, stop)
 
 
 def open_source(path: str | Path) -> BinaryIO:
@@ -459,37 +460,88 @@ class FrameScores:
 
 
 @dataclass(frozen=True)
+class TrackFrameScores:
+    index: int
+    timestamp: float
+    box: list[int]  # [x, y, w, h] in the clip's pixels
+    scores: list[float] | None  # with per_frame only, as `FrameScores.scores`
+
+
+@dataclass(frozen=True)
+class TrackRanking:
+    id: int
+    ranking: list[RankedDescription]  # by the cosine with this person's pooled feature
+    frames: list[TrackFrameScores]
+
+
+@dataclass(frozen=True)
 class Ranking:
     media: Literal["image", "video"]
-    ranking: list[RankedDescription]
-    timeline: list[FrameScores] | None = None
+    ranking: list[RankedDescription]  # the main track's, or the whole frames' when no face was found
+    timeline: list[FrameScores] | None  # the main track's frames, or every frame
+    tracks: list[TrackRanking]  # main first
 
 
-def rank_descriptions(
+@dataclass(frozen=True)
+class GroupScores:
+    """Descriptions scored against a group of rows: a clip's frames, or one person's faces."""
+
+    ranking: list[RankedDescription]  # best first, `top_k` at most
+    rows: list[list[float]] | None  # when asked for: each row's scores, in the order of the descriptions
+
+
+def score_descriptions(
     features: torch.Tensor,
     text: torch.Tensor,
     descriptions: Sequence[str],
     top_k: int | None = None,
-    media: Literal["image", "video"] = "video",
-    frames: Sequence[tuple[int, float]] | None = None,
-) -> Ranking:
+    per_row: bool = False,
+) -> GroupScores:
     """Descriptions ranked by the cosine of their projected, L2-normalised text features ([T, D]) with
-    the clip's pooled feature (`features`: its frames'); ties keep the given order. `frames` (one
-    (index, timestamp) per row of `features`, as `sampled_frames` gives them) asks for each frame's own
-    scores as well. A frame's score is the cosine of its L2-normalised feature with a description's:
-    it says when in the clip a description fits."""
+    the group's pooled feature (`features`: its rows'); ties keep the given order. `per_row` asks for
+    each row's own scores as well: the cosine of its L2-normalised feature with each description's,
+    which says when in a clip a description fits."""
     text = text.float()
     scores = (text @ pool(features).to(text.device)).cpu()
     order = torch.argsort(scores, descending=True, stable=True)[:top_k]
-    timeline = None
-    if frames is not None:
-        per_frame = (F.normalize(features.float(), dim=-1).to(text.device) @ text.T).cpu()
-        timeline = [
-            FrameScores(index, timestamp, row)
-            for (index, timestamp), row in zip(frames, per_frame.tolist(), strict=True)
-        ]
-    return Ranking(
-        media,
-        [RankedDescription(int(i), descriptions[int(i)], float(scores[i])) for i in order],
-        timeline,
+    rows = None
+    if per_row:
+        rows = (F.normalize(features.float(), dim=-1).to(text.device) @ text.T).cpu().tolist()
+    return GroupScores(
+        [RankedDescription(int(i), descriptions[int(i)], float(scores[i])) for i in order], rows
     )
+
+
+def rank_descriptions(
+    prepared: PreparedImage | PreparedVideo,
+    features: torch.Tensor,
+    text: torch.Tensor,
+    descriptions: Sequence[str],
+    top_k: int | None = None,
+    per_frame: bool = False,
+) -> Ranking:
+    """Each person's track ranks the descriptions as a clip would (`score_descriptions` on its faces);
+    the clip's ranking and timeline are the main track's, as /predict-video's answer is. Without a face,
+    the whole frames rank them and there is no track. A still image is a one-frame clip."""
+    tracks = face_tracks(frame_boxes(prepared), features)
+    # Each track scored alone: the main track's numbers do not depend on how many others there are.
+    groups = [score_descriptions(features[t.rows], text, descriptions, top_k, per_frame) for t in tracks]
+    clip = groups[0] if tracks else score_descriptions(features, text, descriptions, top_k, per_frame)
+    stamps = sampled_frames(prepared)
+    timeline = None
+    if clip.rows is not None:
+        # Without a face each frame is one row, the whole frame's.
+        frames = tracks[0].frames if tracks else range(len(stamps))
+        timeline = [FrameScores(*stamps[frame], row) for frame, row in zip(frames, clip.rows, strict=True)]
+    answers = [
+        TrackRanking(
+            id=track.id,
+            ranking=group.ranking,
+            frames=[
+                TrackFrameScores(*stamps[frame], box, None if group.rows is None else group.rows[i])
+                for i, (frame, box) in enumerate(zip(track.frames, track.boxes, strict=True))
+            ],
+        )
+        for track, group in zip(tracks, groups, strict=True)
+    ]
+    return Ranking(media_of(prepared), clip.ranking, timeline, answers)

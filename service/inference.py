@@ -210,18 +210,17 @@ def predict_video(call: Call, prompts: ClassPrompts, per_frame: bool) -> Work:
 
 
 async def retrieve(call: Call, descriptions: list[str], top_k: int, per_frame: bool = False) -> Work:
-    """POST /retrieve: a clip (or a still image, a one-frame clip) ranking descriptions, with each
-    sampled frame's scores when `per_frame`. Which of the two the upload is, its head says (read in the
-    decode pool), before admission counts its rows."""
+    """POST /retrieve: a clip (or a still image, a one-frame clip of its largest face) ranking
+    descriptions, by each person's track and with each sampled frame's scores when `per_frame`. Which of
+    the two the upload is, its head says (read in the decode pool), before admission counts its rows: a
+    clip's, as /predict-video's, every face its frames may give."""
     still = await call.runtime.offload(is_still_image, call.source, call.media_type)
 
     def score(prepared, features, text):
-        frames = pipeline.sampled_frames(prepared) if per_frame else None
-        media = pipeline.media_of(prepared)
-        return pipeline.rank_descriptions(features, text, descriptions, top_k, media, frames)
+        return pipeline.rank_descriptions(prepared, features, text, descriptions, top_k, per_frame)
 
     return Work(
-        rows=Places(images=1) if still else Places(frames=call.options.frames),
+        rows=Places(images=1) if still else Places(frames=pipeline.max_video_rows(call.options)),
         prepare=partial(pipeline.prepare_clip, still=still),
         texts=Descriptions(descriptions),
         score=score,

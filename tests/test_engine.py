@@ -14,7 +14,7 @@ from torchvision import transforms as T
 import model.engine
 from model.clip import clip_transform, load_clip, preprocess_config
 from model.engine import create_engine
-from model.pipeline import classify, pool, pool_groups, rank_descriptions
+from model.pipeline import classify, pool, pool_groups, score_descriptions
 from model.projection import ProjectionError, load_projection, save_projection
 from model.prompts import BASIC7, CLASS_PRESETS, PROMPT_SETS, LabelError, resolve_classes, resolve_prompt_set
 from model.settings import ModelSettings, dtype_for
@@ -160,7 +160,7 @@ def test_retrieval_ranking_matches_reference(engine, reference):
     pooled = F.normalize(image_features(frames).mean(0), dim=-1)
     expected = text_features(descriptions) @ pooled
     text = engine.encode_texts(descriptions)
-    ranking = rank_descriptions(encode_images(engine, frames), text, descriptions).ranking
+    ranking = score_descriptions(encode_images(engine, frames), text, descriptions).ranking
     assert [r.index for r in ranking] == torch.argsort(expected, descending=True).tolist()
     assert [r.text for r in ranking] == [descriptions[r.index] for r in ranking]
     torch.testing.assert_close(

@@ -21,11 +21,6 @@ from model.faces.synthetic import astronaut_face as cut_astronaut_face
 
 
 @pytest.fixture(scope="module")
-def detector() -> RetinaFaceDetector:
-    return RetinaFaceDetector()
-
-
-@pytest.fixture(scope="module")
 def astronaut() -> Image.Image:
     return Image.fromarray(data.astronaut())
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from model.faces.base import Box
-from model.faces.retinaface import RetinaFaceDetector
 from model.faces.synthetic import (
     IOU_MATCH,
     PeopleClip,
@@ -20,7 +19,6 @@ from model.faces.synthetic import (
     astronaut_face,
     iou,
     people_clip,
-    recoloured,
     three_people_clip,
 )
 from model.media import read_video
@@ -40,7 +38,7 @@ from model.pipeline import (
 from model.prompts import BASIC7
 from model.tracks import MEMORY, link_faces, rank_tracks
 from service.admission import Admission, TooLarge
-from tests.support import service_settings
+from tests.support import people_walks, service_settings
 
 DIM = 32
 
@@ -156,41 +154,6 @@ def test_rows_of_frames_with_and_without_faces():
 
 
 # ---- clips of people, through the detector and the tiny model --------------------------------------
-@pytest.fixture(scope="module")
-def detector() -> RetinaFaceDetector:
-    return RetinaFaceDetector()
-
-
-@pytest.fixture(scope="module")
-def person():
-    """The astronaut's face with a little context: a person in front hides less of those behind."""
-    return astronaut_face(context=0.3)
-
-
-def walks_for(scene: str, person) -> list[Walk]:
-    """Paths as fractions of a 960x540 frame; a later walk passes in front of an earlier one."""
-    a, b, c = (recoloured(person, look) for look in range(3))
-    return {
-        "sizes swap": [
-            Walk(a, (0.3, 0.5), (0.35, 0.5), (0.07, 0.16)),
-            Walk(b, (0.7, 0.5), (0.65, 0.5), (0.16, 0.07)),
-        ],
-        "one enters late": [
-            Walk(a, (0.25, 0.45), (0.3, 0.5), (0.1, 0.1)),
-            Walk(b, (0.75, 0.5), (0.7, 0.45), (0.12, 0.12)),
-            Walk(c, (0.5, 0.3), (0.5, 0.7), (0.09, 0.09), shown=(0.45, 1.0)),
-        ],
-        "two cross": [
-            Walk(a, (0.12, 0.4), (0.88, 0.4), (0.1, 0.1)),
-            Walk(b, (0.88, 0.6), (0.12, 0.6), (0.1, 0.1), mirror=True),
-        ],
-        "one passes behind": [
-            Walk(b, (0.05, 0.5), (0.95, 0.5), (0.065, 0.065)),
-            Walk(a, (0.5, 0.5), (0.5, 0.5), (0.1, 0.1)),
-        ],
-    }[scene]
-
-
 def predict(engine, detector, path: Path, frames: int = 16, per_frame: bool = True):
     options = PipelineOptions(frames=frames)
     with open(path, "rb") as source:
@@ -223,7 +186,7 @@ def check_people(clip: PeopleClip, sampled: list[int], tracks) -> None:
 
 @pytest.mark.parametrize("scene", ["sizes swap", "one enters late", "two cross", "one passes behind"])
 def test_each_person_gets_one_track_that_stays_on_them(engine, detector, person, scene, tmp_path):
-    clip = people_clip(tmp_path / "people.mp4", walks_for(scene, person))
+    clip = people_clip(tmp_path / "people.mp4", people_walks(scene, person))
     prepared, _, answer = predict(engine, detector, clip.path)
     sampled = prepared.clip.indices
     check_people(clip, sampled, answer.tracks)
@@ -241,7 +204,7 @@ def test_each_person_gets_one_track_that_stays_on_them(engine, detector, person,
 
 
 def test_each_track_is_pooled_as_a_clip_is(engine, detector, person, tmp_path):
-    clip = people_clip(tmp_path / "people.mp4", walks_for("sizes swap", person))
+    clip = people_clip(tmp_path / "people.mp4", people_walks("sizes swap", person))
     prepared, features, answer = predict(engine, detector, clip.path, per_frame=False)
     tracks = face_tracks(frame_boxes(prepared), features)
     text = engine.class_features(BASIC7, "P-3")
@@ -310,7 +273,7 @@ def test_fer_eval_pools_each_clip_s_main_track(engine, detector, person, tmp_pat
     answers it: by its main track, the plain-CLIP feature pooled over the same faces."""
     from model.evaluate.features import encode_items
 
-    clip = people_clip(tmp_path / "people.mp4", walks_for("one enters late", person))
+    clip = people_clip(tmp_path / "people.mp4", people_walks("one enters late", person))
     encoded = encode_items(engine, [clip.path], PipelineOptions(frames=16), detector=detector)
     prepared, features, answer = predict(engine, detector, clip.path)
     main = face_tracks(frame_boxes(prepared), features)[0]
@@ -350,7 +313,7 @@ def test_the_service_answers_with_tracks(engine, person, tmp_path, monkeypatch):
     from service.app import create_app
     from tests.support import wait_ready
 
-    clip = people_clip(tmp_path / "people.mp4", walks_for("sizes swap", person))
+    clip = people_clip(tmp_path / "people.mp4", people_walks("sizes swap", person))
     app = create_app(
         service_settings(face_detector="retinaface", max_faces=4), engine_factory=lambda s: engine
     )
@@ -382,7 +345,7 @@ def test_the_service_answers_with_tracks(engine, person, tmp_path, monkeypatch):
 def test_fer_predict_video_prints_the_same_tracks(model_env, engine, detector, person, tmp_path, capsys):
     from cli.main import main
 
-    clip = people_clip(tmp_path / "people.mp4", walks_for("two cross", person))
+    clip = people_clip(tmp_path / "people.mp4", people_walks("two cross", person))
     assert main(["predict-video", "--per-frame", str(clip.path)]) == 0
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     _, _, answer = predict(engine, detector, clip.path)

@@ -36,7 +36,6 @@ from model.pipeline import (
     open_source,
     pool,
     prepare_clip,
-    prepare_video,
 )
 
 if TYPE_CHECKING:
@@ -205,9 +204,8 @@ def prepare_item(
     clip, or why it could not be read."""
     try:
         with open_source(path) as source:
-            if is_video_path(path):  # every face: encode_chunk keeps the main track's
-                return prepare_video(source, to_pixels, detector, options)
-            return prepare_clip(source, to_pixels, detector, options, still=True)
+            # A clip's every face: encode_chunk keeps its main track's, as /retrieve ranks by it.
+            return prepare_clip(source, to_pixels, detector, options, still=not is_video_path(path))
     except MediaError as exc:
         return Unreadable(str(exc))
     except OSError as exc:
