@@ -86,7 +86,7 @@ GPU_PLAN = dataclasses.replace(
 )
 QUICK_PLAN = dataclasses.replace(
     CPU_PLAN, requests_per_worker=2, long_requests=300, clips=((10, 360), (60, 360)),
-    people_clip=(1920, 1080, 25), video_repeats=2, time_limit_s=60, raw_seconds=1.0, rounds=2,
+    people_clip=(1920, 1080, 48), video_repeats=2, time_limit_s=60, raw_seconds=1.0, rounds=2,
 )  # fmt: skip
 
 
