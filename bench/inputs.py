@@ -1,5 +1,6 @@
 """Benchmark inputs: a photo-sized JPEG with a real face, H.264 clips of any length, an animated GIF of
-the face (the clip whose frames change size is model.synthetic_media's, shared with the tests).
+the face, a clip of three people (model.faces.synthetic's, as the tests make theirs; the clip whose
+frames change size is model.synthetic_media's, shared with the tests).
 
 A random-weight model does not care what a face looks like (the face detector does), and the cost depends on
 sizes: a textured 640x480 JPEG costs what a phone photo costs to upload and decode, and clips with a
@@ -12,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -106,11 +108,34 @@ def make_clip(
 
 def cached_clip(cache_dir: Path, seconds: float, height: int, preset: str = "ultrafast") -> Path:
     """`make_clip` once per (length, height, preset); later runs reuse the file."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"face-{seconds:g}s-{height}p-{CLIP_FPS}fps-{preset}-v{CLIP_FORMAT_VERSION}.mp4"
+    name = f"face-{seconds:g}s-{height}p-{CLIP_FPS}fps-{preset}-v{CLIP_FORMAT_VERSION}.mp4"
+    return _cached(
+        cache_dir / name,
+        lambda path: make_clip(path, seconds, height, preset=preset),
+        f"a {seconds:g} s {height}p clip",
+    )
+
+
+def cached_people_clip(cache_dir: Path, size: tuple[int, int], n_frames: int) -> Path:
+    """`three_people_clip` (the astronaut's face as three people, the smallest 60 px wide at 1920)
+    once per (size, frames); later runs reuse the file."""
+    from model.faces.synthetic import astronaut_face, three_people_clip
+
+    name = f"people-3-{size[0]}x{size[1]}-{n_frames}f-v{CLIP_FORMAT_VERSION}.mp4"
+    return _cached(
+        cache_dir / name,
+        lambda path: three_people_clip(path, astronaut_face(), size=size, n_frames=n_frames),
+        f"a {size[1]}p clip of three people",
+    )
+
+
+def _cached(path: Path, make: Callable[[Path], object], what: str) -> Path:
+    """`make(path)` unless `path` exists, written under another name first: a run stopped midway
+    leaves no half clip for the next run to reuse."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.is_file():
-        log.info("encoding a %g s %dp clip into %s (cached for later runs)", seconds, height, path)
+        log.info("encoding %s into %s (cached for later runs)", what, path)
         partial = path.with_suffix(f".{os.getpid()}.partial.mp4")
-        make_clip(partial, seconds, height, preset=preset)
+        make(partial)
         partial.replace(path)
     return path

@@ -192,6 +192,7 @@ def evaluate_targets(report: dict) -> list[dict]:
             2.0,
             f"/predict-video latency of the {short.get('clip')} clip, 16 frames, faces detected / not",
         ),
+        tracks_target(report.get("tracks_video", [])),
         target(
             "memory_growth",
             report["memory"].get("growth"),
@@ -235,6 +236,29 @@ def evaluate_targets(report: dict) -> list[dict]:
             f"images/s at concurrency {GPU_CONCURRENCY} on a GPU (5 x clip-as-service's 286 on a Titan RTX)",
         ),
     ]
+
+
+def tracks_target(rows: list[dict]) -> dict:
+    """Video with tracks against video as it was (one face a frame, searched at 320 px): the median of
+    the ratios of their interleaved requests, repeat by repeat."""
+    tracks, one_face = _find(rows, service="tracks"), _find(rows, service="one face")
+    pairs = zip(tracks.get("latencies_ms", []), one_face.get("latencies_ms", []), strict=False)
+    ratios = [_ratio(a, b) for a, b in pairs]
+
+    def settings(row: dict) -> str:
+        env = ", ".join(f"{k}={v}" for k, v in row.get("env", {}).items())
+        return f" ({env})" if env else ""
+
+    found = "" if tracks.get("tracks") is None else f", {tracks['tracks']} tracks found"
+    return target(
+        "tracks_vs_one_face_latency",
+        _median(ratios),
+        "<=",
+        1.5,
+        f"/predict-video latency of the {tracks.get('clip', '3 people')} clip{found}, with tracks"
+        f"{settings(tracks)} / one face a frame as before tracks{settings(one_face)}, per interleaved request",
+        rounds=ratios,
+    )
 
 
 def face_targets(faces: dict) -> list[dict]:
@@ -313,6 +337,11 @@ def format_table(report: dict) -> str:
         faces = "faces" if v["detect_faces"] else "no faces"
         lines.append(
             f"video {v['clip']} ({faces}): {fmt(v['latency_ms'], '.0f')} ms, decode {fmt(v['decode_ms'], '.0f')} ms"
+        )
+    for v in report.get("tracks_video", []):
+        lines.append(
+            f"video {v['clip']} ({v['service']}): {fmt(v['latency_ms'], '.0f')} ms, decode "
+            f"{fmt(v['decode_ms'], '.0f')} ms, {fmt(v['tracks'], 'd')} tracks, {fmt(v['faces'], 'd')} faces"
         )
     m = report["memory"]
     growth = None if m.get("growth") is None else 100 * m["growth"]

@@ -6,7 +6,9 @@ FER_MAX_BATCH=1, both on the encoders' runtime --backend names (FER_BACKEND). Fi
 batching service (concurrency 1, 8, 32, ...); then interleaved rounds, each measuring the raw encoder,
 the batching service at concurrency 32, the unbatched service at concurrency 32 and the batching service
 at concurrency 1 back to back: the targets are the median of the per-round ratios. Then video (with and
-without face detection) and the long run (memory) on the batching service.
+without face detection) on the batching service; a clip of three people on it (every face of a frame,
+linked into tracks) and on a third service that looks for one face a frame as video did before tracks,
+their requests interleaved; and the long run (memory) on the batching service.
 
 With `openvino`, every round also measures the raw torch encoder in the same precision, and a torch
 service with batching (started for the rounds only) right after the batching service's concurrency-32
@@ -32,20 +34,32 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.inputs import cached_clip, face_jpeg
-from bench.load import Upload, metric_delta, run_load
+import httpx
+
+from bench.inputs import cached_clip, cached_people_clip, face_jpeg
+from bench.load import LoadResult, Upload, check_loopback, metric_delta, run_load
 from bench.report import TARGET_CONCURRENCY, evaluate_targets, format_table, median_raw, summarise_point
 from bench.server import Service
 from model.files import write_text_atomic
+from model.options import PipelineOptions
 from model.threads import GOMP_SPIN_COUNT
 
 log = logging.getLogger("bench")
 
 IMAGE_SIZE = (640, 480)
+VIDEO_FRAMES = 16  # frames sampled from each clip
+# Video with tracks (the defaults, set so that a caller's environment does not change them), and video
+# as it was before tracks: the largest face of each frame, looked for in the frame scaled to 320 px.
+TRACKS_ENV = {
+    "FER_MAX_FACES": str(PipelineOptions().max_faces),
+    "FER_VIDEO_FACE_SIDE": str(PipelineOptions().video_face_side),
+}
+ONE_FACE_ENV = {"FER_MAX_FACES": "1", "FER_VIDEO_FACE_SIDE": "320"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +71,7 @@ class Plan:
     min_requests: int
     long_requests: int  # the memory run
     clips: tuple[tuple[float, int], ...]  # (seconds, height), short first
+    people_clip: tuple[int, int, int]  # the three people's clip: width, height, frames (at 25 fps)
     video_repeats: int
     time_limit_s: float  # per load point
     raw_seconds: float  # per raw batch size
@@ -68,14 +83,16 @@ class Plan:
 
 
 # Tens of images/s on a CPU: 8 requests per worker keep a concurrency-32 point to about 16 batches.
-CPU_PLAN = Plan((1, 8, TARGET_CONCURRENCY), 8, 32, 1000, ((10, 1080), (600, 1080)), 3, 300, 3.0, 5)
+CPU_PLAN = Plan(
+    (1, 8, TARGET_CONCURRENCY), 8, 32, 1000, ((10, 1080), (600, 1080)), (1920, 1080, 75), 3, 300, 3.0, 5
+)
 # A GPU's higher rate would end a point too soon to measure well: 32 requests per worker make it last.
 GPU_PLAN = dataclasses.replace(
     CPU_PLAN, concurrency=(1, 8, 32, 128, 256), requests_per_worker=32, long_requests=5000
 )
 QUICK_PLAN = dataclasses.replace(
-    CPU_PLAN, requests_per_worker=2, long_requests=300, clips=((10, 360), (60, 360)), video_repeats=2,
-    time_limit_s=60, raw_seconds=1.0, rounds=2,
+    CPU_PLAN, requests_per_worker=2, long_requests=300, clips=((10, 360), (60, 360)),
+    people_clip=(1920, 1080, 48), video_repeats=2, time_limit_s=60, raw_seconds=1.0, rounds=2,
 )  # fmt: skip
 
 
@@ -172,23 +189,24 @@ class Bench:
         return round_
 
     def video(self, path: Path, seconds: float, height: int, detect: bool) -> dict:
-        fields = {"frames": "16", "detect_faces": str(detect).lower()}
-        upload = Upload.multipart("/predict-video", path.name, path.read_bytes(), "video/mp4", fields)
+        upload = video_upload(path, detect)
         result = run_load(
             self.batching.base_url, upload, concurrency=1, requests=self.plan.video_repeats,
             time_limit_s=self.plan.time_limit_s,
         )  # fmt: skip
-        decode = [t["decode_ms"] for t in result.timings]
-        return {
-            "clip": f"{seconds:g} s {height}p",
-            "detect_faces": detect,
-            "megabytes": len(upload.body) / 2**20,
-            "ok": result.ok,
-            "requests": result.requested,
-            "failures": dict(result.failures),
-            "latency_ms": 1000 * statistics.median(result.latencies_s) if result.latencies_s else None,
-            "decode_ms": statistics.median(decode) if decode else None,
-        }
+        return video_row(f"{seconds:g} s {height}p", detect, upload, [result])
+
+    def tracks_video(self, path: Path, clip: str) -> list[dict]:
+        """The three people's clip on the batching service (tracks) and on a service that looks for one
+        face a frame at 320 px, as video did before tracks; started here, stopped after."""
+        log_path = self.args.cache_dir / "service-one-face.log"
+        with Service({**self.batching.env, **ONE_FACE_ENV}, log_path) as one_face:
+            services = {"tracks": self.batching.base_url, "one face": one_face.base_url}
+            rows = interleaved_videos(
+                services, video_upload(path, True), clip, self.plan.video_repeats, self.plan.time_limit_s
+            )
+        envs = {"tracks": TRACKS_ENV, "one face": ONE_FACE_ENV}
+        return [{**row, "env": envs[row["service"]]} for row in rows]
 
     def memory(self) -> dict:
         """RSS after the first 10% of the long run vs at its end: growth a leak would show."""
@@ -220,6 +238,76 @@ def openvino_cache_hit(services: Sequence[Service]) -> bool:
     return all(text.count(READ_FROM_CACHE) >= s.workers and CONVERTING not in text for s, text in logs)
 
 
+def video_upload(path: Path, detect: bool) -> Upload:
+    fields = {"frames": str(VIDEO_FRAMES), "detect_faces": str(detect).lower()}
+    return Upload.multipart("/predict-video", path.name, path.read_bytes(), "video/mp4", fields)
+
+
+def video_row(clip: str, detect: bool, upload: Upload, results: list[LoadResult]) -> dict:
+    """A clip's figures from its requests (one load point, or requests sent one at a time)."""
+    latencies = [s for r in results for s in r.latencies_s]
+    decode = [t["decode_ms"] for r in results for t in r.timings]
+    failures = sum((r.failures for r in results), Counter())
+    return {
+        "clip": clip,
+        "detect_faces": detect,
+        "megabytes": len(upload.body) / 2**20,
+        "ok": len(latencies),
+        "requests": sum(r.requested for r in results),
+        "failures": dict(failures),
+        "unfinished": sum(r.unfinished for r in results),
+        "latency_ms": 1000 * statistics.median(latencies) if latencies else None,
+        "decode_ms": statistics.median(decode) if decode else None,
+    }
+
+
+def interleaved_videos(
+    services: dict[str, str], upload: Upload, clip: str, repeats: int, time_limit_s: float
+) -> list[dict]:
+    """One clip on several services (name -> base URL), one request at a time, taking turns (the first
+    service alternating), so that a slow spell of a shared machine hits each alike. A first request to
+    each, not timed, warms it up and says how many tracks and faces its answer has. Each row keeps its
+    latency per repeat (None: that request failed), for ratios between services repeat by repeat."""
+    answers = {name: video_answer(url, upload, time_limit_s) for name, url in services.items()}
+    results: dict[str, list[LoadResult]] = {name: [] for name in services}
+    for repeat in range(repeats):
+        turn = list(services.items())
+        for name, url in turn if repeat % 2 == 0 else reversed(turn):
+            results[name].append(run_load(url, upload, concurrency=1, requests=1, time_limit_s=time_limit_s))
+    rows = []
+    for name, parts in results.items():
+        tracks = answers[name].get("tracks")
+        rows.append(
+            {
+                "service": name,
+                **video_row(clip, True, upload, parts),
+                "latencies_ms": [1000 * p.latencies_s[0] if p.ok else None for p in parts],
+                "tracks": None if tracks is None else len(tracks),
+                "faces": None if tracks is None else sum(len(t["frames"]) for t in tracks),
+            }
+        )
+    return rows
+
+
+def video_answer(base_url: str, upload: Upload, time_limit_s: float) -> dict:
+    """One request's answer ({} when it fails: its figures are then missing, not made up)."""
+    check_loopback(base_url)
+    try:
+        answer = httpx.post(
+            base_url + upload.path,
+            content=upload.body,
+            headers={"content-type": upload.content_type},
+            timeout=time_limit_s,
+        )
+    except httpx.HTTPError as exc:
+        log.warning("the first request to %s failed: %s", base_url, exc)
+        return {}
+    if answer.status_code != 200:
+        log.warning("the first request to %s answered %d", base_url, answer.status_code)
+        return {}
+    return answer.json()
+
+
 def git_commit() -> str | None:
     try:
         done = subprocess.run(
@@ -248,12 +336,16 @@ def run_benchmark(args: argparse.Namespace, checkpoint=lambda report: None) -> d
     clips = [
         (cached_clip(args.cache_dir, seconds, height), seconds, height) for seconds, height in plan.clips
     ]
+    width, height, n_frames = plan.people_clip
+    people = cached_people_clip(args.cache_dir, (width, height), n_frames)
+    people_name = f"3 people, {height}p"
     service_env = {
         **env,
         "FER_DEVICE": device,
         "FER_MAX_BATCH": str(args.max_batch),
         "FER_MAX_UPLOAD_MB": "200",  # the 10-minute 1080p clip
         "FER_WORKERS": str(args.workers),  # so a FER_WORKERS in the caller's environment is not inherited
+        **TRACKS_ENV,
     }
     settings = ModelSettings(**{k.removeprefix("FER_").lower(): v for k, v in env.items()}, device=device)
     engine = create_engine(settings)
@@ -290,6 +382,7 @@ def run_benchmark(args: argparse.Namespace, checkpoint=lambda report: None) -> d
         "points": [],
         "rounds": [],
         "video": [],
+        "tracks_video": [],
     }
     logs = args.cache_dir
     with (
@@ -319,6 +412,8 @@ def run_benchmark(args: argparse.Namespace, checkpoint=lambda report: None) -> d
             for detect in (False, True) if path == clips[0][0] else (False,):
                 report["video"].append(bench.video(path, seconds, height, detect))
             checkpoint(report)
+        report["tracks_video"] = bench.tracks_video(people, people_name)
+        checkpoint(report)
         report["memory"] = bench.memory()
     if args.faces_data is not None:
         from bench.faces import measure_faces
@@ -335,8 +430,9 @@ def run_benchmark(args: argparse.Namespace, checkpoint=lambda report: None) -> d
 def incomplete(report: dict) -> list[str]:
     """Load points, videos or the long run with failed or unfinished requests."""
     rounds = [p for r in report["rounds"] for p in (*r["points"], *r.get("torch_points", []))]
-    rows = [*report["points"], *rounds, *report["video"], report["memory"]]
-    keys = ("concurrency", "clip", "failures", "unfinished")
+    videos = [*report["video"], *report.get("tracks_video", [])]
+    rows = [*report["points"], *rounds, *videos, report["memory"]]
+    keys = ("concurrency", "clip", "service", "failures", "unfinished")
     return [json.dumps({k: r.get(k) for k in keys}) for r in rows if r.get("failures") or r.get("unfinished")]
 
 

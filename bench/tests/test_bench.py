@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -24,10 +25,10 @@ import psutil
 import pytest
 from PIL import Image
 
-from bench.inputs import cached_clip, clip_size, face_jpeg, make_clip
+from bench.inputs import cached_clip, cached_people_clip, clip_size, face_jpeg, make_clip
 from bench.load import LoadResult, Upload, metric_delta, parse_metrics, run_load, split_evenly
 from bench.report import evaluate_targets, format_table, histogram_mean, median_raw, summarise_point
-from bench.run import incomplete, parse_args
+from bench.run import ONE_FACE_ENV, TRACKS_ENV, incomplete, interleaved_videos, parse_args
 from bench.server import Service, process_tree
 from model.media import read_video
 
@@ -104,6 +105,7 @@ def round_for(**overrides) -> dict:
 def report_for(device: str = "cpu", **overrides) -> dict:
     """A report (one round) whose figures pass every CPU target; `overrides` change one figure."""
     f = {"short": 1000.0, "faces": 1800.0, "long": 2500.0, "growth": 0.02, "c256": 2000.0}
+    f |= {"tracks": 1400.0, "one_face": 1000.0}
     f |= {"recall": 0.97, "frames": 1.0, "detector_ms": 20.0}
     per_round = {k: overrides.pop(k) for k in list(overrides) if k not in f}
     f.update(overrides)
@@ -129,6 +131,10 @@ def report_for(device: str = "cpu", **overrides) -> dict:
             {"clip": "10 s 1080p", "detect_faces": True, "latency_ms": f["faces"], "decode_ms": 300.0},
             {"clip": "600 s 1080p", "detect_faces": False, "latency_ms": f["long"], "decode_ms": 900.0},
         ],
+        "tracks_video": [
+            tracks_row("tracks", [f["tracks"]], tracks=3, faces=41),
+            tracks_row("one face", [f["one_face"]], tracks=1, faces=16),
+        ],
         "memory": {"growth": f["growth"], "peak_rss_mb": 900.0, "requests": 100, "failures": {}},
         "faces": {
             "detector": "det",
@@ -136,6 +142,26 @@ def report_for(device: str = "cpu", **overrides) -> dict:
             "mafw_frames": {"det": {"share": f["frames"]}, "haar": {"share": 0.8}},
             "timing": {"det_ms": f["detector_ms"], "haar_ms": 60.0},
         },
+    }
+
+
+def tracks_row(service: str, latencies_ms: list[float | None], tracks: int, faces: int) -> dict:
+    """A row of the three people's clip on one service, one latency per interleaved repeat."""
+    done = [v for v in latencies_ms if v is not None]
+    return {
+        "service": service,
+        "clip": "3 people, 1080p",
+        "detect_faces": True,
+        "ok": len(done),
+        "requests": len(latencies_ms),
+        "failures": {"503": len(latencies_ms) - len(done)} if len(done) < len(latencies_ms) else {},
+        "unfinished": 0,
+        "latency_ms": statistics.median(done) if done else None,
+        "decode_ms": 500.0,
+        "latencies_ms": latencies_ms,
+        "tracks": tracks,
+        "faces": faces,
+        "env": TRACKS_ENV if service == "tracks" else ONE_FACE_ENV,
     }
 
 
@@ -150,6 +176,7 @@ def test_targets_pass_and_fail_on_their_own_figures():
         "single_request_latency": True,
         "long_video_latency": True,
         "video_face_detection": True,
+        "tracks_vs_one_face_latency": True,
         "memory_growth": True,
         "face_recall": True,
         "face_in_video_frames": True,
@@ -166,6 +193,7 @@ def test_targets_pass_and_fail_on_their_own_figures():
         "single_request_latency": {"c1_ms": 140.0},  # 1.33 x (100 + 5)
         "long_video_latency": {"long": 3100.0},
         "video_face_detection": {"faces": 2100.0},  # 2.1 x the clip without detection
+        "tracks_vs_one_face_latency": {"tracks": 1600.0},  # 1.6 x one face a frame
         "memory_growth": {"growth": 0.10},  # the target is strictly below 10%
         "face_recall": {"recall": 0.94},
         "face_in_video_frames": {"frames": 0.985},
@@ -359,7 +387,7 @@ def test_raw_figures_are_the_median_of_the_rounds_and_failures_are_reported():
     assert incomplete(report) == []
     report["rounds"][2]["points"][1].update(failures={"503": 2})
     assert [json.loads(line) for line in incomplete(report)] == [
-        {"concurrency": 32, "clip": None, "failures": {"503": 2}, "unfinished": None}
+        {"concurrency": 32, "clip": None, "service": None, "failures": {"503": 2}, "unfinished": None}
     ]
 
 
@@ -371,6 +399,8 @@ def test_missing_figures_are_not_a_pass():
     result = verdicts(report)
     assert result["batching_gain"] is None and result["long_video_latency"] is None  # one round lacks it
     assert result["video_face_detection"] is None and result["service_vs_raw_encoder"] is True
+    report["tracks_video"] = []  # a report from before tracks
+    assert verdicts(report)["tracks_vs_one_face_latency"] is None
     report["faces"] = {"detector": "det", "canvases": None, "mafw_frames": None, "timing": None}  # no data
     result = verdicts(report)
     assert result["face_recall"] is None and result["face_detector_speed"] is None
@@ -383,6 +413,8 @@ def test_table_states_settings_and_verdicts():
     assert "FAIL batching_gain: 1.8 >= 2" in table and "PASS memory_growth" in table
     assert "NOT MEASURED gpu_throughput" in table and "max batch 32" in table and "float32" in table
     assert "video 10 s 1080p (faces): 1800 ms" in table
+    assert "video 3 people, 1080p (tracks): 1400 ms, decode 500 ms, 3 tracks, 41 faces" in table
+    assert "PASS tracks_vs_one_face_latency: 1.4 <= 1.5" in table
 
 
 def test_upload_is_a_real_multipart_form():
@@ -410,6 +442,9 @@ class StandIn(BaseHTTPRequestHandler):
     release = threading.Event()
     seen = in_flight = peak = 0
     peers: ClassVar[set] = set()
+    name = ""
+    arrivals: ClassVar[list] = []  # names of the stand-ins in the order requests reached them
+    extra: ClassVar[dict] = {}  # more fields of every answer
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers["content-length"]))
@@ -420,6 +455,7 @@ class StandIn(BaseHTTPRequestHandler):
             cls.in_flight += 1
             cls.peak = max(cls.peak, cls.in_flight)
             cls.peers.add(self.client_address)
+            cls.arrivals.append(cls.name)
         if cls.hold:
             cls.release.wait(30)
         else:
@@ -427,7 +463,8 @@ class StandIn(BaseHTTPRequestHandler):
         with cls.lock:
             cls.in_flight -= 1
         status = 503 if cls.fail_every and number % cls.fail_every == 0 else 200
-        payload = json.dumps({"label": "neutral", "timing": {"bytes": len(body)}}).encode()
+        timing = {"bytes": len(body), "decode_ms": 1000 * cls.delay_s}
+        payload = json.dumps({"label": "neutral", "timing": timing, **cls.extra}).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(payload)))
@@ -441,7 +478,14 @@ class StandIn(BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def stand_in(**behaviour):
     """A fresh StandIn subclass with `behaviour` serving on a free loopback port; yields (base URL, class)."""
-    fresh = {"seen": 0, "in_flight": 0, "peak": 0, "peers": set(), "release": threading.Event()}
+    fresh = {
+        "seen": 0,
+        "in_flight": 0,
+        "peak": 0,
+        "peers": set(),
+        "release": threading.Event(),
+        "arrivals": [],
+    }
     handler = type("Handler", (StandIn,), {**fresh, **behaviour})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -463,6 +507,70 @@ def test_load_generator_bounds_concurrency_counts_and_keeps_connections():
     assert result.ok == 16 and result.failures == {"503": 4} and result.unfinished == 0
     assert min(result.latencies_s) >= 0.01 and {t["bytes"] for t in result.timings} == {len(upload.body)}
     assert result.throughput == pytest.approx(16 / result.wall_s)
+
+
+def test_the_people_clip_takes_turns_on_both_services_and_a_failure_is_not_a_ratio():
+    """Tracks against one face a frame: a first answer each (untimed) gives the tracks, then one request
+    at a time, the first service alternating; a failed request leaves its repeat's ratio missing."""
+    arrivals: list[str] = []
+    tracks = [{"frames": [{}] * n} for n in (16, 14, 11)]
+    upload = Upload.multipart("/predict-video", "people.mp4", b"v" * 100, "video/mp4", {"frames": "16"})
+    with (
+        stand_in(name="tracks", arrivals=arrivals, delay_s=0.03, extra={"tracks": tracks}) as (a, _),
+        stand_in(name="one face", arrivals=arrivals, extra={"tracks": tracks[:1]}, fail_every=3) as (b, _),
+    ):
+        rows = interleaved_videos({"tracks": a, "one face": b}, upload, "3 people, 1080p", 3, 30)
+    first = ["tracks", "one face"]
+    assert arrivals == first + first + first[::-1] + first
+    with_tracks, one_face = rows
+    assert with_tracks["service"] == "tracks" and with_tracks["clip"] == "3 people, 1080p"
+    assert (with_tracks["tracks"], with_tracks["faces"], one_face["tracks"], one_face["faces"]) == (
+        3,
+        41,
+        1,
+        16,
+    )
+    assert with_tracks["ok"] == with_tracks["requests"] == 3 and with_tracks["decode_ms"] == 30.0
+    assert min(with_tracks["latencies_ms"]) >= 30 and with_tracks["detect_faces"] is True
+    # The one-face stand-in's third request (the second repeat's) answered 503.
+    assert one_face["latencies_ms"][1] is None and None not in one_face["latencies_ms"][::2]
+    assert one_face["ok"] == 2 and one_face["failures"] == {"503": 1}
+    report = report_for()
+    report["tracks_video"] = rows
+    assert verdicts(report)["tracks_vs_one_face_latency"] is None
+    assert [json.loads(line)["service"] for line in incomplete(report)] == ["one face"]
+
+
+def test_tracks_target_is_the_median_of_the_interleaved_repeats():
+    report = report_for()
+    report["tracks_video"] = [
+        tracks_row("tracks", [1400.0, 2400.0, 1300.0], tracks=3, faces=41),
+        tracks_row("one face", [1000.0, 1000.0, 1000.0], tracks=1, faces=16),
+    ]
+    target = next(t for t in evaluate_targets(report) if t["name"] == "tracks_vs_one_face_latency")
+    assert target["rounds"] == [1.4, 2.4, 1.3] and target["value"] == 1.4 and target["passed"] is True
+    assert "3 people, 1080p clip, 3 tracks found" in target["detail"]
+    assert "FER_MAX_FACES=10, FER_VIDEO_FACE_SIDE=960" in target["detail"]
+    assert "FER_MAX_FACES=1, FER_VIDEO_FACE_SIDE=320" in target["detail"]
+
+
+def test_the_benchmarks_page_shows_the_people_clip_only_where_a_report_has_it():
+    from tools.docs import _report
+
+    report = report_for()
+    report["targets"] = evaluate_targets(report)
+    page = "\n".join(_report("cpu.json", report))
+    assert (
+        "| 3 people, 1080p | tracks | `FER_MAX_FACES=10`, `FER_VIDEO_FACE_SIDE=960` | 1/1 | 1400 | 500 | 3 | 41 |"
+        in page
+    )
+    assert (
+        "| 3 people, 1080p | one face | `FER_MAX_FACES=1`, `FER_VIDEO_FACE_SIDE=320` | 1/1 | 1000 | 500 | 1 | 16 |"
+        in page
+    )
+    del report["tracks_video"]  # a report from before tracks
+    page = "\n".join(_report("cpu.json", report))
+    assert "| 10 s 1080p | on |" in page and "| video | service |" not in page
 
 
 def test_load_generator_stops_at_its_time_limit():
@@ -515,6 +623,11 @@ def test_clips_are_cached(tmp_path):
     assert cached_clip(tmp_path, 1, 64) == first and first.stat().st_mtime_ns == stamp
     assert cached_clip(tmp_path, 2, 64) != first
     assert not list(tmp_path.glob("*.partial*"))
+    people = cached_people_clip(tmp_path, (320, 180), 4)
+    stamp = people.stat().st_mtime_ns
+    assert cached_people_clip(tmp_path, (320, 180), 4) == people and people.stat().st_mtime_ns == stamp
+    clip = read_video(str(people), 4)
+    assert clip.n_frames == 4 and clip.frames[0].size == (320, 180)
 
 
 def test_a_service_s_memory_and_cpu_are_summed_over_its_processes(tmp_path):
