@@ -7,9 +7,10 @@ CLIP features, which the encoder computes anyway. At each frame, every live trac
 compared with every face found there, and the one-to-one matching of least total cost is solved
 exactly (`scipy.optimize.linear_sum_assignment`). The cost adds how little the boxes overlap, how far
 the face is from the prediction (in box sizes per sampled frame), and how unlike the track's appearance
-it looks; a face too far or too differently sized from every prediction opens a track of its own. A
-track that finds no face keeps predicting for up to MEMORY sampled frames, so a person hidden for a
-moment keeps their track; one gone longer gets a new track when they come back.
+it looks; a face too far or too differently sized from every prediction opens a track of its own, and a
+track may take no face rather than a poor one (UNMATCHED_COST). A track that finds no face keeps
+predicting for up to MEMORY sampled frames, so a person hidden for a moment keeps their track; one gone
+longer gets a new track when they come back.
 
 Why our own cost over scipy's solver rather than a tracking library: the SORT family (SORT, ByteTrack,
 OC-SORT, norfair) assumes dense frames, where boxes overlap from one frame to the next and a Kalman
@@ -49,6 +50,10 @@ GAP_COST = 0.1
 KEEP_VELOCITY = 0.5
 KEEP_APPEARANCE = 0.7
 IMPOSSIBLE = 1e6  # the cost given to a gated pair, so the solver uses it only when nothing else is left
+# What a live track pays for taking no face at a frame. The solver pairs as many rows and columns as it
+# can, so without this choice a hidden person's track would take a newcomer's face and push its
+# neighbour onto a worse one; a pair dearer than this is never made.
+UNMATCHED_COST = 3.0
 
 
 @dataclass
@@ -156,8 +161,12 @@ def link_faces(
             gaps = np.array([frame - t.last_frame for t in live], dtype=np.float64)
             appearances = torch.stack([t.appearance for t in live])
             cost = match_cost(predicted, gaps, appearances, states, unit)
-            for row, col in zip(*linear_sum_assignment(cost), strict=True):
-                if cost[row, col] < IMPOSSIBLE:
+            n_tracks, n_faces = cost.shape
+            choices = np.full((n_tracks, n_faces + n_tracks), IMPOSSIBLE)  # each track's own "no face"
+            choices[:, :n_faces] = cost
+            choices[np.arange(n_tracks), n_faces + np.arange(n_tracks)] = UNMATCHED_COST
+            for row, col in zip(*linear_sum_assignment(choices), strict=True):
+                if col < n_faces and cost[row, col] < IMPOSSIBLE:
                     live[row].take(frame, int(col), states[col], unit[col])
                     taken.add(int(col))
         for face in range(len(states)):

@@ -123,6 +123,19 @@ def test_a_track_waits_a_few_frames_for_a_hidden_person(hidden, tracks_expected)
     assert len(link_faces(boxes, features)) == tracks_expected
 
 
+def test_a_newcomer_beside_a_hidden_person_takes_neither_track():
+    """A and B side by side; B goes behind something as C walks in on A's other side. The solver must
+    pair as many tracks and faces as it can, so without the choice of leaving a track unmatched A took C
+    and B took A's face: a swap, though A's own face was its best match by far."""
+    a, b, c = looks(3)
+    people = [
+        [[0, 0, 50, 50], [60, 0, 50, 50], None],
+        [[10, 0, 50, 50], None, [-60, 0, 50, 50]],
+    ]
+    boxes, features, whose = frames_of(people, [a, b, c])
+    assert sorted(sorted(set(o)) for o in owners(link_faces(boxes, features), whose)) == [[0], [1], [2]]
+
+
 def test_a_face_that_jumps_too_far_or_changes_size_too_much_opens_a_new_track():
     (a,) = looks(1)
     for jump in ([100, 100, 60, 60], [1000, 100, 60, 60], [100, 100, 200, 200]):
