@@ -4,9 +4,13 @@ texts to encode), BEFORE any work is done for it, and keeps them until it has it
 When there is no room it is refused at once (429) with a Retry-After estimated from the measured cost of
 what is admitted. Room is shared fairly: one request may hold at most `request_share` items, and video
 frames and texts may each hold only their share of the queue, so a flood of either cannot take the
-places that plain images need. The places a request asks for are an upper bound (an image may hold up
-to `max_faces` faces; a video as many in each frame asked for), shrunk once decoding has counted the real
-items.
+places that plain images need.
+
+A request's rows are settled once decoding has counted them. An image takes the most it may give (up to
+`max_faces` faces) and gives back what it did not find. A clip takes one place a frame, and its frames'
+further faces are claimed once found, refused then as at admission when there is no room: taking every
+face its frames may give would let one long clip hold the whole video share. The most a request may
+give is still checked on arrival, so a request that could never fit is refused before any work.
 """
 
 from __future__ import annotations
@@ -92,35 +96,27 @@ class Admission:
     def depth(self) -> int:
         return self._held.total
 
-    def reserve(self, images: int = 0, frames: int = 0, texts: int = 0, shared_texts: int = 0) -> Reservation:
+    def reserve(
+        self,
+        images: int = 0,
+        frames: int = 0,
+        texts: int = 0,
+        shared_texts: int = 0,
+        *,
+        most: Places | None = None,
+    ) -> Reservation:
         """Places for a request, or QueueFull (no room now) / TooLarge (never room: over the request's share,
         or over a part's whole capacity). `shared_texts`: texts whose features every later request shares
-        (a new class list's prompts): they take room in the queue but not from the request's own share."""
-        if images + frames + texts > self.request_share:
-            self.on_refused("too_large")
-            raise TooLarge(
-                f"the request needs {images + frames + texts} items (faces or images, video frames' faces "
-                f"(up to FER_MAX_FACES a frame), and texts to encode); one request may hold at most "
-                f"{self.request_share} (FER_MAX_REQUEST_ITEMS)"
-            )
+        (a new class list's prompts): they take room in the queue but not from the request's own share.
+        `most`: the most rows (images, frames) its input may give, where more than it takes now; they
+        must fit at all, and are claimed by `Reservation.settle` once counted."""
         asked = Places(images, frames, texts + shared_texts)
-        after = self._held + asked
-        parts = (
-            ("queue", asked.total, after.total, self.capacity),
-            ("video", asked.frames, after.frames, self.video_capacity),
-            ("text", asked.texts, after.texts, self.text_capacity),
+        bound = (
+            asked if most is None else Places(max(images, most.images), max(frames, most.frames), asked.texts)
         )
-        for kind, need, _, room in parts:
-            if need > room:
-                self.on_refused("too_large")
-                what, setting = PARTS[kind]
-                raise TooLarge(
-                    f"the request needs {need} {what}; at most {room} fit in the inference queue ({setting})"
-                )
-        for kind, _, held, room in parts:
-            if held > room:
-                self.on_refused(f"{kind}_full")
-                raise QueueFull(self.retry_after(), f"{FULL[kind]}, retry later")
+        self._check_size(bound, own=bound.total - shared_texts)
+        if full := self._full(asked):
+            raise self._refuse(full)
         self._change(asked, +1)
         return Reservation(self, asked)
 
@@ -138,28 +134,66 @@ class Admission:
     def retry_after(self) -> int:
         return max(1, math.ceil(self.wait_s()))
 
+    def _check_size(self, bound: Places, own: int) -> None:
+        """TooLarge when `bound` could never be held, however empty the queue."""
+        if own > self.request_share:
+            self.on_refused("too_large")
+            raise TooLarge(
+                f"the request needs {own} items (faces or images, video frames' faces "
+                f"(up to FER_MAX_FACES a frame), and texts to encode); one request may hold at most "
+                f"{self.request_share} (FER_MAX_REQUEST_ITEMS)"
+            )
+        for kind, need, room in self._parts(bound):
+            if need > room:
+                self.on_refused("too_large")
+                what, setting = PARTS[kind]
+                raise TooLarge(
+                    f"the request needs {need} {what}; at most {room} fit in the inference queue ({setting})"
+                )
+
+    def _full(self, asked: Places) -> str | None:
+        """The part of the queue that has no room for `asked` now, if any."""
+        return next((kind for kind, held, room in self._parts(self._held + asked) if held > room), None)
+
+    def _parts(self, places: Places) -> list[tuple[str, int, int]]:
+        """What `places` hold of each part of the queue, and the part's capacity."""
+        return [
+            ("queue", places.total, self.capacity),
+            ("video", places.frames, self.video_capacity),
+            ("text", places.texts, self.text_capacity),
+        ]
+
+    def _refuse(self, kind: str) -> QueueFull:
+        self.on_refused(f"{kind}_full")
+        return QueueFull(self.retry_after(), f"{FULL[kind]}, retry later")
+
     def _change(self, places: Places, sign: int) -> None:
         self._held = self._held + places if sign > 0 else self._held - places
         self.on_depth(self._held.total)
 
 
 class Reservation:
-    """A request's places; `shrink` once the real counts are known, `release` when done (idempotent;
+    """A request's places; `settle` once decoding has counted its rows, `release` when done (idempotent;
     also as a context manager)."""
 
     def __init__(self, admission: Admission, places: Places):
         self._admission = admission
         self._places = places
 
-    def shrink(self, images: int | None = None, frames: int | None = None) -> None:
-        held = self._places
-        new = Places(
-            held.images if images is None else min(images, held.images),
-            held.frames if frames is None else min(frames, held.frames),
-            held.texts,
+    def settle(self, images: int | None = None, frames: int | None = None) -> None:
+        """Hold the rows decoding counted (None: as held): those not given go back; those beyond what is
+        held are claimed now, or, with no room for them, every place of the request is given back and it
+        is refused as at admission (QueueFull, the wait being for what the others hold)."""
+        admission, held = self._admission, self._places
+        given = Places(
+            held.images if images is None else images, held.frames if frames is None else frames, held.texts
         )
-        self._admission._change(held - new, -1)
-        self._places = new
+        more = Places(max(0, given.images - held.images), max(0, given.frames - held.frames))
+        if more.total and (full := admission._full(more)):
+            self.release()  # a retry asks for them again
+            raise admission._refuse(full)
+        admission._change(given - held, +1)  # the rows not given go back and the further ones come, at once
+        self._places = given
 
     def release(self) -> None:
         self._admission._change(self._places, -1)

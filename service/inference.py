@@ -5,12 +5,12 @@ batch, predict, unbatch, encode):
       -> scoring (decode pool) -> the response schema
 
 Two small values carry what the stages need. A `Work`, one per endpoint and made by one small function
-(`predict_image`, `predict_video`, `retrieve`), says which encoder rows its input may give (as admission
-counts them: a still image's or a clip's frames), how to prepare it, which texts it is scored against,
-how to score it and which response to build. A `Call`, one per request, holds the loaded model (taken
-once), the upload, the options, the client's disconnect check and the clock. `run(call, work)` goes
-through the stages. They are model.pipeline's, the same the `fer` commands call; this module decides
-where and when each one runs, and stops a decode whose client has left.
+(`predict_image`, `predict_video`, `retrieve`), says which encoder rows its input takes in admission (a
+still image's or a clip's frames, and the most it may give), how to prepare it, which texts it is scored
+against, how to score it and which response to build. A `Call`, one per request, holds the loaded
+model (taken once), the upload, the options, the client's disconnect check and the clock. `run(call,
+work)` goes through the stages. They are model.pipeline's, the same the `fer` commands call; this module
+decides where and when each one runs, and stops a decode whose client has left.
 """
 
 from __future__ import annotations
@@ -165,9 +165,12 @@ def _encode_texts(engine: FerEngine, texts: list[str]) -> torch.Tensor:
 class Work:
     """What an endpoint asks of the request path."""
 
-    # The most encoder rows the input can give, as admission counts them: `images` (faces, or the whole
-    # image) or `frames` (a clip's sampled frames' faces, or the frames, decoded in the video pool).
+    # Encoder rows, as admission counts them: `images` (faces, or the whole image) or `frames` (a clip's
+    # sampled frames' faces, or the frames, decoded in the video pool). `rows` are reserved before any
+    # work, `most_rows` (the most the input can give) checked then to fit at all; once decoded, the
+    # request holds the rows it gave.
     rows: Places
+    most_rows: Places
     prepare: Callable[..., Any]  # a model.pipeline CPU stage: (source, to_pixels, detector, options, stop)
     texts: Texts
     score: Callable[[Any, torch.Tensor, torch.Tensor], Any]  # (prepared, features, text) -> a result
@@ -181,9 +184,10 @@ def predict_image(call: Call, prompts: ClassPrompts) -> Work:
     def score(prepared, features, text):
         return pipeline.predict_image(prepared, features, text, prompts.classes, prompts.prompt_set, options)
 
-    faces = options.max_faces if options.detect_faces else 1
+    faces = Places(images=options.max_faces if options.detect_faces else 1)
     return Work(
-        rows=Places(images=faces),
+        rows=faces,  # the most, few enough to hold while one image decodes
+        most_rows=faces,
         prepare=pipeline.prepare_image,
         texts=prompts,
         score=score,
@@ -193,15 +197,17 @@ def predict_image(call: Call, prompts: ClassPrompts) -> Work:
 
 def predict_video(call: Call, prompts: ClassPrompts, per_frame: bool) -> Work:
     """POST /predict-video: a clip's sampled frames' faces linked into tracks, each track's frames pooled
-    and scored against a class list. Admission counts every face a frame may give."""
+    and scored against a class list."""
 
     def score(prepared, features, text):
         return pipeline.predict_video(
             prepared, features, text, prompts.classes, prompts.prompt_set, per_frame
         )
 
+    rows, most_rows = clip_rows(call.options)
     return Work(
-        rows=Places(frames=pipeline.max_video_rows(call.options)),
+        rows=rows,
+        most_rows=most_rows,
         prepare=pipeline.prepare_video,
         texts=prompts,
         score=score,
@@ -213,14 +219,17 @@ async def retrieve(call: Call, descriptions: list[str], top_k: int, per_frame: b
     """POST /retrieve: a clip (or a still image, a one-frame clip of its largest face) ranking
     descriptions, by each person's track and with each sampled frame's scores when `per_frame`. Which of
     the two the upload is, its head says (read in the decode pool), before admission counts its rows: a
-    clip's, as /predict-video's, every face its frames may give."""
+    clip's as /predict-video's."""
     still = await call.runtime.offload(is_still_image, call.source, call.media_type)
+
+    rows, most_rows = (Places(images=1),) * 2 if still else clip_rows(call.options)
 
     def score(prepared, features, text):
         return pipeline.rank_descriptions(prepared, features, text, descriptions, top_k, per_frame)
 
     return Work(
-        rows=Places(images=1) if still else Places(frames=pipeline.max_video_rows(call.options)),
+        rows=rows,
+        most_rows=most_rows,
         prepare=partial(pipeline.prepare_clip, still=still),
         texts=Descriptions(descriptions),
         score=score,
@@ -228,18 +237,31 @@ async def retrieve(call: Call, descriptions: list[str], top_k: int, per_frame: b
     )
 
 
+def clip_rows(options: PipelineOptions) -> tuple[Places, Places]:
+    """A clip's rows in admission, and the most it may give: a place a frame before decoding, the faces
+    found claimed after it. Every face its frames may give, held while it decodes, would let one long
+    clip hold the whole video share."""
+    return Places(frames=options.frames), Places(frames=pipeline.max_video_rows(options))
+
+
 # ---- the runner ---------------------------------------------------------------------------------------
 async def run(call: Call, work: Work) -> BaseModel:
     """The request through every stage. Its places are admitted before any work (429 at once when there
-    is no room) and held until it is scored."""
+    is no room, 413 when its most could never fit) and held until it is scored. Once decoded, it holds
+    the rows it gave: a clip's faces beyond one a frame are claimed then (429 when there is no room for
+    them)."""
     model, rows = call.model, work.rows
     texts = work.texts.places(model.engine)
     with call.runtime.admission.reserve(
-        images=rows.images, frames=rows.frames, texts=texts.own, shared_texts=texts.shared
+        images=rows.images,
+        frames=rows.frames,
+        texts=texts.own,
+        shared_texts=texts.shared,
+        most=work.most_rows,
     ) as reservation:
         prepared = await _decode(call, work)
         given = len(prepared.pixels)
-        reservation.shrink(images=given, frames=given)  # the rows it gave; a count it does not hold stays 0
+        reservation.settle(images=given if rows.images else 0, frames=given if rows.frames else 0)
         features = await model.batcher.submit(
             prepared.pixels, call.is_disconnected, on_wait=call.clock.waited
         )

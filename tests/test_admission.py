@@ -8,24 +8,67 @@ import math
 import pytest
 
 from model.prompts import MAX_CLASSES, PROMPT_SETS
-from service.admission import IMAGE, TEXT, Admission, QueueFull, TooLarge
+from service.admission import IMAGE, TEXT, Admission, Places, QueueFull, TooLarge
 from service.runtime import Runtime
 from service.settings import ServiceSettings
 from tests.support import run_bounded
 
 
-def test_places_are_taken_shrunk_and_given_back():
+def test_places_are_taken_settled_and_given_back():
     depths = []
     admission = Admission(10, on_depth=depths.append)
     with admission.reserve(images=6, texts=2) as places:
         assert admission.depth == 8
-        places.shrink(images=1)  # decoding found one face where up to six were possible
-        assert admission.depth == 3
-        places.shrink(images=5)  # never grows back
+        places.settle(images=1)  # decoding found one face where up to six were possible
         assert admission.depth == 3
     assert admission.depth == 0 and depths[-1] == 0
     places.release()  # twice is harmless
     assert admission.depth == 0
+
+
+def test_a_clip_takes_a_place_a_frame_then_claims_the_faces_it_found():
+    """Every face its frames may give (here 3 a frame) would let one clip in at a time."""
+    refused = []
+    admission = Admission(100, video_share=0.5, on_refused=refused.append)  # 50 video places
+    first = admission.reserve(frames=16, most=Places(frames=48))
+    second = admission.reserve(frames=16, most=Places(frames=48))
+    assert admission.depth == 32
+    first.settle(frames=20)  # four frames with two faces
+    assert admission.depth == 36
+    second.settle(frames=10)  # a clip shorter than asked: fewer rows, given back
+    assert admission.depth == 30
+    third = admission.reserve(frames=16, most=Places(frames=48))
+    assert admission.depth == 46 and refused == []
+    third.release()
+    first.release()
+    second.release()
+    assert admission.depth == 0
+
+
+def test_faces_found_beyond_the_room_left_refuse_the_request_and_give_back_all_its_places():
+    refused = []
+    admission = Admission(100, video_share=0.5, on_refused=refused.append)
+    for _ in range(100):
+        admission.observe(IMAGE, 1, 0.5)
+    others = admission.reserve(frames=30, texts=5)
+    clip = admission.reserve(frames=16, texts=3, most=Places(frames=48))
+    with pytest.raises(QueueFull, match="video frames") as full:
+        clip.settle(frames=30)  # 14 more; 4 are left
+    assert refused == ["video_full"] and admission.depth == 35
+    assert full.value.retry_after_s == math.ceil(30 * 0.5 + 5 * 0.05) == admission.retry_after()
+    clip.release()  # as the request's `with` does: nothing more to give back
+    assert admission.depth == 35
+    others.release()
+
+
+def test_a_clip_whose_most_faces_could_never_fit_is_too_large_before_it_takes_a_place():
+    admission = Admission(1000, request_share=90, video_share=0.05)  # 50 video places
+    with pytest.raises(TooLarge, match=r"at most 90 \(FER_MAX_REQUEST_ITEMS\)"):
+        admission.reserve(frames=16, most=Places(frames=96))
+    with pytest.raises(TooLarge, match="at most 50 fit"):
+        admission.reserve(frames=16, most=Places(frames=64))
+    assert admission.depth == 0
+    admission.reserve(frames=16, most=Places(frames=48)).release()
 
 
 def test_a_full_queue_refuses_at_once_with_an_estimate_from_measured_costs():
@@ -107,18 +150,15 @@ def test_every_request_the_field_checks_accept_fits_an_empty_queue(overrides):
     settings = ServiceSettings(**overrides)
     runtime = Runtime(settings)
     largest_class_list = MAX_CLASSES * len(PROMPT_SETS["P-5"])
+    video = Places(frames=settings.max_frames * settings.max_faces)  # a clip's faces, claimed once decoded
     try:
-        for ask in (
-            {"images": settings.max_faces, "shared_texts": largest_class_list},  # /predict
-            {
-                "frames": settings.max_frames * settings.max_faces,
-                "shared_texts": largest_class_list,
-            },  # /predict-video
-            {  # /retrieve: a video's faces and its descriptions
-                "frames": settings.max_frames * settings.max_faces,
-                "texts": settings.max_descriptions,
-            },
+        for ask, most in (
+            ({"images": settings.max_faces, "shared_texts": largest_class_list}, None),  # /predict
+            ({"frames": settings.max_frames, "shared_texts": largest_class_list}, video),  # /predict-video
+            ({"frames": settings.max_frames, "texts": settings.max_descriptions}, video),  # /retrieve
         ):
-            runtime.admission.reserve(**ask).release()
+            with runtime.admission.reserve(**ask, most=most) as places:
+                if most is not None:
+                    places.settle(frames=most.frames)
     finally:
         run_bounded(runtime.close())

@@ -12,6 +12,7 @@ import threading
 import httpx
 from fastapi.testclient import TestClient
 
+from model.faces.base import Box, Face
 from service.app import create_app
 from tests.support import (
     asgi_request,
@@ -72,6 +73,21 @@ class GatedDetector:
         self.entered.set()
         self.gate.wait(10)
         return []
+
+
+class FacesDetector:
+    """A face detector that finds `faces` faces side by side in every image, counting its calls."""
+
+    name = "fixed"
+
+    def __init__(self, faces: int):
+        self.faces = faces
+        self.calls = 0
+
+    def detect(self, image, max_faces, long_side=None):
+        self.calls += 1
+        side = image.width // 4
+        return [Face(Box(i * side, 0, side, side), 0.9) for i in range(min(self.faces, max_faces))]
 
 
 # ---- batching, back-pressure, failures -------------------------------------------------------------
@@ -255,3 +271,112 @@ def test_a_cancelled_request_stops_its_decode(engine, tmp_path):
             return detector.calls
 
     assert run_bounded(main()) == 1  # of the 8 sampled frames, only the one searched when it was cancelled
+
+
+# ---- a clip's places: one a frame, then the faces found ---------------------------------------------
+def clip_settings(**overrides):
+    """64 video places: one 16-frame clip of 4 faces a frame fills them, or four of one face a frame."""
+    return service_settings(
+        max_queue=1280, video_share=0.05, text_share=0.6, max_frames=16, max_faces=4, **overrides
+    )
+
+
+def post_clip(client, clip: bytes, path: str = "/predict-video", **fields):
+    form = {"frames": "16"} | fields
+    return client.post(path, files={"file": ("c.mp4", clip, "video/mp4")}, data=form)
+
+
+def test_concurrent_clips_of_one_face_are_all_admitted(engine, tmp_path):
+    """Each clip may give 4 faces a frame, 64 rows, the whole video share: reserved up front, that let
+    one clip in at a time. A place a frame, then the faces found, lets in the four together."""
+    gated = GatedEngine(engine)
+    app = create_app(clip_settings(), engine_factory=lambda s: gated)
+    clip = make_video(tmp_path / "c.mp4", 32).read_bytes()
+
+    async def main():
+        async with serving(app) as client:
+            app.state.runtime.detector = FacesDetector(1)
+            admission = app.state.runtime.admission
+            gated.gate.clear()  # the clips wait for the encoder, holding their places
+            sent = [asyncio.create_task(post_clip(client, clip)) for _ in range(4)]
+            await until(
+                lambda: admission.depth >= 64 or any(s.done() for s in sent), "the four clips' admission"
+            )
+            held = admission.depth
+            gated.gate.set()
+            return held, [(await s).status_code for s in sent], admission.depth
+
+    held, statuses, after = run_bounded(main())
+    assert statuses == [200] * 4 and held == 64 and after == 0
+
+
+def test_a_clip_whose_faces_do_not_fit_is_refused_after_decoding_and_gives_back_its_places(engine, tmp_path):
+    """Its 16 places fit when it arrives, its 48 faces do not: 429 as a full queue answers, with the
+    wait for what the others hold, and none of its places kept."""
+    gated = GatedEngine(engine)
+    app = create_app(clip_settings(), engine_factory=lambda s: gated)
+    clip = make_video(tmp_path / "c.mp4", 32).read_bytes()
+    with TestClient(app) as client:
+        wait_ready(client)
+        detector = app.state.runtime.detector = FacesDetector(3)
+        admission = app.state.runtime.admission
+        for _ in range(20):
+            admission.observe("image", 1, 10.0)  # a slow device: the header is not always 1
+        others = admission.reserve(frames=32)  # 32 of the 64 video places
+        calls = len(gated.calls)
+        refused = post_clip(client, clip)
+        expected = admission.retry_after()  # what the others hold: 32 items at ~10 s each
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"] == "queue_full" and "video frames" in refused.json()["detail"]
+        assert int(refused.headers["retry-after"]) == expected and expected > 250
+        assert detector.calls == 16 and len(gated.calls) == calls  # decoded, never encoded
+        assert admission.depth == 32  # the others' places only
+        assert 'fer_refused_total{reason="video_full"} 1.0' in client.get("/metrics").text
+        others.release()
+        assert post_clip(client, clip).status_code == 200  # a retry, once there is room
+        assert admission.depth == 0
+
+
+def test_a_clip_that_could_never_fit_is_refused_413_before_any_work(engine, tmp_path):
+    """Its frames' faces at most (16 x 4) are over what one request may hold: refused at once, though
+    its one place a frame would fit."""
+    app = create_app(clip_settings(), engine_factory=lambda s: engine)
+    clip = make_video(tmp_path / "c.mp4", 32).read_bytes()
+    with TestClient(app) as client:
+        wait_ready(client)
+        detector = app.state.runtime.detector = FacesDetector(1)
+        admission = app.state.runtime.admission
+        admission.request_share = 63
+        refused = post_clip(client, clip)
+        assert refused.status_code == 413 and refused.json()["error"] == "too_many_items", refused.text
+        assert "FER_MAX_REQUEST_ITEMS" in refused.json()["detail"]
+        assert detector.calls == 0 and admission.depth == 0
+        assert post_clip(client, clip, frames="15").status_code == 200  # 60 at most: it fits
+
+
+def test_retrieve_counts_a_clip_s_places_as_predict_video_does_plus_its_texts(engine, tmp_path):
+    """Its descriptions are held from admission on, its clip's rows as /predict-video's: with 24 video
+    places left, a clip that may give 64 faces but gives 16 gets in."""
+    gated = GatedEngine(engine)
+    app = create_app(clip_settings(), engine_factory=lambda s: gated)
+    clip = make_video(tmp_path / "c.mp4", 32).read_bytes()
+    descriptions = '["smiles", "frowns", "looks away"]'
+
+    async def main():
+        async with serving(app) as client:
+            app.state.runtime.detector = FacesDetector(1)
+            admission = app.state.runtime.admission
+            others = admission.reserve(frames=40)
+            gated.gate.clear()
+            gated.entered.clear()  # the warm-up set it
+            sent = asyncio.create_task(post_clip(client, clip, "/retrieve", descriptions=descriptions))
+            await until(lambda: gated.entered.is_set() or sent.done(), "the clip's rows at the encoder")
+            held = admission.depth
+            gated.gate.set()
+            answer = await sent
+            others.release()
+            return held, answer, admission.depth
+
+    held, answer, after = run_bounded(main())
+    assert answer.status_code == 200, answer.text
+    assert held == 40 + 16 + 3 and after == 0  # the others', a face in each of 16 frames, three texts

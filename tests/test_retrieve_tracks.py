@@ -16,6 +16,7 @@ from model.faces.synthetic import Walk, people_clip
 from model.media import read_video
 from model.options import PipelineOptions
 from model.pipeline import crops, encode_in_batches, face_tracks, frame_boxes, pool, prepare_video
+from service.admission import Places
 from service.app import create_app
 from tests.support import (
     encode_images,
@@ -61,15 +62,23 @@ def two_people(person, tmp_path_factory):
 def test_each_person_ranks_and_scores_the_descriptions_on_predict_video_s_tracks(
     people_client, engine, detector, two_people, monkeypatch
 ):
-    admission = people_client.app.state.runtime.admission
-    asked = []
-    reserve = admission.reserve
+    admission, batcher = people_client.app.state.runtime.admission, people_client.app.state.runtime.batcher
+    asked, held = [], []
+    reserve, submit = admission.reserve, batcher.submit
     monkeypatch.setattr(admission, "reserve", lambda **places: asked.append(places) or reserve(**places))
+    monkeypatch.setattr(batcher, "submit", lambda *a, **k: held.append(admission.depth) or submit(*a, **k))
     body = retrieve(people_client, two_people.path, per_frame="true", top_k="2")
-    # admitted as /predict-video is: every face the frames may give, and the descriptions to encode
+    # admitted as /predict-video is (a place a frame, then the faces found), and the descriptions to encode
     assert asked == [
-        {"images": 0, "frames": FRAMES * MAX_FACES, "texts": len(DESCRIPTIONS), "shared_texts": 0}
+        {
+            "images": 0,
+            "frames": FRAMES,
+            "texts": len(DESCRIPTIONS),
+            "shared_texts": 0,
+            "most": Places(frames=FRAMES * MAX_FACES),
+        }
     ]
+    assert held == [FRAMES * 2 + len(DESCRIPTIONS)]  # two people in each frame
     video = people_client.post(
         "/predict-video",
         files={"file": ("two.mp4", two_people.path.read_bytes(), "video/mp4")},

@@ -37,7 +37,7 @@ from model.pipeline import (
 )
 from model.prompts import BASIC7
 from model.tracks import MEMORY, link_faces, rank_tracks
-from service.admission import Admission, TooLarge
+from service.admission import Admission, Places, TooLarge
 from tests.support import people_walks, service_settings
 
 DIM = 32
@@ -298,18 +298,21 @@ def test_fer_eval_pools_each_clip_s_main_track(engine, detector, person, tmp_pat
 
 
 # ---- admission, the service and the command ----------------------------------------------------------
-def test_a_video_is_admitted_as_its_frames_times_the_faces_each_may_give():
+def test_a_video_is_admitted_as_its_frames_then_the_faces_they_give():
+    """A place a frame before decoding; the most its frames' faces may give must fit at all."""
     from types import SimpleNamespace
 
     from service.inference import predict_video as video_work
 
     call = SimpleNamespace(options=PipelineOptions(frames=16, max_faces=6))
-    assert video_work(call, None, False).rows.frames == 96
+    work = video_work(call, None, False)
+    assert work.rows == Places(frames=16) and work.most_rows == Places(frames=96)
     call.options = call.options.replace(detect_faces=False)
-    assert video_work(call, None, False).rows.frames == 16
+    work = video_work(call, None, False)
+    assert work.rows == work.most_rows == Places(frames=16)
     admission = Admission(1000, request_share=90)
     with pytest.raises(TooLarge, match=r"FER_MAX_FACES a frame.*at most 90 \(FER_MAX_REQUEST_ITEMS\)"):
-        admission.reserve(frames=96)
+        admission.reserve(frames=16, most=Places(frames=96))
 
 
 def test_settings_that_cannot_hold_a_video_of_faces_are_refused():
@@ -332,10 +335,12 @@ def test_the_service_answers_with_tracks(engine, person, tmp_path, monkeypatch):
     )
     with TestClient(app) as client:
         wait_ready(client)
-        asked = []
-        reserve = app.state.runtime.admission.reserve
+        admission, batcher = app.state.runtime.admission, app.state.runtime.batcher
+        asked, held = [], []
+        reserve, submit = admission.reserve, batcher.submit
+        monkeypatch.setattr(admission, "reserve", lambda **places: asked.append(places) or reserve(**places))
         monkeypatch.setattr(
-            app.state.runtime.admission, "reserve", lambda **places: asked.append(places) or reserve(**places)
+            batcher, "submit", lambda *a, **k: held.append(admission.depth) or submit(*a, **k)
         )
         answer = client.post(
             "/predict-video",
@@ -344,8 +349,10 @@ def test_the_service_answers_with_tracks(engine, person, tmp_path, monkeypatch):
         )
         body = answer.json()
         assert answer.status_code == 200, body
-        assert asked[0]["frames"] == 8 * 4  # before decoding: every face the frames may give
-        assert app.state.runtime.admission.depth == 0
+        # before decoding, a place a frame, and every face the frames may give must fit at all
+        assert asked[0]["frames"] == 8 and asked[0]["most"] == Places(frames=8 * 4)
+        assert held == [8 * 2]  # once decoded, the faces found: two people in each frame
+        assert admission.depth == 0
     assert len(body["tracks"]) == 2 and body["frames_with_face"] == 8
     main = body["tracks"][0]
     assert set(main) == {"id", "label", "probabilities", "frames"}
