@@ -226,7 +226,7 @@ async def retrieve(
     top_k: Annotated[int, Form(ge=1, description="how many ranked descriptions to return")] = 10,
     frames: FramesField = 16,
     detect_faces: DetectField = True,
-    per_frame: Annotated[bool, Form(description="add each sampled frame's scores (`timeline`)")] = False,
+    per_frame: Annotated[Flag, Form(description="add each sampled frame's scores (`timeline`)")] = False,
 ) -> RetrieveResponse:
     """The descriptions ranked by the cosine similarity of their features with the clip's pooled
     feature (an image is a one-frame clip)."""
