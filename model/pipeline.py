@@ -129,8 +129,10 @@ def prepare_video(
             raise DecodeStopped()
         faces = faces_in_frame(frame, detector, options)
         rows.extend(crops(frame, faces, options))
-        to_clip = clip.size[0] / frame.width  # the frame may have been decoded smaller than the clip
-        found.append([face.scaled(to_clip) for face in faces] if to_clip != 1 else faces)
+        # The frame may have been decoded smaller than the clip, or at another aspect (a stream that
+        # changes size), so each axis maps by its own ratio.
+        fx, fy = clip.size[0] / frame.width, clip.size[1] / frame.height
+        found.append([face.scaled(fx, fy) for face in faces] if (fx, fy) != (1, 1) else faces)
     # The decoded frames (up to ~100 MB at 1080p) are not kept while the request waits for the encoder.
     return PreparedVideo(to_pixels(rows), dataclasses.replace(clip, frames=[]), found)
 

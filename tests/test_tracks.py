@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-from model.faces.base import Box
+from model import pipeline
+from model.faces.base import Box, Face
 from model.faces.synthetic import (
     IOU_MATCH,
     PeopleClip,
@@ -21,7 +23,7 @@ from model.faces.synthetic import (
     people_clip,
     three_people_clip,
 )
-from model.media import read_video
+from model.media import VideoFrames, read_video
 from model.options import PipelineOptions
 from model.pipeline import (
     classify,
@@ -164,6 +166,26 @@ def test_rows_of_frames_with_and_without_faces():
     assert clip_rows([[], []], features[:2]) == [0, 1]  # no face: every row, the whole frames
     with pytest.raises(ValueError, match="feature rows"):
         face_tracks(boxes, features[:3])
+
+
+def test_boxes_map_to_the_clip_s_pixels_along_each_axis(monkeypatch):
+    """A frame decoded at another aspect than the clip's declared size (a stream that changes size, a
+    stored aspect ratio): x and w scale by the widths, y and h by the heights."""
+    frame = Image.new("RGB", (640, 360))
+    clip = VideoFrames([frame], [0], [0.0], n_frames=1, fps=25.0, duration=0.04, size=(1280, 1080))
+    monkeypatch.setattr(pipeline, "read_video", lambda *args, **kwargs: clip)
+
+    class OneFace:
+        def detect(self, image, max_faces, long_side=None):
+            return [Face(Box(100, 100, 40, 40), 0.9, ((110.0, 110.0),) * 5)]
+
+    def to_pixels(images):
+        return torch.zeros(len(images), 3, 8, 8, dtype=torch.uint8)
+
+    prepared = prepare_video(b"", to_pixels, OneFace(), PipelineOptions(frames=1))
+    ((face,),) = prepared.faces
+    assert face.box == Box(200, 300, 80, 120)
+    assert face.landmarks[0] == (220.0, 330.0)
 
 
 # ---- clips of people, through the detector and the tiny model --------------------------------------
