@@ -27,7 +27,7 @@ from model.media import VideoFrames, read_video
 from model.options import PipelineOptions
 from model.pipeline import (
     classify,
-    clip_rows,
+    clip_people,
     crops,
     encode_in_batches,
     face_rows,
@@ -36,6 +36,7 @@ from model.pipeline import (
     pool,
     predict_video,
     prepare_video,
+    row_count,
 )
 from model.prompts import BASIC7
 from model.tracks import MEMORY, link_faces, rank_tracks
@@ -162,8 +163,11 @@ def test_rows_of_frames_with_and_without_faces():
     features = torch.randn(4, DIM)
     tracks = face_tracks(boxes, features)
     assert [t.rows for t in tracks] == [[0, 3], [1]] and [t.frames for t in tracks] == [[0, 2], [0]]
-    assert clip_rows(boxes, features) == [0, 3]
-    assert clip_rows([[], []], features[:2]) == [0, 1]  # no face: every row, the whole frames
+    assert row_count(boxes) == 4
+    people = clip_people(boxes, features)
+    assert (people.rows, people.frames, people.groups) == ([0, 3], [0, 2], [[0, 3], [1]])
+    nobody = clip_people([[], []], features[:2])  # no face: every row, the whole frames
+    assert (nobody.tracks, nobody.rows, nobody.frames, nobody.groups) == ([], [0, 1], [0, 1], [[0, 1]])
     with pytest.raises(ValueError, match="feature rows"):
         face_tracks(boxes, features[:3])
 
