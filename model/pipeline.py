@@ -205,12 +205,6 @@ def pool(frame_features: torch.Tensor) -> torch.Tensor:
     return F.normalize(frame_features.float().mean(dim=0), dim=-1)
 
 
-def pool_groups(frame_features: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
-    """Consecutive runs of `sizes` rows (each clip's frames; an image is a run of 1) -> one pooled
-    feature per run."""
-    return [pool(group) for group in torch.split(frame_features, list(sizes))]
-
-
 # ---- people: a clip's faces linked into tracks ----------------------------------------------------
 def frame_boxes(prepared: PreparedImage | PreparedVideo) -> list[list[list[int]]]:
     """The boxes of a prepared input's faces, per frame (a still image is one frame)."""
