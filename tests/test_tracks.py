@@ -26,6 +26,7 @@ from model.faces.synthetic import (
 from model.media import VideoFrames, read_video
 from model.options import PipelineOptions
 from model.pipeline import (
+    PreparedVideo,
     classify,
     clip_people,
     crops,
@@ -190,6 +191,19 @@ def test_boxes_map_to_the_clip_s_pixels_along_each_axis(monkeypatch):
     ((face,),) = prepared.faces
     assert face.box == Box(200, 300, 80, 120)
     assert face.landmarks[0] == (220.0, 330.0)
+
+
+def test_a_frame_where_the_face_was_missed_is_left_out_of_a_one_person_answer():
+    """docs/faces.md and docs/method.md say so: the whole frame counts only when the clip has no face."""
+    faces = [[Face(Box(10, 10, 40, 40), 0.9)], [], [Face(Box(14, 10, 40, 40), 0.9)]]
+    clip = VideoFrames([], [0, 5, 10], [0.0, 0.2, 0.4], n_frames=12, fps=25.0, duration=0.48, size=(64, 64))
+    prepared = PreparedVideo(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), clip, faces)
+    features = torch.randn(3, DIM, generator=torch.Generator().manual_seed(0))
+    text = torch.nn.functional.normalize(torch.randn(len(BASIC7), 2, DIM), dim=-1)
+    answer = predict_video(prepared, features, text, BASIC7, "P-3", per_frame=True)
+    assert answer.probabilities == classify(pool(features[[0, 2]]).unsqueeze(0), text, BASIC7).as_dict(0)
+    assert answer.probabilities != classify(pool(features).unsqueeze(0), text, BASIC7).as_dict(0)
+    assert [f.index for f in answer.timeline] == [0, 10] and answer.frames_with_face == 2
 
 
 # ---- clips of people, through the detector and the tiny model --------------------------------------
