@@ -53,8 +53,8 @@ log = logging.getLogger("bench")
 
 IMAGE_SIZE = (640, 480)
 VIDEO_FRAMES = 16  # frames sampled from each clip
-# Video with tracks (the defaults, set so that a caller's environment does not change them), and video
-# as it was before tracks: the largest face of each frame, looked for in the frame scaled to 320 px.
+# Video with tracks (the defaults, set so that a caller's environment does not change them), and one
+# face a frame searched at 320 px: the baseline the tracks' latency target compares with.
 TRACKS_ENV = {
     "FER_MAX_FACES": str(PipelineOptions().max_faces),
     "FER_VIDEO_FACE_SIDE": str(PipelineOptions().video_face_side),

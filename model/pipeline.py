@@ -129,8 +129,10 @@ def prepare_video(
             raise DecodeStopped()
         faces = faces_in_frame(frame, detector, options)
         rows.extend(crops(frame, faces, options))
-        to_clip = clip.size[0] / frame.width  # the frame may have been decoded smaller than the clip
-        found.append([face.scaled(to_clip) for face in faces] if to_clip != 1 else faces)
+        # The frame may have been decoded smaller than the clip, or at another aspect (a stream that
+        # changes size), so each axis maps by its own ratio.
+        fx, fy = clip.size[0] / frame.width, clip.size[1] / frame.height
+        found.append([face.scaled(fx, fy) for face in faces] if (fx, fy) != (1, 1) else faces)
     # The decoded frames (up to ~100 MB at 1080p) are not kept while the request waits for the encoder.
     return PreparedVideo(to_pixels(rows), dataclasses.replace(clip, frames=[]), found)
 
@@ -203,17 +205,17 @@ def pool(frame_features: torch.Tensor) -> torch.Tensor:
     return F.normalize(frame_features.float().mean(dim=0), dim=-1)
 
 
-def pool_groups(frame_features: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
-    """Consecutive runs of `sizes` rows (each clip's frames; an image is a run of 1) -> one pooled
-    feature per run."""
-    return [pool(group) for group in torch.split(frame_features, list(sizes))]
-
-
 # ---- people: a clip's faces linked into tracks ----------------------------------------------------
 def frame_boxes(prepared: PreparedImage | PreparedVideo) -> list[list[list[int]]]:
     """The boxes of a prepared input's faces, per frame (a still image is one frame)."""
     frames = prepared.faces if isinstance(prepared, PreparedVideo) else [prepared.faces]
     return [[face.box.as_list() for face in faces] for faces in frames]
+
+
+def row_count(boxes: FrameBoxes) -> int:
+    """How many rows `prepare_video` lays out for these frames: one per face, and one for a frame
+    without a face (its whole frame)."""
+    return sum(max(1, len(faces)) for faces in boxes)
 
 
 def face_rows(boxes: FrameBoxes) -> list[list[int]]:
@@ -222,7 +224,7 @@ def face_rows(boxes: FrameBoxes) -> list[list[int]]:
     rows, start = [], 0
     for faces in boxes:
         rows.append(list(range(start, start + len(faces))))
-        start += max(1, len(faces))
+        start += row_count([faces])
     return rows
 
 
@@ -241,7 +243,7 @@ def face_tracks(boxes: FrameBoxes, features: torch.Tensor) -> list[FaceTrack]:
     each as `face_rows` says) linked across frames; the main track first (the most frames; ties: the
     larger mean box). Empty when no face was found."""
     rows = face_rows(boxes)
-    if len(features) != sum(max(1, len(faces)) for faces in boxes):
+    if len(features) != row_count(boxes):
         raise ValueError(f"{len(features)} feature rows for frames that give {rows}")
     linked = link_faces(
         [torch.tensor(faces, dtype=torch.float64).reshape(-1, 4) for faces in boxes],
@@ -258,11 +260,31 @@ def face_tracks(boxes: FrameBoxes, features: torch.Tensor) -> list[FaceTrack]:
     ]
 
 
-def clip_rows(boxes: FrameBoxes, features: torch.Tensor) -> list[int]:
-    """The rows of `features` a clip's answer pools: its main track's faces, or every row (the whole
-    frames) when no face was found."""
+@dataclass(frozen=True)
+class ClipPeople:
+    """A clip's people, and the rows its own answer pools: the main track's faces, or every row (the
+    whole frames) when no face was found."""
+
+    tracks: list[FaceTrack]  # main first; empty when no face was found
+    rows: list[int]  # the clip's answer's rows, in frame order
+    frames: list[int]  # each of `rows`' position among the sampled frames: the clip's timeline
+
+    @property
+    def groups(self) -> list[list[int]]:
+        """The rows each scored alone, as a clip: each track's, or the whole frames' when there is no
+        track. The first group is the clip's answer. Scored alone, the main track's numbers do not
+        depend on how many other people there are."""
+        return [track.rows for track in self.tracks] or [self.rows]
+
+
+def clip_people(boxes: FrameBoxes, features: torch.Tensor) -> ClipPeople:
+    """A clip's faces (`boxes`, and their projected `features`) as people (`face_tracks`); the clip's
+    answer is the main track's, as every endpoint and `fer eval` answer it."""
     tracks = face_tracks(boxes, features)
-    return tracks[0].rows if tracks else list(range(len(features)))
+    if tracks:
+        return ClipPeople(tracks, tracks[0].rows, tracks[0].frames)
+    every = list(range(len(features)))  # without a face each frame is one row, the whole frame's
+    return ClipPeople([], every, every)
 
 
 @dataclass(frozen=True)
@@ -380,10 +402,9 @@ def predict_video(
     """Each person's track pooled and scored as a clip; the clip's answer is the main track's. Without a
     face, the whole frames are pooled as one clip and there is no track."""
     clip = prepared.clip
-    tracks = face_tracks(frame_boxes(prepared), features)
-    # Each track scored alone: the main track's numbers do not depend on how many others there are.
-    track_scores = [classify(pool(features[t.rows]).unsqueeze(0), text, classes) for t in tracks]
-    clip_scores = track_scores[0] if tracks else classify(pool(features).unsqueeze(0), text, classes)
+    people = clip_people(frame_boxes(prepared), features)
+    scores = [classify(pool(features[rows]).unsqueeze(0), text, classes) for rows in people.groups]
+    clip_scores = scores[0]
     frame_scores = classify(features, text, classes) if per_frame else None
 
     stamps = sampled_frames(prepared)
@@ -393,26 +414,21 @@ def predict_video(
 
     timeline = None
     if frame_scores is not None:
-        # Without a face each frame is one row, the whole frame's.
-        frames = range(len(clip.indices))
-        main = (
-            zip(tracks[0].frames, tracks[0].rows, strict=True) if tracks else zip(frames, frames, strict=True)
-        )
         timeline = [
             FramePrediction(
                 index=clip.indices[frame],
                 timestamp=timestamp(frame),
-                face_detected=bool(tracks),
+                face_detected=bool(people.tracks),
                 label=frame_scores.label(row),
                 probabilities=frame_scores.as_dict(row),
             )
-            for frame, row in main
+            for frame, row in zip(people.frames, people.rows, strict=True)
         ]
     answers = [
         TrackPrediction(
             id=track.id,
-            label=scores.label(0),
-            probabilities=scores.as_dict(0),
+            label=track_scores.label(0),
+            probabilities=track_scores.as_dict(0),
             frames=[
                 TrackFramePrediction(
                     index=clip.indices[frame],
@@ -424,7 +440,7 @@ def predict_video(
                 for frame, row, box in zip(track.frames, track.rows, track.boxes, strict=True)
             ],
         )
-        for track, scores in zip(tracks, track_scores, strict=True)
+        for track, track_scores in zip(people.tracks, scores[: len(people.tracks)], strict=True)
     ]
     return VideoPrediction(
         label=clip_scores.label(0),
@@ -523,16 +539,17 @@ def rank_descriptions(
     """Each person's track ranks the descriptions as a clip would (`score_descriptions` on its faces);
     the clip's ranking and timeline are the main track's, as /predict-video's answer is. Without a face,
     the whole frames rank them and there is no track. A still image is a one-frame clip."""
-    tracks = face_tracks(frame_boxes(prepared), features)
-    # Each track scored alone: the main track's numbers do not depend on how many others there are.
-    groups = [score_descriptions(features[t.rows], text, descriptions, top_k, per_frame) for t in tracks]
-    clip = groups[0] if tracks else score_descriptions(features, text, descriptions, top_k, per_frame)
+    people = clip_people(frame_boxes(prepared), features)
+    groups = [
+        score_descriptions(features[rows], text, descriptions, top_k, per_frame) for rows in people.groups
+    ]
+    clip = groups[0]
     stamps = sampled_frames(prepared)
     timeline = None
     if clip.rows is not None:
-        # Without a face each frame is one row, the whole frame's.
-        frames = tracks[0].frames if tracks else range(len(stamps))
-        timeline = [FrameScores(*stamps[frame], row) for frame, row in zip(frames, clip.rows, strict=True)]
+        timeline = [
+            FrameScores(*stamps[frame], row) for frame, row in zip(people.frames, clip.rows, strict=True)
+        ]
     answers = [
         TrackRanking(
             id=track.id,
@@ -542,6 +559,6 @@ def rank_descriptions(
                 for i, (frame, box) in enumerate(zip(track.frames, track.boxes, strict=True))
             ],
         )
-        for track, group in zip(tracks, groups, strict=True)
+        for track, group in zip(people.tracks, groups[: len(people.tracks)], strict=True)
     ]
     return Ranking(media_of(prepared), clip.ranking, timeline, answers)

@@ -195,8 +195,10 @@ async def predict_video(
     frames: FramesField = 16,
     per_frame: Annotated[Flag, Form(description="add a per-frame timeline")] = False,
 ) -> VideoResponse:
-    """Per-class probabilities from the mean of the sampled frames' features (each frame's largest face
-    when one is found), with a per-frame timeline on request."""
+    """One track per person: each person's faces over the sampled frames, linked across frames, with
+    per-class probabilities from the mean of their features. The clip's answer (and the per-frame
+    timeline, on request) is the main track's: the person seen in the most frames. Without any face the
+    whole frames are pooled."""
     call = _call(runtime, request, file, detect_faces, frames)
     _check_frames(frames, runtime.settings.max_frames)
     _accept(file, "video/", "image/gif", other="image/", other_kind="image")
@@ -226,10 +228,12 @@ async def retrieve(
     top_k: Annotated[int, Form(ge=1, description="how many ranked descriptions to return")] = 10,
     frames: FramesField = 16,
     detect_faces: DetectField = True,
-    per_frame: Annotated[bool, Form(description="add each sampled frame's scores (`timeline`)")] = False,
+    per_frame: Annotated[Flag, Form(description="add each sampled frame's scores (`timeline`)")] = False,
 ) -> RetrieveResponse:
-    """The descriptions ranked by the cosine similarity of their features with the clip's pooled
-    feature (an image is a one-frame clip)."""
+    """The descriptions ranked by the cosine similarity of their features with each person's pooled
+    feature (one track per person, as for /predict-video). The clip's ranking is the main track's: the
+    person seen in the most frames. Without any face the whole frames are pooled; an image is a
+    one-frame clip."""
     call = _call(runtime, request, file, detect_faces, frames)
     s = runtime.settings
     texts = _parse_descriptions(descriptions, s.max_descriptions, s.max_description_chars)

@@ -14,7 +14,7 @@ from torchvision import transforms as T
 import model.engine
 from model.clip import clip_transform, load_clip, preprocess_config
 from model.engine import create_engine
-from model.pipeline import classify, pool, pool_groups, score_descriptions
+from model.pipeline import classify, pool, score_descriptions
 from model.projection import ProjectionError, load_projection, save_projection
 from model.prompts import BASIC7, CLASS_PRESETS, PROMPT_SETS, LabelError, resolve_classes, resolve_prompt_set
 from model.settings import ModelSettings, dtype_for
@@ -148,7 +148,7 @@ def test_scores_do_not_depend_on_feature_scale(engine):
 
 def test_clips_batched_together_equal_clips_alone(engine):
     a, b = [face_image(1), face_image(2)], [face_image(3)]
-    together = pool_groups(encode_images(engine, [*a, *b]), [2, 1])
+    together = [pool(rows) for rows in torch.split(encode_images(engine, [*a, *b]), [2, 1])]
     torch.testing.assert_close(together[0], encode_clip(engine, a), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(together[1], encode_clip(engine, b), atol=1e-5, rtol=1e-4)
 

@@ -37,22 +37,29 @@ def test_a_get_on_an_upload_endpoint_names_post(demo_client):
     assert detail(answer) == "GET is not accepted here: /predict takes POST"
 
 
+RETRIEVE = {"descriptions": '["smiles"]'}
+
+
 @pytest.mark.parametrize(
-    ("field", "value", "message"),
+    ("path", "fields", "field", "value", "message"),
     [
-        ("detect_faces", "maybe", "detect_faces: give true or false"),
-        ("per_frame", "often", "per_frame: give true or false"),
-        ("frames", "many", "frames: give a whole number"),
+        ("/predict-video", {}, "detect_faces", "maybe", "detect_faces: give true or false"),
+        ("/predict-video", {}, "per_frame", "often", "per_frame: give true or false"),
+        ("/predict-video", {}, "frames", "many", "frames: give a whole number"),
         # the schema's boolean is true or false: pydantic's other spellings (found by schemathesis)
-        ("detect_faces", "0", "detect_faces: give true or false"),
-        ("per_frame", "yes", "per_frame: give true or false"),
-        ("check_words", "on", "check_words: give true or false"),
+        ("/predict-video", {}, "detect_faces", "0", "detect_faces: give true or false"),
+        ("/predict-video", {}, "per_frame", "yes", "per_frame: give true or false"),
+        ("/predict-video", {}, "check_words", "on", "check_words: give true or false"),
+        ("/retrieve", RETRIEVE, "per_frame", "yes", "per_frame: give true or false"),
+        ("/retrieve", RETRIEVE, "per_frame", "1", "per_frame: give true or false"),
+        ("/retrieve", RETRIEVE, "per_frame", "on", "per_frame: give true or false"),
+        ("/retrieve", RETRIEVE, "detect_faces", "0", "detect_faces: give true or false"),
     ],
 )
-def test_a_field_of_the_wrong_kind_says_what_kind(demo_client, tmp_path, field, value, message):
+def test_a_field_of_the_wrong_kind_says_what_kind(demo_client, tmp_path, path, fields, field, value, message):
     clip = make_video(tmp_path / "c.mp4", 10).read_bytes()
     files = {"file": ("c.mp4", clip, "video/mp4")}
-    answer = demo_client.post("/predict-video", files=files, data={field: value})
+    answer = demo_client.post(path, files=files, data={**fields, field: value})
     assert answer.status_code == 422
     assert detail(answer) == message
 
@@ -74,14 +81,15 @@ def test_a_missing_field_says_what_it_takes(demo_client, fields, files, message)
     assert detail(answer) == message
 
 
-def test_a_boolean_is_true_or_false_in_any_case(demo_client, tmp_path):
+@pytest.mark.parametrize(("path", "fields"), [("/predict-video", {}), ("/retrieve", RETRIEVE)])
+def test_a_boolean_is_true_or_false_in_any_case(demo_client, tmp_path, path, fields):
     """`True`: what a generated Python client sends (str(True))."""
     clip = make_video(tmp_path / "c.mp4", 10).read_bytes()
     for value in ("true", "True", "FALSE"):
         answer = demo_client.post(
-            "/predict-video",
+            path,
             files={"file": ("c.mp4", clip, "video/mp4")},
-            data={"per_frame": value, "frames": 2},
+            data={**fields, "per_frame": value, "frames": 2},
         )
         assert answer.status_code == 200, answer.text
         assert (answer.json()["timeline"] is not None) == (value.lower() == "true")

@@ -54,6 +54,13 @@ def test_every_operation_has_a_readable_id_a_tag_a_summary_and_a_description(sch
     assert not [name for name in schema["components"]["schemas"] if name.startswith("Body_")]
 
 
+@pytest.mark.parametrize("path", ["/predict-video", "/retrieve"])
+def test_a_clip_endpoint_says_its_answer_is_the_main_tracks(schema, path):
+    """One track per person: a description of one pooled clip feature would mislead a client's author."""
+    description = schema["paths"][path]["post"]["description"]
+    assert "one track per person" in description.lower() and "main track" in description
+
+
 @pytest.mark.parametrize("operation", ["predict", "predict_video", "retrieve"])
 def test_a_form_says_what_the_service_takes(schema, operation):
     fields = form(schema, operation)

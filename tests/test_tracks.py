@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-from model.faces.base import Box
+from model import pipeline
+from model.faces.base import Box, Face
 from model.faces.synthetic import (
     IOU_MATCH,
     PeopleClip,
@@ -21,11 +23,12 @@ from model.faces.synthetic import (
     people_clip,
     three_people_clip,
 )
-from model.media import read_video
+from model.media import VideoFrames, read_video
 from model.options import PipelineOptions
 from model.pipeline import (
+    PreparedVideo,
     classify,
-    clip_rows,
+    clip_people,
     crops,
     encode_in_batches,
     face_rows,
@@ -34,6 +37,7 @@ from model.pipeline import (
     pool,
     predict_video,
     prepare_video,
+    row_count,
 )
 from model.prompts import BASIC7
 from model.tracks import MEMORY, link_faces, rank_tracks
@@ -160,10 +164,46 @@ def test_rows_of_frames_with_and_without_faces():
     features = torch.randn(4, DIM)
     tracks = face_tracks(boxes, features)
     assert [t.rows for t in tracks] == [[0, 3], [1]] and [t.frames for t in tracks] == [[0, 2], [0]]
-    assert clip_rows(boxes, features) == [0, 3]
-    assert clip_rows([[], []], features[:2]) == [0, 1]  # no face: every row, the whole frames
+    assert row_count(boxes) == 4
+    people = clip_people(boxes, features)
+    assert (people.rows, people.frames, people.groups) == ([0, 3], [0, 2], [[0, 3], [1]])
+    nobody = clip_people([[], []], features[:2])  # no face: every row, the whole frames
+    assert (nobody.tracks, nobody.rows, nobody.frames, nobody.groups) == ([], [0, 1], [0, 1], [[0, 1]])
     with pytest.raises(ValueError, match="feature rows"):
         face_tracks(boxes, features[:3])
+
+
+def test_boxes_map_to_the_clip_s_pixels_along_each_axis(monkeypatch):
+    """A frame decoded at another aspect than the clip's declared size (a stream that changes size, a
+    stored aspect ratio): x and w scale by the widths, y and h by the heights."""
+    frame = Image.new("RGB", (640, 360))
+    clip = VideoFrames([frame], [0], [0.0], n_frames=1, fps=25.0, duration=0.04, size=(1280, 1080))
+    monkeypatch.setattr(pipeline, "read_video", lambda *args, **kwargs: clip)
+
+    class OneFace:
+        def detect(self, image, max_faces, long_side=None):
+            return [Face(Box(100, 100, 40, 40), 0.9, ((110.0, 110.0),) * 5)]
+
+    def to_pixels(images):
+        return torch.zeros(len(images), 3, 8, 8, dtype=torch.uint8)
+
+    prepared = prepare_video(b"", to_pixels, OneFace(), PipelineOptions(frames=1))
+    ((face,),) = prepared.faces
+    assert face.box == Box(200, 300, 80, 120)
+    assert face.landmarks[0] == (220.0, 330.0)
+
+
+def test_a_frame_where_the_face_was_missed_is_left_out_of_a_one_person_answer():
+    """docs/faces.md and docs/method.md say so: the whole frame counts only when the clip has no face."""
+    faces = [[Face(Box(10, 10, 40, 40), 0.9)], [], [Face(Box(14, 10, 40, 40), 0.9)]]
+    clip = VideoFrames([], [0, 5, 10], [0.0, 0.2, 0.4], n_frames=12, fps=25.0, duration=0.48, size=(64, 64))
+    prepared = PreparedVideo(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), clip, faces)
+    features = torch.randn(3, DIM, generator=torch.Generator().manual_seed(0))
+    text = torch.nn.functional.normalize(torch.randn(len(BASIC7), 2, DIM), dim=-1)
+    answer = predict_video(prepared, features, text, BASIC7, "P-3", per_frame=True)
+    assert answer.probabilities == classify(pool(features[[0, 2]]).unsqueeze(0), text, BASIC7).as_dict(0)
+    assert answer.probabilities != classify(pool(features).unsqueeze(0), text, BASIC7).as_dict(0)
+    assert [f.index for f in answer.timeline] == [0, 10] and answer.frames_with_face == 2
 
 
 # ---- clips of people, through the detector and the tiny model --------------------------------------

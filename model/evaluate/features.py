@@ -30,12 +30,13 @@ from model.pipeline import (
     PreparedImage,
     PreparedVideo,
     Preprocess,
-    clip_rows,
+    clip_people,
     encode_in_batches,
     frame_boxes,
     open_source,
     pool,
     prepare_clip,
+    row_count,
 )
 
 if TYPE_CHECKING:
@@ -183,15 +184,15 @@ def encode_chunk(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """One chunk's items, their rows one after another in `pixels` (each item's face boxes per frame,
     `items`, say how many and whose), through the encoder in batches of `batch_size` rows -> per item,
-    the projected and the plain-CLIP feature of its main track (`clip_rows`), both pooled alike (mean of
+    the projected and the plain-CLIP feature of its main track (`clip_people`), both pooled alike (mean of
     the frames, then L2), on the CPU. The Ray path (model.evaluate.distributed) calls it on the same
     chunks, so both give the same features."""
     raw = encode_in_batches(engine.embed_pixels, pixels, batch_size)
     projected = engine.project(raw.to(engine.device)).cpu()
-    sizes = [sum(max(1, len(faces)) for faces in boxes) for boxes in items]
+    sizes = [row_count(boxes) for boxes in items]
     features, plain = [], []
     for boxes, item, item_raw in zip(items, projected.split(sizes), raw.split(sizes), strict=True):
-        rows = clip_rows(boxes, item)  # the plain-CLIP feature pools the same faces
+        rows = clip_people(boxes, item).rows  # the plain-CLIP feature pools the same faces
         features.append(pool(item[rows]))
         plain.append(pool(item_raw[rows]))
     return features, plain

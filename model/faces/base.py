@@ -38,13 +38,17 @@ class Face:
     score: float  # detector confidence in [0, 1]
     landmarks: tuple[Point, ...] | None = None
 
-    def scaled(self, factor: float) -> Face:
-        """The same face in an image `factor` times the size (boxes and landmarks map back)."""
-        x, y, w, h = (round(v * factor) for v in self.box.as_list())
-        landmarks = (
-            None if self.landmarks is None else tuple((px * factor, py * factor) for px, py in self.landmarks)
+    def scaled(self, fx: float, fy: float | None = None) -> Face:
+        """The same face in an image `fx` times as wide and `fy` times as tall (default: `fx`); boxes
+        and landmarks map back."""
+        fy = fx if fy is None else fy
+        box = self.box
+        landmarks = None if self.landmarks is None else tuple((px * fx, py * fy) for px, py in self.landmarks)
+        return Face(
+            Box(round(box.x * fx), round(box.y * fy), round(box.w * fx), round(box.h * fy)),
+            self.score,
+            landmarks,
         )
-        return Face(Box(x, y, w, h), self.score, landmarks)
 
 
 class FaceDetector(Protocol):
