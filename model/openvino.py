@@ -3,8 +3,9 @@ run on the CPU, behind the two calls the engine makes of the torch module, `enco
 `encode_text`. Everything around them (normalisation, W, pooling, scoring) stays the engine's torch code.
 
 Converting is slow beside reading a converted model, so the converted towers are saved in the cache
-folder under a key made of the weights, the architecture, the OpenVINO release and the precision; a
-restart reads them.
+folder under a key made of the weights, the architecture and the OpenVINO release; a restart reads them.
+What is saved is the float32 conversion whatever the precision, which is chosen when compiling, so
+float32 and bfloat16 starts share one folder.
 """
 
 from __future__ import annotations
@@ -80,26 +81,27 @@ def convert_towers(clip: LoadedClip) -> dict:
     return models
 
 
-def weights_key(clip: LoadedClip, precision: torch.dtype) -> str:
+def weights_key(clip: LoadedClip) -> str:
     """What the converted towers depend on: every weight, the module's structure (its repr names the
-    activations, which the weights do not show), the OpenVINO release and the precision."""
+    activations, which the weights do not show) and the OpenVINO release. Not the precision, which is
+    applied when compiling the float32 conversion."""
     import openvino as ov
 
     digest = hashlib.sha256()
-    for part in (CACHE_FORMAT, ov.__version__, PRECISIONS[precision], repr(clip.model)):
+    for part in (CACHE_FORMAT, ov.__version__, repr(clip.model)):
         digest.update(part.encode() + b"\0")
     for name, tensor in clip.model.state_dict().items():
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
-    return f"{digest.hexdigest()[:24]}-{PRECISIONS[precision]}"
+    return digest.hexdigest()[:24]
 
 
-def cached_towers(clip: LoadedClip, precision: torch.dtype, cache: Path | None) -> dict:
+def cached_towers(clip: LoadedClip, cache: Path | None) -> dict:
     """The converted towers: read from `cache` when a start before converted the same weights, else
     converted now and saved there (None: not saved)."""
     import openvino as ov
 
-    folder = None if cache is None else Path(cache) / weights_key(clip, precision)
+    folder = None if cache is None else Path(cache) / weights_key(clip)
     if folder is not None and all((folder / f"{t}{s}").is_file() for t in TOWERS for s in (".xml", ".bin")):
         try:
             models = {t: ov.Core().read_model(folder / f"{t}.xml") for t in TOWERS}
@@ -198,4 +200,4 @@ def openvino_clip(clip: LoadedClip, precision: torch.dtype, cache: Path | None) 
     """The loaded float32 CLIP as OpenVINO towers running in `precision` (float32 or bfloat16)."""
     if precision not in PRECISIONS:
         raise RuntimeError(f"FER_BACKEND=openvino runs float32 or bfloat16, not {precision}")
-    return OpenVinoClip(cached_towers(clip, precision, cache), precision)
+    return OpenVinoClip(cached_towers(clip, cache), precision)

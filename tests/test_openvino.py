@@ -79,18 +79,36 @@ def test_a_restart_reads_the_converted_encoders(engine, tiny_openvino, monkeypat
     assert_same_answers(engine, again, [face_image(3)])
 
 
-def test_the_cache_key_follows_the_weights_and_the_precision(openvino, tiny_openvino):
+def test_the_cache_key_follows_the_weights_not_the_precision(openvino, tiny_openvino):
     from model.clip import load_clip
     from model.openvino import weights_key
 
     settings, _ = tiny_openvino
     clip = load_clip(settings.resolve())
-    key = weights_key(clip, torch.float32)
-    assert weights_key(clip, torch.float32) == key
-    assert weights_key(clip, torch.bfloat16) != key
+    key = weights_key(clip)
+    assert weights_key(clip) == key
     with torch.no_grad():
         next(clip.model.parameters())[0, 0] += 1e-3
-    assert weights_key(clip, torch.float32) != key
+    assert weights_key(clip) != key
+
+
+def test_a_bfloat16_start_reads_what_a_float32_start_converted(tiny_openvino, monkeypatch, caplog):
+    """The saved towers are the float32 conversion whatever the precision, which is applied when
+    compiling: a second precision costs no second conversion and no second folder."""
+    import model.openvino
+
+    settings, _ = tiny_openvino  # a float32 start converted into its cache
+    (folder,) = settings.openvino_cache_dir.iterdir()
+
+    def no_conversion(clip):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(model.openvino, "convert_towers", no_conversion)
+    with caplog.at_level("INFO", logger="model.openvino"):
+        bf16 = create_engine(settings.model_copy(update={"dtype": "bfloat16"}))
+    assert "read from the cache" in caplog.text
+    assert list(settings.openvino_cache_dir.iterdir()) == [folder]
+    assert bf16.dtype == torch.bfloat16 and bf16.clip.precision == "bf16"  # OpenVINO's compile hint
 
 
 def test_fer_predict_runs_on_openvino(
