@@ -10,6 +10,7 @@ float32 and bfloat16 starts share one folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -98,29 +99,52 @@ def weights_key(clip: LoadedClip) -> str:
 
 def cached_towers(clip: LoadedClip, cache: Path | None) -> dict:
     """The converted towers: read from `cache` when a start before converted the same weights, else
-    converted now and saved there (None: not saved)."""
-    import openvino as ov
-
+    converted now and saved there (None: not saved). A damaged folder is converted again and replaced."""
     folder = None if cache is None else Path(cache) / weights_key(clip)
-    if folder is not None and all((folder / f"{t}{s}").is_file() for t in TOWERS for s in (".xml", ".bin")):
+    damaged = None  # which folder this start found damaged, to replace it and no other
+    if folder is not None and (found := _identity(folder)) is not None:
         try:
-            models = {t: ov.Core().read_model(folder / f"{t}.xml") for t in TOWERS}
-        except RuntimeError as exc:  # a damaged file: this start converts; deleting the folder is the user's
-            log.warning("cannot read the cached OpenVINO encoders in %s (delete it): %s", folder, exc)
+            models = _read(folder)
+        except (RuntimeError, OSError) as exc:  # OpenVINO raises RuntimeError for a cut or garbled file
+            log.warning(
+                "cannot read the cached OpenVINO encoders in %s (%s): converting them again to replace it",
+                folder,
+                exc,
+            )
+            damaged = found
         else:
             log.info("%s, %s", READ_FROM_CACHE, folder)
             return models
     log.info("%s (once for these weights)", CONVERTING)
     models = convert_towers(clip)
     if folder is not None:
-        _save(models, folder)
+        _save(models, folder, damaged)
     return models
 
 
-def _save(models: dict, folder: Path) -> None:
+def _read(folder: Path) -> dict:
+    import openvino as ov
+
+    names = [f"{tower}{suffix}" for tower in TOWERS for suffix in (".xml", ".bin")]
+    if missing := [name for name in names if not (folder / name).is_file()]:
+        raise FileNotFoundError(f"missing {', '.join(missing)}")
+    return {tower: ov.Core().read_model(folder / f"{tower}.xml") for tower in TOWERS}
+
+
+def _identity(path: Path) -> tuple | None:
+    """Which folder is at `path` now (None: none), to tell the damaged one from another start's copy."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino, found.st_mtime_ns
+
+
+def _save(models: dict, folder: Path, damaged: tuple | None = None) -> None:
     """Saved whole or not at all: written into a new folder beside, then renamed, so that a crash or a
     second process converting at the same time never leaves a folder another start would half-read.
-    A folder that cannot be written costs the next start a conversion, not this one its model."""
+    A folder that cannot be written costs the next start a conversion, not this one its model.
+    `damaged`: the identity of the folder found damaged at `folder`, which the new one replaces."""
     import openvino as ov
 
     try:
@@ -134,13 +158,32 @@ def _save(models: dict, folder: Path) -> None:
         for tower, model in models.items():
             # float32 weights as converted: the default would round them to float16.
             ov.save_model(model, partial / f"{tower}.xml", compress_to_fp16=False)
-        os.rename(partial, folder)
-        log.info("OpenVINO encoders cached in %s", folder)
-    except OSError as exc:  # a full disk, or another process renamed its copy first
-        if not folder.is_dir():
-            log.warning("the OpenVINO encoders are not cached: %s: %s", folder, exc.strerror or exc)
+        if _rename_into(partial, folder, damaged):
+            log.info("OpenVINO encoders cached in %s", folder)
+    except OSError as exc:  # a full disk, a folder that cannot be written
+        log.warning("the OpenVINO encoders are not cached: %s: %s", folder, exc.strerror or exc)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def _rename_into(partial: Path, folder: Path, damaged: tuple | None) -> bool:
+    """Renames the saved copy to `folder`; False when another start's copy got there first, which is
+    kept (a third start may be reading it). The damaged folder, if still there, is renamed aside first
+    and removed: a rename does not replace a folder with files."""
+    aside = partial.with_name(f"{partial.name}-damaged")
+    try:
+        if damaged is not None and _identity(folder) == damaged:
+            with contextlib.suppress(FileNotFoundError):  # another start set it aside first
+                os.rename(folder, aside)
+        try:
+            os.rename(partial, folder)
+        except OSError:
+            if _identity(folder) in (None, damaged):  # nothing there, or the damaged one kept: a failure
+                raise
+            return False
+        return True
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 @dataclass

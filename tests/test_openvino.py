@@ -5,6 +5,8 @@ saying so, where the optional extra is not installed."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from model.settings import ModelSettings, device_for
 from tests.support import encode_images, face_image, tiny_settings
 
 TOLERANCE = 1e-4  # on probabilities, float32 against float32
+SAVED = ["image.bin", "image.xml", "text.bin", "text.xml"]  # a cache folder's files
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +28,16 @@ def openvino():
     return pytest.importorskip(
         "openvino", reason="needs the optional openvino extra: pip install '.[openvino]'"
     )
+
+
+def forbid_conversion(monkeypatch) -> None:
+    """A start from here on must read the cache: converting fails the test."""
+    import model.openvino
+
+    def no_conversion(clip):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(model.openvino, "convert_towers", no_conversion)
 
 
 def probabilities(engine, images, prompt_set: str = "P-3") -> torch.Tensor:
@@ -61,17 +74,11 @@ def test_the_tiny_model_answers_as_torch_does(engine, tiny_openvino):
 
 
 def test_a_restart_reads_the_converted_encoders(engine, tiny_openvino, monkeypatch, caplog):
-    import model.openvino
-
     settings, _ = tiny_openvino
     (folder,) = settings.openvino_cache_dir.iterdir()  # made by the first start
     saved = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
-    assert sorted(saved) == ["image.bin", "image.xml", "text.bin", "text.xml"]
-
-    def no_conversion(clip):
-        raise AssertionError("converted again")
-
-    monkeypatch.setattr(model.openvino, "convert_towers", no_conversion)
+    assert sorted(saved) == SAVED
+    forbid_conversion(monkeypatch)
     with caplog.at_level("INFO", logger="model.openvino"):
         again = create_engine(settings)
     assert "read from the cache" in caplog.text
@@ -95,15 +102,9 @@ def test_the_cache_key_follows_the_weights_not_the_precision(openvino, tiny_open
 def test_a_bfloat16_start_reads_what_a_float32_start_converted(tiny_openvino, monkeypatch, caplog):
     """The saved towers are the float32 conversion whatever the precision, which is applied when
     compiling: a second precision costs no second conversion and no second folder."""
-    import model.openvino
-
     settings, _ = tiny_openvino  # a float32 start converted into its cache
     (folder,) = settings.openvino_cache_dir.iterdir()
-
-    def no_conversion(clip):
-        raise AssertionError("converted again")
-
-    monkeypatch.setattr(model.openvino, "convert_towers", no_conversion)
+    forbid_conversion(monkeypatch)
     with caplog.at_level("INFO", logger="model.openvino"):
         bf16 = create_engine(settings.model_copy(update={"dtype": "bfloat16"}))
     assert "read from the cache" in caplog.text
@@ -144,17 +145,80 @@ def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_model(
     assert_same_answers(engine, openvino_engine, [face_image(5)])
 
 
-def test_a_damaged_cache_is_converted_again_with_a_warning(engine, tiny_openvino, tmp_path, caplog):
-    import shutil
+def cut_in_half(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
 
-    settings, _ = tiny_openvino
-    (folder,) = settings.openvino_cache_dir.iterdir()
-    shutil.copytree(folder, tmp_path / folder.name)
-    (tmp_path / folder.name / "image.xml").write_text("cut short")
+
+# How a cache folder is found damaged, and what its warning says of it (None: OpenVINO's words).
+DAMAGES = {
+    "a missing .bin": (lambda folder: (folder / "image.bin").unlink(), "missing image.bin"),
+    "a cut .xml": (lambda folder: (folder / "image.xml").write_text("cut short"), None),
+    "a cut .bin": (lambda folder: cut_in_half(folder / "text.bin"), None),
+    "an empty folder": (lambda folder: [path.unlink() for path in folder.iterdir()], "missing"),
+}
+
+
+def damaged_cache(settings, tmp_path, damage: str):
+    """A copy of the converted tiny model's cache folder, damaged; the settings that use the copy."""
+    (converted,) = settings.openvino_cache_dir.iterdir()
+    folder = tmp_path / "cache" / converted.name
+    shutil.copytree(converted, folder)
+    DAMAGES[damage][0](folder)
+    return settings.model_copy(update={"openvino_cache": folder.parent}), folder
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_cache_is_converted_with_a_warning_and_replaced(
+    engine, tiny_openvino, tmp_path, monkeypatch, caplog, damage
+):
+    from model.openvino import CONVERTING, READ_FROM_CACHE
+
+    settings, folder = damaged_cache(tiny_openvino[0], tmp_path, damage)
     with caplog.at_level("INFO", logger="model.openvino"):
-        again = create_engine(settings.model_copy(update={"openvino_cache": tmp_path}))
-    assert "cannot read the cached OpenVINO encoders" in caplog.text and "converting" in caplog.text
+        again = create_engine(settings)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "cannot read the cached OpenVINO encoders" in warning and str(folder) in warning
+    assert DAMAGES[damage][1] is None or DAMAGES[damage][1] in warning
+    assert CONVERTING in caplog.text
     assert_same_answers(engine, again, [face_image(6)])
+    # Replaced whole, nothing set aside left behind, so the next start reads it.
+    assert list(folder.parent.iterdir()) == [folder]
+    assert sorted(path.name for path in folder.iterdir()) == SAVED
+    caplog.clear()
+    forbid_conversion(monkeypatch)
+    with caplog.at_level("INFO", logger="model.openvino"):
+        create_engine(settings)
+    assert READ_FROM_CACHE in caplog.text and "WARNING" not in caplog.text
+
+
+def test_a_start_that_loses_the_race_to_replace_a_damaged_folder_keeps_the_winners(
+    engine, tiny_openvino, tmp_path, monkeypatch, caplog
+):
+    """Two starts found the same damaged folder and converted: the other one replaced it first. This
+    one leaves the winner's folder as it is (a third start may be reading it) and drops its own copy."""
+    import model.openvino
+
+    settings, folder = damaged_cache(tiny_openvino[0], tmp_path, "a missing .bin")
+    (converted,) = tiny_openvino[0].openvino_cache_dir.iterdir()
+    convert, winner = model.openvino.convert_towers, {}
+
+    def convert_while_another_start_replaces(clip):
+        models = convert(clip)
+        os.rename(folder, tmp_path / "aside")  # what the winner did, in its order
+        shutil.copytree(converted, tmp_path / "winner's")
+        os.rename(tmp_path / "winner's", folder)
+        shutil.rmtree(tmp_path / "aside")
+        winner["inode"] = folder.stat().st_ino
+        return models
+
+    monkeypatch.setattr(model.openvino, "convert_towers", convert_while_another_start_replaces)
+    with caplog.at_level("WARNING", logger="model.openvino"):
+        loser = create_engine(settings)
+    assert folder.stat().st_ino == winner["inode"]
+    assert list(folder.parent.iterdir()) == [folder]  # its own copy removed
+    assert "not cached" not in caplog.text
+    assert_same_answers(engine, loser, [face_image(7)])
 
 
 @pytest.mark.slow
