@@ -14,8 +14,10 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,13 @@ CACHE_FORMAT = "1"  # part of the key: a change in what is saved makes older fol
 EXAMPLE_BATCH = 2  # torch.export specialises a dimension whose example size is 0 or 1
 # OpenVINO's names of the precisions the CPU runs them in, by FER_DTYPE's.
 PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}
+KEY_CHARS = 24  # hex digits of the weights' hash that name a folder
+# The folder of a save not yet renamed, `.<key>-<pid>-<thread>`, or a damaged folder it set aside.
+UNFINISHED = re.compile(rf"\.[0-9a-f]{{{KEY_CHARS}}}-(?P<pid>\d+)-\d+(-damaged)?")
+# An unfinished save's folder is removed when nothing in it changed for this long and its process is
+# gone, or for the longer time whatever its process id says: a save writes without pauses, and a
+# process id may be another machine's (a shared volume) or taken again by another process.
+LEFTOVER_S, ABANDONED_S = 60, 600
 # How a start's log tells a cached start from a conversion; the benchmark reads the services' logs for it.
 READ_FROM_CACHE = "OpenVINO encoders read from the cache"
 CONVERTING = "converting the CLIP encoders for OpenVINO"
@@ -94,7 +103,7 @@ def weights_key(clip: LoadedClip) -> str:
     for name, tensor in clip.model.state_dict().items():
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()[:24]
+    return digest.hexdigest()[:KEY_CHARS]
 
 
 def cached_towers(clip: LoadedClip, cache: Path | None) -> dict:
@@ -149,6 +158,7 @@ def _save(models: dict, folder: Path, damaged: tuple | None = None) -> None:
 
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        _remove_unfinished(folder.parent)
         partial = folder.parent / f".{folder.name}-{os.getpid()}-{threading.get_ident()}"
         partial.mkdir()  # not mkdtemp, whose folder only its owner may read: the umask decides
     except OSError as exc:
@@ -164,6 +174,40 @@ def _save(models: dict, folder: Path, damaged: tuple | None = None) -> None:
         log.warning("the OpenVINO encoders are not cached: %s: %s", folder, exc.strerror or exc)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def _remove_unfinished(cache: Path) -> None:
+    """Removes the folders of saves that ended before their rename (a crash, a kill), which nothing
+    else would: each is about the size of the weights. A cache that cannot be listed keeps them."""
+    try:
+        paths = list(cache.iterdir())
+    except OSError:
+        return
+    for path in paths:
+        match = UNFINISHED.fullmatch(path.name)
+        if match is None or not path.is_dir():
+            continue
+        untouched = time.time() - _last_change(path)
+        if untouched > ABANDONED_S or (untouched > LEFTOVER_S and not _running(int(match["pid"]))):
+            log.info("removing %s, left by a save of the OpenVINO encoders that did not finish", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _last_change(folder: Path) -> float:
+    try:
+        return max(path.stat().st_mtime for path in (folder, *folder.iterdir()))
+    except OSError:  # renamed or removed meanwhile, by the save it belongs to
+        return time.time()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: sends nothing, says whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 def _rename_into(partial: Path, folder: Path, damaged: tuple | None) -> bool:

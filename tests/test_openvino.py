@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -219,6 +222,34 @@ def test_a_start_that_loses_the_race_to_replace_a_damaged_folder_keeps_the_winne
     assert list(folder.parent.iterdir()) == [folder]  # its own copy removed
     assert "not cached" not in caplog.text
     assert_same_answers(engine, loser, [face_image(7)])
+
+
+def test_a_save_removes_the_folders_of_saves_that_did_not_finish(engine, tiny_openvino, tmp_path):
+    """A save killed before its rename leaves its partial folder (or a damaged folder it set aside). The
+    next save removes those whose process is gone, and any untouched for many minutes; it keeps those of
+    saves that may still be running, and any folder not named as a save names its own."""
+    settings, _ = tiny_openvino
+    key = next(settings.openvino_cache_dir.iterdir()).name
+    finished = subprocess.Popen([sys.executable, "-c", ""])
+    finished.wait()  # a process id no process has now
+    cache = tmp_path / "cache"
+    ages = {
+        f".{key}-{finished.pid}-1": 120,  # its process killed mid-save
+        f".{key}-{finished.pid}-2-damaged": 120,  # set aside, then killed before removing it
+        f".{key}-{os.getpid()}-3": 1200,  # its process id a running process's (taken again since)
+        f".{'0' * 24}-{os.getpid()}-4": 0,  # another thread saving now
+        f".{key}-{finished.pid}-5": 0,  # a process of another machine saving now (a shared volume)
+        ".backup-2024-01": 1200,  # not a save's
+    }
+    for name, age in ages.items():
+        (cache / name).mkdir(parents=True)
+        (cache / name / "image.bin").write_bytes(b"part of the weights")
+        for path in (cache / name / "image.bin", cache / name):
+            os.utime(path, (time.time() - age,) * 2)
+    create_engine(settings.model_copy(update={"openvino_cache": cache}))  # converts and saves
+    kept = [f".{'0' * 24}-{os.getpid()}-4", f".{key}-{finished.pid}-5", ".backup-2024-01", key]
+    assert sorted(path.name for path in cache.iterdir()) == sorted(kept)
+    assert sorted(path.name for path in (cache / key).iterdir()) == SAVED
 
 
 @pytest.mark.slow
