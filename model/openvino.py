@@ -115,8 +115,8 @@ def cached_towers(clip: LoadedClip, cache: Path | None) -> dict:
         try:
             models = _read(folder)
         except (RuntimeError, OSError) as exc:  # OpenVINO raises RuntimeError for a cut or garbled file
-            log.warning(
-                "cannot read the cached OpenVINO encoders in %s (%s): converting them again to replace it",
+            log.warning(  # the reason last: OpenVINO's may take several lines
+                "cannot read the cached OpenVINO encoders in %s, converting them again to replace it: %s",
                 folder,
                 exc,
             )
