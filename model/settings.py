@@ -70,8 +70,8 @@ class ModelSettings(BaseSettings):
     )
     openvino_cache: Path | None = Field(
         None,
-        description="where the OpenVINO backend keeps the encoders it converted, one folder per weights and "
-        "precision, so a restart loads them (default: `openvino` in FER_WEIGHTS_DIR)",
+        description="where the OpenVINO backend keeps the encoders it converted, one folder per weights whatever "
+        "FER_DTYPE, so a restart loads them (default: `openvino` in FER_WEIGHTS_DIR)",
     )
     weights_dir: Path = Field(Path("weights"), description="where downloaded weights live")
     weights_mirror: str | None = Field(
