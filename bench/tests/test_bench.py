@@ -358,7 +358,7 @@ def test_the_cache_hit_is_read_from_every_service_process_s_log(tmp_path):
     from bench.run import openvino_cache_hit
     from model.openvino import CONVERTING, READ_FROM_CACHE
 
-    read, converted = f"INFO {READ_FROM_CACHE}, /cache/abc-f32\n", f"INFO {CONVERTING} (once)\n"
+    read, converted = f"INFO {READ_FROM_CACHE}, /cache/abc\n", f"INFO {CONVERTING} (once)\n"
 
     def service(log: str, workers: int = 1) -> Service:
         path = tmp_path / f"{len(list(tmp_path.iterdir()))}.log"
