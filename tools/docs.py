@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -54,6 +55,12 @@ naming the command that gets it ([weights.md](weights.md)).
 
 This page is generated from the settings classes (`python -m tools.docs`).
 """
+
+
+def shown_command(report: dict) -> str:
+    """A report's command, with the development data's folder (outside the repository, on the team's
+    machines only) named for what it is."""
+    return re.sub(r"(--faces-data) \S+", r"\1 DATA", report.get("command") or "")
 
 
 def _default(field: FieldInfo) -> str:
@@ -220,7 +227,7 @@ def _report(name: str, r: dict) -> list[str]:
     lines = [
         f"## {name}",
         "",
-        f"`{r.get('command')}` on commit {r.get('commit')}, {r.get('date')}: {where}, {host.get('platform')}, "
+        f"`{shown_command(r)}` on commit {r.get('commit')}, {r.get('date')}: {where}, {host.get('platform')}, "
         f"torch {host.get('torch')}; load average {fmt(host.get('load_average_at_start'), '.1f')} at the start.",
         "",
     ]
@@ -339,7 +346,7 @@ def _abuse_report(name: str, r: dict) -> list[str]:
     lines = [
         f"## {name}",
         "",
-        f"`{r.get('command')}` on commit {r.get('commit')}, {r.get('date')}: {host.get('cpus')} CPU cores, "
+        f"`{shown_command(r)}` on commit {r.get('commit')}, {r.get('date')}: {host.get('cpus')} CPU cores, "
         f"{host.get('platform')}; load average {fmt(host.get('load_average_at_start'), '.1f')} at the start.",
         "",
         f"Model: {settings.get('model')}. Each scenario is a fresh service and a {fmt(window, 'g')} s window; "
