@@ -5,6 +5,7 @@ Helpers that are not fixtures are in tests/support.py."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,17 @@ from model.registry import open_clip_models
 from tests.support import TINY_MODEL, service_settings, tiny_settings, wait_ready
 
 open_clip = open_clip_models()  # with the bundled fer-tiny architecture registered
+
+
+@pytest.fixture(autouse=True)
+def sigchld_as_it_was():
+    """torch's DataLoader workers (`fer train` run in-process) leave a SIGCHLD handler behind, to notice a
+    dead worker. Left in place it ran at every later child's exit, and the kernel killed the test run
+    with a segfault while a test waited on a subprocess or a browser."""
+    before = signal.getsignal(signal.SIGCHLD)
+    yield
+    signal.signal(signal.SIGCHLD, before)
+
 
 BROWSER_TESTS = "test_web.py"
 OWN_PROCESS = "FER_BROWSER_TESTS_OWN_PROCESS"
