@@ -4,7 +4,6 @@ Helpers that are not fixtures are in tests/support.py."""
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 
@@ -25,21 +24,6 @@ def sigchld_as_it_was():
     before = signal.getsignal(signal.SIGCHLD)
     yield
     signal.signal(signal.SIGCHLD, before)
-
-
-BROWSER_TESTS = "test_web.py"
-OWN_PROCESS = "FER_BROWSER_TESTS_OWN_PROCESS"
-
-
-def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
-    """The browser tests run in a pytest process of their own (tests/test_browser_process.py), unless
-    named on the command line: Playwright's sync API switches stacks with greenlets, which crashed the
-    interpreter late in a process that had already run the rest of the suite (its torch, OpenVINO and
-    server threads), never in a fresh one."""
-    if collection_path.name != BROWSER_TESTS or os.environ.get(OWN_PROCESS):
-        return None
-    named = any(Path(arg.split("::")[0]).name == BROWSER_TESTS for arg in config.args)
-    return None if named else True
 
 
 PROJECTION_DIM = 4096
