@@ -5,7 +5,7 @@
 import { timelineChart } from "./chart.js";
 import * as settings from "./settings.js";
 import { viewRequests } from "./request.js";
-import { $, colourFor, dropzone, el, filePicker, ms, say, seconds } from "./ui.js";
+import { $, colourFor, dropzone, el, filePicker, ms, say, seconds, seekCell } from "./ui.js";
 
 let file = null;
 let mediaUrl = null;
@@ -162,13 +162,10 @@ function renderTable(timeline, texts) {
     ...texts.map((text) => el("th", { scope: "col", text })),
   );
   const rows = timeline.map((f, i) => {
-    const button = el("button", { type: "button", className: "link-button", text: seconds(f.timestamp) });
-    button.setAttribute("aria-label", `Seek to ${seconds(f.timestamp)}`);
-    button.addEventListener("click", () => chart?.select(i)); // the chart seeks the clip as it selects
     return el(
       "tr",
       {},
-      el("th", { scope: "row" }, button),
+      seekCell(f.timestamp, () => chart?.select(i)),
       el("td", { text: String(f.index) }),
       ...f.scores.map((score) => el("td", { text: score.toFixed(3) })),
     );

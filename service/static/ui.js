@@ -45,6 +45,15 @@ export function seconds(value) {
 }
 
 /** Classes sorted by probability, highest first: [[name, p], ...]. */
+/** A frame table's first cell: the frame's time as a button that picks the frame (`select`: the
+ * chart's, which seeks the clip as it selects). */
+export function seekCell(timestamp, select) {
+  const button = el("button", { type: "button", className: "link-button", text: seconds(timestamp) });
+  button.setAttribute("aria-label", `Seek to ${seconds(timestamp)}`);
+  button.addEventListener("click", select);
+  return el("th", { scope: "row" }, button);
+}
+
 export function ranked(probabilities) {
   return Object.entries(probabilities).sort((a, b) => b[1] - a[1]);
 }

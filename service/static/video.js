@@ -7,7 +7,7 @@
 import { timelineChart } from "./chart.js";
 import * as settings from "./settings.js";
 import { viewRequests } from "./request.js";
-import { $, bars, colourFor, drawFaces, dropzone, el, filePicker, ms, percent, ranked, seconds } from "./ui.js";
+import { $, bars, colourFor, drawFaces, dropzone, el, filePicker, ms, percent, ranked, seconds, seekCell } from "./ui.js";
 
 let file = null;
 let clipUrl = null;
@@ -303,13 +303,10 @@ function renderTable(timeline, classes) {
     ...classes.map((c) => el("th", { scope: "col", text: c })),
   );
   const rows = timeline.map((f, i) => {
-    const button = el("button", { type: "button", className: "link-button", text: seconds(f.timestamp) });
-    button.setAttribute("aria-label", `Seek to ${seconds(f.timestamp)}`);
-    button.addEventListener("click", () => chart?.select(i)); // the chart seeks the clip as it selects
     return el(
       "tr",
       {},
-      el("th", { scope: "row" }, button),
+      seekCell(f.timestamp, () => chart?.select(i)),
       el("td", { text: String(f.index) }),
       el("td", { text: f.face_detected ? "yes" : "no" }),
       el("td", { text: f.label }),
