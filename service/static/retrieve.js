@@ -5,7 +5,7 @@
 import { timelineChart } from "./chart.js";
 import * as settings from "./settings.js";
 import { viewRequests } from "./request.js";
-import { $, colourFor, dropzone, el, filePicker, ms, say, seconds, seekCell } from "./ui.js";
+import { $, dropzone, el, filePicker, ms, lineLegend, say, seconds, seekCell } from "./ui.js";
 
 let file = null;
 let mediaUrl = null;
@@ -107,17 +107,7 @@ function showOverTime(body, texts, player) {
   section.hidden = !timeline.length;
   if (!timeline.length) return;
 
-  $("retrieve-legend").replaceChildren(
-    el(
-      "ul",
-      { "aria-label": "Line colours" },
-      ...texts.map((text, d) => {
-        const swatch = el("span", { className: "swatch", "aria-hidden": "true" });
-        swatch.style.backgroundColor = colourFor(d);
-        return el("li", {}, swatch, el("span", { text }));
-      }),
-    ),
-  );
+  $("retrieve-legend").replaceChildren(lineLegend(texts));
   // cosines of one clip sit close together: the axis spans the scores shown, with a margin
   const all = timeline.flatMap((f) => f.scores);
   const low = Math.min(...all);

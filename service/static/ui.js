@@ -45,6 +45,19 @@ export function seconds(value) {
 }
 
 /** Classes sorted by probability, highest first: [[name, p], ...]. */
+/** A chart's legend: one swatch of `colourFor(i)` per label, in order. */
+export function lineLegend(labels) {
+  return el(
+    "ul",
+    { "aria-label": "Line colours" },
+    ...labels.map((text, i) => {
+      const swatch = el("span", { className: "swatch", "aria-hidden": "true" });
+      swatch.style.backgroundColor = colourFor(i);
+      return el("li", {}, swatch, el("span", { text }));
+    }),
+  );
+}
+
 /** A frame table's first cell: the frame's time as a button that picks the frame (`select`: the
  * chart's, which seeks the clip as it selects). */
 export function seekCell(timestamp, select) {

@@ -7,7 +7,7 @@
 import { timelineChart } from "./chart.js";
 import * as settings from "./settings.js";
 import { viewRequests } from "./request.js";
-import { $, bars, colourFor, drawFaces, dropzone, el, filePicker, ms, percent, ranked, seconds, seekCell } from "./ui.js";
+import { $, bars, drawFaces, dropzone, el, filePicker, ms, percent, ranked, lineLegend, seconds, seekCell } from "./ui.js";
 
 let file = null;
 let clipUrl = null;
@@ -152,17 +152,7 @@ function show(body, roundTrip) {
     .filter(Boolean)
     .join(" · ");
 
-  $("video-legend").replaceChildren(
-    el(
-      "ul",
-      { "aria-label": "Line colours" },
-      ...classes.map((cls, c) => {
-        const swatch = el("span", { className: "swatch", "aria-hidden": "true" });
-        swatch.style.backgroundColor = colourFor(c);
-        return el("li", {}, swatch, el("span", { text: cls }));
-      }),
-    ),
-  );
+  $("video-legend").replaceChildren(lineLegend(classes));
   renderPeople();
   $("video-result").hidden = false;
   showPerson(0);
