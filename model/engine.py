@@ -54,8 +54,10 @@ class FerEngine:
         dtype: torch.dtype = torch.float32,
         warning: str | None = None,
         encoders: Encoders | None = None,
+        backend: str = "torch",
     ):
         self.name = name
+        self.backend = backend  # the runtime `encoders` are on (FER_BACKEND), said in the ready line
         self.warning = warning  # e.g. that the weights are random, said beside the name in every answer
         self.device = torch.device(device)
         # The frozen encoders run in `dtype` (weights and activations); their outputs are cast to
@@ -113,7 +115,9 @@ class FerEngine:
             from model.openvino import openvino_clip  # the optional extra: imported only when chosen
 
             encoders = openvino_clip(clip, precision, openvino_cache)
-        return cls(clip, projection, spec.preprocess, device, spec.name, precision, spec.warning, encoders)
+        return cls(
+            clip, projection, spec.preprocess, device, spec.name, precision, spec.warning, encoders, backend
+        )
 
     @property
     def dtype_name(self) -> str:

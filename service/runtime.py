@@ -138,7 +138,7 @@ class Runtime:
                 "ready: model %s on %s (%s), face detector %s, loaded in %.1f s%s%s",
                 engine.name,
                 engine.device,
-                engine.dtype_name,
+                engine.dtype_name + ("" if engine.backend == "torch" else f", {engine.backend}"),
                 self.detector.name if self.detector else "none",
                 time.perf_counter() - started,
                 f"; answering at {self.address}" if self.address else "",

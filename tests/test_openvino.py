@@ -77,7 +77,8 @@ def test_the_tiny_model_answers_as_torch_does(engine, tiny_openvino):
 
 
 def test_a_restart_reads_the_converted_encoders(engine, tiny_openvino, monkeypatch, caplog):
-    settings, _ = tiny_openvino
+    settings, first = tiny_openvino
+    assert first.backend == "openvino" and engine.backend == "torch"  # what the ready line names
     (folder,) = settings.openvino_cache_dir.iterdir()  # made by the first start
     saved = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
     assert sorted(saved) == SAVED
