@@ -131,6 +131,9 @@ class Normaliser(torch.nn.Module):
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
 
+    def extra_repr(self) -> str:  # what it computes, which its weights (none) do not show
+        return f"standardise={self.standardise}, mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.float().div_(255.0)
         return (x - self.mean) / self.std if self.standardise else x

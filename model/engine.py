@@ -36,7 +36,11 @@ TEXT_BATCH = 256
 
 class Encoders(Protocol):
     """The CLIP encoders as the engine calls them: the torch module itself, or another runtime's towers
-    (model.openvino). Both return the embedding before W, not normalised."""
+    (model.openvino). Both return the embedding before W, not normalised. The torch module's
+    `encode_image` takes normalised pixels in the engine's dtype; another runtime's takes the uint8 pixels
+    when `normalises` (its graph starts with the normaliser)."""
+
+    normalises: bool
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor: ...
 
@@ -65,6 +69,7 @@ class FerEngine:
         self.dtype = dtype
         # `encoders`: another runtime's, which run in `dtype` themselves; by default the torch module.
         self.clip: Encoders = clip.model.to(self.device, dtype) if encoders is None else encoders
+        self.encoders_normalise = encoders is not None and encoders.normalises
         self.tokenizer = clip.tokenizer
         self.image_size = clip.preprocess.image_size
         self.prepare_transform = pil_transform(preprocess, clip.preprocess)
@@ -114,7 +119,9 @@ class FerEngine:
         if backend == "openvino":
             from model.openvino import openvino_clip  # the optional extra: imported only when chosen
 
-            encoders = openvino_clip(clip, precision, openvino_cache)
+            encoders = openvino_clip(
+                clip, Normaliser(spec.preprocess, clip.preprocess), precision, openvino_cache
+            )
         return cls(
             clip, projection, spec.preprocess, device, spec.name, precision, spec.warning, encoders, backend
         )
@@ -144,8 +151,10 @@ class FerEngine:
         Training fits W on it; evaluation compares it with the projected feature."""
         if self.device.type == "cuda" and not pixels.is_cuda:
             pixels = pixels.pin_memory()  # uint8 crosses the bus (4x less than float), asynchronously
-        x = self.normaliser(pixels.to(self.device, non_blocking=True))
-        return self.clip.encode_image(x.to(self.dtype)).float()
+        pixels = pixels.to(self.device, non_blocking=True)
+        if self.encoders_normalise:
+            return self.clip.encode_image(pixels).float()
+        return self.clip.encode_image(self.normaliser(pixels).to(self.dtype)).float()
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """CLIP embedding -> W (plain CLIP: unchanged). The same map serves images and text."""

@@ -1,6 +1,8 @@
 """The OpenVINO backend (FER_BACKEND=openvino): CLIP's image and text towers converted to OpenVINO and
 run on the CPU, behind the two calls the engine makes of the torch module, `encode_image` and
-`encode_text`. Everything around them (normalisation, W, pooling, scoring) stays the engine's torch code.
+`encode_text`. The image tower is converted with the engine's normaliser in front of it, so it takes the
+uint8 pixels: a one-image request then runs no torch work before the call it waits on. Everything after
+the towers (W, pooling, scoring) stays the engine's torch code.
 
 Converting is slow beside reading a converted model, so the converted towers are saved in the cache
 folder under a key made of the weights, the architecture and the OpenVINO release; a restart reads them.
@@ -23,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from model.clip import LoadedClip
+from model.clip import LoadedClip, Normaliser
 
 log = logging.getLogger(__name__)
 
 TOWERS = ("image", "text")
-CACHE_FORMAT = "1"  # part of the key: a change in what is saved makes older folders unused
+CACHE_FORMAT = "2"  # part of the key: a change in what is saved makes older folders unused
 EXAMPLE_BATCH = 2  # torch.export specialises a dimension whose example size is 0 or 1
 # OpenVINO's names of the precisions the CPU runs them in, by FER_DTYPE's.
 PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -45,26 +47,29 @@ CONVERTING = "converting the CLIP encoders for OpenVINO"
 
 
 class _Tower(torch.nn.Module):
-    """One of the CLIP module's encode calls, as a module's forward: what torch.export takes."""
+    """One of the CLIP module's encode calls, as a module's forward: what torch.export takes. The image
+    tower's starts at the uint8 pixels, with the normaliser."""
 
-    def __init__(self, clip: torch.nn.Module, tower: str):
+    def __init__(self, clip: torch.nn.Module, tower: str, normaliser: Normaliser):
         super().__init__()
-        self.clip, self.tower = clip, tower
+        self.clip, self.tower, self.normaliser = clip, tower, normaliser
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.clip.encode_image(x) if self.tower == "image" else self.clip.encode_text(x)
+        if self.tower == "image":
+            return self.clip.encode_image(self.normaliser(x))
+        return self.clip.encode_text(x)
 
 
 def example_inputs(clip: LoadedClip) -> dict[str, torch.Tensor]:
     """Each tower's input, of the shape and type the engine passes it."""
     size = clip.preprocess.image_size
     return {
-        "image": torch.zeros(EXAMPLE_BATCH, 3, size, size),
+        "image": torch.zeros(EXAMPLE_BATCH, 3, size, size, dtype=torch.uint8),
         "text": clip.tokenizer(["a photo of a face"] * EXAMPLE_BATCH),
     }
 
 
-def convert_towers(clip: LoadedClip) -> dict:
+def convert_towers(clip: LoadedClip, normaliser: Normaliser) -> dict:
     """Both towers of the float32 torch module as OpenVINO models, batch dimension dynamic.
 
     Through torch.export rather than `openvino.convert_model`'s own tracing: its trace check fails on
@@ -77,7 +82,7 @@ def convert_towers(clip: LoadedClip) -> dict:
         batch = torch.export.Dim("batch")
         try:
             exported = torch.export.export(
-                _Tower(clip.model, tower), (example,), dynamic_shapes=({0: batch},)
+                _Tower(clip.model, tower, normaliser), (example,), dynamic_shapes=({0: batch},)
             )
             model = ov.convert_model(exported)
         except Exception as exc:
@@ -91,14 +96,14 @@ def convert_towers(clip: LoadedClip) -> dict:
     return models
 
 
-def weights_key(clip: LoadedClip) -> str:
+def weights_key(clip: LoadedClip, normaliser: Normaliser) -> str:
     """What the converted towers depend on: every weight, the module's structure (its repr names the
-    activations, which the weights do not show) and the OpenVINO release. Not the precision, which is
-    applied when compiling the float32 conversion."""
+    activations, which the weights do not show), the normalisation converted in front of the image tower
+    and the OpenVINO release. Not the precision, which is applied when compiling the float32 conversion."""
     import openvino as ov
 
     digest = hashlib.sha256()
-    for part in (CACHE_FORMAT, ov.__version__, repr(clip.model)):
+    for part in (CACHE_FORMAT, ov.__version__, repr(clip.model), repr(normaliser)):
         digest.update(part.encode() + b"\0")
     for name, tensor in clip.model.state_dict().items():
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
@@ -106,10 +111,10 @@ def weights_key(clip: LoadedClip) -> str:
     return digest.hexdigest()[:KEY_CHARS]
 
 
-def cached_towers(clip: LoadedClip, cache: Path | None) -> dict:
+def cached_towers(clip: LoadedClip, normaliser: Normaliser, cache: Path | None) -> dict:
     """The converted towers: read from `cache` when a start before converted the same weights, else
     converted now and saved there (None: not saved). A damaged folder is converted again and replaced."""
-    folder = None if cache is None else Path(cache) / weights_key(clip)
+    folder = None if cache is None else Path(cache) / weights_key(clip, normaliser)
     damaged = None  # which folder this start found damaged, to replace it and no other
     if folder is not None and (found := _identity(folder)) is not None:
         try:
@@ -125,7 +130,7 @@ def cached_towers(clip: LoadedClip, cache: Path | None) -> dict:
             log.info("%s, %s", READ_FROM_CACHE, folder)
             return models
     log.info("%s (once for these weights)", CONVERTING)
-    models = convert_towers(clip)
+    models = convert_towers(clip, normaliser)
     if folder is not None:
         _save(models, folder, damaged)
     return models
@@ -248,9 +253,11 @@ class OpenVinoClip:
         self._compiled: dict[str, _Compiled] = {}
         self._lock = threading.Lock()
 
+    normalises = True  # encode_image takes the uint8 pixels (model.engine.Encoders)
+
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels [N, 3, S, S] (any float type) -> CLIP image embedding [N, D], float32."""
-        return self._infer("image", pixels.float())
+        """uint8 pixels [N, 3, S, S] -> CLIP image embedding [N, D], float32."""
+        return self._infer("image", pixels)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids [N, L] -> CLIP text embedding [N, D], float32."""
@@ -283,8 +290,11 @@ class OpenVinoClip:
             return self._compiled[tower]
 
 
-def openvino_clip(clip: LoadedClip, precision: torch.dtype, cache: Path | None) -> OpenVinoClip:
-    """The loaded float32 CLIP as OpenVINO towers running in `precision` (float32 or bfloat16)."""
+def openvino_clip(
+    clip: LoadedClip, normaliser: Normaliser, precision: torch.dtype, cache: Path | None
+) -> OpenVinoClip:
+    """The loaded float32 CLIP as OpenVINO towers running in `precision` (float32 or bfloat16), the
+    image tower behind `normaliser`."""
     if precision not in PRECISIONS:
         raise RuntimeError(f"FER_BACKEND=openvino runs float32 or bfloat16, not {precision}")
-    return OpenVinoClip(cached_towers(clip, cache), precision)
+    return OpenVinoClip(cached_towers(clip, normaliser, cache), precision)

@@ -37,7 +37,7 @@ def forbid_conversion(monkeypatch) -> None:
     """A start from here on must read the cache: converting fails the test."""
     import model.openvino
 
-    def no_conversion(clip):
+    def no_conversion(clip, normaliser):
         raise AssertionError("converted again")
 
     monkeypatch.setattr(model.openvino, "convert_towers", no_conversion)
@@ -76,6 +76,33 @@ def test_the_tiny_model_answers_as_torch_does(engine, tiny_openvino):
     assert_same_answers(engine, openvino_engine, [face_image(9)])
 
 
+def test_the_image_encoder_takes_the_uint8_pixels(tiny_openvino, monkeypatch):
+    """Normalisation runs in the converted graph: no torch work (and no float copy of the pixels) comes
+    before the encoder call, which a one-image request waits on whole."""
+    _, openvino_engine = tiny_openvino
+    seen = []
+    infer = openvino_engine.clip._infer
+    monkeypatch.setattr(
+        openvino_engine.clip, "_infer", lambda tower, x: seen.append(x.dtype) or infer(tower, x)
+    )
+    monkeypatch.setattr(openvino_engine, "normaliser", None)  # the torch normaliser is not called
+    encode_images(openvino_engine, [face_image(2)])
+    assert seen == [torch.uint8]
+
+
+def test_clip_standardisation_answers_as_torch_does(openvino, tiny_clip_path, tmp_path):
+    """`clip` preprocessing (CLIP's mean and std) as well as `exp-clip`'s (the tiny fixture's): each is
+    converted into the graph and keyed apart, so one cache folder never serves the other."""
+    cache = tmp_path / "openvino"
+    torch_engine = create_engine(tiny_settings(tiny_clip_path, "none", preprocess="clip"))
+    openvino_engine = create_engine(
+        tiny_settings(tiny_clip_path, "none", preprocess="clip", backend="openvino", openvino_cache=cache)
+    )
+    assert_same_answers(torch_engine, openvino_engine, [face_image(i) for i in range(3)])
+    create_engine(tiny_settings(tiny_clip_path, "none", backend="openvino", openvino_cache=cache))
+    assert len(list(cache.iterdir())) == 2
+
+
 def test_a_restart_reads_the_converted_encoders(engine, tiny_openvino, monkeypatch, caplog):
     settings, first = tiny_openvino
     assert first.backend == "openvino" and engine.backend == "torch"  # what the ready line names
@@ -91,16 +118,17 @@ def test_a_restart_reads_the_converted_encoders(engine, tiny_openvino, monkeypat
 
 
 def test_the_cache_key_follows_the_weights_not_the_precision(openvino, tiny_openvino):
-    from model.clip import load_clip
+    from model.clip import Normaliser, load_clip
     from model.openvino import weights_key
 
     settings, _ = tiny_openvino
     clip = load_clip(settings.resolve())
-    key = weights_key(clip)
-    assert weights_key(clip) == key
+    normaliser = Normaliser(settings.resolve().preprocess, clip.preprocess)
+    key = weights_key(clip, normaliser)
+    assert weights_key(clip, normaliser) == key
     with torch.no_grad():
         next(clip.model.parameters())[0, 0] += 1e-3
-    assert weights_key(clip) != key
+    assert weights_key(clip, normaliser) != key
 
 
 def test_a_bfloat16_start_reads_what_a_float32_start_converted(tiny_openvino, monkeypatch, caplog):
@@ -207,8 +235,8 @@ def test_a_start_that_loses_the_race_to_replace_a_damaged_folder_keeps_the_winne
     (converted,) = tiny_openvino[0].openvino_cache_dir.iterdir()
     convert, winner = model.openvino.convert_towers, {}
 
-    def convert_while_another_start_replaces(clip):
-        models = convert(clip)
+    def convert_while_another_start_replaces(clip, normaliser):
+        models = convert(clip, normaliser)
         os.rename(folder, tmp_path / "aside")  # what the winner did, in its order
         shutil.copytree(converted, tmp_path / "winner's")
         os.rename(tmp_path / "winner's", folder)
