@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -201,9 +201,14 @@ class Bench:
         face a frame at 320 px, as video did before tracks; started here, stopped after."""
         log_path = self.args.cache_dir / "service-one-face.log"
         with Service({**self.batching.env, **ONE_FACE_ENV}, log_path) as one_face:
-            services = {"tracks": self.batching.base_url, "one face": one_face.base_url}
+            services = {"tracks": self.batching, "one face": one_face}
             rows = interleaved_videos(
-                services, video_upload(path, True), clip, self.plan.video_repeats, self.plan.time_limit_s
+                {name: s.base_url for name, s in services.items()},
+                video_upload(path, True),
+                clip,
+                self.plan.video_repeats,
+                self.plan.time_limit_s,
+                {name: s.cpu_seconds for name, s in services.items()},
             )
         envs = {"tracks": TRACKS_ENV, "one face": ONE_FACE_ENV}
         return [{**row, "env": envs[row["service"]]} for row in rows]
@@ -262,26 +267,40 @@ def video_row(clip: str, detect: bool, upload: Upload, results: list[LoadResult]
 
 
 def interleaved_videos(
-    services: dict[str, str], upload: Upload, clip: str, repeats: int, time_limit_s: float
+    services: dict[str, str],
+    upload: Upload,
+    clip: str,
+    repeats: int,
+    time_limit_s: float,
+    cpu_seconds: dict[str, Callable[[], float]] | None = None,
 ) -> list[dict]:
     """One clip on several services (name -> base URL), one request at a time, taking turns (the first
     service alternating), so that a slow spell of a shared machine hits each alike. A first request to
     each, not timed, warms it up and says how many tracks and faces its answer has. Each row keeps its
-    latency per repeat (None: that request failed), for ratios between services repeat by repeat."""
+    latency per repeat (None: that request failed), for ratios between services repeat by repeat.
+    `cpu_seconds`: each service's CPU time so far, read around each of its requests: the work a request
+    costs, which no scheduling on the machine's cores can make shorter than CPU time / cores."""
     answers = {name: video_answer(url, upload, time_limit_s) for name, url in services.items()}
     results: dict[str, list[LoadResult]] = {name: [] for name in services}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in services}
     for repeat in range(repeats):
         turn = list(services.items())
         for name, url in turn if repeat % 2 == 0 else reversed(turn):
+            before = cpu_seconds[name]() if cpu_seconds else None
             results[name].append(run_load(url, upload, concurrency=1, requests=1, time_limit_s=time_limit_s))
+            if cpu_seconds:
+                cpu_ms[name].append(1000 * (cpu_seconds[name]() - before))
     rows = []
     for name, parts in results.items():
         tracks = answers[name].get("tracks")
+        inference = [t["inference_ms"] for p in parts for t in p.timings if "inference_ms" in t]
         rows.append(
             {
                 "service": name,
                 **video_row(clip, True, upload, parts),
                 "latencies_ms": [1000 * p.latencies_s[0] if p.ok else None for p in parts],
+                "inference_ms": statistics.median(inference) if inference else None,
+                "cpu_ms": statistics.median(cpu_ms[name]) if cpu_ms[name] else None,
                 "tracks": None if tracks is None else len(tracks),
                 "faces": None if tracks is None else sum(len(t["frames"]) for t in tracks),
             }

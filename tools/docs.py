@@ -285,16 +285,18 @@ def _tracks_video(rows: list[dict]) -> list[str]:
         "",
         "Three people in one clip, 16 frames, faces detected: the same requests taking turns on the batching "
         "service (tracks) and on a service that looks for one face a frame at 320 px, as video did before "
-        "tracks. Tracks and faces: those of one answer.",
+        "tracks. Tracks and faces: those of one answer. Encoder ms: the answer's `inference_ms`; CPU ms: the "
+        "service's CPU time during one request, all threads (medians).",
         "",
-        "| video | service | settings | answered | latency ms | decode ms | tracks | faces |",
-        "|---|---|---|---|---|---|---|---|",
+        "| video | service | settings | answered | latency ms | decode ms | encoder ms | CPU ms | tracks | faces |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in rows:
         env = ", ".join(f"`{k}={value}`" for k, value in v.get("env", {}).items())
         lines.append(
             f"| {v['clip']} | {v['service']} | {env} | {_answered(v)} | {fmt(v['latency_ms'], '.0f')} | "
-            f"{fmt(v['decode_ms'], '.0f')} | {fmt(v.get('tracks'), 'd')} | {fmt(v.get('faces'), 'd')} |"
+            f"{fmt(v['decode_ms'], '.0f')} | {fmt(v.get('inference_ms'), '.0f')} | "
+            f"{fmt(v.get('cpu_ms'), '.0f')} | {fmt(v.get('tracks'), 'd')} | {fmt(v.get('faces'), 'd')} |"
         )
     return lines
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import os
 import statistics
@@ -463,7 +464,7 @@ class StandIn(BaseHTTPRequestHandler):
         with cls.lock:
             cls.in_flight -= 1
         status = 503 if cls.fail_every and number % cls.fail_every == 0 else 200
-        timing = {"bytes": len(body), "decode_ms": 1000 * cls.delay_s}
+        timing = {"bytes": len(body), "decode_ms": 1000 * cls.delay_s, "inference_ms": 2000 * cls.delay_s}
         payload = json.dumps({"label": "neutral", "timing": timing, **cls.extra}).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")
@@ -519,7 +520,9 @@ def test_the_people_clip_takes_turns_on_both_services_and_a_failure_is_not_a_rat
         stand_in(name="tracks", arrivals=arrivals, delay_s=0.03, extra={"tracks": tracks}) as (a, _),
         stand_in(name="one face", arrivals=arrivals, extra={"tracks": tracks[:1]}, fail_every=3) as (b, _),
     ):
-        rows = interleaved_videos({"tracks": a, "one face": b}, upload, "3 people, 1080p", 3, 30)
+        clocks = {"tracks": itertools.count(0, 0.5), "one face": itertools.count(0, 0.25)}  # CPU s so far
+        cpu_seconds = {name: clock.__next__ for name, clock in clocks.items()}
+        rows = interleaved_videos({"tracks": a, "one face": b}, upload, "3 people, 1080p", 3, 30, cpu_seconds)
     first = ["tracks", "one face"]
     assert arrivals == first + first + first[::-1] + first
     with_tracks, one_face = rows
@@ -531,6 +534,8 @@ def test_the_people_clip_takes_turns_on_both_services_and_a_failure_is_not_a_rat
         16,
     )
     assert with_tracks["ok"] == with_tracks["requests"] == 3 and with_tracks["decode_ms"] == 30.0
+    assert with_tracks["inference_ms"] == 60.0  # the answers' own timing
+    assert (with_tracks["cpu_ms"], one_face["cpu_ms"]) == (500.0, 250.0)  # read around each request
     assert min(with_tracks["latencies_ms"]) >= 30 and with_tracks["detect_faces"] is True
     # The one-face stand-in's third request (the second repeat's) answered 503.
     assert one_face["latencies_ms"][1] is None and None not in one_face["latencies_ms"][::2]
@@ -549,6 +554,12 @@ def test_tracks_target_is_the_median_of_the_interleaved_repeats():
     ]
     target = next(t for t in evaluate_targets(report) if t["name"] == "tracks_vs_one_face_latency")
     assert target["rounds"] == [1.4, 2.4, 1.3] and target["value"] == 1.4 and target["passed"] is True
+    assert target["floor"] is None and "CPU time" not in target["detail"]  # not measured
+    report["tracks_video"][0]["cpu_ms"] = 2400.0
+    report["machine"]["cpus"] = 2
+    target = next(t for t in evaluate_targets(report) if t["name"] == "tracks_vs_one_face_latency")
+    assert target["floor"] == 1.2  # 2400 ms of CPU on 2 cores against one face's 1000 ms
+    assert "the tracks request's CPU time on all 2 cores: 1.20" in target["detail"]
     assert "3 people, 1080p clip, 3 tracks found" in target["detail"]
     assert "FER_MAX_FACES=10, FER_VIDEO_FACE_SIDE=960" in target["detail"]
     assert "FER_MAX_FACES=1, FER_VIDEO_FACE_SIDE=320" in target["detail"]
@@ -558,15 +569,16 @@ def test_the_benchmarks_page_shows_the_people_clip_only_where_a_report_has_it():
     from tools.docs import _report
 
     report = report_for()
+    report["tracks_video"][0].update(inference_ms=700.0, cpu_ms=2400.0)  # a report from before lacks them
     report["targets"] = evaluate_targets(report)
     page = "\n".join(_report("cpu.json", report))
     assert (
-        "| 3 people, 1080p | tracks | `FER_MAX_FACES=10`, `FER_VIDEO_FACE_SIDE=960` | 1/1 | 1400 | 500 | 3 | 41 |"
-        in page
+        "| 3 people, 1080p | tracks | `FER_MAX_FACES=10`, `FER_VIDEO_FACE_SIDE=960` | 1/1 | 1400 | 500 | 700 "
+        "| 2400 | 3 | 41 |" in page
     )
     assert (
-        "| 3 people, 1080p | one face | `FER_MAX_FACES=1`, `FER_VIDEO_FACE_SIDE=320` | 1/1 | 1000 | 500 | 1 | 16 |"
-        in page
+        "| 3 people, 1080p | one face | `FER_MAX_FACES=1`, `FER_VIDEO_FACE_SIDE=320` | 1/1 | 1000 | 500 | - "
+        "| - | 1 | 16 |" in page
     )
     del report["tracks_video"]  # a report from before tracks
     page = "\n".join(_report("cpu.json", report))
