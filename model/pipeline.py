@@ -16,9 +16,11 @@ service's schemas and the CLI's JSON lines are built from, so both answer alike.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Executor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
@@ -119,22 +121,52 @@ def prepare_video(
     detector: FaceDetector | None,
     options: PipelineOptions,
     stop: threading.Event | None = None,
+    *,
+    workers: Executor | None = None,
 ) -> PreparedVideo:
     """Each sampled frame becomes its faces' crops (`max_faces` at most), or the whole frame when none
-    is found. `stop`, set from another thread (the client left), ends decoding and detection early."""
+    is found. `stop`, set from another thread (the client left), ends decoding and detection early.
+    `workers`: where the frames' faces are found and cropped, several at once (None: one after another
+    on the calling thread). The answer is the same either way. The calling thread waits for their
+    tasks, so it must not be one of their threads."""
     clip = read_video(source, options.frames, options.limits, stop)
-    rows, found = [], []
-    for frame in clip.frames:
+
+    def faces_and_crops(frame: Image.Image) -> tuple[list[Face], list[Image.Image]]:
         if stop is not None and stop.is_set():
             raise DecodeStopped()
         faces = faces_in_frame(frame, detector, options)
-        rows.extend(crops(frame, faces, options))
+        return faces, crops(frame, faces, options)
+
+    if workers is None:
+        searched = [faces_and_crops(frame) for frame in clip.frames]
+    else:
+        searched = _on_workers(workers, faces_and_crops, clip.frames)
+    rows, found = [], []
+    for frame, (faces, frame_crops) in zip(clip.frames, searched, strict=True):
+        rows.extend(frame_crops)
         # The frame may have been decoded smaller than the clip, or at another aspect (a stream that
         # changes size), so each axis maps by its own ratio.
         fx, fy = clip.size[0] / frame.width, clip.size[1] / frame.height
         found.append([face.scaled(fx, fy) for face in faces] if (fx, fy) != (1, 1) else faces)
     # The decoded frames (up to ~100 MB at 1080p) are not kept while the request waits for the encoder.
     return PreparedVideo(to_pixels(rows), dataclasses.replace(clip, frames=[]), found)
+
+
+def _on_workers(workers: Executor, task: Callable, items: Sequence) -> list:
+    """`task` of each item as a task of `workers`, the results in the items' order. The first failure
+    (a stop is one) cancels the tasks not started and is raised once the started ones have ended, so
+    none outlives the call. Each task runs in the caller's context, which carries a request's id to the
+    log lines written there."""
+    tasks = []
+    try:
+        for item in items:
+            tasks.append(workers.submit(contextvars.copy_context().run, task, item))
+        wait(tasks, return_when=FIRST_EXCEPTION)
+    finally:
+        for pending in tasks:
+            pending.cancel()
+        wait(tasks)
+    return [done.result() for done in tasks]
 
 
 def prepare_clip(
@@ -145,13 +177,15 @@ def prepare_clip(
     stop: threading.Event | None = None,
     *,
     still: bool,
+    workers: Executor | None = None,
 ) -> PreparedImage | PreparedVideo:
     """An input as a clip (retrieval, evaluation): a still image is a one-frame clip of its largest face
     (or of the whole image); a video gives every face of each sampled frame, as `prepare_video`, for its
-    faces to be linked into tracks."""
+    faces to be linked into tracks. `workers` search a video's frames; a still image is prepared on the
+    calling thread, which may be one of `workers` and so must not wait on them."""
     if still:
         return prepare_image(source, to_pixels, detector, options.replace(max_faces=1), stop)
-    return prepare_video(source, to_pixels, detector, options, stop)
+    return prepare_video(source, to_pixels, detector, options, stop, workers=workers)
 
 
 def open_source(path: str | Path) -> BinaryIO:

@@ -1,0 +1,169 @@
+"""A clip's sampled frames searched for faces on several threads (`prepare_video`'s `workers`): frames
+really are searched at once, the answer is the one-thread answer, and a stop or a failure ends the work
+with nothing left running."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from PIL import Image
+
+from model import pipeline
+from model.faces.base import Box, Face
+from model.faces.synthetic import people_clip
+from model.media import DecodeStopped, VideoFrames
+from model.options import PipelineOptions
+from model.pipeline import prepare_clip, prepare_video
+from tests.support import people_walks
+
+FRAMES = 8
+# Long enough for any frame searched alone to show: a detector left waiting past it fails the test.
+MEET_S = 10.0
+
+
+def to_pixels(images):
+    return torch.zeros(len(images), 3, 8, 8, dtype=torch.uint8)
+
+
+@pytest.fixture
+def frames(monkeypatch) -> list[Image.Image]:
+    """`FRAMES` small frames, each knowing its place, as `read_video` gives them to `prepare_video`."""
+    images = []
+    for i in range(FRAMES):
+        image = Image.new("RGB", (64, 48), (i * 20, 0, 0))
+        image.info["frame"] = i
+        images.append(image)
+    stamps = [i / 25 for i in range(FRAMES)]
+    clip = VideoFrames(images, list(range(FRAMES)), stamps, FRAMES, fps=25.0, duration=0.32, size=(64, 48))
+    monkeypatch.setattr(pipeline, "read_video", lambda *args, **kwargs: clip)
+    return images
+
+
+class ScriptedDetector:
+    """A detector that runs `script(frame)` for each frame before finding one face in it, and says which
+    frames it searched and which of those searches are still going on."""
+
+    name = "scripted"
+
+    def __init__(self, script=None):
+        self.script = script or (lambda frame: None)
+        self.lock = threading.Lock()
+        self.searched: list[int] = []
+        self.running = 0
+
+    def detect(self, image, max_faces, long_side=None):
+        frame = image.info["frame"]
+        with self.lock:
+            self.searched.append(frame)
+            self.running += 1
+        try:
+            self.script(frame)
+            return [
+                Face(
+                    Box(frame, 2, 20, 20),
+                    0.9,
+                    ((frame + 6.0, 8.0), (frame + 14.0, 8.0)) + ((10.0, 14.0),) * 3,
+                )
+            ]
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_two_frames_are_searched_at_once_on_two_threads(frames):
+    """Each search waits for a second one to meet it: one thread after another, the first never would."""
+    meet = threading.Barrier(2, timeout=MEET_S)
+    detector = ScriptedDetector(lambda frame: meet.wait())
+    with ThreadPoolExecutor(2) as workers:
+        prepared = prepare_video(b"", to_pixels, detector, PipelineOptions(frames=FRAMES), workers=workers)
+    assert sorted(detector.searched) == list(range(FRAMES))
+    assert [faces[0].box.x for faces in prepared.faces] == list(range(FRAMES))  # in frame order
+
+
+def test_without_workers_the_frames_are_searched_one_after_another_in_order(frames):
+    detector = ScriptedDetector()
+    prepare_video(b"", to_pixels, detector, PipelineOptions(frames=FRAMES))
+    assert detector.searched == list(range(FRAMES))
+
+
+def test_on_threads_the_clip_is_prepared_exactly_as_on_one(engine, detector, person, tmp_path):
+    """Three people through the real detector: the same rows, pixel for pixel, the same faces, in the
+    same order, whichever thread searched which frame."""
+    clip = people_clip(tmp_path / "people.mp4", people_walks("one enters late", person), n_frames=32)
+    options = PipelineOptions(frames=16)
+    alone = prepare_video(str(clip.path), engine.prepare_many, detector, options)
+    with ThreadPoolExecutor(3) as workers:
+        pooled = prepare_video(str(clip.path), engine.prepare_many, detector, options, workers=workers)
+        as_clip = prepare_clip(
+            str(clip.path), engine.prepare_many, detector, options, workers=workers, still=False
+        )
+    assert max(len(faces) for faces in alone.faces) == 3
+    for prepared in (pooled, as_clip):
+        assert torch.equal(prepared.pixels, alone.pixels)
+        assert prepared.faces == alone.faces
+        assert prepared.clip == alone.clip
+
+
+def test_a_stop_ends_the_work_and_no_search_outlives_it(frames):
+    """Frame 1's search is when the client leaves: the frames after it are not searched, and frame 0's
+    search, still going on, ends before `prepare_video` does."""
+    stop, searching = threading.Event(), threading.Event()
+
+    def script(frame):
+        if frame == 0:
+            searching.set()
+            assert stop.wait(MEET_S)
+            time.sleep(0.2)
+        elif frame == 1:
+            assert searching.wait(MEET_S)
+            stop.set()
+
+    detector = ScriptedDetector(script)
+    with ThreadPoolExecutor(2) as workers, pytest.raises(DecodeStopped):
+        prepare_video(b"", to_pixels, detector, PipelineOptions(frames=FRAMES), stop, workers=workers)
+    assert detector.running == 0
+    assert sorted(detector.searched) == [0, 1]
+
+
+def test_a_failing_frame_fails_the_clip_and_no_search_outlives_it(frames):
+    """Frame 1's search fails while frame 0's goes on: the failure is the clip's, raised once frame 0's
+    search has ended, and the frames still queued are cancelled."""
+    failed, searching = threading.Event(), threading.Event()
+
+    def script(frame):
+        if frame == 0:
+            searching.set()
+            assert failed.wait(MEET_S)
+            time.sleep(0.2)
+        elif frame == 1:
+            assert searching.wait(MEET_S)
+            failed.set()
+            raise RuntimeError("the detector broke")
+
+    detector = ScriptedDetector(script)
+    with ThreadPoolExecutor(2) as workers, pytest.raises(RuntimeError, match="the detector broke"):
+        prepare_video(b"", to_pixels, detector, PipelineOptions(frames=FRAMES), workers=workers)
+    assert detector.running == 0
+    assert len(detector.searched) <= 3  # frame 2 may start on frame 1's thread before it is cancelled
+
+
+def test_a_still_image_is_prepared_on_the_calling_thread(tmp_path):
+    """/retrieve prepares a still image in the decode pool it would give a clip's frames to: a one-thread
+    pool whose thread waits on a task queued behind it would never finish."""
+    Image.new("RGB", (64, 48), "grey").save(tmp_path / "still.png")
+    with ThreadPoolExecutor(1) as workers:
+        task = workers.submit(
+            prepare_clip,
+            str(tmp_path / "still.png"),
+            to_pixels,
+            None,
+            PipelineOptions(),
+            workers=workers,
+            still=True,
+        )
+        prepared = task.result(timeout=MEET_S)
+    assert len(prepared.pixels) == 1
