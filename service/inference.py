@@ -166,9 +166,9 @@ class Work:
     """What an endpoint asks of the request path."""
 
     # Encoder rows, as admission counts them: `images` (faces, or the whole image) or `frames` (a clip's
-    # sampled frames' faces, or the frames, decoded in the video pool). `rows` are reserved before any
-    # work, `most_rows` (the most the input can give) checked then to fit at all; once decoded, the
-    # request holds the rows it gave.
+    # sampled frames' faces, or the frames, decoded in the video pool, their faces searched in the decode
+    # pool). `rows` are reserved before any work, `most_rows` (the most the input can give) checked then
+    # to fit at all; once decoded, the request holds the rows it gave.
     rows: Places
     most_rows: Places
     prepare: Callable[..., Any]  # a model.pipeline CPU stage: (source, to_pixels, detector, options, stop)
@@ -208,7 +208,7 @@ def predict_video(call: Call, prompts: ClassPrompts, per_frame: bool) -> Work:
     return Work(
         rows=rows,
         most_rows=most_rows,
-        prepare=pipeline.prepare_video,
+        prepare=partial(pipeline.prepare_video, workers=call.runtime.decode_pool),
         texts=prompts,
         score=score,
         response=VideoResponse,
@@ -230,7 +230,7 @@ async def retrieve(call: Call, descriptions: list[str], top_k: int, per_frame: b
     return Work(
         rows=rows,
         most_rows=most_rows,
-        prepare=partial(pipeline.prepare_clip, still=still),
+        prepare=partial(pipeline.prepare_clip, still=still, workers=call.runtime.decode_pool),
         texts=Descriptions(descriptions),
         score=score,
         response=RetrieveResponse,
@@ -283,6 +283,8 @@ async def _decode(call: Call, work: Work):
     model, runtime = call.model, call.runtime
     withdraw = model.batcher.expect()
     stop = threading.Event()
+    # A clip waits in its video thread for its frames' tasks in the decode pool, whose own tasks never
+    # wait on another task, so no pool waits on itself.
     pool = runtime.video_pool if work.rows.frames else runtime.decode_pool
     decoding = asyncio.ensure_future(
         runtime.offload(

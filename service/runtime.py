@@ -72,7 +72,8 @@ class Runtime:
         self.load_error: str | None = None
         # Decoding, face detection and scoring: each thread on one torch thread, for the reason in
         # service.process. Videos decode in a pool of their own, so a run of long clips cannot keep images
-        # waiting for a decode thread.
+        # waiting for a decode thread. Their frames' faces are searched in the decode pool, a short task
+        # each, so that one clip uses every core while searches never outnumber the decode threads.
         threads = settings.with_threads(torch.get_num_threads())
         self.decode_pool = ThreadPoolExecutor(
             threads.decode_workers, "fer-decode", initializer=pin_torch_threads, initargs=(1,)

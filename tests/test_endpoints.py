@@ -220,6 +220,35 @@ def test_a_prepared_video_does_not_keep_its_decoded_frames(engine, tmp_path):
     assert prepared.clip.frames == []
 
 
+def test_a_clip_s_frames_are_searched_on_the_decode_threads(engine, tmp_path):
+    """A clip decodes on a video thread, which hands its frames' face searches to the decode threads: one
+    clip uses every core, and searches never outnumber the decode threads. A still image sent to
+    /retrieve is searched on the decode thread that prepares it: with one decode thread, handing it on
+    would wait forever."""
+    searched_on = []
+
+    class Recording:
+        name = "recording"
+
+        def detect(self, image, max_faces, long_side=None):
+            searched_on.append(threading.current_thread().name)
+            return []
+
+    app = create_app(service_settings(decode_workers=1), engine_factory=lambda s: engine)
+    clip = make_video(tmp_path / "c.mp4", 40).read_bytes()
+    descriptions = {"descriptions": json.dumps(["smiles", "frowns"])}
+    with TestClient(app) as client:
+        wait_ready(client)
+        app.state.runtime.detector = Recording()
+        video = {"file": ("c.mp4", clip, "video/mp4")}
+        assert client.post("/predict-video", files=video, data={"frames": "8"}).status_code == 200
+        assert client.post("/retrieve", files=video, data={"frames": "8"} | descriptions).status_code == 200
+        still = {"file": ("f.png", png(face_image(2)), "image/png")}
+        assert client.post("/retrieve", files=still, data=descriptions).status_code == 200
+    assert len(searched_on) == 8 + 8 + 1
+    assert all(name.startswith("fer-decode") for name in searched_on), searched_on
+
+
 def test_retrieve_ranks_descriptions_for_videos_and_images(client, tmp_path):
     clip = make_video(tmp_path / "c.webm", 20, codec="libvpx-vp9").read_bytes()
     descriptions = ["smiles", "frowns deeply", "raises the brows", "looks away"]

@@ -58,34 +58,46 @@ class GatedEngine:
         return self._engine.encode_pixels(pixels)
 
 
-class GatedDetector:
+class CountingDetector:
+    """Counts its calls, which a clip's frames make from several decode threads at once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.calls = 0
+
+    def count(self) -> None:
+        with self._lock:
+            self.calls += 1
+
+
+class GatedDetector(CountingDetector):
     """A face detector that finds nothing and holds every call until `gate` is set, counting its calls."""
 
     name = "gated"
 
     def __init__(self):
+        super().__init__()
         self.gate = threading.Event()
         self.entered = threading.Event()  # set when a call starts
-        self.calls = 0
 
     def detect(self, image, max_faces, long_side=None):
-        self.calls += 1
+        self.count()
         self.entered.set()
         self.gate.wait(10)
         return []
 
 
-class FacesDetector:
+class FacesDetector(CountingDetector):
     """A face detector that finds `faces` faces side by side in every image, counting its calls."""
 
     name = "fixed"
 
     def __init__(self, faces: int):
+        super().__init__()
         self.faces = faces
-        self.calls = 0
 
     def detect(self, image, max_faces, long_side=None):
-        self.calls += 1
+        self.count()
         side = image.width // 4
         return [Face(Box(i * side, 0, side, side), 0.9) for i in range(min(self.faces, max_faces))]
 
@@ -245,8 +257,11 @@ def test_a_decode_that_ends_after_its_client_left_goes_no_further(engine):
 
 def test_a_cancelled_request_stops_its_decode(engine, tmp_path):
     """Ray Serve cancels a request's task when its client disconnects: the decode stops at its next
-    check, as it does for a client that leaves under uvicorn."""
-    app = create_app(service_settings(video_decode_workers=1), engine_factory=lambda s: engine)
+    check, as it does for a client that leaves under uvicorn. One decode thread: one frame searched at a
+    time."""
+    app = create_app(
+        service_settings(video_decode_workers=1, decode_workers=1), engine_factory=lambda s: engine
+    )
     clip = make_video(tmp_path / "c.mp4", 40).read_bytes()
     request = httpx.Request(
         "POST",
@@ -267,7 +282,8 @@ def test_a_cancelled_request_stops_its_decode(engine, tmp_path):
             detector.gate.set()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            await runtime.offload(lambda: None, pool=runtime.video_pool)  # its one thread: the decode ended
+            # Its one thread: the decode ended, and with it every search it started.
+            await runtime.offload(lambda: None, pool=runtime.video_pool)
             return detector.calls
 
     assert run_bounded(main()) == 1  # of the 8 sampled frames, only the one searched when it was cancelled

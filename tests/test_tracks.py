@@ -344,7 +344,9 @@ def test_a_video_is_admitted_as_its_frames_then_the_faces_they_give():
 
     from service.inference import predict_video as video_work
 
-    call = SimpleNamespace(options=PipelineOptions(frames=16, max_faces=6))
+    call = SimpleNamespace(
+        options=PipelineOptions(frames=16, max_faces=6), runtime=SimpleNamespace(decode_pool=None)
+    )
     work = video_work(call, None, False)
     assert work.rows == Places(frames=16) and work.most_rows == Places(frames=96)
     call.options = call.options.replace(detect_faces=False)
