@@ -7,7 +7,9 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 from model.prompts import CLASS_PRESETS, DEFAULT_CLASSES, DEFAULT_PROMPTS, PROMPT_SET_NAMES
@@ -120,6 +122,14 @@ class Runner:
         return split_rows(encode_in_batches(self.engine.encode_pixels, pixels, ENCODE_BATCH), prepared)
 
 
+def frame_workers() -> ThreadPoolExecutor:
+    """Threads that search a clip's sampled frames for faces at once, as many as the service's decode
+    threads (the CPUs torch sees): files are prepared one at a time, so each clip has them all."""
+    import torch
+
+    return ThreadPoolExecutor(torch.get_num_threads(), "fer-frames")
+
+
 def _emit(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
 
@@ -178,7 +188,8 @@ def cmd_predict_video(args: argparse.Namespace, settings) -> int:
     def score(prepared, rows, text, classes, prompt_set, _options):
         return predict_video(prepared, rows, text, classes, prompt_set, args.per_frame)
 
-    return _classify_files(args, settings, prepare_video, score)
+    with frame_workers() as workers:
+        return _classify_files(args, settings, partial(prepare_video, workers=workers), score)
 
 
 def _read_descriptions(path: Path) -> list[str]:
@@ -194,8 +205,6 @@ def _read_descriptions(path: Path) -> list[str]:
 
 
 def cmd_retrieve(args: argparse.Namespace, settings) -> int:
-    from functools import partial
-
     from model.media import MediaError, is_video_path
     from model.pipeline import prepare_clip, rank_descriptions
 
@@ -207,7 +216,9 @@ def cmd_retrieve(args: argparse.Namespace, settings) -> int:
         raise ValueError(f"{args.descriptions} holds no descriptions")
     runner = Runner(args, settings)
     try:
-        prepared = runner.prepare(partial(prepare_clip, still=not is_video_path(args.file)), args.file)
+        with frame_workers() as workers:
+            prepare = partial(prepare_clip, still=not is_video_path(args.file), workers=workers)
+            prepared = runner.prepare(prepare, args.file)
     except (MediaError, OSError) as exc:
         print(f"fer: {args.file}: {_media_message(exc)}", file=sys.stderr)
         return 1

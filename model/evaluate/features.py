@@ -205,7 +205,9 @@ def prepare_item(
     clip, or why it could not be read."""
     try:
         with open_source(path) as source:
-            # A clip's every face: encode_chunk keeps its main track's, as /retrieve ranks by it.
+            # A clip's every face: encode_chunk keeps its main track's, as /retrieve ranks by it. Its
+            # frames are searched one after another: items are already prepared DECODE_THREADS at a time,
+            # and frame tasks on top would put more threads than cores to work.
             return prepare_clip(source, to_pixels, detector, options, still=not is_video_path(path))
     except MediaError as exc:
         return Unreadable(str(exc))
