@@ -43,10 +43,14 @@ class ServiceSettings(ModelSettings):
     decode_workers: int | None = Field(
         None,
         ge=1,
-        description="threads that decode images, detect faces and score (default: the CPUs torch sees)",
+        description="threads that decode images, detect faces (a video's frames' too) and score "
+        "(default: the CPUs torch sees)",
     )
     video_decode_workers: int | None = Field(
-        None, ge=1, description="threads that decode videos, apart from images' (default: half the CPUs)"
+        None,
+        ge=1,
+        description="threads that decode videos, apart from images', and hand their frames to the decode "
+        "workers (default: half the CPUs)",
     )
     # ---- connections (enforced by `fer serve`; behind another server, set them there)
     keep_alive_s: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this")
