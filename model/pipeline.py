@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Executor, wait
+from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Executor, Future, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
 
     from model.faces.base import Face, FaceDetector
 
+# A clip's frames submitted to the workers and not done, at most: enough for every core, few enough that
+# other work in a shared pool (the service's images) queues behind these and not behind the whole clip.
+FRAMES_IN_FLIGHT = os.cpu_count() or 1
 LOGIT_SCALE = 100.0  # CLIP's logit scale (exp of the stored value), as the official scoring uses
 NO_FACE_NOTE = "no face found: the whole image was classified"
 Source = BinaryIO | bytes | str
@@ -153,13 +157,18 @@ def prepare_video(
 
 
 def _on_workers(workers: Executor, task: Callable, items: Sequence) -> list:
-    """`task` of each item as a task of `workers`, the results in the items' order. The first failure
-    (a stop is one) cancels the tasks not started and is raised once the started ones have ended, so
-    none outlives the call. Each task runs in the caller's context, which carries a request's id to the
-    log lines written there."""
-    tasks = []
+    """`task` of each item as a task of `workers`, the results in the items' order, at most
+    `FRAMES_IN_FLIGHT` submitted and not done at a time. The first failure (a stop is one) cancels the
+    tasks not started and is raised once the started ones have ended, so none outlives the call. Each
+    task runs in the caller's context, which carries a request's id to the log lines written there."""
+    tasks: list[Future] = []
     try:
         for item in items:
+            running = [t for t in tasks if not t.done()]
+            if len(running) >= FRAMES_IN_FLIGHT:
+                wait(running, return_when=FIRST_COMPLETED)
+            if any(t.done() and not t.cancelled() and t.exception() is not None for t in tasks):
+                break
             tasks.append(workers.submit(contextvars.copy_context().run, task, item))
         wait(tasks, return_when=FIRST_EXCEPTION)
     finally:

@@ -167,3 +167,33 @@ def test_a_still_image_is_prepared_on_the_calling_thread(tmp_path):
         )
         prepared = task.result(timeout=MEET_S)
     assert len(prepared.pixels) == 1
+
+
+def test_other_work_in_the_pool_waits_behind_a_few_of_a_clips_frames_not_all(frames, monkeypatch):
+    """A clip keeps at most `FRAMES_IN_FLIGHT` frames in the pool, so an image's task submitted while
+    the clip is searched runs after those, not after every frame of the clip."""
+    monkeypatch.setattr(pipeline, "FRAMES_IN_FLIGHT", 1)
+    order: list[str] = []
+    first_frame_started, image_queued = threading.Event(), threading.Event()
+
+    def script(frame):
+        order.append(f"frame {frame}")
+        if frame == 0:
+            first_frame_started.set()
+            assert image_queued.wait(MEET_S)
+
+    detector = ScriptedDetector(script)
+    with ThreadPoolExecutor(1) as workers:
+        clip = threading.Thread(
+            target=prepare_video,
+            args=(b"", to_pixels, detector, PipelineOptions()),
+            kwargs={"workers": workers},
+        )
+        clip.start()
+        assert first_frame_started.wait(MEET_S)
+        image = workers.submit(order.append, "image")
+        image_queued.set()
+        image.result(timeout=MEET_S)
+        clip.join(MEET_S)
+    assert order[:3] == ["frame 0", "image", "frame 1"]
+    assert order.count("image") == 1 and len(order) == FRAMES + 1
