@@ -5,9 +5,9 @@ uint8 pixels: a one-image request then runs no torch work before the call it wai
 the towers (W, pooling, scoring) stays the engine's torch code.
 
 Converting is slow beside reading a converted model, so the converted towers are saved in the cache
-folder under a key made of the weights, the architecture and the OpenVINO release; a restart reads them.
-What is saved is the float32 conversion whatever the precision, which is chosen when compiling, so
-float32 and bfloat16 starts share one folder.
+folder under a key made of the weights, the architecture, the normalisation and the OpenVINO release; a
+restart reads them. What is saved is the float32 conversion whatever the precision, which is chosen
+when compiling, so float32 and bfloat16 starts share one folder.
 """
 
 from __future__ import annotations
