@@ -378,7 +378,7 @@ def run_benchmark(args: argparse.Namespace, checkpoint=lambda report: None) -> d
         "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
         "complete": False,
         "machine": {
-            "cpus": os.cpu_count(),
+            "cpus": len(os.sched_getaffinity(0)),  # the cores this process (and the services) may use
             "platform": platform.platform(),
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -4,15 +4,20 @@ line per input on stdout, through the same pipeline stages and options as the se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from model.prompts import CLASS_PRESETS, DEFAULT_CLASSES, DEFAULT_PROMPTS, PROMPT_SET_NAMES
+
+if TYPE_CHECKING:
+    from model.pipeline import FrameWorkers
 
 FILE_CHUNK = 32  # files decoded, then encoded together
 ENCODE_BATCH = 64
@@ -122,12 +127,17 @@ class Runner:
         return split_rows(encode_in_batches(self.engine.encode_pixels, pixels, ENCODE_BATCH), prepared)
 
 
-def frame_workers() -> ThreadPoolExecutor:
-    """Threads that search a clip's sampled frames for faces at once, as many as the service's decode
-    threads (the CPUs torch sees): files are prepared one at a time, so each clip has them all."""
+@contextlib.contextmanager
+def frame_workers() -> Iterator[FrameWorkers]:
+    """Threads that search a clip's sampled frames for faces at once, one per CPU torch sees (the
+    service's default decode threads): files are prepared one at a time, so each clip has them all."""
     import torch
 
-    return ThreadPoolExecutor(torch.get_num_threads(), "fer-frames")
+    from model.pipeline import FrameWorkers
+
+    threads = torch.get_num_threads()
+    with ThreadPoolExecutor(threads, "fer-frames") as pool:
+        yield FrameWorkers.sharing(pool, threads)
 
 
 def _emit(obj: dict) -> None:

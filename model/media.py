@@ -75,7 +75,8 @@ class MediaLimits:
 
 
 class DecodeStopped(Exception):
-    """Decoding was stopped from outside (the client left); nobody will read the frames."""
+    """Decoding was stopped from outside (the client left, or the service is stopping); nobody will read
+    the frames."""
 
 
 class DecodeBudget:

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Executor, Future, wait
+from concurrent.futures import FIRST_EXCEPTION, Executor, Future, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
@@ -40,9 +39,7 @@ if TYPE_CHECKING:
 
     from model.faces.base import Face, FaceDetector
 
-# A clip's frames submitted to the workers and not done, at most: enough for every core, few enough that
-# other work in a shared pool (the service's images) queues behind these and not behind the whole clip.
-FRAMES_IN_FLIGHT = os.cpu_count() or 1
+STOP_POLL_S = 0.05  # how often a clip waiting on its frames' searches looks at its `stop`
 LOGIT_SCALE = 100.0  # CLIP's logit scale (exp of the stored value), as the official scoring uses
 NO_FACE_NOTE = "no face found: the whole image was classified"
 Source = BinaryIO | bytes | str
@@ -126,7 +123,7 @@ def prepare_video(
     options: PipelineOptions,
     stop: threading.Event | None = None,
     *,
-    workers: Executor | None = None,
+    workers: FrameWorkers | None = None,
 ) -> PreparedVideo:
     """Each sampled frame becomes its faces' crops (`max_faces` at most), or the whole frame when none
     is found. `stop`, set from another thread (the client left), ends decoding and detection early.
@@ -144,7 +141,7 @@ def prepare_video(
     if workers is None:
         searched = [faces_and_crops(frame) for frame in clip.frames]
     else:
-        searched = _on_workers(workers, faces_and_crops, clip.frames)
+        searched = _on_workers(workers, faces_and_crops, clip.frames, stop)
     rows, found = [], []
     for frame, (faces, frame_crops) in zip(clip.frames, searched, strict=True):
         rows.extend(frame_crops)
@@ -156,26 +153,67 @@ def prepare_video(
     return PreparedVideo(to_pixels(rows), dataclasses.replace(clip, frames=[]), found)
 
 
-def _on_workers(workers: Executor, task: Callable, items: Sequence) -> list:
-    """`task` of each item as a task of `workers`, the results in the items' order, at most
-    `FRAMES_IN_FLIGHT` submitted and not done at a time. The first failure (a stop is one) cancels the
-    tasks not started and is raised once the started ones have ended, so none outlives the call. Each
-    task runs in the caller's context, which carries a request's id to the log lines written there."""
+@dataclass(frozen=True)
+class FrameWorkers:
+    """Threads that search sampled frames for faces, shared by every clip: at most `slots` frames
+    queued or running at once over all clips, so that a clip alone has every thread while other work in
+    the same pool (the service's images) waits behind one round of frames, not behind every clip's."""
+
+    pool: Executor
+    slots: threading.Semaphore
+
+    @classmethod
+    def sharing(cls, pool: Executor, threads: int) -> FrameWorkers:
+        """`threads`: the pool's size."""
+        return cls(pool, threading.Semaphore(threads))
+
+
+def _on_workers(workers: FrameWorkers, task: Callable, items: Sequence, stop: threading.Event | None) -> list:
+    """`task` of each item as a task of `workers`, the results in the items' order. A stop, or the first
+    failure, cancels the tasks not started and is raised once the started ones have ended, so none
+    outlives the call; a stop is seen while waiting too, not only when a task starts. Tasks the pool
+    cancels or refuses (the service is stopping) end the work as a stop. Each task runs in the caller's
+    context, which carries a request's id to the log lines written there."""
     tasks: list[Future] = []
+
+    def failed() -> bool:
+        return any(t.done() and not t.cancelled() and t.exception() is not None for t in tasks)
+
+    def stopped() -> bool:
+        return stop is not None and stop.is_set()
+
     try:
         for item in items:
-            running = [t for t in tasks if not t.done()]
-            if len(running) >= FRAMES_IN_FLIGHT:
-                wait(running, return_when=FIRST_COMPLETED)
-            if any(t.done() and not t.cancelled() and t.exception() is not None for t in tasks):
+            while not workers.slots.acquire(timeout=STOP_POLL_S):
+                if stopped():
+                    raise DecodeStopped()
+            if stopped() or failed():
+                workers.slots.release()
                 break
-            tasks.append(workers.submit(contextvars.copy_context().run, task, item))
-        wait(tasks, return_when=FIRST_EXCEPTION)
+            try:
+                task_of_item = workers.pool.submit(contextvars.copy_context().run, task, item)
+            except RuntimeError as exc:  # the pool was shut down: the service is stopping
+                workers.slots.release()
+                raise DecodeStopped() from exc
+            # A cancelled task's callbacks run too: its slot comes back either way.
+            task_of_item.add_done_callback(lambda _: workers.slots.release())
+            tasks.append(task_of_item)
+        while not all(t.done() for t in tasks) and not failed():
+            if stopped():
+                raise DecodeStopped()
+            wait([t for t in tasks if not t.done()], STOP_POLL_S, FIRST_EXCEPTION)
+        if stopped():
+            raise DecodeStopped()
     finally:
-        for pending in tasks:
-            pending.cancel()
-        wait(tasks)
-    return [done.result() for done in tasks]
+        # Only the tasks that could not be cancelled (running, or done) are waited for: a cancelled one
+        # counts as done for `wait` only once a pool thread has dequeued it, which a shut-down pool never does.
+        wait([t for t in tasks if not t.cancel()])
+    results = []
+    for done in tasks:  # a failure comes before the tasks cancelled after it, which started later
+        if done.cancelled():
+            raise DecodeStopped()  # cancelled by the pool's shutdown
+        results.append(done.result())
+    return results
 
 
 def prepare_clip(
@@ -186,7 +224,7 @@ def prepare_clip(
     stop: threading.Event | None = None,
     *,
     still: bool,
-    workers: Executor | None = None,
+    workers: FrameWorkers | None = None,
 ) -> PreparedImage | PreparedVideo:
     """An input as a clip (retrieval, evaluation): a still image is a one-frame clip of its largest face
     (or of the whole image); a video gives every face of each sampled frame, as `prepare_video`, for its

@@ -208,7 +208,7 @@ def predict_video(call: Call, prompts: ClassPrompts, per_frame: bool) -> Work:
     return Work(
         rows=rows,
         most_rows=most_rows,
-        prepare=partial(pipeline.prepare_video, workers=call.runtime.decode_pool),
+        prepare=pipeline.prepare_video,
         texts=prompts,
         score=score,
         response=VideoResponse,
@@ -230,7 +230,7 @@ async def retrieve(call: Call, descriptions: list[str], top_k: int, per_frame: b
     return Work(
         rows=rows,
         most_rows=most_rows,
-        prepare=partial(pipeline.prepare_clip, still=still, workers=call.runtime.decode_pool),
+        prepare=partial(pipeline.prepare_clip, still=still),
         texts=Descriptions(descriptions),
         score=score,
         response=RetrieveResponse,
@@ -283,12 +283,14 @@ async def _decode(call: Call, work: Work):
     model, runtime = call.model, call.runtime
     withdraw = model.batcher.expect()
     stop = threading.Event()
-    # A clip waits in its video thread for its frames' tasks in the decode pool, whose own tasks never
-    # wait on another task, so no pool waits on itself.
-    pool = runtime.video_pool if work.rows.frames else runtime.decode_pool
+    prepare, pool = work.prepare, runtime.decode_pool
+    if work.rows.frames:
+        # A clip waits in its video thread for its frames' searches in the decode pool, whose own tasks
+        # never wait on another task: decided here, together, so that no pool waits on itself.
+        prepare, pool = partial(work.prepare, workers=runtime.frame_workers), runtime.video_pool
     decoding = asyncio.ensure_future(
         runtime.offload(
-            work.prepare,
+            prepare,
             call.source,
             model.engine.prepare_many,
             model.detector,

@@ -17,6 +17,7 @@ import torch
 from model.engine import FerEngine, create_engine
 from model.faces.base import FaceDetector
 from model.faces.factory import create_detector
+from model.pipeline import FrameWorkers
 from model.projection import ProjectionError
 from model.prompts import CLASS_PRESETS, DEFAULT_CLASSES, DEFAULT_PROMPTS, PROMPT_SETS, LabelError
 from model.registry import MissingWeights
@@ -73,11 +74,12 @@ class Runtime:
         # Decoding, face detection and scoring: each thread on one torch thread, for the reason in
         # service.process. Videos decode in a pool of their own, so a run of long clips cannot keep images
         # waiting for a decode thread. Their frames' faces are searched in the decode pool, a short task
-        # each, so that one clip uses every core while searches never outnumber the decode threads.
+        # each, so that one clip uses every core, with no more frames queued there than it has threads.
         threads = settings.with_threads(torch.get_num_threads())
         self.decode_pool = ThreadPoolExecutor(
             threads.decode_workers, "fer-decode", initializer=pin_torch_threads, initargs=(1,)
         )
+        self.frame_workers = FrameWorkers.sharing(self.decode_pool, threads.decode_workers)
         self.video_pool = ThreadPoolExecutor(
             threads.video_decode_workers, "fer-video", initializer=pin_torch_threads, initargs=(1,)
         )

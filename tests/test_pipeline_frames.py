@@ -4,6 +4,8 @@ with nothing left running."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,12 +19,20 @@ from model.faces.base import Box, Face
 from model.faces.synthetic import people_clip
 from model.media import DecodeStopped, VideoFrames
 from model.options import PipelineOptions
-from model.pipeline import prepare_clip, prepare_video
+from model.pipeline import FrameWorkers, prepare_clip, prepare_video
 from tests.support import people_walks
 
 FRAMES = 8
 # Long enough for any frame searched alone to show: a detector left waiting past it fails the test.
 MEET_S = 10.0
+
+
+@contextlib.contextmanager
+def frame_workers(threads: int, slots: int | None = None):
+    """A pool of `threads` for frames' searches, `slots` of them (default: as many as threads) for
+    frames at once over every clip."""
+    with ThreadPoolExecutor(threads) as pool:
+        yield FrameWorkers.sharing(pool, slots or threads)
 
 
 def to_pixels(images):
@@ -78,7 +88,7 @@ def test_two_frames_are_searched_at_once_on_two_threads(frames):
     """Each search waits for a second one to meet it: one thread after another, the first never would."""
     meet = threading.Barrier(2, timeout=MEET_S)
     detector = ScriptedDetector(lambda frame: meet.wait())
-    with ThreadPoolExecutor(2) as workers:
+    with frame_workers(2) as workers:
         prepared = prepare_video(b"", to_pixels, detector, PipelineOptions(frames=FRAMES), workers=workers)
     assert sorted(detector.searched) == list(range(FRAMES))
     assert [faces[0].box.x for faces in prepared.faces] == list(range(FRAMES))  # in frame order
@@ -96,7 +106,7 @@ def test_on_threads_the_clip_is_prepared_exactly_as_on_one(engine, detector, per
     clip = people_clip(tmp_path / "people.mp4", people_walks("one enters late", person), n_frames=32)
     options = PipelineOptions(frames=16)
     alone = prepare_video(str(clip.path), engine.prepare_many, detector, options)
-    with ThreadPoolExecutor(3) as workers:
+    with frame_workers(3) as workers:
         pooled = prepare_video(str(clip.path), engine.prepare_many, detector, options, workers=workers)
         as_clip = prepare_clip(
             str(clip.path), engine.prepare_many, detector, options, workers=workers, still=False
@@ -123,7 +133,7 @@ def test_a_stop_ends_the_work_and_no_search_outlives_it(frames):
             stop.set()
 
     detector = ScriptedDetector(script)
-    with ThreadPoolExecutor(2) as workers, pytest.raises(DecodeStopped):
+    with frame_workers(2) as workers, pytest.raises(DecodeStopped):
         prepare_video(b"", to_pixels, detector, PipelineOptions(frames=FRAMES), stop, workers=workers)
     assert detector.running == 0
     assert sorted(detector.searched) == [0, 1]
@@ -145,18 +155,18 @@ def test_a_failing_frame_fails_the_clip_and_no_search_outlives_it(frames):
             raise RuntimeError("the detector broke")
 
     detector = ScriptedDetector(script)
-    with ThreadPoolExecutor(2) as workers, pytest.raises(RuntimeError, match="the detector broke"):
+    with frame_workers(2) as workers, pytest.raises(RuntimeError, match="the detector broke"):
         prepare_video(b"", to_pixels, detector, PipelineOptions(frames=FRAMES), workers=workers)
     assert detector.running == 0
-    assert len(detector.searched) <= 3  # frame 2 may start on frame 1's thread before it is cancelled
+    assert sorted(detector.searched) == [0, 1]  # frame 1's slot came back with its failure known
 
 
 def test_a_still_image_is_prepared_on_the_calling_thread(tmp_path):
     """/retrieve prepares a still image in the decode pool it would give a clip's frames to: a one-thread
     pool whose thread waits on a task queued behind it would never finish."""
     Image.new("RGB", (64, 48), "grey").save(tmp_path / "still.png")
-    with ThreadPoolExecutor(1) as workers:
-        task = workers.submit(
+    with frame_workers(1) as workers:
+        task = workers.pool.submit(
             prepare_clip,
             str(tmp_path / "still.png"),
             to_pixels,
@@ -169,31 +179,77 @@ def test_a_still_image_is_prepared_on_the_calling_thread(tmp_path):
     assert len(prepared.pixels) == 1
 
 
-def test_other_work_in_the_pool_waits_behind_a_few_of_a_clips_frames_not_all(frames, monkeypatch):
-    """A clip keeps at most `FRAMES_IN_FLIGHT` frames in the pool, so an image's task submitted while
-    the clip is searched runs after those, not after every frame of the clip."""
-    monkeypatch.setattr(pipeline, "FRAMES_IN_FLIGHT", 1)
+def test_other_work_in_the_pool_waits_behind_one_round_of_frames_not_every_clips(frames):
+    """Two clips share one slot: an image's task submitted while the first clip's frame is searched
+    runs next, before either clip's next frame, however many clips wait for the pool."""
     order: list[str] = []
     first_frame_started, image_queued = threading.Event(), threading.Event()
 
     def script(frame):
         order.append(f"frame {frame}")
-        if frame == 0:
+        if not first_frame_started.is_set():
             first_frame_started.set()
             assert image_queued.wait(MEET_S)
 
     detector = ScriptedDetector(script)
-    with ThreadPoolExecutor(1) as workers:
-        clip = threading.Thread(
-            target=prepare_video,
-            args=(b"", to_pixels, detector, PipelineOptions()),
-            kwargs={"workers": workers},
-        )
-        clip.start()
+    with frame_workers(1) as workers:
+        clips = [
+            threading.Thread(
+                target=prepare_video,
+                args=(b"", to_pixels, detector, PipelineOptions()),
+                kwargs={"workers": workers},
+            )
+            for _ in range(2)
+        ]
+        clips[0].start()
         assert first_frame_started.wait(MEET_S)
-        image = workers.submit(order.append, "image")
+        clips[1].start()
+        time.sleep(0.3)  # the second clip is waiting for a slot by now
+        image = workers.pool.submit(order.append, "image")
         image_queued.set()
         image.result(timeout=MEET_S)
-        clip.join(MEET_S)
-    assert order[:3] == ["frame 0", "image", "frame 1"]
-    assert order.count("image") == 1 and len(order) == FRAMES + 1
+        for clip in clips:
+            clip.join(MEET_S)
+    assert order[:2] == ["frame 0", "image"]
+    assert order.count("image") == 1 and len(order) == 2 * FRAMES + 1
+
+
+def test_a_stop_is_seen_while_the_frames_wait_for_a_busy_pool(frames):
+    """The pool's one thread is busy with other work: a client that leaves meanwhile ends its clip's
+    wait at once, not when its first frame reaches a thread."""
+    detector, stop, release = ScriptedDetector(), threading.Event(), threading.Event()
+    with frame_workers(1, slots=2) as workers:
+        workers.pool.submit(release.wait, MEET_S)
+        timer = threading.Timer(0.2, stop.set)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(DecodeStopped):
+            prepare_video(b"", to_pixels, detector, PipelineOptions(), stop, workers=workers)
+        waited = time.monotonic() - started
+        release.set()
+    assert waited < MEET_S / 2 and detector.searched == []
+
+
+def test_a_pool_shut_down_under_a_clip_ends_it_as_a_stop(frames):
+    """The service stopping shuts its pool down, cancelling queued searches and refusing new ones: the
+    clip ends as stopped, not with an error of its own."""
+    release = threading.Event()
+    with frame_workers(1, slots=2) as workers:
+        workers.pool.submit(release.wait, MEET_S)
+        threading.Timer(0.2, lambda: workers.pool.shutdown(wait=False, cancel_futures=True)).start()
+        with pytest.raises(DecodeStopped):
+            prepare_video(b"", to_pixels, ScriptedDetector(), PipelineOptions(), workers=workers)
+        release.set()
+        with pytest.raises(DecodeStopped):  # a clip that comes after
+            prepare_video(b"", to_pixels, ScriptedDetector(), PipelineOptions(), workers=workers)
+
+
+def test_the_frames_searches_run_in_the_callers_context(frames):
+    """The request id, a context variable, reaches the log lines written while a frame is searched."""
+    request = contextvars.ContextVar("request", default=None)
+    seen: list[str | None] = []
+    detector = ScriptedDetector(lambda frame: seen.append(request.get()))
+    request.set("r-1")
+    with frame_workers(2) as workers:
+        prepare_video(b"", to_pixels, detector, PipelineOptions(), workers=workers)
+    assert seen == ["r-1"] * FRAMES
