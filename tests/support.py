@@ -325,3 +325,16 @@ def two_faces() -> tuple[bytes, list[list[int]]]:
         [20 + 177 * 420 // 512, 60 + 67 * 420 // 512, 76],
     ]
     return png(canvas), expected
+
+
+class ThreadRecordingDetector:
+    """A face detector that finds nothing and records the name of each thread that searched a frame."""
+
+    name = "recording"
+
+    def __init__(self):
+        self.threads: list[str] = []
+
+    def detect(self, image, max_faces, long_side=None):
+        self.threads.append(threading.current_thread().name)
+        return []

@@ -110,20 +110,11 @@ def test_predict_video_and_zero_frame_files(model_env, engine, tmp_path, capsys)
 def test_a_clip_s_frames_are_searched_on_threads_of_their_own(model_env, tmp_path, capsys, monkeypatch):
     """Files are prepared one at a time, so a clip's frames are searched several at once, as the
     service's decode threads search them."""
-    import threading
-
     from model.faces import factory
+    from tests.support import ThreadRecordingDetector
 
-    searched_on = []
-
-    class Recording:
-        name = "recording"
-
-        def detect(self, image, max_faces, long_side=None):
-            searched_on.append(threading.current_thread().name)
-            return []
-
-    monkeypatch.setattr(factory, "create_detector", lambda *args: Recording())
+    detector = ThreadRecordingDetector()
+    monkeypatch.setattr(factory, "create_detector", lambda *args: detector)
     clip = make_video(tmp_path / "c.mp4", 30)
     (tmp_path / "d.txt").write_text("smiles\n")
     assert run_cli(capsys, "predict-video", "--frames", "8", str(clip))[0] == 0
@@ -131,8 +122,8 @@ def test_a_clip_s_frames_are_searched_on_threads_of_their_own(model_env, tmp_pat
         run_cli(capsys, "retrieve", str(clip), "--frames", "8", "--descriptions", str(tmp_path / "d.txt"))[0]
         == 0
     )
-    assert len(searched_on) == 16
-    assert all(name.startswith("fer-frames") for name in searched_on), searched_on
+    assert len(detector.threads) == 16
+    assert all(name.startswith("fer-frames") for name in detector.threads), detector.threads
 
 
 def test_retrieve_ranks_every_description(model_env, tmp_path, capsys):

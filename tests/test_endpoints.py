@@ -20,6 +20,7 @@ from model.prompts import BASIC7
 from model.registry import MissingWeights
 from service.app import create_app
 from tests.support import (
+    ThreadRecordingDetector,
     encode_images,
     face_image,
     jpeg,
@@ -225,28 +226,20 @@ def test_a_clip_s_frames_are_searched_on_the_decode_threads(engine, tmp_path):
     clip uses every core, and searches never outnumber the decode threads. A still image sent to
     /retrieve is searched on the decode thread that prepares it: with one decode thread, handing it on
     would wait forever."""
-    searched_on = []
-
-    class Recording:
-        name = "recording"
-
-        def detect(self, image, max_faces, long_side=None):
-            searched_on.append(threading.current_thread().name)
-            return []
-
+    detector = ThreadRecordingDetector()
     app = create_app(service_settings(decode_workers=1), engine_factory=lambda s: engine)
     clip = make_video(tmp_path / "c.mp4", 40).read_bytes()
     descriptions = {"descriptions": json.dumps(["smiles", "frowns"])}
     with TestClient(app) as client:
         wait_ready(client)
-        app.state.runtime.detector = Recording()
+        app.state.runtime.detector = detector
         video = {"file": ("c.mp4", clip, "video/mp4")}
         assert client.post("/predict-video", files=video, data={"frames": "8"}).status_code == 200
         assert client.post("/retrieve", files=video, data={"frames": "8"} | descriptions).status_code == 200
         still = {"file": ("f.png", png(face_image(2)), "image/png")}
         assert client.post("/retrieve", files=still, data=descriptions).status_code == 200
-    assert len(searched_on) == 8 + 8 + 1
-    assert all(name.startswith("fer-decode") for name in searched_on), searched_on
+    assert len(detector.threads) == 8 + 8 + 1
+    assert all(name.startswith("fer-decode") for name in detector.threads), detector.threads
 
 
 def test_retrieve_ranks_descriptions_for_videos_and_images(client, tmp_path):
