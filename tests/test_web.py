@@ -828,3 +828,29 @@ def test_try_it_out_in_the_api_docs_answers_with_the_fields_it_fills_in(page, op
     )
     block.locator("button.execute").click()
     expect(block.locator(".live-responses-table .response .response-col_status").first).to_have_text("200")
+
+
+def test_a_new_file_hides_the_last_answer_until_its_own_arrives(page, server, astronaut, tmp_path):
+    """An answer, with its person picker, chart and seek buttons, belongs to the file it was asked about:
+    choosing another file hides it, in the video view (whose radio buttons would act on no answer) and
+    in the retrieve view (whose seek buttons would seek a clip no longer there)."""
+    clip = make_video(tmp_path / "clip.mp4", 40, fps=20, size=128)
+    other = make_video(tmp_path / "other.mp4", 30, fps=20, size=128)
+    open_page(page, "video")
+    page.set_input_files("#video-file", str(clip))
+    expect(page.locator("#video-result")).to_be_visible()
+    held = []
+    page.route("**/predict-video", lambda route: held.append(route))  # the next answer never comes
+    page.set_input_files("#video-file", str(other))
+    expect(page.locator("#video-result")).to_be_hidden()
+
+    open_page(page, "retrieve")
+    page.set_input_files("#retrieve-file", str(clip))
+    page.fill("#retrieve-descriptions", "smiles\nfrowns")
+    page.click("#retrieve-run")
+    expect(page.locator("#retrieve-result")).to_be_visible()
+    page.set_input_files("#retrieve-file", str(astronaut))
+    expect(page.locator("#retrieve-result")).to_be_hidden()
+    for route in held:  # answered now, by the server, so that no request is left failing
+        with contextlib.suppress(sync_api.Error):
+            route.continue_()

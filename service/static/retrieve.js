@@ -27,6 +27,9 @@ function setFile(next) {
   $("retrieve-file-name").textContent = next.name || "snapshot";
   if (mediaUrl) URL.revokeObjectURL(mediaUrl);
   mediaUrl = URL.createObjectURL(next);
+  $("retrieve-result").hidden = true; // the last file's ranking, whose seek buttons played its clip
+  chart?.destroy();
+  chart = null;
   updateButton();
   say(message(), "");
 }

@@ -32,9 +32,12 @@ const personColour = (i) => PERSON_COLOURS[i % PERSON_COLOURS.length];
 
 function setFile(next) {
   file = next;
-  answer = null; // the last clip's people are not on this one
+  answer = null; // the last clip's answer is not this one's: hidden, with its picker and chart
   people = [];
   drawPeople(0);
+  $("video-result").hidden = true;
+  chart?.destroy();
+  chart = null;
   if (clipUrl) URL.revokeObjectURL(clipUrl);
   clipUrl = URL.createObjectURL(next);
   showClip(next);
@@ -160,7 +163,7 @@ function show(body, roundTrip) {
 
 /** One radio button per person, in the answer's order (the main track first, and chosen). */
 function renderPeople() {
-  $("video-people").hidden = !people.length;
+  $("video-people").hidden = people.length < 2; // one person's box and bars need no choosing
   $("video-people-title").textContent = people.length === 1 ? "1 person" : `${people.length} people`;
   $("video-people-list").replaceChildren(
     ...people.map((person, i) => {
