@@ -110,9 +110,10 @@ class FrameScores(BaseModel):
     timestamp: float = Field(description="seconds from the start of the clip (0 for a still image)")
     scores: list[float] = Field(
         description="each description's score at this frame, in the order of `descriptions`: the cosine "
-        "of the frame's projected, L2-normalised feature with the description's text feature. The "
-        "ranking's `score` is the cosine with the pooled clip feature instead (the mean of the frames' "
-        "projected features, then L2), which is not the mean of these; for a still image the two are equal"
+        "of the main track's face at this frame (the whole frame where no face was found), its projected, "
+        "L2-normalised feature, with the description's text feature. The ranking's `score` is the cosine "
+        "with that person's pooled feature instead (the mean of their frames' projected features, then "
+        "L2), which is not the mean of these; for a still image the two are equal"
     )
 
 
