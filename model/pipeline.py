@@ -462,8 +462,8 @@ def predict_image(
 
 
 def sampled_frames(prepared: PreparedImage | PreparedVideo) -> list[tuple[int, float]]:
-    """Each encoded row's frame as answers name it: its index in the clip and its time in seconds
-    (rounded to 0.1 ms). A still image is a one-frame clip: frame 0 at 0 s."""
+    """Each sampled frame as answers name it: its index in the clip and its time in seconds (rounded to
+    0.1 ms), by its place among the sampled frames. A still image is a one-frame clip: frame 0 at 0 s."""
     if isinstance(prepared, PreparedImage):
         return [(0, 0.0)]
     return [
@@ -489,16 +489,12 @@ def predict_video(
     frame_scores = classify(features, text, classes) if per_frame else None
 
     stamps = sampled_frames(prepared)
-
-    def timestamp(frame: int) -> float:
-        return stamps[frame][1]
-
     timeline = None
     if frame_scores is not None:
         timeline = [
             FramePrediction(
-                index=clip.indices[frame],
-                timestamp=timestamp(frame),
+                index=stamps[frame][0],
+                timestamp=stamps[frame][1],
                 face_detected=bool(people.tracks),
                 label=frame_scores.label(row),
                 probabilities=frame_scores.as_dict(row),
@@ -512,8 +508,8 @@ def predict_video(
             probabilities=track_scores.as_dict(0),
             frames=[
                 TrackFramePrediction(
-                    index=clip.indices[frame],
-                    timestamp=timestamp(frame),
+                    index=stamps[frame][0],
+                    timestamp=stamps[frame][1],
                     box=box,
                     label=None if frame_scores is None else frame_scores.label(row),
                     probabilities=None if frame_scores is None else frame_scores.as_dict(row),
