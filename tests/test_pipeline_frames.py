@@ -20,11 +20,25 @@ from model.faces.synthetic import people_clip
 from model.media import DecodeStopped, VideoFrames
 from model.options import PipelineOptions
 from model.pipeline import FrameWorkers, prepare_clip, prepare_video
-from tests.support import people_walks
+from tests.support import people_walks, wait_until
 
 FRAMES = 8
 # Long enough for any frame searched alone to show: a detector left waiting past it fails the test.
 MEET_S = 10.0
+
+
+class WatchedSlots(threading.Semaphore):
+    """Slots that note which threads found none free: how a test knows a clip is waiting for one."""
+
+    def __init__(self, value: int):
+        super().__init__(value)
+        self.refused: set[int] = set()
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        got = super().acquire(blocking, timeout)
+        if not got:
+            self.refused.add(threading.get_ident())
+        return got
 
 
 @contextlib.contextmanager
@@ -32,7 +46,7 @@ def frame_workers(threads: int, slots: int | None = None):
     """A pool of `threads` for frames' searches, `slots` of them (default: as many as threads) for
     frames at once over every clip."""
     with ThreadPoolExecutor(threads) as pool:
-        yield FrameWorkers.sharing(pool, slots or threads)
+        yield FrameWorkers(pool, WatchedSlots(slots or threads))
 
 
 def to_pixels(images):
@@ -204,7 +218,8 @@ def test_other_work_in_the_pool_waits_behind_one_round_of_frames_not_every_clips
         clips[0].start()
         assert first_frame_started.wait(MEET_S)
         clips[1].start()
-        time.sleep(0.3)  # the second clip is waiting for a slot by now
+        second = clips[1].ident
+        wait_until(lambda: second in workers.slots.refused, "the second clip waiting for a slot", MEET_S)
         image = workers.pool.submit(order.append, "image")
         image_queued.set()
         image.result(timeout=MEET_S)

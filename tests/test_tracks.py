@@ -361,7 +361,7 @@ def test_settings_that_cannot_hold_a_video_of_faces_are_refused():
     from service.settings import ServiceSettings
 
     with pytest.raises(ValueError, match="FER_MAX_FRAMES x FER_MAX_FACES"):
-        ServiceSettings(max_faces=20)  # 64 frames x 20 faces: over the request's 640 items
+        ServiceSettings(max_faces=20)  # 64 frames x 20 faces: more than one request may hold
     assert ServiceSettings(max_faces=20, max_frames=32).max_faces == 20
 
 
