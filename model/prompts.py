@@ -91,8 +91,6 @@ def _space_class() -> str:
 
 
 SPACE_CLASS = _space_class()
-# A character a trimmed text keeps: a text holding one is not blank.
-NOT_BLANK_PATTERN = f"[^{SPACE_CLASS}]"
 # The class lists resolve_classes takes, as the API schema states them: a preset, or two or more
 # non-blank items between commas. It also takes a preset in another case or with spaces around it, and
 # refuses repeats, likely typos and lists over its limits, which the pattern leaves to the description.

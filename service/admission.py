@@ -139,9 +139,9 @@ class Admission:
         if own > self.request_share:
             self.on_refused("too_large")
             raise TooLarge(
-                f"the request needs {own} items (faces or images, video frames' faces "
-                f"(up to FER_MAX_FACES a frame), and texts to encode); one request may hold at most "
-                f"{self.request_share} (FER_MAX_REQUEST_ITEMS)"
+                f"the request may need up to {own} {PARTS['queue'][0]}, a clip's faces counted at "
+                f"FER_MAX_FACES a frame; one request may hold at most {self.request_share} "
+                f"(FER_MAX_REQUEST_ITEMS)"
             )
         for kind, need, room in self._parts(bound):
             if need > room:

@@ -11,8 +11,8 @@ import pytest
 from model.prompts import (
     CLASS_WORDS,
     CLASSES_PATTERN,
-    NOT_BLANK_PATTERN,
     PROMPT_SETS,
+    SPACE_CLASS,
     LabelError,
     class_prompts,
     prompt_table,
@@ -135,7 +135,6 @@ def test_the_schema_pattern_of_a_class_list_says_what_resolve_classes_takes(spec
     assert (re.search(CLASSES_PATTERN, spec) is not None) == taken
 
 
-def test_not_blank_is_what_str_strip_keeps():
-    assert all(
-        (re.search(NOT_BLANK_PATTERN, chr(c)) is None) == (chr(c).strip() == "") for c in range(0x10000)
-    )
+def test_the_space_class_is_what_str_strip_removes():
+    not_blank = f"[^{SPACE_CLASS}]"  # a character a trimmed text keeps, as CLASSES_PATTERN's items need
+    assert all((re.search(not_blank, chr(c)) is None) == (chr(c).strip() == "") for c in range(0x10000))
