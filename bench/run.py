@@ -272,7 +272,7 @@ def interleaved_videos(
     clip: str,
     repeats: int,
     time_limit_s: float,
-    cpu_seconds: dict[str, Callable[[], float]] | None = None,
+    cpu_seconds: dict[str, Callable[[], float]],
 ) -> list[dict]:
     """One clip on several services (name -> base URL), one request at a time, taking turns (the first
     service alternating), so that a slow spell of a shared machine hits each alike. A first request to
@@ -286,10 +286,9 @@ def interleaved_videos(
     for repeat in range(repeats):
         turn = list(services.items())
         for name, url in turn if repeat % 2 == 0 else reversed(turn):
-            before = cpu_seconds[name]() if cpu_seconds else None
+            before = cpu_seconds[name]()
             results[name].append(run_load(url, upload, concurrency=1, requests=1, time_limit_s=time_limit_s))
-            if cpu_seconds:
-                cpu_ms[name].append(1000 * (cpu_seconds[name]() - before))
+            cpu_ms[name].append(1000 * (cpu_seconds[name]() - before))
     rows = []
     for name, parts in results.items():
         tracks = answers[name].get("tracks")
@@ -300,7 +299,7 @@ def interleaved_videos(
                 **video_row(clip, True, upload, parts),
                 "latencies_ms": [1000 * p.latencies_s[0] if p.ok else None for p in parts],
                 "inference_ms": statistics.median(inference) if inference else None,
-                "cpu_ms": statistics.median(cpu_ms[name]) if cpu_ms[name] else None,
+                "cpu_ms": statistics.median(cpu_ms[name]),
                 "tracks": None if tracks is None else len(tracks),
                 "faces": None if tracks is None else sum(len(t["frames"]) for t in tracks),
             }
