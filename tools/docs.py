@@ -283,9 +283,9 @@ def _tracks_video(rows: list[dict]) -> list[str]:
         return []
     lines = [
         "",
-        "Three people in one clip, 16 frames, faces detected: the same requests taking turns on the batching "
-        "service (tracks) and on a service that looks for one face a frame at 320 px, as video did before "
-        "tracks. Tracks and faces: those of one answer. Encoder ms: the answer's `inference_ms`; CPU ms: the "
+        "Three people in one clip, faces detected: the same requests taking turns on the batching service "
+        "(tracks) and on a service that looks for one face a frame at a small search size (its settings "
+        "below), as video did before tracks. Tracks and faces: those of one answer. Encoder ms: the answer's `inference_ms`; CPU ms: the "
         "service's CPU time during one request, all threads (medians).",
         "",
         "| video | service | settings | answered | latency ms | decode ms | encoder ms | CPU ms | tracks | faces |",

@@ -44,7 +44,6 @@ export function seconds(value) {
   return `${Number(value).toFixed(2)} s`;
 }
 
-/** Classes sorted by probability, highest first: [[name, p], ...]. */
 /** A chart's legend: one swatch of `colourFor(i)` per label, in order. */
 export function lineLegend(labels) {
   return el(
@@ -67,6 +66,7 @@ export function seekCell(timestamp, select) {
   return el("th", { scope: "row" }, button);
 }
 
+/** Classes sorted by probability, highest first: [[name, p], ...]. */
 export function ranked(probabilities) {
   return Object.entries(probabilities).sort((a, b) => b[1] - a[1]);
 }
