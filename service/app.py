@@ -100,8 +100,9 @@ def create_app(
 def _openapi(app: FastAPI, settings: ServiceSettings) -> Callable[[], dict[str, Any]]:
     """The app's schema: FastAPI's, built from the routes, with what the routes cannot say. This app's
     limits (the settings decide them, the routes are shared), so that a request the schema allows is one
-    the app takes; the content type of a part that holds JSON; and each form's name, `PredictForm` where FastAPI writes `Body_predict`, which a
-    generated client takes for a class name."""
+    the app takes, or, where a JSON schema cannot state them, the field's description says them; the
+    content type of a part that holds JSON; and each form's name, `PredictForm` where FastAPI writes
+    `Body_predict`, which a generated client takes for a class name."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -124,6 +125,10 @@ def _openapi(app: FastAPI, settings: ServiceSettings) -> Callable[[], dict[str, 
                     fields["frames"]["maximum"] = settings.max_frames
                 if "descriptions" in fields:  # a JSON text (service.routes.DESCRIPTIONS)
                     body["encoding"] = {"descriptions": {"contentType": "application/json"}}
+                    fields["descriptions"]["description"] += (
+                        f": 1 to {settings.max_descriptions} of them, each at most "
+                        f"{settings.max_description_chars} characters"
+                    )
         app.openapi_schema = schema
         return schema
 

@@ -33,7 +33,9 @@ OPERATIONS = {
 
 @pytest.fixture(scope="module")
 def schema() -> dict:
-    return create_app(service_settings(preset="demo", max_frames=8)).openapi()
+    return create_app(
+        service_settings(preset="demo", max_frames=8, max_descriptions=40, max_description_chars=90)
+    ).openapi()
 
 
 def form(schema: dict, operation: str) -> dict:
@@ -72,6 +74,11 @@ def test_a_form_says_what_the_service_takes(schema, operation):
     if operation == "retrieve":
         assert set(fields["required"]) == {"file", "descriptions"}
         assert json.loads(fields["properties"]["descriptions"]["example"])  # Swagger UI's prefill
+        # this app's FER_MAX_DESCRIPTIONS and FER_MAX_DESCRIPTION_CHARS, which no JSON schema of a text states
+        assert (
+            "1 to 40 of them, each at most 90 characters"
+            in fields["properties"]["descriptions"]["description"]
+        )
     else:
         assert fields["required"] == ["file"]
         classes = fields["properties"]["classes"]

@@ -119,7 +119,6 @@ function showOverTime(body, texts, player) {
   const info = $("retrieve-frame-info");
   info.textContent = "";
   const mine = timelineChart($("retrieve-chart"), timeline, texts, {
-    duration: player.duration || 0,
     value: (f, _text, d) => f.scores[d],
     range: [low - margin, high + margin],
     tick: (v) => v.toFixed(3),
