@@ -111,9 +111,14 @@ def faces_in_frame(frame: Image.Image, detector: FaceDetector | None, options: P
     return find_faces(frame, detector, options, long_side=options.video_face_side)
 
 
+def max_frame_rows(options: PipelineOptions) -> int:
+    """The most rows one image or frame gives: its faces, or itself."""
+    return options.max_faces if options.detect_faces else 1
+
+
 def max_video_rows(options: PipelineOptions) -> int:
     """The most rows `prepare_video` gives: every sampled frame's faces, or the frame itself."""
-    return options.frames * (options.max_faces if options.detect_faces else 1)
+    return options.frames * max_frame_rows(options)
 
 
 def prepare_video(
@@ -326,10 +331,7 @@ def face_tracks(boxes: FrameBoxes, features: torch.Tensor) -> list[FaceTrack]:
     rows = face_rows(boxes)
     if len(features) != row_count(boxes):
         raise ValueError(f"{len(features)} feature rows for frames that give {rows}")
-    linked = link_faces(
-        [torch.tensor(faces, dtype=torch.float64).reshape(-1, 4) for faces in boxes],
-        [features[frame_rows] for frame_rows in rows],
-    )
+    linked = link_faces(boxes, [features[frame_rows] for frame_rows in rows])
     return [
         FaceTrack(
             id=i,

@@ -184,7 +184,7 @@ def predict_image(call: Call, prompts: ClassPrompts) -> Work:
     def score(prepared, features, text):
         return pipeline.predict_image(prepared, features, text, prompts.classes, prompts.prompt_set, options)
 
-    faces = Places(images=options.max_faces if options.detect_faces else 1)
+    faces = Places(images=pipeline.max_frame_rows(options))
     return Work(
         rows=faces,  # the most, few enough to hold while one image decodes
         most_rows=faces,
