@@ -193,7 +193,9 @@ async def predict_video(
     ],
     detect_faces: DetectField = True,
     frames: FramesField = 16,
-    per_frame: Annotated[Flag, Form(description="add a per-frame timeline")] = False,
+    per_frame: Annotated[
+        Flag, Form(description="add the per-frame timeline, and each track's per-frame answers")
+    ] = False,
 ) -> VideoResponse:
     """One track per person: each person's faces over the sampled frames, linked across frames, with
     per-class probabilities from the mean of their features. The clip's answer (and the per-frame
@@ -228,7 +230,10 @@ async def retrieve(
     top_k: Annotated[int, Form(ge=1, description="how many ranked descriptions to return")] = 10,
     frames: FramesField = 16,
     detect_faces: DetectField = True,
-    per_frame: Annotated[Flag, Form(description="add each sampled frame's scores (`timeline`)")] = False,
+    per_frame: Annotated[
+        Flag,
+        Form(description="add each sampled frame's scores (`timeline`, and each track's frames' `scores`)"),
+    ] = False,
 ) -> RetrieveResponse:
     """The descriptions ranked by the cosine similarity of their features with each person's pooled
     feature (one track per person, as for /predict-video). The clip's ranking is the main track's: the
